@@ -1,0 +1,7 @@
+"""Gated linear attention ops: torch references (recurrent, chunked, parallel), Triton
+kernels for CUDA, and one dispatch function that picks between them."""
+from .dispatch import IMPLEMENTATIONS, gated_linear_attention, register_implementation
+from .reference import chunked_gla, parallel_gla, recurrent_gla
+
+__all__ = ["IMPLEMENTATIONS", "gated_linear_attention", "register_implementation",
+           "chunked_gla", "parallel_gla", "recurrent_gla"]

@@ -1,0 +1,80 @@
+"""One entry point for gated linear attention: validates inputs, adds the denominator, picks
+an implementation (Triton on CUDA when available, the torch references otherwise)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import reference
+
+Tensor = torch.Tensor
+GLAFn = Callable[..., tuple[Tensor, Tensor | None]]
+
+IMPLEMENTATIONS: dict[str, GLAFn] = {
+    "recurrent": reference.recurrent_gla,
+    "chunked": reference.chunked_gla,
+    "parallel": reference.parallel_gla,
+}
+
+
+def register_implementation(name: str, fn: GLAFn) -> None:
+    """Kernels that live elsewhere (Triton) add themselves here when importable."""
+    IMPLEMENTATIONS[name] = fn
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None, gv: Tensor | None,
+                  initial_state: Tensor | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [batch, time, heads, dim]; got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape [B, T, H, K]; got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with the same B, T, H as q {tuple(q.shape[:3])}; got {tuple(v.shape)}")
+    if q.shape[1] == 0:
+        raise ValueError("sequence length must be at least 1")
+    for name, g, dim in (("gk", gk, q.shape[-1]), ("gv", gv, v.shape[-1])):
+        if g is not None and (g.shape[:3] != q.shape[:3] or g.shape[-1] not in (1, dim)):
+            raise ValueError(f"{name} must be [B, T, H, {dim}] or [B, T, H, 1] (a per-head scalar gate); "
+                             f"got {tuple(g.shape)}")
+    B, _, H, K = q.shape
+    expected = (B, H, K, v.shape[-1])
+    if initial_state is not None and tuple(initial_state.shape) != expected:
+        raise ValueError(f"initial_state must be [B, H, K, V] = {expected}; got {tuple(initial_state.shape)}")
+
+
+def default_implementation(q: Tensor) -> str:
+    if q.is_cuda and "triton" in IMPLEMENTATIONS:
+        return "triton"
+    return "recurrent" if q.shape[1] == 1 else "chunked"
+
+
+def gated_linear_attention(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None,
+                           gv: Tensor | None = None, *, scale: float = 1.0,
+                           initial_state: Tensor | None = None, output_final_state: bool = False,
+                           denominator: bool = False, denominator_eps: float = 1e-6,
+                           impl: str = "auto") -> tuple[Tensor, Tensor | None]:
+    """o_t = scale · S_tᵀ q_t with S_t = diag(e^{gk_t}) S_{t-1} diag(e^{gv_t}) + k_t v_tᵀ.
+
+    With `denominator=True` the output is divided by scale · q_tᵀ z_t, z_t = e^{gk_t} ⊙ z_{t-1} + k_t
+    (the normaliser of classic linear attention, decayed by the key-side gate only). It is
+    computed as one extra value column of ones (value gate 0 on that column), so the state,
+    and any initial/final state, is then [B, H, K, V + 1] with z in the last column.
+    """
+    _check_shapes(q, k, v, gk, gv, None)
+    if denominator:
+        ones = v.new_ones(*v.shape[:-1], 1)
+        v = torch.cat([v, ones], dim=-1)
+        if gv is not None:
+            gv = torch.cat([gv.expand(*v.shape[:-1], v.shape[-1] - 1), gv.new_zeros(*gv.shape[:-1], 1)], dim=-1)
+    _check_shapes(q, k, v, gk, gv, initial_state)
+    name = default_implementation(q) if impl == "auto" else impl
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; available: {', '.join(sorted(IMPLEMENTATIONS))} or 'auto'")
+    o, final_state = IMPLEMENTATIONS[name](q, k, v, gk, gv, scale=scale, initial_state=initial_state,
+                                           output_final_state=output_final_state)
+    if denominator:
+        o, z = o[..., :-1], o[..., -1:]
+        o = o / (z + denominator_eps * scale)
+    return o, final_state

@@ -1,0 +1,132 @@
+"""Pure-PyTorch gated linear attention: the ground truth and the CPU training path.
+
+All three forms compute the same function. With q, k: [B, T, H, K], v: [B, T, H, V], log gates
+gk: [B, T, H, K] (key side) and gv: [B, T, H, V] (value side), both <= 0 (either may be None,
+and either may have a trailing dimension of 1 to express a per-head scalar gate), the state
+S_t: [B, H, K, V] follows
+
+    S_t = diag(exp(gk_t)) @ S_{t-1} @ diag(exp(gv_t)) + k_t v_tᵀ
+    o_t = scale · S_tᵀ q_t
+
+- key-side gate only: GLA / the refining gate (fla's `chunk_gla` convention);
+- both: Fast Decay's outer-product gate G_t = α_v α_kᵀ (Mao 2022);
+- scalar: a [.., 1] gate on either side;
+- none: plain linear attention.
+
+The denominator of classic linear attention is handled by `kernels.dispatch` for every form
+alike (an extra value column of ones), so these functions only see plain value tensors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _expand_gate(g: Tensor | None, like: Tensor) -> Tensor | None:
+    """A [.., 1] scalar gate broadcast to the feature dim of `like`; None stays None."""
+    if g is None:
+        return None
+    return g.expand(*like.shape[:-1], like.shape[-1]) if g.shape[-1] == 1 else g
+
+
+def recurrent_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Tensor | None = None,
+                  scale: float = 1.0, initial_state: Tensor | None = None,
+                  output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Step-by-step recurrence in the inputs' dtype: the ground truth (run it in fp64)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    gk, gv = _expand_gate(gk, k), _expand_gate(gv, v)
+    state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(q.dtype)
+    outputs = []
+    for t in range(T):
+        if gk is not None:
+            state = state * gk[:, t].exp().unsqueeze(-1)  # [B, H, K, 1]
+        if gv is not None:
+            state = state * gv[:, t].exp().unsqueeze(-2)  # [B, H, 1, V]
+        state = state + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
+        outputs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
+    return o, (state if output_final_state else None)
+
+
+def _intra_block(q: Tensor, k: Tensor, v: Tensor, bk: Tensor | None, bv: Tensor | None) -> Tensor:
+    """Causal within-block attention with pairwise decays exp(b_t - b_s), s <= t.
+
+    Inputs are [..., C, K] / [..., C, V] with b the within-block cumulative log gates. The
+    exponent is masked to -inf above the diagonal *before* exp, so every exponent used is <= 0.
+    """
+    C = q.shape[-2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if bk is None:
+        scores = q @ k.transpose(-1, -2)  # [..., C, C]
+    else:
+        # [..., C(t), C(s), K]: the decay of feature j between positions s and t.
+        diff = bk.unsqueeze(-2) - bk.unsqueeze(-3)
+        diff = diff.masked_fill(~causal.unsqueeze(-1), float("-inf"))
+        scores = torch.einsum("...tk,...sk,...tsk->...ts", q, k, diff.exp())
+    scores = scores.masked_fill(~causal, 0.0)
+    if bv is None:
+        return scores @ v
+    diff_v = (bv.unsqueeze(-2) - bv.unsqueeze(-3)).masked_fill(~causal.unsqueeze(-1), float("-inf"))
+    return torch.einsum("...ts,...sv,...tsv->...tv", scores, v, diff_v.exp())
+
+
+def chunked_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Tensor | None = None,
+                scale: float = 1.0, initial_state: Tensor | None = None,
+                output_final_state: bool = False, chunk_size: int = 32) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise-parallel form: exact pairwise decays inside a chunk, a state across chunks.
+
+    Every exponent is a difference b_t - b_s with s <= t (or the chunk total), hence <= 0, so
+    no gate value can overflow. The pairwise-decay tensor is [B, H, n, C, C, K]: keep C small
+    (32) on CPU; the Triton kernel is the fast path on GPU.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    gk, gv = _expand_gate(gk, k), _expand_gate(gv, v)
+    C = chunk_size
+    n = -(-T // C)
+    pad = n * C - T
+
+    def blocks(x: Tensor | None) -> Tensor | None:
+        # [B, T, H, D] -> [B, H, n, C, D]; zero padding after the end changes no real output
+        # (padded keys are zero, padded log gates are zero, i.e. no decay).
+        if x is None:
+            return None
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.reshape(B, n, C, H, -1).permute(0, 3, 1, 2, 4)
+
+    qc, kc, vc = blocks(q), blocks(k), blocks(v)
+    bk = blocks(gk).cumsum(-2) if gk is not None else None  # within-chunk cumulative log gates
+    bv = blocks(gv).cumsum(-2) if gv is not None else None
+
+    o_intra = _intra_block(qc, kc, vc, bk, bv)  # [B, H, n, C, V]
+
+    # Decayed keys/values as seen from the chunk end, and queries as seen from the chunk start.
+    k_to_end = kc * (bk[..., -1:, :] - bk).exp() if bk is not None else kc
+    v_to_end = vc * (bv[..., -1:, :] - bv).exp() if bv is not None else vc
+    q_from_start = qc * bk.exp() if bk is not None else qc
+    state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(q.dtype)
+    o_inter = []
+    for i in range(n):
+        o_chunk = q_from_start[:, :, i] @ state  # [B, H, C, V]
+        if bv is not None:
+            o_chunk = o_chunk * bv[:, :, i].exp()
+        o_inter.append(o_chunk)
+        if bk is not None:
+            state = state * bk[:, :, i, -1].exp().unsqueeze(-1)
+        if bv is not None:
+            state = state * bv[:, :, i, -1].exp().unsqueeze(-2)
+        state = state + k_to_end[:, :, i].transpose(-1, -2) @ v_to_end[:, :, i]
+    o = o_intra + torch.stack(o_inter, dim=2)
+    o = scale * o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
+    return o, (state if output_final_state else None)
+
+
+def parallel_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Tensor | None = None,
+                 scale: float = 1.0, initial_state: Tensor | None = None,
+                 output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Masked quadratic form over the whole sequence (one chunk of length T): short T only."""
+    T = q.shape[1]
+    return chunked_gla(q, k, v, gk, gv, scale, initial_state, output_final_state, chunk_size=max(T, 1))
