@@ -1,0 +1,1 @@
+"""The harness: specs and grids, model, data, training, evaluation, profiling, probes, results, reports."""

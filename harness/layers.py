@@ -1,0 +1,180 @@
+"""Attention layers and blocks. Each layer is an ordinary nn.Module taking x [B, T, D], so it can
+be dropped into someone else's model (post-linearization), and returns its decoding state."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import gated_linear_attention
+from variants import FEATURE_MAPS, GATES, NORMS, GateOutput
+
+from .config import AttentionConfig, ConfigError, ModelConfig
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class LinearState:
+    """What a linear-attention layer carries between decoding steps."""
+
+    memory: Tensor          # [B, H, F, V] (V + 1 with the denominator)
+    key_feature: Any        # the feature map's key state (e.g. safe_exp's running max)
+    last_input: Tensor      # [B, 1, D], for gates fed with the previous token
+
+
+@dataclass
+class KVCache:
+    keys: Tensor            # [B, H, T_cached, K]
+    values: Tensor          # [B, H, T_cached, K]
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
+def _combine_log_decays(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a + b
+
+
+class LinearAttention(nn.Module):
+    """phi(q), phi(k) from the feature-map registry, a forget gate from the gate registry, the
+    gated recurrence (kernels.gated_linear_attention), and an output norm from the norm registry."""
+
+    def __init__(self, d_model: int, num_heads: int, head_dim: int, config: AttentionConfig):
+        super().__init__()
+        self.num_heads, self.head_dim, self.config = num_heads, head_dim, config
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(d_model, inner, bias=False)
+        self.k_proj = nn.Linear(d_model, inner, bias=False)
+        self.v_proj = nn.Linear(d_model, inner, bias=False)
+        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        self.feature_map = FEATURE_MAPS.create(config.feature_map, head_dim, num_heads, **config.feature_map_options)
+        self.norm = NORMS.create(config.norm, head_dim, num_heads, **config.norm_options)
+        self.gate = GATES.create(config.gate, d_model, num_heads, self.feature_map.feature_dim, head_dim,
+                                 **config.gate_options)
+        self.output_gate = nn.Linear(d_model, inner, bias=False) if config.output_gate == "swish" else None
+        self.uses_denominator = config.denominator or self.norm.uses_denominator
+        if self.uses_denominator and not self.feature_map.positive_kernel:
+            positive = [n for n in FEATURE_MAPS.names() if FEATURE_MAPS.get(n).positive_kernel]
+            raise ConfigError(
+                f"the denominator normalisation divides by phi(q)·z and needs a feature map whose kernel "
+                f"is positive; {config.feature_map!r} can give negative or zero values. Use one of "
+                f"{', '.join(positive)}, or a norm without the denominator.")
+        #: set by gate-saturation probes: the last GateOutput is kept when True
+        self.capture_gates = False
+        self.captured: GateOutput | None = None
+
+    def forward(self, x: Tensor, state: LinearState | None = None,
+                use_cache: bool = False) -> tuple[Tensor, LinearState | None]:
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, K)
+        k = self.k_proj(x).view(B, T, H, K)
+        v = self.v_proj(x).view(B, T, H, K)
+        query = self.feature_map(q, "q")
+        key = self.feature_map(k, "k", state.key_feature if state is not None else None)
+        gate = self.gate(x, state.last_input if state is not None else None)
+        if self.capture_gates:
+            self.captured = gate
+        keys = key.features if gate.input_scale is None else key.features * gate.input_scale
+        o, memory = gated_linear_attention(
+            query.features, keys, v, _combine_log_decays(gate.log_k, key.log_decay), gate.log_v,
+            scale=self.feature_map.kernel_scale,
+            initial_state=state.memory if state is not None else None,
+            output_final_state=use_cache, denominator=self.uses_denominator,
+            denominator_eps=self.config.denominator_eps, impl=self.config.impl)
+        o = self.norm(o)  # [B, T, H, V]
+        if self.output_gate is not None:
+            o = o * F.silu(self.output_gate(x)).view(B, T, H, K)
+        y = self.o_proj(o.reshape(B, T, H * K))
+        new_state = LinearState(memory, key.state, x[:, -1:]) if use_cache else None
+        return y, new_state
+
+
+def _rotate(x: Tensor, offset: int, base: float) -> Tensor:
+    """Rotary position embedding (Su et al. 2021) on [B, H, T, K], positions offset.. offset+T."""
+    T, K = x.shape[-2], x.shape[-1]
+    half = K // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # [T, K/2]
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return torch.cat([rotated, x[..., 2 * half:]], dim=-1) if K % 2 else rotated
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal softmax attention through PyTorch SDPA, rotary positions, a KV cache for decoding."""
+
+    def __init__(self, d_model: int, num_heads: int, head_dim: int, rotary: bool, rotary_base: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.rotary, self.rotary_base = rotary, rotary_base
+        inner = num_heads * head_dim
+        self.qkv_proj = nn.Linear(d_model, 3 * inner, bias=False)
+        self.o_proj = nn.Linear(inner, d_model, bias=False)
+
+    def forward(self, x: Tensor, state: KVCache | None = None,
+                use_cache: bool = False) -> tuple[Tensor, KVCache | None]:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        offset = state.length if state is not None else 0
+        if self.rotary:
+            q, k = _rotate(q, offset, self.rotary_base), _rotate(k, offset, self.rotary_base)
+        if state is not None:
+            k, v = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
+        if offset == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Queries sit at the end of the cached sequence: bottom-right aligned causal mask.
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return y, (KVCache(k, v) if use_cache else None)
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, kind: str, ratio: float):
+        super().__init__()
+        self.kind = kind
+        if kind == "swiglu":
+            # 2/3 of the ratio keeps the parameter count of a GELU MLP with the same ratio.
+            hidden = 8 * round(2 * ratio * d_model / 3 / 8)
+            self.up = nn.Linear(d_model, 2 * hidden, bias=False)
+        else:
+            hidden = int(ratio * d_model)
+            self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "swiglu":
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, softmax: bool):
+        super().__init__()
+        D, H, K = config.d_model, config.n_heads, config.resolved_head_dim
+        self.attn_norm = nn.RMSNorm(D)
+        self.mlp_norm = nn.RMSNorm(D)
+        self.is_softmax = softmax
+        self.attn = (SoftmaxAttention(D, H, K, config.rotary, config.rotary_base) if softmax
+                     else LinearAttention(D, H, K, config.attention))
+        self.mlp = MLP(D, config.mlp, config.mlp_ratio)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, state: Any = None, use_cache: bool = False) -> tuple[Tensor, Any]:
+        h, new_state = self.attn(self.attn_norm(x), state, use_cache)
+        x = x + self.dropout(h)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x, new_state

@@ -1,0 +1,82 @@
+"""Decoder-only language model whose layers are softmax or linear attention (hybrids included)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import Block, LinearAttention
+
+Tensor = torch.Tensor
+
+
+class LanguageModel(nn.Module):
+    """Token embedding -> blocks -> final RMSNorm -> (tied) LM head.
+
+    `forward(idx, cache=None, use_cache=False)` returns (logits [B, T, vocab], cache): the cache is a
+    list with one entry per layer (a LinearState or a KVCache) for incremental decoding.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        softmax = set(config.softmax_layer_indices())
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i in softmax) for i in range(config.n_layers))
+        self.final_norm = nn.RMSNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self) -> None:
+        """GPT-2 init: N(0, 0.02) for matrices, residual outputs scaled by 1/sqrt(2 n_layers).
+        Biases are left alone: gates initialise their own (bias_init is a switch)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual = name.endswith(("o_proj", "mlp.down"))
+                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.config.n_layers) if residual else std)
+
+    def forward(self, idx: Tensor, cache: list[Any] | None = None,
+                use_cache: bool = False) -> tuple[Tensor, list[Any] | None]:
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be [batch, time] token ids; got shape {tuple(idx.shape)}")
+        x = self.embed(idx)
+        new_cache = [] if use_cache else None
+        for i, block in enumerate(self.blocks):
+            x, state = block(x, cache[i] if cache is not None else None, use_cache)
+            if use_cache:
+                new_cache.append(state)
+        return self.lm_head(self.final_norm(x)), new_cache
+
+    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        logits, _ = self(idx)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, eos_id: int | None = None) -> Tensor:
+        """Greedy decoding with the recurrent state (linear layers) and KV cache (softmax layers)."""
+        logits, cache = self(idx, use_cache=True)
+        out = idx
+        for _ in range(max_new_tokens):
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+            out = torch.cat([out, next_token], dim=1)
+            if eos_id is not None and bool((next_token == eos_id).all()):
+                break
+            logits, cache = self(next_token, cache, use_cache=True)
+        return out
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            params.pop(id(self.embed.weight), None)
+            params.pop(id(self.lm_head.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    def linear_attention_layers(self) -> list[LinearAttention]:
+        return [b.attn for b in self.blocks if isinstance(b.attn, LinearAttention)]

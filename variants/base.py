@@ -1,0 +1,87 @@
+"""The contracts every plugin follows. Three small module types, one per registry axis.
+
+Feature map  `FeatureMap(head_dim, num_heads, **options)`
+    forward(x [B, T, H, K], role "q" | "k", state=None) -> FeatureOutput
+    `feature_dim` is the output size F; `kernel_scale` the scale handed to the attention op.
+Norm         `OutputNorm(head_dim, num_heads, **options)`
+    forward(o [B, T, H, V]) -> [B, T, H, V]; `uses_denominator` asks the op to divide by q·z.
+Gate         `Gate(d_model, num_heads, key_dim, value_dim, **options)`
+    forward(x [B, T, D], x_prev [B, 1, D] | None) -> GateOutput with log-space decays <= 0
+    on the key side [B, T, H, K or 1] and/or the value side [B, T, H, V or 1], an optional
+    input scale for the keys [B, T, H, 1], and the raw activations for the saturation probes.
+
+Options are keyword-only constructor arguments; the registry validates them and lists them
+in its errors. Each plugin class gets `registry_name` and `version` from its decorator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class FeatureOutput:
+    features: Tensor                      # [B, T, H, F]
+    log_decay: Tensor | None = None       # [B, T, H, 1]: extra key-side decay (max rescaling), <= 0
+    state: Any = None                     # carried between decoding steps (e.g. a running max)
+
+
+@dataclass
+class GateOutput:
+    log_k: Tensor | None = None           # [B, T, H, K] or [B, T, H, 1], <= 0
+    log_v: Tensor | None = None           # [B, T, H, V] or [B, T, H, 1], <= 0
+    input_scale: Tensor | None = None     # [B, T, H, 1]: multiplies the keys (gated RFA's 1 - g)
+    activations: dict[str, Tensor] = field(default_factory=dict)   # values in (0, 1], for probes
+    preactivations: dict[str, Tensor] = field(default_factory=dict)  # logits, for gradient probes
+
+
+class FeatureMap(nn.Module):
+    """Base class: maps per-head queries/keys to features phi(x)."""
+
+    #: phi(q)·phi(k) >= 0 for all inputs, required by the denominator normalisation.
+    positive_kernel: bool = False
+    #: output at position t depends on inputs <= t only.
+    causal: bool = True
+
+    def __init__(self, head_dim: int, num_heads: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+        self.feature_dim = head_dim
+
+    @property
+    def kernel_scale(self) -> float:
+        return 1.0
+
+    def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:  # pragma: no cover
+        raise NotImplementedError
+
+
+class OutputNorm(nn.Module):
+    """Base class: normalises the attention output per token."""
+
+    uses_denominator: bool = False
+
+    def __init__(self, head_dim: int, num_heads: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+
+
+class Gate(nn.Module):
+    """Base class: produces log-space decays from the layer input."""
+
+    def __init__(self, d_model: int, num_heads: int, key_dim: int, value_dim: int):
+        super().__init__()
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.value_dim = value_dim
+
+    def forward(self, x: Tensor, x_prev: Tensor | None = None) -> GateOutput:  # pragma: no cover
+        raise NotImplementedError

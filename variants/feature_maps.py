@@ -1,0 +1,228 @@
+"""Built-in feature maps phi applied per head to queries and keys (REGLA.md §1–2)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import FeatureMap, FeatureOutput
+from .registry import Registry
+
+Tensor = torch.Tensor
+
+FEATURE_MAPS: Registry[FeatureMap] = Registry("feature map", "regla.feature_maps")
+feature_map = FEATURE_MAPS.register
+
+
+def variance_reduction_factor(head_dim: int) -> float:
+    """ReGLA's 1 / (e · sqrt(d (e² − 1))): for x, y ~ N(0, I_d), Var[Σ e^{x_i} e^{y_i}] = d e² (e² − 1),
+    so this factor brings the exponential inner product back to the scale of Var[x·y] = d."""
+    e = math.e
+    return 1.0 / (e * math.sqrt(head_dim * (e * e - 1.0)))
+
+
+@feature_map("identity")
+class Identity(FeatureMap):
+    """phi(x) = x: plain (gated) linear attention as in GLA / Fast Decay (Mao 2022, Yang 2024).
+    The op scale is K^-1/2, as in fla's GLA layer."""
+
+    def __init__(self, head_dim: int, num_heads: int):
+        super().__init__(head_dim, num_heads)
+
+    @property
+    def kernel_scale(self) -> float:
+        return self.head_dim ** -0.5
+
+    def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
+        return FeatureOutput(x)
+
+
+@feature_map("relu")
+class ReLU(FeatureMap):
+    """phi(x) = max(x, 0) (the ReLU baseline; T2R's ReLU(Wx + b) with W folded into the projection,
+    Kasai 2021). Non-negative but unbounded."""
+
+    positive_kernel = True
+
+    def __init__(self, head_dim: int, num_heads: int):
+        super().__init__(head_dim, num_heads)
+
+    def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
+        return FeatureOutput(F.relu(x))
+
+
+@feature_map("elu_plus_one")
+class EluPlusOne(FeatureMap):
+    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, unbounded above."""
+
+    positive_kernel = True
+
+    def __init__(self, head_dim: int, num_heads: int):
+        super().__init__(head_dim, num_heads)
+
+    def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
+        return FeatureOutput(F.elu(x) + 1.0)
+
+
+@feature_map("hedgehog")
+class Hedgehog(FeatureMap):
+    """phi(x) = [softmax(W x), softmax(−W x)] over the feature dim (Zhang et al. 2024), one learnable
+    W per head (initialised to the identity), shared by queries and keys. F = 2K."""
+
+    positive_kernel = True
+
+    def __init__(self, head_dim: int, num_heads: int):
+        super().__init__(head_dim, num_heads)
+        self.feature_dim = 2 * head_dim
+        self.weight = nn.Parameter(torch.eye(head_dim).repeat(num_heads, 1, 1))  # [H, K, K]
+
+    def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
+        projected = torch.einsum("bthk,hkj->bthj", x, self.weight.to(x.dtype))
+        return FeatureOutput(torch.cat([projected.softmax(-1), (-projected).softmax(-1)], dim=-1))
+
+
+@feature_map("performer")
+class Performer(FeatureMap):
+    """FAVOR+ positive random features (Choromanski et al. 2021):
+    phi(x) = exp(w_iᵀ x' − |x'|²/2) / sqrt(m), x' = x · K^-1/4, with m orthogonal Gaussian w_i
+    drawn once from `seed` (fixed, not redrawn). Queries are shifted by their per-token max
+    (a per-query constant, cancelled by any per-token normalisation); keys are not shifted,
+    because a shared key shift would have to read the whole sequence."""
+
+    positive_kernel = True
+
+    def __init__(self, head_dim: int, num_heads: int, *, num_features: int | None = None, seed: int = 0):
+        super().__init__(head_dim, num_heads)
+        m = num_features or head_dim
+        self.feature_dim = m
+        generator = torch.Generator().manual_seed(seed)
+        blocks = []
+        for _ in range(-(-m // head_dim)):
+            gaussian = torch.randn(head_dim, head_dim, generator=generator)
+            orthogonal, _ = torch.linalg.qr(gaussian)
+            norms = torch.randn(head_dim, head_dim, generator=generator).norm(dim=1)
+            blocks.append(orthogonal.T * norms.unsqueeze(1))
+        self.register_buffer("projection", torch.cat(blocks)[:m].T.contiguous(), persistent=True)  # [K, m]
+
+    def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
+        x = x * self.head_dim ** -0.25
+        logits = x @ self.projection.to(x.dtype) - 0.5 * x.pow(2).sum(-1, keepdim=True)
+        if role == "q":
+            logits = logits - logits.amax(-1, keepdim=True).detach()
+        return FeatureOutput(logits.exp() * self.feature_dim ** -0.5)
+
+
+@feature_map("dpfp")
+class DPFP(FeatureMap):
+    """Deterministic parameter-free projection (Schlag et al. 2021): r = [relu(x), relu(−x)] (2K),
+    phi(x) = concat over i = 1..nu of r ⊙ roll(r, i). F = 2 K nu."""
+
+    positive_kernel = True
+
+    def __init__(self, head_dim: int, num_heads: int, *, nu: int = 1):
+        super().__init__(head_dim, num_heads)
+        if nu < 1:
+            raise ValueError(f"dpfp: nu must be >= 1, got {nu}")
+        self.nu = nu
+        self.feature_dim = 2 * head_dim * nu
+
+    def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
+        r = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
+        return FeatureOutput(torch.cat([r * r.roll(i, dims=-1) for i in range(1, self.nu + 1)], dim=-1))
+
+
+@feature_map("taylor")
+class Taylor(FeatureMap):
+    """Second-order Taylor expansion of exp (Based, Arora et al. 2024):
+    phi(x) = [1, x / d^{1/4}, vec(x xᵀ) / (sqrt(2) sqrt(d))] so that
+    phi(q)·phi(k) = 1 + q·k/sqrt(d) + (q·k)²/(2d) > 0. F = 1 + K + K²: keep K small."""
+
+    positive_kernel = True
+
+    def __init__(self, head_dim: int, num_heads: int):
+        super().__init__(head_dim, num_heads)
+        self.feature_dim = 1 + head_dim + head_dim * head_dim
+
+    def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
+        d = self.head_dim
+        first = x * d ** -0.25
+        second = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / math.sqrt(2.0 * d)
+        return FeatureOutput(torch.cat([torch.ones_like(x[..., :1]), first, second], dim=-1))
+
+
+KEY_MAX_SCOPES = ("sequence", "chunk", "running")
+VARIANCE_PLACEMENTS = ("kernel", "query", "off")
+
+
+@feature_map("safe_exp")
+class SafeExp(FeatureMap):
+    """ReGLA's normalized exponential ("safe exp") with its variance-reduction factor (REGLA.md §2).
+
+    queries: phi_q(x)_i = exp(x_i − max_j x_j), the max over features of the token;
+    keys:    phi_k(x)_{s,i} = exp(x_{s,i} − m_s) with m_s a max over features and positions:
+      - `sequence`: one max over all positions (the paper's form; reads the future: a leak);
+      - `chunk`: the running max at chunk granularity (reads at most the rest of its chunk);
+      - `running`: the running max over positions <= s (causal, streamable).
+    A non-constant m_s is made exact by rescaling the state: the extra key-side log decay
+    m_{s-1} − m_s <= 0 is returned in `log_decay`, so phi(q)ᵀ S_t equals the `sequence` result up
+    to a per-token factor — which a per-head output norm (or the denominator) cancels.
+    The variance factor 1/(e sqrt(d (e² − 1))) goes into the op scale (`kernel`), onto phi(q)
+    (`query`), or nowhere (`off`).
+    """
+
+    positive_kernel = True
+
+    def __init__(self, head_dim: int, num_heads: int, *, key_max: str = "running",
+                 variance_factor: str = "kernel", chunk_size: int = 64):
+        super().__init__(head_dim, num_heads)
+        if key_max not in KEY_MAX_SCOPES:
+            raise ValueError(f"safe_exp: key_max must be one of {', '.join(KEY_MAX_SCOPES)}; got {key_max!r}")
+        if variance_factor not in VARIANCE_PLACEMENTS:
+            raise ValueError(f"safe_exp: variance_factor must be one of {', '.join(VARIANCE_PLACEMENTS)}; "
+                             f"got {variance_factor!r}")
+        if chunk_size < 1:
+            raise ValueError(f"safe_exp: chunk_size must be >= 1, got {chunk_size}")
+        self.key_max = key_max
+        self.variance_factor = variance_factor
+        self.chunk_size = chunk_size
+        # `sequence` reads the whole sequence for its key max: not causal (measured in tests).
+        self.causal = key_max != "sequence"
+
+    @property
+    def kernel_scale(self) -> float:
+        return variance_reduction_factor(self.head_dim) if self.variance_factor == "kernel" else 1.0
+
+    def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
+        if role == "q":
+            features = torch.exp(x - x.amax(-1, keepdim=True))
+            if self.variance_factor == "query":
+                features = features * variance_reduction_factor(self.head_dim)
+            return FeatureOutput(features)
+        token_max = x.amax(-1)  # [B, T, H]
+        if state is None and self.key_max == "sequence":
+            shift = token_max.amax(1, keepdim=True).expand_as(token_max)
+            return FeatureOutput(torch.exp(x - shift.unsqueeze(-1)), None, shift[:, -1])
+        if state is None and self.key_max == "chunk":
+            shift = self._chunk_running_max(token_max)
+        else:
+            # `running`, and every scope while decoding (the future is not there to read).
+            if state is not None:
+                token_max = torch.cat([state.unsqueeze(1), token_max], dim=1)
+            shift = torch.cummax(token_max, dim=1).values
+            if state is not None:
+                shift = shift[:, 1:]
+        previous = torch.cat([shift[:, :1] if state is None else state.unsqueeze(1), shift[:, :-1]], dim=1)
+        log_decay = (previous - shift).unsqueeze(-1)  # [B, T, H, 1], <= 0
+        return FeatureOutput(torch.exp(x - shift.unsqueeze(-1)), log_decay, shift[:, -1])
+
+    def _chunk_running_max(self, token_max: Tensor) -> Tensor:
+        B, T, H = token_max.shape
+        C = self.chunk_size
+        n = -(-T // C)
+        padded = F.pad(token_max, (0, 0, 0, n * C - T), value=float("-inf"))
+        chunk_max = padded.reshape(B, n, C, H).amax(2)  # [B, n, H]
+        running = torch.cummax(chunk_max, dim=1).values
+        return running.repeat_interleave(C, dim=1)[:, :T]

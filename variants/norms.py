@@ -1,0 +1,104 @@
+"""Built-in normalisations of the attention output (REGLA.md §2, "Normalization").
+
+The paper places a NORM block on the attention output, replacing or complementing the
+denominator of classic linear attention; which norm, per head or full width, is not stated.
+All are offered; `denominator` can also be combined with any other norm through the attention
+config's `denominator: true` switch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import OutputNorm
+from .registry import Registry
+
+Tensor = torch.Tensor
+
+NORMS: Registry[OutputNorm] = Registry("norm", "regla.norms")
+norm = NORMS.register
+
+
+@norm("none")
+class NoNorm(OutputNorm):
+    """o_t unchanged."""
+
+    def __init__(self, head_dim: int, num_heads: int):
+        super().__init__(head_dim, num_heads)
+
+    def forward(self, o: Tensor) -> Tensor:
+        return o
+
+
+@norm("denominator")
+class Denominator(OutputNorm):
+    """h_t = S_t phi(q_t) / (c_tᵀ phi(q_t)) (Katharopoulos 2020; gated: Peng 2021), no other norm."""
+
+    uses_denominator = True
+
+    def __init__(self, head_dim: int, num_heads: int):
+        super().__init__(head_dim, num_heads)
+
+    def forward(self, o: Tensor) -> Tensor:
+        return o
+
+
+class _PerHeadOrFullWidth(OutputNorm):
+    def __init__(self, head_dim: int, num_heads: int, per_head: bool, eps: float, affine: bool):
+        super().__init__(head_dim, num_heads)
+        self.per_head = per_head
+        self.eps = eps
+        # Per-head norms share one weight across heads (as fla's GLA does); full width has its own.
+        width = head_dim if per_head else head_dim * num_heads
+        self.normalized_shape = (width,)
+        self.weight = nn.Parameter(torch.ones(width)) if affine else None
+
+    def _normalize(self, o: Tensor, fn) -> Tensor:
+        if self.per_head:
+            return fn(o)
+        B, T, H, V = o.shape
+        return fn(o.reshape(B, T, H * V)).reshape(B, T, H, V)
+
+
+@norm("rmsnorm")
+class RMSNorm(_PerHeadOrFullWidth):
+    """o / rms(o) · w, per head by default (fla GLA's per-head RMSNorm)."""
+
+    def __init__(self, head_dim: int, num_heads: int, *, per_head: bool = True, eps: float = 1e-5,
+                 affine: bool = True):
+        super().__init__(head_dim, num_heads, per_head, eps, affine)
+
+    def forward(self, o: Tensor) -> Tensor:
+        return self._normalize(o, lambda x: F.rms_norm(x, self.normalized_shape, self.weight, self.eps))
+
+
+@norm("layernorm")
+class LayerNorm(_PerHeadOrFullWidth):
+    """(o − mean) / std · w + b, per head by default."""
+
+    def __init__(self, head_dim: int, num_heads: int, *, per_head: bool = True, eps: float = 1e-5,
+                 affine: bool = True):
+        super().__init__(head_dim, num_heads, per_head, eps, affine)
+        self.bias = nn.Parameter(torch.zeros(self.normalized_shape)) if affine else None
+
+    def forward(self, o: Tensor) -> Tensor:
+        return self._normalize(o, lambda x: F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
+
+
+@norm("groupnorm")
+class GroupNorm(OutputNorm):
+    """GroupNorm with one group per head: statistics per head, affine per channel (H·V weights),
+    as in RetNet's output norm."""
+
+    def __init__(self, head_dim: int, num_heads: int, *, eps: float = 1e-5, affine: bool = True):
+        super().__init__(head_dim, num_heads)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_heads, head_dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_heads, head_dim)) if affine else None
+
+    def forward(self, o: Tensor) -> Tensor:
+        normalized = F.layer_norm(o, (self.head_dim,), eps=self.eps)
+        if self.weight is None:
+            return normalized
+        return normalized * self.weight + self.bias
