@@ -100,7 +100,8 @@ HYBRID_PATTERNS = ("none", "all", "even", "odd", "first_half", "last_half")
 class ModelConfig:
     """A decoder-only language model; each layer is softmax or linear attention."""
 
-    vocab_size: int = 50257
+    #: None: taken from the tokenizer when the model is built for training
+    vocab_size: int | None = None
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -121,6 +122,8 @@ class ModelConfig:
         _choice("model.mlp", self.mlp, ("swiglu", "gelu"))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, name)
+            if name == "vocab_size" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model.{name} must be a positive integer; got {value!r}")
         if self.head_dim is None and self.d_model % self.n_heads:

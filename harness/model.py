@@ -23,6 +23,9 @@ class LanguageModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("model.vocab_size is not set: build the model with the tokenizer's vocabulary "
+                             "size (dataclasses.replace(config, vocab_size=tokenizer.vocab_size))")
         self.config = config
         softmax = set(config.softmax_layer_indices())
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
