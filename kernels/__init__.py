@@ -5,3 +5,10 @@ from .reference import chunked_gla, parallel_gla, recurrent_gla
 
 __all__ = ["IMPLEMENTATIONS", "gated_linear_attention", "register_implementation",
            "chunked_gla", "parallel_gla", "recurrent_gla"]
+
+try:  # The Triton fast path registers itself wherever triton is importable (CPU runs use its interpreter).
+    from .triton_gla import triton_gla
+except ImportError:
+    pass
+else:
+    register_implementation("triton", triton_gla)

@@ -1,0 +1,168 @@
+"""Chunked gated linear attention in Triton: forward and backward behind one autograd Function.
+
+`triton_gla` has the signature of the torch references (`kernels.reference`) and computes
+
+    S_t = diag(exp(gk_t)) S_{t-1} + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t
+
+with a key-side log gate gk: [B, T, H, K] or a per-head scalar gate [B, T, H, 1]. The kernels
+live in `triton_gla_kernels`; this module prepares inputs, launches them and assembles
+gradients. The gate gradient uses the closed form: o depends on gk only through the cumulative
+sums G_t, and ∂L/∂G_t = q_t ⊙ dq_t − k_t ⊙ dk_t (plus, at t = T, the final-state term
+rowsum(S_T ⊙ dS_T)), so dgk is the reverse cumulative sum of that over time.
+
+Numerics: cumulative gates, states and every accumulation in fp32; matrix products take their
+operands in the input dtype (bf16 on tensor cores; fp32 inputs use 3-pass tf32, close to fp32).
+The final state is returned in fp32 whatever the input dtype, as the state is kept in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from . import reference
+from .triton_gla_kernels import (CHUNK, SUB_CHUNK, intra_score_grad_kernel, intra_scores_kernel,
+                                 output_kernel, query_key_grad_kernel, state_backward_kernel,
+                                 state_forward_kernel, value_grad_kernel)
+
+Tensor = torch.Tensor
+MAX_HEAD_DIM = 256
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every buffer the kernels write goes through here (tests swap in a NaN-filled one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _block(dim: int) -> int:
+    # tl.dot needs every side >= 16; 64 keeps an fp32 [64, 64] state tile within registers.
+    return min(64, max(16, triton.next_power_of_2(dim)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _chunk_cumulative_gate(gk: Tensor, K: int, n_chunks: int) -> Tensor:
+    """Within-chunk cumulative log gates in log2 units, fp32, time padded with zero gates.
+
+    [B, T, H, K or 1] -> [B, n_chunks * CHUNK, H, K]. Padded rows repeat the last real value, so
+    the kernels can treat every chunk as full.
+    """
+    B, T, H, _ = gk.shape
+    g = gk.float().expand(B, T, H, K)
+    g = F.pad(g, (0, 0, 0, 0, 0, n_chunks * CHUNK - T))
+    g = g.reshape(B, n_chunks, CHUNK, H, K).cumsum(2) * _LOG2E
+    return g.reshape(B, n_chunks * CHUNK, H, K).contiguous()
+
+
+def _launch_states_forward(k, v, gc, initial_state, output_final_state, dims):
+    B, T, H, K, V, NT, BK, BV, prec = dims
+    states = _empty((B, H, NT, K, V), torch.float32, k.device)  # [B, H, NT, K, V]
+    final = _empty((B, H, K, V), torch.float32, k.device) if output_final_state else None
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)
+    state_forward_kernel[grid](k, v, gc, h0 if h0 is not None else states, states,
+                               final if final is not None else states, T, gc.shape[1], H, K, V, NT,
+                               C=CHUNK, BK=BK, BV=BV, HAS_H0=h0 is not None,
+                               STORE_HT=final is not None, PREC=prec)
+    return states, final
+
+
+def _launch_intra_scores(q, k, gc, dims):
+    B, T, H, K, V, NT, BK, BV, prec = dims
+    scores = _empty((B, gc.shape[1], H, CHUNK), torch.float32, q.device)  # [B, Tp, H, C]
+    grid = (NT * (CHUNK // SUB_CHUNK), B * H)
+    intra_scores_kernel[grid](q, k, gc, scores, T, gc.shape[1], H, K,
+                              C=CHUNK, S=SUB_CHUNK, BK=BK, PREC=prec)
+    return scores
+
+
+def _forward(q, k, v, gk, scale, initial_state, output_final_state):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, CHUNK)
+    dims = (B, T, H, K, V, NT, _block(K), _block(V), _dot_precision(q.dtype))
+    gc = _chunk_cumulative_gate(gk, K, NT)  # [B, Tp, H, K]
+    states, final = _launch_states_forward(k, v, gc, initial_state, output_final_state, dims)
+    scores = _launch_intra_scores(q, k, gc, dims)
+    o = _empty((B, T, H, V), q.dtype, q.device)
+    grid = (triton.cdiv(V, dims[7]), NT, B * H)
+    output_kernel[grid](q, v, gc, scores, states, o, scale, T, gc.shape[1], H, K, V, NT,
+                        C=CHUNK, BK=dims[6], BV=dims[7], PREC=dims[8])
+    return o, final, gc, scores, dims
+
+
+def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims):
+    B, T, H, K, V, NT, BK, BV, prec = dims
+    Tp = gc.shape[1]
+    # Chunk-entry states are recomputed rather than kept from the forward: [B, H, NT, K, V] fp32
+    # would otherwise be held for the whole of the model's backward.
+    states, _ = _launch_states_forward(k, v, gc, initial_state, False, dims)
+
+    dstates = _empty((B, H, NT, K, V), torch.float32, q.device)
+    dh0 = _empty((B, H, K, V), torch.float32, q.device) if initial_state is not None else None
+    state_backward_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
+        q, do, gc, dht if dht is not None else dstates, dstates, dh0 if dh0 is not None else dstates,
+        scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, HAS_DHT=dht is not None,
+        STORE_DH0=dh0 is not None, PREC=prec)
+
+    score_grad = _empty((B, Tp, H, CHUNK), torch.float32, q.device)  # [B, Tp, H, C]
+    intra_score_grad_kernel[(NT, B * H)](do, v, score_grad, scale, T, Tp, H, V, C=CHUNK, BV=BV, PREC=prec)
+
+    dv = _empty((B, T, H, V), v.dtype, q.device)
+    value_grad_kernel[(triton.cdiv(V, BV), NT, B * H)](
+        k, gc, scores, do, dstates, dv, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, PREC=prec)
+
+    dq = _empty((B, T, H, K), torch.float32, q.device)
+    dk = _empty((B, T, H, K), torch.float32, q.device)
+    query_key_grad_kernel[(triton.cdiv(K, BK), NT * (CHUNK // SUB_CHUNK), B * H)](
+        q, k, v, gc, score_grad, do, states, dstates, dq, dk, scale, T, Tp, H, K, V, NT,
+        C=CHUNK, S=SUB_CHUNK, BK=BK, BV=BV, PREC=prec)
+
+    # Closed-form gate gradient: reverse cumulative sum over time of q ⊙ dq − k ⊙ dk.
+    dG = q.float() * dq - k.float() * dk  # [B, T, H, K]
+    if dht is not None:
+        # The final state is diag(e^{G_T}) (...): its gradient adds rowsum(S_T ⊙ dS_T) at t = T.
+        dG[:, -1] += (final * dht.float()).sum(-1)
+    dg = dG.flip(1).cumsum(1).flip(1)
+    return dq, dk, dv, dg, dh0
+
+
+class ChunkedGLAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gk, scale, initial_state, output_final_state):
+        o, final, gc, scores, dims = _forward(q, k, v, gk, scale, initial_state, output_final_state)
+        ctx.save_for_backward(q, k, v, gk, gc, scores, initial_state, final)
+        ctx.scale, ctx.dims = scale, dims
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, gk, gc, scores, initial_state, final = ctx.saved_tensors
+        dq, dk, dv, dg, dh0 = _backward(q, k, v, gc, scores, initial_state, final, do.contiguous(),
+                                        dht.contiguous() if dht is not None else None, ctx.scale, ctx.dims)
+        if gk.shape[-1] == 1:
+            dg = dg.sum(-1, keepdim=True)
+        dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(gk.dtype), None, dh0, None
+
+
+def triton_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Tensor | None = None,
+               scale: float = 1.0, initial_state: Tensor | None = None,
+               output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Gated linear attention, key-side gate, on the Triton kernels (same contract as the references)."""
+    if gv is not None:
+        # A value-side gate (Fast Decay) is not in the kernels yet: the torch chunked form is exact.
+        return reference.chunked_gla(q, k, v, gk, gv, scale=scale, initial_state=initial_state,
+                                     output_final_state=output_final_state)
+    B, T, H, K = q.shape
+    if max(K, v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"triton_gla supports head dims up to {MAX_HEAD_DIM}; got K={K}, V={v.shape[-1]}")
+    if gk is None:
+        gk = q.new_zeros(B, T, H, 1)
+    q, k, v, gk = (t.contiguous() for t in (q, k, v, gk))
+    return ChunkedGLAFunction.apply(q, k, v, gk, float(scale), initial_state, output_final_state)

@@ -1,0 +1,292 @@
+"""Triton kernels for chunked gated linear attention with a key-side gate (the CUDA fast path).
+
+Layout: q, k, do: [B, T, H, K]; v, o: [B, T, H, V]; every tensor contiguous. The sequence is cut
+into chunks of C = 64 positions; chunk c covers rows [c*C, c*C + C). `gc` holds the cumulative
+log gate *within* each chunk, in fp32 and in log2 units (so every decay is one `exp2`), on a
+time axis padded to a whole number of chunks with zero log gates: padded rows then carry the
+last real row's value, so every "to the chunk end" exponent is still a difference of a later
+and an earlier cumulative gate, i.e. <= 0, and padded rows need no special case.
+
+Exponents are only ever formed as b_later - b_earlier (<= 0) or masked to -inf before `exp2`,
+so no gate value can overflow. Inside a chunk the pairwise decays exp2(b_t - b_s) are exact:
+rows are handled in sub-chunks of S = 16; earlier sub-chunks are reached through one reference
+row of cumulative gates (two factors, each <= 1, around a tensor-core product), the 16 x 16
+diagonal block column by column in fp32.
+
+States between chunks are kept in fp32: [B, H, NT, K, V], written by one sequential pass over the
+chunks (forward) and one in reverse (backward); everything else is parallel over chunks.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+CHUNK = 64
+SUB_CHUNK = 16
+
+
+@triton.jit
+def _load_rows(ptr, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    """A [BR, BC] tile of rows row0.. and columns col0.. as fp32-ready values; zeros outside."""
+    rows = row0 + tl.arange(0, BR)
+    cols = col0 + tl.arange(0, BC)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, value, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    rows = row0 + tl.arange(0, BR)
+    cols = col0 + tl.arange(0, BC)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_row(ptr, row, n_rows, col0, n_cols, BC: tl.constexpr):
+    """Columns col0.. of the row that `ptr` points at (a [BC] vector); zeros past n_cols, or
+    everywhere when that row's index `row` is past n_rows."""
+    cols = col0 + tl.arange(0, BC)
+    return tl.load(ptr + cols, mask=(cols < n_cols) & (cols * 0 + row < n_rows), other=0.0)
+
+
+@triton.jit
+def state_forward_kernel(k, v, gc, h0, states, ht, T, Tp, H, K, V, NT,
+                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+    """Sequential pass over chunks: states[c] is the state entering chunk c; ht the final one."""
+    ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    k_base = k + (b.to(tl.int64) * T * H + h) * K  # row stride H*K
+    v_base = v + (b.to(tl.int64) * T * H + h) * V
+    g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
+    kv_base = bh.to(tl.int64) * NT * K * V
+    if HAS_H0:
+        state = _load_rows(h0 + bh.to(tl.int64) * K * V, ik * BK, K, V, iv * BV, V, BK, BV).to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    dt = k.dtype.element_ty
+    for c in range(NT):
+        _store_rows(states + kv_base + c * K * V, state, ik * BK, K, V, iv * BV, V, BK, BV)
+        t0 = c * C
+        k_tile = _load_rows(k_base, t0, T, H * K, ik * BK, K, C, BK).to(tl.float32)  # [C, BK]
+        v_tile = _load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV)  # [C, BV]
+        g_tile = _load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)  # [C, BK]
+        g_last = _load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)  # [BK]
+        k_to_end = (k_tile * tl.exp2(g_last[None, :] - g_tile)).to(dt)
+        state = state * tl.exp2(g_last)[:, None] + tl.dot(tl.trans(k_to_end), v_tile, input_precision=PREC)
+    if STORE_HT:
+        _store_rows(ht + bh.to(tl.int64) * K * V, state, ik * BK, K, V, iv * BV, V, BK, BV)
+
+
+@triton.jit
+def intra_scores_kernel(q, k, gc, A, T, Tp, H, K,
+                        C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """A[t, s] = sum_j q_tj k_sj exp2(b_tj - b_sj) for s <= t in the same chunk (zero above).
+
+    One program per (sub-chunk of S rows, batch*head); A is [B, Tp, H, C] in fp32.
+    """
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    c, i = pid // (C // S), pid % (C // S)
+    b, h = bh // H, bh % H
+    q_base = q + (b.to(tl.int64) * T * H + h) * K
+    k_base = k + (b.to(tl.int64) * T * H + h) * K
+    g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
+    t0, r0 = c * C, c * C + i * S
+    rows = i * S + tl.arange(0, S)  # chunk-relative rows of this sub-chunk
+    cols = tl.arange(0, C)  # chunk-relative columns
+    dt = q.dtype.element_ty
+    acc = tl.zeros([S, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q_sub = _load_rows(q_base, r0, T, H * K, k0, K, S, BK).to(tl.float32)  # [S, BK]
+        g_sub = _load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)  # [S, BK]
+        k_chunk = _load_rows(k_base, t0, T, H * K, k0, K, C, BK).to(tl.float32)  # [C, BK]
+        g_chunk = _load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)  # [C, BK]
+        g_ref = _load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)  # [BK], first row of the sub-chunk
+        # Earlier sub-chunks: b_t - b_s = (b_t - b_ref) + (b_ref - b_s), both parts <= 0.
+        q_ref = (q_sub * tl.exp2(g_sub - g_ref[None, :])).to(dt)
+        earlier = cols[:, None] < i * S
+        k_ref = (k_chunk * tl.exp2(tl.where(earlier, g_ref[None, :] - g_chunk, float("-inf")))).to(dt)
+        acc += tl.dot(q_ref, tl.trans(k_ref), input_precision=PREC)
+        # Diagonal S x S block: exact pairwise decays, one key column at a time, in fp32.
+        for j in range(S):
+            s = i * S + j
+            k_s = _load_row(k_base + (t0 + s) * H * K, t0 + s, T, k0, K, BK).to(tl.float32)
+            g_s = _load_row(g_base + (t0 + s) * H * K, 0, 1, k0, K, BK)
+            causal = rows[:, None] >= s
+            decay = tl.exp2(tl.where(causal, g_sub - g_s[None, :], float("-inf")))  # [S, BK]
+            column = tl.sum(q_sub * k_s[None, :] * decay, axis=1)  # [S]
+            acc += tl.where(cols[None, :] == s, column[:, None], 0.0)
+    a_base = A + (b.to(tl.int64) * Tp * H + h) * C
+    _store_rows(a_base, acc, r0, Tp, H * C, 0, C, S, C)
+
+
+@triton.jit
+def output_kernel(q, v, gc, A, states, o, scale, T, Tp, H, K, V, NT,
+                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """o = scale * ((q * exp2(b)) @ states[c] + A @ v) for one chunk and one block of value columns."""
+    iv, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    q_base = q + (b.to(tl.int64) * T * H + h) * K
+    v_base = v + (b.to(tl.int64) * T * H + h) * V
+    g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
+    s_base = states + (bh.to(tl.int64) * NT + c) * K * V
+    t0 = c * C
+    dt = q.dtype.element_ty
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q_tile = _load_rows(q_base, t0, T, H * K, k0, K, C, BK).to(tl.float32)
+        g_tile = _load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
+        state = _load_rows(s_base, k0, K, V, iv * BV, V, BK, BV)  # [BK, BV] fp32
+        q_from_start = (q_tile * tl.exp2(g_tile)).to(dt)
+        acc += tl.dot(q_from_start, state.to(dt), input_precision=PREC)
+    a_tile = _load_rows(A + (b.to(tl.int64) * Tp * H + h) * C, t0, Tp, H * C, 0, C, C, C)
+    v_tile = _load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV)
+    acc += tl.dot(a_tile.to(dt), v_tile, input_precision=PREC)
+    _store_rows(o + (b.to(tl.int64) * T * H + h) * V, acc * scale, t0, T, H * V, iv * BV, V, C, BV)
+
+
+@triton.jit
+def state_backward_kernel(q, do, gc, dht, dstates, dh0, scale, T, Tp, H, K, V, NT,
+                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    """Reverse pass: dstates[c] is the gradient of the state leaving chunk c; dh0 of the initial one."""
+    ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    q_base = q + (b.to(tl.int64) * T * H + h) * K
+    do_base = do + (b.to(tl.int64) * T * H + h) * V
+    g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
+    kv_base = bh.to(tl.int64) * NT * K * V
+    if HAS_DHT:
+        grad = _load_rows(dht + bh.to(tl.int64) * K * V, ik * BK, K, V, iv * BV, V, BK, BV).to(tl.float32)
+    else:
+        grad = tl.zeros([BK, BV], dtype=tl.float32)
+    dt = q.dtype.element_ty
+    for step in range(NT):
+        c = NT - 1 - step
+        _store_rows(dstates + kv_base + c * K * V, grad, ik * BK, K, V, iv * BV, V, BK, BV)
+        t0 = c * C
+        q_tile = _load_rows(q_base, t0, T, H * K, ik * BK, K, C, BK).to(tl.float32)
+        do_tile = _load_rows(do_base, t0, T, H * V, iv * BV, V, C, BV)
+        g_tile = _load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)
+        g_last = _load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)
+        q_from_start = (q_tile * tl.exp2(g_tile) * scale).to(dt)
+        grad = grad * tl.exp2(g_last)[:, None] + tl.dot(tl.trans(q_from_start), do_tile.to(dt),
+                                                         input_precision=PREC)
+    if STORE_DH0:
+        _store_rows(dh0 + bh.to(tl.int64) * K * V, grad, ik * BK, K, V, iv * BV, V, BK, BV)
+
+
+@triton.jit
+def intra_score_grad_kernel(do, v, dA, scale, T, Tp, H, V,
+                            C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dA = scale * do @ vᵀ within each chunk, zero above the diagonal: [B, Tp, H, C] fp32."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    do_base = do + (b.to(tl.int64) * T * H + h) * V
+    v_base = v + (b.to(tl.int64) * T * H + h) * V
+    t0 = c * C
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        do_tile = _load_rows(do_base, t0, T, H * V, v0, V, C, BV)
+        v_tile = _load_rows(v_base, t0, T, H * V, v0, V, C, BV)
+        acc += tl.dot(do_tile, tl.trans(v_tile), input_precision=PREC)
+    idx = tl.arange(0, C)
+    acc = tl.where(idx[:, None] >= idx[None, :], acc * scale, 0.0)
+    _store_rows(dA + (b.to(tl.int64) * Tp * H + h) * C, acc, t0, Tp, H * C, 0, C, C, C)
+
+
+@triton.jit
+def value_grad_kernel(k, gc, A, do, dstates, dv, scale, T, Tp, H, K, V, NT,
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dv = scale * Aᵀ @ do + (k * exp2(b_last - b)) @ dstates[c]."""
+    iv, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    k_base = k + (b.to(tl.int64) * T * H + h) * K
+    g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
+    s_base = dstates + (bh.to(tl.int64) * NT + c) * K * V
+    t0 = c * C
+    dt = k.dtype.element_ty
+    a_tile = _load_rows(A + (b.to(tl.int64) * Tp * H + h) * C, t0, Tp, H * C, 0, C, C, C)
+    do_tile = _load_rows(do + (b.to(tl.int64) * T * H + h) * V, t0, T, H * V, iv * BV, V, C, BV)
+    acc = tl.dot(tl.trans(a_tile.to(dt)), do_tile.to(dt), input_precision=PREC) * scale
+    for k0 in range(0, K, BK):
+        k_tile = _load_rows(k_base, t0, T, H * K, k0, K, C, BK).to(tl.float32)
+        g_tile = _load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
+        g_last = _load_row(g_base + (t0 + C - 1) * H * K, 0, 1, k0, K, BK)
+        grad_state = _load_rows(s_base, k0, K, V, iv * BV, V, BK, BV)
+        k_to_end = (k_tile * tl.exp2(g_last[None, :] - g_tile)).to(dt)
+        acc += tl.dot(k_to_end, grad_state.to(dt), input_precision=PREC)
+    _store_rows(dv + (b.to(tl.int64) * T * H + h) * V, acc, t0, T, H * V, iv * BV, V, C, BV)
+
+
+@triton.jit
+def query_key_grad_kernel(q, k, v, gc, dA, do, states, dstates, dq, dk, scale, T, Tp, H, K, V, NT,
+                          C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          PREC: tl.constexpr):
+    """dq and dk (fp32) for one sub-chunk of S rows and one block of key columns.
+
+    dq_t = scale (do_t statesᵀ) ⊙ e^{b_t} + Σ_{s<=t} dA[t,s] k_s ⊙ e^{b_t - b_s}
+    dk_s = (v_s dstatesᵀ) ⊙ e^{b_last - b_s} + Σ_{t>=s} dA[t,s] q_t ⊙ e^{b_t - b_s}
+    """
+    ik, pid, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, i = pid // (C // S), pid % (C // S)
+    b, h = bh // H, bh % H
+    qk_off = (b.to(tl.int64) * T * H + h) * K
+    vo_off = (b.to(tl.int64) * T * H + h) * V
+    g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
+    a_base = dA + (b.to(tl.int64) * Tp * H + h) * C
+    s_off = (bh.to(tl.int64) * NT + c) * K * V
+    t0, r0, k0 = c * C, c * C + i * S, ik * BK
+    dt = q.dtype.element_ty
+
+    # Contributions through the chunk-boundary states.
+    dq_acc = tl.zeros([S, BK], dtype=tl.float32)
+    dk_acc = tl.zeros([S, BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        do_sub = _load_rows(do + vo_off, r0, T, H * V, v0, V, S, BV).to(dt)
+        v_sub = _load_rows(v + vo_off, r0, T, H * V, v0, V, S, BV).to(dt)
+        state = _load_rows(states + s_off, k0, K, V, v0, V, BK, BV).to(dt)  # [BK, BV]
+        grad_state = _load_rows(dstates + s_off, k0, K, V, v0, V, BK, BV).to(dt)
+        dq_acc += tl.dot(do_sub, tl.trans(state), input_precision=PREC)
+        dk_acc += tl.dot(v_sub, tl.trans(grad_state), input_precision=PREC)
+    g_sub = _load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)  # [S, BK]
+    g_last = _load_row(g_base + (t0 + C - 1) * H * K, 0, 1, k0, K, BK)
+    dq_acc = dq_acc * scale * tl.exp2(g_sub)
+    dk_acc = dk_acc * tl.exp2(g_last[None, :] - g_sub)
+
+    # Earlier / later sub-chunks of the same chunk, through reference rows (exponents <= 0).
+    rows = i * S + tl.arange(0, S)
+    cols = tl.arange(0, C)
+    q_chunk = _load_rows(q + qk_off, t0, T, H * K, k0, K, C, BK).to(tl.float32)  # [C, BK]
+    k_chunk = _load_rows(k + qk_off, t0, T, H * K, k0, K, C, BK).to(tl.float32)
+    g_chunk = _load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
+    g_first = _load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)  # first row of the sub-chunk
+    g_final = _load_row(g_base + (r0 + S - 1) * H * K, 0, 1, k0, K, BK)  # its last row
+    earlier = cols[:, None] < i * S
+    later = cols[:, None] >= i * S + S
+    k_ref = (k_chunk * tl.exp2(tl.where(earlier, g_first[None, :] - g_chunk, float("-inf")))).to(dt)
+    q_ref = (q_chunk * tl.exp2(tl.where(later, g_chunk - g_final[None, :], float("-inf")))).to(dt)
+    dA_rows = _load_rows(a_base, r0, Tp, H * C, 0, C, S, C)  # [S, C]: dA[t in sub-chunk, s]
+    dA_cols = _load_rows(a_base, t0, Tp, H * C, i * S, C, C, S)  # [C, S]: dA[t, s in sub-chunk]
+    dq_acc += tl.exp2(g_sub - g_first[None, :]) * tl.dot(dA_rows.to(dt), k_ref, input_precision=PREC)
+    dk_acc += tl.exp2(g_final[None, :] - g_sub) * tl.dot(tl.trans(dA_cols.to(dt)), q_ref, input_precision=PREC)
+
+    # Diagonal S x S block, exact and in fp32: position s = i*S + j as key (for dq) and as query (for dk).
+    q_sub = _load_rows(q + qk_off, r0, T, H * K, k0, K, S, BK).to(tl.float32)
+    k_sub = _load_rows(k + qk_off, r0, T, H * K, k0, K, S, BK).to(tl.float32)
+    sub = tl.arange(0, S)
+    for j in range(S):
+        s = i * S + j
+        row = t0 + s
+        k_s = _load_row(k + qk_off + row * H * K, row, T, k0, K, BK).to(tl.float32)
+        q_s = _load_row(q + qk_off + row * H * K, row, T, k0, K, BK).to(tl.float32)
+        g_s = _load_row(g_base + row * H * K, 0, 1, k0, K, BK)
+        dA_col = tl.load(a_base + (r0 + sub) * H * C + s)  # [S]: dA[t, s]
+        dA_row = tl.load(a_base + row * H * C + i * S + sub)  # [S]: dA[s, t']
+        decay_q = tl.exp2(tl.where(rows[:, None] >= s, g_sub - g_s[None, :], float("-inf")))
+        dq_acc += dA_col[:, None] * k_s[None, :] * decay_q
+        decay_k = tl.exp2(tl.where(rows[:, None] <= s, g_s[None, :] - g_sub, float("-inf")))
+        dk_acc += dA_row[:, None] * q_s[None, :] * decay_k
+    _store_rows(dq + qk_off, dq_acc, r0, T, H * K, k0, K, S, BK)
+    _store_rows(dk + qk_off, dk_acc, r0, T, H * K, k0, K, S, BK)
