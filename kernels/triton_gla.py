@@ -17,10 +17,12 @@ The final state is returned in fp32 whatever the input dtype, as the state is ke
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from . import reference
 from .triton_gla_kernels import (CHUNK, SUB_CHUNK, intra_score_grad_kernel, intra_scores_kernel,
@@ -42,8 +44,13 @@ def _block(dim: int) -> int:
     return min(64, max(16, triton.next_power_of_2(dim)))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+def _dot_options(dtype: torch.dtype) -> dict:
+    """Operand dtype and fp32 precision of the kernels' matrix products."""
+    interpreted = triton.knobs.runtime.interpret if hasattr(triton, "knobs") else \
+        os.environ.get("TRITON_INTERPRET") == "1"
+    operand = tl.float32 if interpreted else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+    # tf32x3: three tf32 passes, close to fp32 accuracy; ignored for bf16 operands.
+    return dict(PREC="tf32x3" if operand == tl.float32 else "tf32", DOT=operand)
 
 
 def _chunk_cumulative_gate(gk: Tensor, K: int, n_chunks: int) -> Tensor:
@@ -60,7 +67,7 @@ def _chunk_cumulative_gate(gk: Tensor, K: int, n_chunks: int) -> Tensor:
 
 
 def _launch_states_forward(k, v, gc, initial_state, output_final_state, dims):
-    B, T, H, K, V, NT, BK, BV, prec = dims
+    B, T, H, K, V, NT, BK, BV, dot = dims
     states = _empty((B, H, NT, K, V), torch.float32, k.device)  # [B, H, NT, K, V]
     final = _empty((B, H, K, V), torch.float32, k.device) if output_final_state else None
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -68,16 +75,16 @@ def _launch_states_forward(k, v, gc, initial_state, output_final_state, dims):
     state_forward_kernel[grid](k, v, gc, h0 if h0 is not None else states, states,
                                final if final is not None else states, T, gc.shape[1], H, K, V, NT,
                                C=CHUNK, BK=BK, BV=BV, HAS_H0=h0 is not None,
-                               STORE_HT=final is not None, PREC=prec)
+                               STORE_HT=final is not None, **dot)
     return states, final
 
 
 def _launch_intra_scores(q, k, gc, dims):
-    B, T, H, K, V, NT, BK, BV, prec = dims
+    B, T, H, K, V, NT, BK, BV, dot = dims
     scores = _empty((B, gc.shape[1], H, CHUNK), torch.float32, q.device)  # [B, Tp, H, C]
     grid = (NT * (CHUNK // SUB_CHUNK), B * H)
     intra_scores_kernel[grid](q, k, gc, scores, T, gc.shape[1], H, K,
-                              C=CHUNK, S=SUB_CHUNK, BK=BK, PREC=prec)
+                              C=CHUNK, S=SUB_CHUNK, BK=BK, **dot)
     return scores
 
 
@@ -85,19 +92,19 @@ def _forward(q, k, v, gk, scale, initial_state, output_final_state):
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, CHUNK)
-    dims = (B, T, H, K, V, NT, _block(K), _block(V), _dot_precision(q.dtype))
+    dims = (B, T, H, K, V, NT, _block(K), _block(V), _dot_options(q.dtype))
     gc = _chunk_cumulative_gate(gk, K, NT)  # [B, Tp, H, K]
     states, final = _launch_states_forward(k, v, gc, initial_state, output_final_state, dims)
     scores = _launch_intra_scores(q, k, gc, dims)
     o = _empty((B, T, H, V), q.dtype, q.device)
     grid = (triton.cdiv(V, dims[7]), NT, B * H)
     output_kernel[grid](q, v, gc, scores, states, o, scale, T, gc.shape[1], H, K, V, NT,
-                        C=CHUNK, BK=dims[6], BV=dims[7], PREC=dims[8])
+                        C=CHUNK, BK=dims[6], BV=dims[7], **dims[8])
     return o, final, gc, scores, dims
 
 
 def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims):
-    B, T, H, K, V, NT, BK, BV, prec = dims
+    B, T, H, K, V, NT, BK, BV, dot = dims
     Tp = gc.shape[1]
     # Chunk-entry states are recomputed rather than kept from the forward: [B, H, NT, K, V] fp32
     # would otherwise be held for the whole of the model's backward.
@@ -108,20 +115,20 @@ def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims):
     state_backward_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
         q, do, gc, dht if dht is not None else dstates, dstates, dh0 if dh0 is not None else dstates,
         scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, PREC=prec)
+        STORE_DH0=dh0 is not None, **dot)
 
     score_grad = _empty((B, Tp, H, CHUNK), torch.float32, q.device)  # [B, Tp, H, C]
-    intra_score_grad_kernel[(NT, B * H)](do, v, score_grad, scale, T, Tp, H, V, C=CHUNK, BV=BV, PREC=prec)
+    intra_score_grad_kernel[(NT, B * H)](do, v, score_grad, scale, T, Tp, H, V, C=CHUNK, BV=BV, **dot)
 
     dv = _empty((B, T, H, V), v.dtype, q.device)
     value_grad_kernel[(triton.cdiv(V, BV), NT, B * H)](
-        k, gc, scores, do, dstates, dv, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, PREC=prec)
+        k, gc, scores, do, dstates, dv, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, **dot)
 
     dq = _empty((B, T, H, K), torch.float32, q.device)
     dk = _empty((B, T, H, K), torch.float32, q.device)
     query_key_grad_kernel[(triton.cdiv(K, BK), NT * (CHUNK // SUB_CHUNK), B * H)](
         q, k, v, gc, score_grad, do, states, dstates, dq, dk, scale, T, Tp, H, K, V, NT,
-        C=CHUNK, S=SUB_CHUNK, BK=BK, BV=BV, PREC=prec)
+        C=CHUNK, S=SUB_CHUNK, BK=BK, BV=BV, **dot)
 
     # Closed-form gate gradient: reverse cumulative sum over time of q ⊙ dq − k ⊙ dk.
     dG = q.float() * dq - k.float() * dk  # [B, T, H, K]

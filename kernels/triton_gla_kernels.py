@@ -13,6 +13,9 @@ rows are handled in sub-chunks of S = 16; earlier sub-chunks are reached through
 row of cumulative gates (two factors, each <= 1, around a tensor-core product), the 16 x 16
 diagonal block column by column in fp32.
 
+Matrix products take their operands in DOT, the input dtype on GPUs (bf16 on tensor cores); the
+launcher passes fp32 under Triton's CPU interpreter, which evaluates bf16 products wrongly.
+
 States between chunks are kept in fp32: [B, H, NT, K, V], written by one sequential pass over the
 chunks (forward) and one in reverse (backward); everything else is parallel over chunks.
 """
@@ -53,7 +56,7 @@ def _load_row(ptr, row, n_rows, col0, n_cols, BC: tl.constexpr):
 @triton.jit
 def state_forward_kernel(k, v, gc, h0, states, ht, T, Tp, H, K, V, NT,
                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+                         HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """Sequential pass over chunks: states[c] is the state entering chunk c; ht the final one."""
     ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -65,12 +68,12 @@ def state_forward_kernel(k, v, gc, h0, states, ht, T, Tp, H, K, V, NT,
         state = _load_rows(h0 + bh.to(tl.int64) * K * V, ik * BK, K, V, iv * BV, V, BK, BV).to(tl.float32)
     else:
         state = tl.zeros([BK, BV], dtype=tl.float32)
-    dt = k.dtype.element_ty
+    dt = DOT
     for c in range(NT):
         _store_rows(states + kv_base + c * K * V, state, ik * BK, K, V, iv * BV, V, BK, BV)
         t0 = c * C
         k_tile = _load_rows(k_base, t0, T, H * K, ik * BK, K, C, BK).to(tl.float32)  # [C, BK]
-        v_tile = _load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV)  # [C, BV]
+        v_tile = _load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV).to(dt)  # [C, BV]
         g_tile = _load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)  # [C, BK]
         g_last = _load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)  # [BK]
         k_to_end = (k_tile * tl.exp2(g_last[None, :] - g_tile)).to(dt)
@@ -81,7 +84,7 @@ def state_forward_kernel(k, v, gc, h0, states, ht, T, Tp, H, K, V, NT,
 
 @triton.jit
 def intra_scores_kernel(q, k, gc, A, T, Tp, H, K,
-                        C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                        C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """A[t, s] = sum_j q_tj k_sj exp2(b_tj - b_sj) for s <= t in the same chunk (zero above).
 
     One program per (sub-chunk of S rows, batch*head); A is [B, Tp, H, C] in fp32.
@@ -95,7 +98,7 @@ def intra_scores_kernel(q, k, gc, A, T, Tp, H, K,
     t0, r0 = c * C, c * C + i * S
     rows = i * S + tl.arange(0, S)  # chunk-relative rows of this sub-chunk
     cols = tl.arange(0, C)  # chunk-relative columns
-    dt = q.dtype.element_ty
+    dt = DOT
     acc = tl.zeros([S, C], dtype=tl.float32)
     for k0 in range(0, K, BK):
         q_sub = _load_rows(q_base, r0, T, H * K, k0, K, S, BK).to(tl.float32)  # [S, BK]
@@ -123,7 +126,7 @@ def intra_scores_kernel(q, k, gc, A, T, Tp, H, K,
 
 @triton.jit
 def output_kernel(q, v, gc, A, states, o, scale, T, Tp, H, K, V, NT,
-                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """o = scale * ((q * exp2(b)) @ states[c] + A @ v) for one chunk and one block of value columns."""
     iv, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -132,7 +135,7 @@ def output_kernel(q, v, gc, A, states, o, scale, T, Tp, H, K, V, NT,
     g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
     s_base = states + (bh.to(tl.int64) * NT + c) * K * V
     t0 = c * C
-    dt = q.dtype.element_ty
+    dt = DOT
     acc = tl.zeros([C, BV], dtype=tl.float32)
     for k0 in range(0, K, BK):
         q_tile = _load_rows(q_base, t0, T, H * K, k0, K, C, BK).to(tl.float32)
@@ -141,7 +144,7 @@ def output_kernel(q, v, gc, A, states, o, scale, T, Tp, H, K, V, NT,
         q_from_start = (q_tile * tl.exp2(g_tile)).to(dt)
         acc += tl.dot(q_from_start, state.to(dt), input_precision=PREC)
     a_tile = _load_rows(A + (b.to(tl.int64) * Tp * H + h) * C, t0, Tp, H * C, 0, C, C, C)
-    v_tile = _load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV)
+    v_tile = _load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV).to(dt)
     acc += tl.dot(a_tile.to(dt), v_tile, input_precision=PREC)
     _store_rows(o + (b.to(tl.int64) * T * H + h) * V, acc * scale, t0, T, H * V, iv * BV, V, C, BV)
 
@@ -149,7 +152,7 @@ def output_kernel(q, v, gc, A, states, o, scale, T, Tp, H, K, V, NT,
 @triton.jit
 def state_backward_kernel(q, do, gc, dht, dstates, dh0, scale, T, Tp, H, K, V, NT,
                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+                          HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """Reverse pass: dstates[c] is the gradient of the state leaving chunk c; dh0 of the initial one."""
     ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -161,7 +164,7 @@ def state_backward_kernel(q, do, gc, dht, dstates, dh0, scale, T, Tp, H, K, V, N
         grad = _load_rows(dht + bh.to(tl.int64) * K * V, ik * BK, K, V, iv * BV, V, BK, BV).to(tl.float32)
     else:
         grad = tl.zeros([BK, BV], dtype=tl.float32)
-    dt = q.dtype.element_ty
+    dt = DOT
     for step in range(NT):
         c = NT - 1 - step
         _store_rows(dstates + kv_base + c * K * V, grad, ik * BK, K, V, iv * BV, V, BK, BV)
@@ -179,7 +182,7 @@ def state_backward_kernel(q, do, gc, dht, dstates, dh0, scale, T, Tp, H, K, V, N
 
 @triton.jit
 def intra_score_grad_kernel(do, v, dA, scale, T, Tp, H, V,
-                            C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                            C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """dA = scale * do @ vᵀ within each chunk, zero above the diagonal: [B, Tp, H, C] fp32."""
     c, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -190,7 +193,7 @@ def intra_score_grad_kernel(do, v, dA, scale, T, Tp, H, V,
     for v0 in range(0, V, BV):
         do_tile = _load_rows(do_base, t0, T, H * V, v0, V, C, BV)
         v_tile = _load_rows(v_base, t0, T, H * V, v0, V, C, BV)
-        acc += tl.dot(do_tile, tl.trans(v_tile), input_precision=PREC)
+        acc += tl.dot(do_tile.to(DOT), tl.trans(v_tile.to(DOT)), input_precision=PREC)
     idx = tl.arange(0, C)
     acc = tl.where(idx[:, None] >= idx[None, :], acc * scale, 0.0)
     _store_rows(dA + (b.to(tl.int64) * Tp * H + h) * C, acc, t0, Tp, H * C, 0, C, C, C)
@@ -198,7 +201,7 @@ def intra_score_grad_kernel(do, v, dA, scale, T, Tp, H, V,
 
 @triton.jit
 def value_grad_kernel(k, gc, A, do, dstates, dv, scale, T, Tp, H, K, V, NT,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
     """dv = scale * Aᵀ @ do + (k * exp2(b_last - b)) @ dstates[c]."""
     iv, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -206,7 +209,7 @@ def value_grad_kernel(k, gc, A, do, dstates, dv, scale, T, Tp, H, K, V, NT,
     g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
     s_base = dstates + (bh.to(tl.int64) * NT + c) * K * V
     t0 = c * C
-    dt = k.dtype.element_ty
+    dt = DOT
     a_tile = _load_rows(A + (b.to(tl.int64) * Tp * H + h) * C, t0, Tp, H * C, 0, C, C, C)
     do_tile = _load_rows(do + (b.to(tl.int64) * T * H + h) * V, t0, T, H * V, iv * BV, V, C, BV)
     acc = tl.dot(tl.trans(a_tile.to(dt)), do_tile.to(dt), input_precision=PREC) * scale
@@ -223,7 +226,7 @@ def value_grad_kernel(k, gc, A, do, dstates, dv, scale, T, Tp, H, K, V, NT,
 @triton.jit
 def query_key_grad_kernel(q, k, v, gc, dA, do, states, dstates, dq, dk, scale, T, Tp, H, K, V, NT,
                           C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          PREC: tl.constexpr):
+                          PREC: tl.constexpr, DOT: tl.constexpr):
     """dq and dk (fp32) for one sub-chunk of S rows and one block of key columns.
 
     dq_t = scale (do_t statesᵀ) ⊙ e^{b_t} + Σ_{s<=t} dA[t,s] k_s ⊙ e^{b_t - b_s}
@@ -238,7 +241,7 @@ def query_key_grad_kernel(q, k, v, gc, dA, do, states, dstates, dq, dk, scale, T
     a_base = dA + (b.to(tl.int64) * Tp * H + h) * C
     s_off = (bh.to(tl.int64) * NT + c) * K * V
     t0, r0, k0 = c * C, c * C + i * S, ik * BK
-    dt = q.dtype.element_ty
+    dt = DOT
 
     # Contributions through the chunk-boundary states.
     dq_acc = tl.zeros([S, BK], dtype=tl.float32)

@@ -1,0 +1,165 @@
+"""The Triton GLA kernels against the fp64 recurrence: output, final state and every gradient.
+
+Without CUDA the same kernels run under Triton's interpreter (tests/conftest.py switches it on)
+on tiny shapes; the `gpu` tests cover long sequences and real head dims on a CUDA device.
+Every buffer a kernel writes is pre-filled with NaN, so an unwritten element fails the check.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
+from kernels.triton_gla import triton_gla  # noqa: E402
+
+# By module path: the package re-exports the function under the module's own name.
+triton_gla_module = importlib.import_module("kernels.triton_gla")
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.gpu
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_buffers(monkeypatch):
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(triton_gla_module, "_empty", nan_empty)
+
+
+def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖ / ‖ref‖ in fp64; NaN anywhere gives NaN (which fails every `<=`)."""
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def make_inputs(B, T, H, K, V, *, dtype, gate="vector", gate_min=-8.0, gate_spread=2.0, seed=0):
+    """Random q, k, v, log gate and initial state; the gate is logsigmoid(N(0, spread²)) clamped."""
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    gate_dim = 1 if gate == "scalar" else K
+    gk = F.logsigmoid(randn(B, T, H, gate_dim) * gate_spread + (4.0 if gate == "near_zero" else 0.0))
+    gk = gk.clamp_min(gate_min)
+    tensors = dict(q=randn(B, T, H, K), k=randn(B, T, H, K), v=randn(B, T, H, V), gk=gk,
+                   h0=randn(B, H, K, V))
+    return {name: t.to(DEVICE, dtype) for name, t in tensors.items()}
+
+
+def run_with_grads(fn, inputs, do, dht, scale):
+    """Output, final state and the gradients of <o, do> + <S_T, dS_T> w.r.t. q, k, v, gk, h0."""
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in inputs.items()}
+    o, final = fn(leaves["q"], leaves["k"], leaves["v"], leaves["gk"], None, scale=scale,
+                  initial_state=leaves["h0"], output_final_state=True)
+    loss = (o.double() * do.double()).sum() + (final.double() * dht.double()).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return {"o": o, "final_state": final, **{f"d{name}": g for name, g in zip(leaves, grads)}}
+
+
+def compare_to_recurrence(B, T, H, K, V, *, dtype, **gate_options):
+    inputs = make_inputs(B, T, H, K, V, dtype=dtype, **gate_options)
+    scale = K ** -0.5
+    do = torch.randn(B, T, H, V, device=DEVICE, dtype=dtype)
+    dht = torch.randn(B, H, K, V, device=DEVICE, dtype=torch.float32)
+    got = run_with_grads(triton_gla, inputs, do, dht, scale)
+    exact = {name: t.double() for name, t in inputs.items()}
+    want = run_with_grads(recurrent_gla, exact, do, dht, scale)
+    return {name: rel_rms(got[name], want[name]) for name in want}
+
+
+SMALL_LENGTHS = [1, 15, 63, 64, 65]
+
+
+@pytest.mark.parametrize("T", SMALL_LENGTHS)
+def test_matches_recurrence_fp32(T):
+    errors = compare_to_recurrence(1, T, 1, 32, 16, dtype=torch.float32)
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_scalar_gate_broadcast():
+    errors = compare_to_recurrence(1, 65, 1, 16, 32, dtype=torch.float32, gate="scalar")
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_head_dims_not_powers_of_two():
+    errors = compare_to_recurrence(2, 40, 1, 20, 12, dtype=torch.float32)
+    assert max(errors.values()) <= 1e-4, errors
+
+
+@pytest.mark.parametrize("T, gate_min, gate", [(64, -5.0, "vector"), (65, -8.0, "vector"), (64, -8.0, "near_zero")])
+def test_extreme_gates(T, gate_min, gate):
+    # gate_spread 6 puts much of the mass on the clamp (very negative) or near log 1 = 0.
+    errors = compare_to_recurrence(1, T, 1, 16, 16, dtype=torch.float32, gate=gate, gate_min=gate_min,
+                                   gate_spread=6.0)
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_very_negative_gates_do_not_overflow():
+    # Log gates of -60 per step: cumulative exponents reach -3840 in one chunk; nothing may be inf/NaN.
+    errors = compare_to_recurrence(1, 64, 1, 16, 16, dtype=torch.float32, gate_min=-60.0, gate_spread=60.0)
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_bf16_inputs():
+    errors = compare_to_recurrence(1, 65, 1, 32, 32, dtype=torch.bfloat16)
+    assert max(errors.values()) <= 3e-2, errors
+
+
+def test_optional_arguments_and_fallbacks():
+    inputs = make_inputs(1, 20, 2, 16, 16, dtype=torch.float32)
+    q, k, v, gk = inputs["q"], inputs["k"], inputs["v"], inputs["gk"]
+    o, final = triton_gla(q, k, v, None, None, scale=0.5)
+    o_ref, _ = recurrent_gla(q.double(), k.double(), v.double(), None, None, scale=0.5)
+    assert final is None and rel_rms(o, o_ref) <= 1e-4
+    gv = F.logsigmoid(torch.randn(1, 20, 2, 16, device=DEVICE))
+    o, final = triton_gla(q, k, v, gk, gv, scale=0.5, output_final_state=True)  # Fast Decay: torch path
+    o_ref, final_ref = chunked_gla(q, k, v, gk, gv, scale=0.5, output_final_state=True)
+    assert torch.equal(o, o_ref) and torch.equal(final, final_ref)
+    assert kernels.IMPLEMENTATIONS["triton"] is triton_gla
+
+
+GPU_LENGTHS = [1, 15, 63, 64, 65, 1000, 4096]
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("T", GPU_LENGTHS)
+def test_gpu_fp32(T, D):
+    errors = compare_to_recurrence(2, T, 2, D, D, dtype=torch.float32)
+    print(f"\nfp32 T={T} D={D} rel-RMS " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
+    assert max(errors.values()) <= 5e-3, errors
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("T", GPU_LENGTHS)
+def test_gpu_bf16(T, D):
+    errors = compare_to_recurrence(2, T, 2, D, D, dtype=torch.bfloat16)
+    print(f"\nbf16 T={T} D={D} rel-RMS " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
+    assert max(errors.values()) <= 5e-2, errors
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_head_dim_256_and_extreme_gates(dtype):
+    errors = compare_to_recurrence(1, 1000, 2, 256, 256, dtype=dtype, gate_min=-8.0, gate_spread=6.0)
+    print(f"\n{dtype} T=1000 D=256 extreme gates rel-RMS " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
+    assert max(errors.values()) <= (5e-3 if dtype == torch.float32 else 5e-2), errors
+
+
+@gpu
+@requires_cuda
+def test_gpu_dispatch_picks_triton():
+    q = torch.randn(1, 8, 1, 16, device="cuda")
+    assert kernels.dispatch.default_implementation(q) == "triton"
+    assert math.isfinite(kernels.gated_linear_attention(q, q, q, q.clamp_max(0))[0].sum().item())
