@@ -1,0 +1,167 @@
+"""Command line: run grids, list variants and grids, write reports, prepare data."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from variants import REGISTRIES, RegistryError, import_plugin_modules
+
+from .config import ConfigError
+from .data.errors import DataError
+
+ROOT = Path(__file__).resolve().parent.parent
+GRIDS_DIR = ROOT / "grids"
+DEFAULT_GRID = "smoke"
+
+EPILOG = """examples:
+  python run_ablations.py run                      # the default smoke grid (CPU, a few minutes)
+  python run_ablations.py run smoke --dry-run      # show the runs and their status, train nothing
+  python run_ablations.py run grids/paper/ablation.yaml --where variant=regla,gla
+  python run_ablations.py list                     # every feature map, norm, gate and grid
+  python run_ablations.py list gate 'fa*'          # wildcard listing
+  python run_ablations.py report smoke             # tables and plots from existing results
+  python run_ablations.py prepare-data --source offline-english --tokenizer bpe-4096
+"""
+
+
+def resolve_grid_path(name_or_path: str) -> Path:
+    """A grid by name (grids/<name>.yaml, grids/paper/<name>.yaml) or by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"grid file {str(path)!r} does not exist")
+        return path
+    for candidate in (GRIDS_DIR / f"{name_or_path}.yaml", GRIDS_DIR / "paper" / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"unknown grid {name_or_path!r}; available: {', '.join(available_grids())} "
+                      f"(or give a path to a .yaml file)")
+
+
+def available_grids() -> list[str]:
+    return sorted(str(p.relative_to(GRIDS_DIR).with_suffix("")) for p in GRIDS_DIR.rglob("*.yaml"))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .grid import filter_runs, load_grid
+    from .report import write_report
+    from .runner import run_grid, stage_status
+
+    grid = load_grid(resolve_grid_path(args.grid), tuple(args.plugin))
+    runs = filter_runs(grid.runs, args.where)
+    stages = args.stages.split(",") if args.stages else list(grid.stages)
+    if args.dry_run:
+        header = ["run_id", "run_name", *stages]
+        print(" | ".join(header))
+        for spec in runs:
+            states = [stage_status(Path(args.runs_dir), spec, s)[0] for s in stages]
+            print(" | ".join([spec.run_id, spec.name, *states]))
+        print(f"{len(runs)} runs, stages: {', '.join(stages)}")
+        return 0
+    results = run_grid(grid, runs, stages=stages, runs_dir=args.runs_dir, force=args.force,
+                       retry_failed=args.retry_failed, device=args.device, progress=not args.no_progress)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    print("stages: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for r in results:
+        if r.status in ("failed", "skipped-failed"):
+            print(f"  failed: {r.run.name} [{r.stage}] {r.error}  (re-run with --retry-failed)")
+    command = f"python run_ablations.py run {args.grid}"
+    out = write_report(grid.name, args.runs_dir, args.results_dir, command)
+    print(f"report: {out}/RESULTS.md, results.parquet, loss_curves.png, final_metrics.png")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import_plugin_modules(args.plugin)
+    axes = [args.axis] if args.axis else [*REGISTRIES, "grids"]
+    for axis in axes:
+        if axis == "grids":
+            print("grids:")
+            for grid in available_grids():
+                print(f"  {grid}")
+            continue
+        if axis not in REGISTRIES:
+            raise ConfigError(f"unknown axis {axis!r}; choose one of {', '.join([*REGISTRIES, 'grids'])}")
+        registry = REGISTRIES[axis]
+        print(f"{registry.axis}s:")
+        for name in registry.names(args.pattern):
+            options = ", ".join(f"{k}={v!r}" for k, v in registry.options_of(name).items())
+            print(f"  {name:14s} v{registry.version_of(name)}  {options}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .grid import load_grid
+    from .report import write_report
+
+    name = load_grid(resolve_grid_path(args.grid)).name
+    out = write_report(name, args.runs_dir, args.results_dir, f"python run_ablations.py run {args.grid}")
+    print(f"report: {out}/RESULTS.md")
+    return 0
+
+
+def _cmd_prepare_data(args: argparse.Namespace) -> int:
+    from .data import prepare_data
+
+    data = prepare_data(args.source, args.tokenizer)
+    for split in ("train", "validation", "test"):
+        print(f"{split}: {len(data.split(split)):,} tokens, {data.bytes_per_token[split]:.3f} bytes/token")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_ablations.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Ablation and benchmark harness for gated linear attention (ReGLA). A grid file expands "
+                    "into small language models that are trained, scored and reported as Parquet + plots.")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import a module that registers extra variants (repeatable)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a grid (default: smoke); finished stages are skipped")
+    run.add_argument("grid", nargs="?", default=DEFAULT_GRID, help="grid name or path to a .yaml file")
+    run.add_argument("--where", action="append", default=[], metavar="AXIS=LEVEL[,LEVEL]",
+                     help="only runs whose axis has one of these levels (repeatable)")
+    run.add_argument("--stages", help="comma-separated stages to run instead of the grid's own")
+    run.add_argument("--force", action="store_true", help="re-run stages that already have results")
+    run.add_argument("--retry-failed", action="store_true", help="re-run stages that failed before")
+    run.add_argument("--dry-run", action="store_true", help="print the expanded runs and their status")
+    run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    run.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where run artefacts go (default: runs/)")
+    run.add_argument("--results-dir", default=str(ROOT / "results"), help="where reports go (default: results/)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    listing = sub.add_parser("list", help="list registered variants per axis, and the grids")
+    listing.add_argument("axis", nargs="?", help=f"one of {', '.join([*REGISTRIES, 'grids'])}")
+    listing.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'safe*'")
+    listing.set_defaults(func=_cmd_list)
+
+    report = sub.add_parser("report", help="write tables and plots for a grid's existing results")
+    report.add_argument("grid", nargs="?", default=DEFAULT_GRID)
+    report.add_argument("--runs-dir", default=str(ROOT / "runs"))
+    report.add_argument("--results-dir", default=str(ROOT / "results"))
+    report.set_defaults(func=_cmd_report)
+
+    prepare = sub.add_parser("prepare-data", help="tokenize a corpus into the on-disk cache")
+    prepare.add_argument("--source", default="offline-english")
+    prepare.add_argument("--tokenizer", default="bpe-4096")
+    prepare.set_defaults(func=_cmd_prepare_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        import_plugin_modules(args.plugin)
+        return args.func(args)
+    except (ConfigError, RegistryError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

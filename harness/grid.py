@@ -1,0 +1,184 @@
+"""Grid files -> RunSpecs.
+
+    name: smoke                  # defaults to the file name
+    description: ...
+    plugins: [my_pkg.plugins]    # modules to import before building (third-party variants)
+    stages: [train, eval]        # which stages `run` executes, in order
+    base: {model: {...}, data: {...}, train: {...}, eval: {...}}
+    axes:                        # cartesian product of all axes
+      variant:                   # named levels: each a mapping of dotted-key overrides
+        softmax: {model.softmax_layers: all}
+        regla: {model.attention.feature_map: safe_exp, model.attention.gate: refined}
+      train.seed: [0, 1]         # a dotted key with a list of values
+    zip:                         # groups of dotted keys that vary together (equal lengths)
+      - {train.lr: [1e-3, 3e-3], train.warmup_steps: [10, 20]}
+    exclude:                     # drop cells matching every entry of one of these
+      - {variant: softmax, train.seed: 1}
+
+Overrides deep-merge into `base`; every key is then checked strictly against the dataclasses.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from variants import import_plugin_modules
+
+from .config import ConfigError
+from .spec import RunSpec, spec_from_dict
+
+GRID_KEYS = ("name", "description", "plugins", "stages", "base", "axes", "zip", "exclude")
+RESERVED_AXIS_NAMES = {"run_id", "run_name", "grid", "stage", "metric", "value", "stderr", "step",
+                       "status", "error", "split", "task", "shots"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    description: str
+    stages: tuple[str, ...]
+    runs: tuple[RunSpec, ...]
+    axis_names: tuple[str, ...]
+    path: str = ""
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """tree["a"]["b"] = value for "a.b"; mappings deep-merge into what is already there."""
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is a value ({child!r}), not a section")
+        node = child
+    last = keys[-1]
+    if isinstance(value, Mapping) and isinstance(node.get(last), dict):
+        for k, v in value.items():
+            set_dotted(node[last], k, v)
+    else:
+        node[last] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
+
+
+def _axis_levels(name: str, levels: Any) -> list[tuple[str, dict]]:
+    """An axis as (label, overrides) pairs."""
+    if isinstance(levels, Mapping):
+        out = []
+        for label, overrides in levels.items():
+            if overrides is None:
+                overrides = {}
+            if not isinstance(overrides, Mapping):
+                raise ConfigError(f"axis {name!r}: level {label!r} must map dotted keys to values, "
+                                  f"e.g. {{model.attention.gate: refined}}; got {overrides!r}")
+            out.append((str(label), dict(overrides)))
+        return out
+    if isinstance(levels, list) and levels:
+        return [(_label(v), {name: v}) for v in levels]
+    raise ConfigError(f"axis {name!r} must be a non-empty list of values for the dotted key {name!r}, "
+                      f"or a mapping of level names to overrides")
+
+
+def _label(value: Any) -> str:
+    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+def _zip_levels(index: int, group: Any) -> tuple[str, list[tuple[str, dict]]]:
+    if not isinstance(group, Mapping) or not group:
+        raise ConfigError(f"zip entry {index} must map dotted keys to equal-length lists of values")
+    lengths = {k: len(v) if isinstance(v, list) else -1 for k, v in group.items()}
+    if len(set(lengths.values())) != 1 or -1 in lengths.values():
+        raise ConfigError(f"zip entry {index}: every key needs a list, all of the same length; got lengths {lengths}")
+    n = next(iter(lengths.values()))
+    keys = list(group)
+    name = "+".join(keys)
+    levels = [(",".join(_label(group[k][i]) for k in keys), {k: group[k][i] for k in keys}) for i in range(n)]
+    return name, levels
+
+
+def load_grid_data(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"grid file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"grid file {str(path)!r} must be a mapping with keys {', '.join(GRID_KEYS)}")
+    return dict(data)
+
+
+def expand_grid(data: Mapping[str, Any], default_name: str = "grid", path: str = "",
+                extra_plugins: tuple[str, ...] = ()) -> Grid:
+    """Expand a grid mapping (as read from YAML) into RunSpecs."""
+    from .stages import STAGES
+
+    unknown = sorted(set(data) - set(GRID_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown grid key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(GRID_KEYS)}")
+    name = str(data.get("name") or default_name)
+    plugins = tuple(data.get("plugins") or ()) + tuple(extra_plugins)
+    import_plugin_modules(plugins)
+    stages = tuple(data.get("stages") or ("train",))
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ConfigError(f"unknown stage(s) {bad} in grid {name!r}; available stages: {', '.join(STAGES)}")
+
+    axes: list[tuple[str, list[tuple[str, dict]]]] = [
+        (axis, _axis_levels(axis, levels)) for axis, levels in (data.get("axes") or {}).items()]
+    axes += [_zip_levels(i, group) for i, group in enumerate(data.get("zip") or [])]
+    names = [a for a, _ in axes]
+    clash = sorted(set(names) & RESERVED_AXIS_NAMES)
+    if clash:
+        raise ConfigError(f"axis name(s) {clash} clash with result columns; rename them")
+    excludes = data.get("exclude") or []
+    for entry in excludes:
+        if not isinstance(entry, Mapping) or not set(entry) <= set(names):
+            raise ConfigError(f"exclude entry {entry!r} must map axis names ({', '.join(names)}) to levels")
+
+    base = data.get("base") or {}
+    if not isinstance(base, Mapping):
+        raise ConfigError("grid key 'base' must be a mapping (model, data, train, and stage settings)")
+    runs, seen = [], {}
+    for combo in itertools.product(*(levels for _, levels in axes)):
+        labels = {axis: label for (axis, _), (label, _) in zip(axes, combo)}
+        if any(all(str(labels[k]) == _label(v) for k, v in entry.items()) for entry in excludes):
+            continue
+        merged = copy.deepcopy(dict(base))
+        for _, overrides in combo:
+            for dotted, value in overrides.items():
+                set_dotted(merged, dotted, value)
+        run_name = "/".join(labels.values()) or name
+        spec = spec_from_dict(merged, name=run_name, grid=name, axes=labels, plugins=plugins)
+        if spec.run_id in seen:
+            raise ConfigError(f"runs {seen[spec.run_id]!r} and {run_name!r} of grid {name!r} are the same "
+                              f"run (identical settings); make the axes differ or exclude one")
+        seen[spec.run_id] = run_name
+        runs.append(spec)
+    if not runs:
+        raise ConfigError(f"grid {name!r} expands to no runs (check its exclude entries)")
+    return Grid(name, str(data.get("description") or ""), stages, tuple(runs), tuple(names), path)
+
+
+def load_grid(path: str | Path, extra_plugins: tuple[str, ...] = ()) -> Grid:
+    path = Path(path)
+    return expand_grid(load_grid_data(path), path.stem, str(path), extra_plugins)
+
+
+def filter_runs(runs: tuple[RunSpec, ...], where: list[str]) -> tuple[RunSpec, ...]:
+    """Keep runs whose axes match every `axis=level` (levels may be comma-separated alternatives)."""
+    conditions = []
+    for clause in where:
+        if "=" not in clause:
+            raise ConfigError(f"--where expects axis=level (e.g. variant=regla); got {clause!r}")
+        axis, levels = clause.split("=", 1)
+        conditions.append((axis.strip(), set(levels.split(","))))
+    axis_names = set().union(*(r.axes for r in runs)) if runs else set()
+    for axis, _ in conditions:
+        if axis not in axis_names:
+            raise ConfigError(f"--where: unknown axis {axis!r}; this grid's axes: {', '.join(sorted(axis_names))}")
+    return tuple(r for r in runs if all(str(r.axes.get(a)) in levels for a, levels in conditions))

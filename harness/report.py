@@ -1,0 +1,138 @@
+"""Tables and plots from a grid's result rows: loss curves per variant, a final-metric bar chart,
+a markdown table (RESULTS.md) and a consolidated Parquet file under `results/<grid>/`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written on machines without a display
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from . import results as results_io
+
+FINAL_METRICS = [("final/val_loss", "val loss"), ("final/val_perplexity", "val ppl"),
+                 ("final/val_bits_per_byte", "val bpb"), ("params", "params"),
+                 ("train/tokens_per_second", "train tok/s")]
+
+
+def axis_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith("axis:")]
+
+
+def run_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: axes, status, final training metrics and eval-task scores."""
+    axes = axis_columns(frame)
+    index = ["run_name", "run_id"]
+    runs = frame.drop_duplicates("run_id").set_index("run_id")[["run_name", *axes]]
+    table = runs.rename(columns={a: a.removeprefix("axis:") for a in axes})
+    train = frame[frame["stage"] == "train"]
+    status = train.groupby("run_id")["status"].agg(lambda s: "failed" if (s == "failed").any() else "ok")
+    table["status"] = status
+    errors = train[train["status"] == "failed"].groupby("run_id")["error"].first()
+    if len(errors):
+        table["error"] = errors
+    for metric, label in FINAL_METRICS:
+        values = train[train["metric"] == metric].groupby("run_id")["value"].last()
+        table[label] = values
+    evals = frame[(frame["stage"] == "eval") & (frame["status"] == "ok") & frame["task"].notna()]
+    if len(evals):
+        preferred = evals[evals["metric"].isin(["acc", "acc_norm", "bits_per_byte", "word_perplexity"])]
+        for (task, metric, shots), group in preferred.groupby(["task", "metric", "shots"], dropna=False):
+            suffix = "" if pd.isna(shots) else f" {int(shots)}-shot"
+            table[f"{task} {metric}{suffix}"] = group.groupby("run_id")["value"].last()
+    return table.reset_index().drop(columns=["run_id"]).set_index(index[0])
+
+
+def markdown_table(table: pd.DataFrame, float_format: str = "{:.4g}") -> str:
+    """A GitHub markdown table (written by hand: pandas' to_markdown needs the `tabulate` extra)."""
+    headers = [table.index.name or ""] + [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for name, row in table.iterrows():
+        cells = [str(name)]
+        for value in row:
+            if isinstance(value, float):
+                cells.append("" if pd.isna(value) else float_format.format(value))
+            else:
+                cells.append("" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_loss_curves(frame: pd.DataFrame, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for ax, metric, title in ((axes[0], "train/loss", "training loss"), (axes[1], "val/loss", "validation loss")):
+        subset = frame[(frame["metric"] == metric) & (frame["status"] == "ok")]
+        for name, group in subset.groupby("run_name"):
+            group = group.sort_values("step")
+            ax.plot(group["step"], group["value"], label=name, marker="o" if metric == "val/loss" else None,
+                    markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_final_metrics(table: pd.DataFrame, path: Path, metric: str = "val bpb") -> None:
+    values = table[metric].dropna().sort_values()
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(values) + 2), 4))
+    ax.bar(range(len(values)), values.values, color="tab:blue")
+    ax.set_xticks(range(len(values)), values.index, rotation=30, ha="right")
+    ax.set_ylabel(f"final {metric} (lower is better)")
+    if len(values):
+        span = values.max() - values.min()
+        ax.set_ylim(max(0, values.min() - 0.5 * span - 1e-3), values.max() + 0.2 * span + 1e-3)
+    for i, v in enumerate(values.values):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Path = "results",
+                 command: str | None = None) -> Path:
+    """Write results/<grid>/{results.parquet, RESULTS.md, loss_curves.png, final_metrics.png}."""
+    frame = results_io.load(grid, runs_dir)
+    out = Path(results_dir) / grid
+    out.mkdir(parents=True, exist_ok=True)
+    table = run_table(frame)
+    results_io.atomic_write_bytes(out / "results.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    plot_loss_curves(frame, out / "loss_curves.png")
+    plot_final_metrics(table, out / "final_metrics.png")
+    env = frame.iloc[0]
+    lines = [f"# Results: grid `{grid}`", ""]
+    if command:
+        lines += [f"Regenerate with `{command}`.", ""]
+    lines += [f"Machine: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
+              f"lm-eval {env['lm_eval']}; git {env['git_sha']}.", "",
+              "Validation metrics are on held-out documents; bpb = bits per UTF-8 byte (tokenizer-independent).",
+              "", markdown_table(table), "",
+              "![loss curves](loss_curves.png)", "", "![final metrics](final_metrics.png)", ""]
+    switches = _recorded_switches(frame)
+    if switches:
+        lines += ["## Switches recorded with each run", "", switches, ""]
+    results_io.atomic_write_text(out / "RESULTS.md", "\n".join(lines))
+    return out
+
+
+def _recorded_switches(frame: pd.DataFrame) -> str:
+    """The attention settings of each run (the paper's open choices), as a markdown list."""
+    lines = []
+    for name, spec_json in frame.drop_duplicates("run_id")[["run_name", "spec_json"]].itertuples(index=False):
+        model = json.loads(spec_json)["model"]
+        attention = model["attention"]
+        softmax = model["softmax_layers"]
+        lines.append(f"- **{name}**: softmax_layers={softmax}; feature_map={attention['feature_map']} "
+                     f"{attention['feature_map_options'] or ''}; norm={attention['norm']} "
+                     f"{attention['norm_options'] or ''}; denominator={attention['denominator']}; "
+                     f"gate={attention['gate']} {attention['gate_options'] or ''}; "
+                     f"output_gate={attention['output_gate']}")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""Long-format results: one row per (run, stage, metric, step, ...), written atomically as Parquet.
+
+Long rows let a new stage add metrics without a schema change. Each row carries the run's
+identity, its grid axes (one column each), the full spec as JSON, and the environment it ran in.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .spec import RunSpec
+
+#: fixed columns, in order; grid axes follow as extra string columns
+CORE_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("run_name", pa.string()), ("grid", pa.string()), ("stage", pa.string()),
+    ("stage_id", pa.string()), ("metric", pa.string()), ("value", pa.float64()), ("stderr", pa.float64()),
+    ("step", pa.int64()), ("split", pa.string()), ("task", pa.string()), ("shots", pa.int64()),
+    ("status", pa.string()), ("error", pa.string()), ("extra", pa.string()), ("spec_json", pa.string()),
+    ("git_sha", pa.string()), ("torch", pa.string()), ("triton", pa.string()), ("fla", pa.string()),
+    ("lm_eval", pa.string()), ("device", pa.string()), ("python", pa.string()), ("created", pa.string()),
+])
+CORE_COLUMNS = tuple(CORE_SCHEMA.names)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        sha = out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str | None = None) -> dict[str, str | None]:
+    """Versions and device recorded with every row."""
+    import torch
+
+    if device is None:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"git_sha": _git_sha(), "torch": torch.__version__, "triton": _version("triton"),
+            "fla": _version("fla-core") or _version("flash-linear-attention"), "lm_eval": _version("lm_eval") or _version("lm-eval"),
+            "device": device, "python": platform.python_version()}
+
+
+def make_rows(spec: RunSpec, stage: str, records: Iterable[dict[str, Any]], env: dict[str, Any],
+              created: str) -> list[dict[str, Any]]:
+    """Complete metric records ({metric, value, step, ...}) into full result rows."""
+    base = {"run_id": spec.run_id, "run_name": spec.name, "grid": spec.grid, "stage": stage,
+            "stage_id": spec.stage_id(stage), "spec_json": spec.to_json(), "created": created, **env}
+    rows = []
+    for record in records:
+        unknown = set(record) - set(CORE_COLUMNS)
+        if unknown:
+            raise ValueError(f"result record has unknown fields {sorted(unknown)}; allowed: {', '.join(CORE_COLUMNS)}")
+        row = {**base, "status": "ok", **record}
+        row.update({f"axis:{k}": str(v) for k, v in spec.axes.items()})
+        rows.append(row)
+    return rows
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    axis_columns = sorted({k for row in rows for k in row if k.startswith("axis:")})
+    schema = pa.schema(list(CORE_SCHEMA) + [(c, pa.string()) for c in axis_columns])
+    columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Write through a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    table = rows_to_table(rows)
+    atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_rows(path: Path) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas()
+
+
+def load(grid: str, runs_dir: str | Path = "runs") -> pd.DataFrame:
+    """All result rows of a grid as one DataFrame (axis columns named `axis:<name>`)."""
+    root = Path(runs_dir) / grid
+    files = sorted(root.glob("*/*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no results for grid {grid!r} under {str(root)!r}; run "
+                                f"`python run_ablations.py run {grid}` first")
+    frames = [read_rows(f) for f in files]
+    return pd.concat(frames, ignore_index=True, sort=False)

@@ -1,0 +1,105 @@
+"""Runs a grid's stages over its RunSpecs: idempotent, resumable, failure-tolerant.
+
+Layout of a run directory (`<runs_dir>/<grid>/<run_id>/`):
+    spec.json                    the normalised spec
+    <stage>-<stage_id>.parquet   that stage's rows (its presence means the stage ended, ok or failed)
+    <stage>-<stage_id>.log       the traceback of a failed stage
+    training_state.pt            the resume point while training is unfinished
+    model/                       the trained model (config.json + model.pt)
+"""
+from __future__ import annotations
+
+import datetime as dt
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .grid import Grid
+from .results import atomic_write_text, environment, make_rows, read_rows, write_rows
+from .spec import RunSpec
+from .stages import STAGES, StageContext
+
+
+@dataclass(frozen=True)
+class StageResult:
+    run: RunSpec
+    stage: str
+    status: str  # ok | failed | skipped-done | skipped-failed | pending
+    error: str = ""
+
+
+def run_dir(runs_dir: Path, spec: RunSpec) -> Path:
+    return Path(runs_dir) / spec.grid / spec.run_id
+
+
+def stage_path(runs_dir: Path, spec: RunSpec, stage: str) -> Path:
+    return run_dir(runs_dir, spec) / f"{stage}-{spec.stage_id(stage)}.parquet"
+
+
+def stage_status(runs_dir: Path, spec: RunSpec, stage: str) -> tuple[str, str]:
+    """("done" | "failed" | "pending", error text) from the stage's result file."""
+    path = stage_path(runs_dir, spec, stage)
+    if not path.is_file():
+        return "pending", ""
+    frame = read_rows(path)
+    # A whole-stage failure is a failed row not tied to a task (a failed eval task is not one).
+    failed = frame[(frame["status"] == "failed") & frame["task"].isna()]
+    if len(failed):
+        return "failed", str(failed["error"].iloc[0])
+    return "done", ""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line a researcher can act on: divergence, out-of-memory, or the exception."""
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_grid(grid: Grid, runs: Iterable[RunSpec], *, stages: Iterable[str] | None = None,
+             runs_dir: str | Path = "runs", force: bool = False, retry_failed: bool = False,
+             device: str = "auto", progress: bool = True) -> list[StageResult]:
+    """Run each stage of each spec unless its result already exists."""
+    runs = list(runs)
+    stages = list(stages or grid.stages)
+    runs_dir = Path(runs_dir)
+    env = environment()
+    data_cache: dict = {}
+    results: list[StageResult] = []
+    bar = tqdm(runs, desc=f"grid {grid.name}", unit="run", disable=not progress, dynamic_ncols=True)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        directory = run_dir(runs_dir, spec)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / "spec.json", spec.to_json())
+        ctx = StageContext(directory, device, progress, data_cache)
+        for stage_name in stages:
+            stage = STAGES[stage_name]
+            status, error = stage_status(runs_dir, spec, stage_name)
+            if status == "done" and not force:
+                results.append(StageResult(spec, stage_name, "skipped-done"))
+                continue
+            if status == "failed" and not (force or retry_failed):
+                results.append(StageResult(spec, stage_name, "skipped-failed", error))
+                continue
+            missing = [r for r in stage.requires if stage_status(runs_dir, spec, r)[0] != "done"]
+            created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            try:
+                if missing:
+                    raise RuntimeError(f"stage {stage_name!r} needs {', '.join(missing)} to have succeeded first")
+                records = stage.run(spec, ctx)
+                result = StageResult(spec, stage_name, "ok")
+            except Exception as exc:  # a failed cell is recorded and the grid goes on
+                error = describe_failure(exc)
+                atomic_write_text(stage_path(runs_dir, spec, stage_name).with_suffix(".log"), traceback.format_exc())
+                records = [{"metric": "error", "status": "failed", "error": error}]
+                result = StageResult(spec, stage_name, "failed", error)
+                if progress:
+                    tqdm.write(f"[failed] {spec.name} {stage_name}: {error}")
+            write_rows(stage_path(runs_dir, spec, stage_name), make_rows(spec, stage_name, records, env, created))
+            results.append(result)
+    return results

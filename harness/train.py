@@ -1,0 +1,201 @@
+"""The training loop: one readable function in the spirit of nanoGPT.
+
+Works on CPU (fp32), one GPU (bf16 autocast) and under torchrun (DDP, detected from the
+environment). Resumable: the full state (model, optimizer, step, data-order generator, metrics so
+far) is checkpointed atomically every `checkpoint_every` steps. A NaN/inf loss stops the run with
+`Diverged`, which the runner records as a failed cell.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .model import LanguageModel
+from .results import atomic_write_bytes
+from .spec import RunSpec, TrainConfig
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss."""
+
+
+@dataclass
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_context() -> DistributedContext:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; start the process group once if it did."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistributedContext()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return DistributedContext(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(ctx: DistributedContext, requested: str = "auto") -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases, or embeddings' 1-d params)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def autocast_context(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+@torch.no_grad()
+def evaluate_loss(model: LanguageModel, dataset: Any, config: TrainConfig, device: torch.device) -> float:
+    """Mean token loss over a fixed, deterministic set of held-out windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in dataset.eval_batches(config.batch_size, config.seq_len, config.eval_batches):
+        with autocast_context(device, config.precision):
+            loss = model.loss(x.to(device), y.to(device))
+        total += float(loss) * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def build_model(spec: RunSpec, vocab_size: int) -> LanguageModel:
+    model_config = spec.model
+    if model_config.vocab_size is None:
+        model_config = replace(model_config, vocab_size=vocab_size)
+    elif model_config.vocab_size < vocab_size:
+        raise ValueError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's "
+                         f"vocabulary ({vocab_size}); leave it unset to take the tokenizer's")
+    torch.manual_seed(spec.train.seed)
+    return LanguageModel(model_config)
+
+
+def _save_training_state(path: Path, state: dict) -> None:
+    atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+
+
+def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
+          progress: bool = True) -> tuple[LanguageModel, list[dict[str, Any]]]:
+    """Train `spec` on prepared `data`; returns the model and metric records.
+
+    `data` provides `.tokenizer`, `.train` / `.validation` datasets (sample_batch / eval_batches)
+    and `.bytes_per_token` (per split), which turns the loss into bits per byte.
+    """
+    config = spec.train
+    ctx = distributed_context()
+    dev = pick_device(ctx, device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    model = build_model(spec, data.tokenizer.vocab_size).to(dev)
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + ctx.rank)
+    records: list[dict[str, Any]] = []
+    start_step, trained_seconds = 0, 0.0
+    resume_path = Path(run_dir) / "training_state.pt"
+    if resume_path.is_file():
+        state = torch.load(resume_path, map_location=dev, weights_only=False)
+        if state.get("run_id") == spec.run_id:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            start_step, records, trained_seconds = state["step"], state["records"], state["seconds"]
+    wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+               if ctx.world_size > 1 else model)
+
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * ctx.world_size
+    bits_per_nat = 1 / math.log(2)
+    val_bytes_per_token = data.bytes_per_token["validation"]
+    bar = tqdm(total=config.steps, initial=start_step, desc=spec.name, unit="step", leave=False,
+               disable=not (progress and ctx.is_main), dynamic_ncols=True)
+    model.train()
+    for step in range(start_step, config.steps):
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            x, y = data.train.sample_batch(config.batch_size, config.seq_len, generator)
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            sync = (wrapped.no_sync() if ctx.world_size > 1 and micro < config.grad_accum - 1 else nullcontext())
+            with sync, autocast_context(dev, config.precision):
+                logits, _ = wrapped(x)
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            (loss / config.grad_accum).backward()
+            step_loss += loss.item() / config.grad_accum
+        if not math.isfinite(step_loss):
+            raise Diverged(f"non-finite training loss ({step_loss}) at step {step}")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        elapsed = time.perf_counter() - started
+        trained_seconds += elapsed
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            records += [{"metric": "train/loss", "value": step_loss, "step": done, "split": "train"},
+                        {"metric": "train/grad_norm", "value": grad_norm, "step": done, "split": "train"},
+                        {"metric": "train/lr", "value": learning_rate(step, config), "step": done, "split": "train"}]
+        if done % config.eval_every == 0 or done == config.steps:
+            val = evaluate_loss(model, data.validation, config, dev)
+            if not math.isfinite(val):
+                raise Diverged(f"non-finite validation loss ({val}) at step {done}")
+            records += [{"metric": "val/loss", "value": val, "step": done, "split": "validation"},
+                        {"metric": "val/perplexity", "value": math.exp(min(val, 700)), "step": done, "split": "validation"},
+                        {"metric": "val/bits_per_byte", "value": val * bits_per_nat / val_bytes_per_token,
+                         "step": done, "split": "validation"}]
+        if ctx.is_main and (done % config.checkpoint_every == 0) and done < config.steps:
+            _save_training_state(resume_path, {"run_id": spec.run_id, "model": model.state_dict(),
+                                               "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                               "step": done, "records": records, "seconds": trained_seconds})
+    bar.close()
+    final_val = next(r["value"] for r in reversed(records) if r["metric"] == "val/loss")
+    records += [
+        {"metric": "final/val_loss", "value": final_val, "step": config.steps, "split": "validation"},
+        {"metric": "final/val_perplexity", "value": math.exp(min(final_val, 700)), "step": config.steps, "split": "validation"},
+        {"metric": "final/val_bits_per_byte", "value": final_val * bits_per_nat / val_bytes_per_token,
+         "step": config.steps, "split": "validation"},
+        {"metric": "params", "value": float(model.num_parameters())},
+        {"metric": "params_non_embedding", "value": float(model.num_parameters(exclude_embeddings=True))},
+        {"metric": "train/tokens_per_second", "value": tokens_per_step * config.steps / max(trained_seconds, 1e-9)},
+        {"metric": "train/seconds", "value": trained_seconds},
+    ]
+    return model, records
