@@ -1,0 +1,292 @@
+"""Gated linear attention kernels on one CUDA GPU: correctness first, then speed and memory.
+
+Implementations (bf16, key-side gate, the anchor shapes of shared/anchors/bench_anchors.py):
+  triton          this repository's Triton kernel (kernels.triton_gla)
+  A0_fla          fla's chunk_gla (the anchor)
+  A1_regla_fla    ReGLA composed on fla: safe-exp feature maps + refining gate in torch ->
+                  chunk_gla -> per-head RMSNorm (as in the anchor script)
+  A1_regla_triton the same composition on this repository's kernel
+  A2_sdpa         PyTorch SDPA, flash backend, causal
+  A3_chunked      kernels.reference.chunked_gla in torch (small shapes only)
+
+Forward and forward+backward are timed with triton.testing.do_bench (median, p20, p80); peak
+memory is read in separate, untimed calls. Rows go to Parquet in $OUT (or --out), with a plot.
+fla's autotuning takes minutes per shape family on a fresh machine, so fla runs after everything
+else and stops when --fla-budget-s is spent.
+
+    python3 benchmarks/bench_kernels.py [--out DIR] [--fla-budget-s 300] [--shapes all|small]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
+from kernels.triton_gla import triton_gla  # noqa: E402
+
+ANCHOR_SHAPES = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
+                 (8, 1024, 8, 64), (8, 2048, 12, 64), (16, 4096, 12, 64)]
+# The torch chunked reference materialises [B, H, T/32, 32, 32, K] pairwise decays: keep it small.
+A3_MAX_TOKENS_X_HEADS = 8 * 2048 * 12
+DTYPE = torch.bfloat16
+
+
+def load_fla_chunk_gla():
+    try:
+        from fla.ops.gla import chunk_gla
+        return chunk_gla
+    except ImportError as error:
+        print(f"fla unavailable: {error!r}", flush=True)
+        return None
+
+
+def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations: each takes the shared inputs and returns the output tensor.
+
+def regla_composed(kernel, q, k, v, gate_logit, refine_logit, norm_weight):
+    """ReGLA the paper's way on a GLA kernel: safe-exp maps, refined gate (log), per-head RMSNorm."""
+    D = q.shape[-1]
+    phi_q = torch.exp(q.float() - q.float().amax(-1, keepdim=True)).to(q.dtype)
+    k32 = k.float()
+    phi_k = torch.exp(k32 - k32.amax(dim=(1, 3), keepdim=True)).to(k.dtype)  # max over time and features
+    g, r = torch.sigmoid(gate_logit.float()), torch.sigmoid(refine_logit.float())
+    refined = (1 - r) * g * g + r * (1 - (1 - g) ** 2)
+    log_gate = torch.log(refined.clamp_min(1e-6)).to(q.dtype)
+    scale = 1.0 / (math.e * math.sqrt(D * (math.e ** 2 - 1)))
+    o = kernel(phi_q, phi_k, v, log_gate, scale)
+    return F.rms_norm(o, (D,), norm_weight)
+
+
+def make_implementations(chunk_gla_fla):
+    def ours(q, k, v, g, scale):
+        return triton_gla(q, k, v, g, None, scale=scale)[0]
+
+    def fla(q, k, v, g, scale):
+        return chunk_gla_fla(q=q, k=k, v=v, g=g, scale=scale)[0]
+
+    def sdpa(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+
+    def chunked(q, k, v, g, scale):
+        return chunked_gla(q, k, v, g, None, scale=scale)[0]
+
+    gla_call = lambda kernel: (lambda x: kernel(x["q"], x["k"], x["v"], x["g"], x["q"].shape[-1] ** -0.5),  # noqa: E731
+                               ["q", "k", "v", "g"])
+    regla_call = lambda kernel: (lambda x: regla_composed(kernel, x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),  # noqa: E731
+                                 ["q", "k", "v", "ag", "ar", "w"])
+    impls = {"triton": gla_call(ours), "A1_regla_triton": regla_call(ours),
+             "A2_sdpa": (lambda x: sdpa(x["q"], x["k"], x["v"]), ["q", "k", "v"]),
+             "A3_chunked": gla_call(chunked)}
+    fla_impls = {}
+    if chunk_gla_fla is not None:
+        fla_impls = {"A0_fla": gla_call(fla), "A1_regla_fla": regla_call(fla)}
+    return impls, fla_impls
+
+
+def make_inputs(B, T, H, D, device, dtype=DTYPE, seed=0):
+    """Random inputs as in the anchor script (log gate logsigmoid(N(0,1)) clamped at -5)."""
+    torch.manual_seed(seed)
+    leaf = lambda t: t.to(dtype).requires_grad_(True)  # noqa: E731
+    return dict(
+        q=leaf(torch.randn(B, T, H, D, device=device)), k=leaf(torch.randn(B, T, H, D, device=device)),
+        v=leaf(torch.randn(B, T, H, D, device=device)),
+        g=leaf(F.logsigmoid(torch.randn(B, T, H, D, device=device)).clamp_min(-5)),
+        ag=leaf(torch.randn(B, T, H, D, device=device)), ar=leaf(torch.randn(B, T, H, D, device=device)),
+        w=leaf(torch.ones(D, device=device)), do=torch.randn(B, T, H, D, device=device, dtype=dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Correctness on the GPU against the fp64 recurrence.
+
+def check_correctness(chunk_gla_fla, device, log):
+    rows = []
+    B, T, H, D = 2, 1000, 4, 128
+    for dtype in (torch.float32, torch.bfloat16):
+        x = make_inputs(B, T, H, D, device, dtype=dtype, seed=1)
+        names = ["q", "k", "v", "g"]
+        exact = {n: x[n].detach().double().requires_grad_(True) for n in names}
+        o_ref, _ = recurrent_gla(*(exact[n] for n in names), None, scale=D ** -0.5)
+        grads_ref = torch.autograd.grad(o_ref, [exact[n] for n in names], x["do"].double())
+        candidates = {"triton": lambda *a: triton_gla(*a, None, scale=D ** -0.5)[0]}
+        if chunk_gla_fla is not None and dtype == torch.bfloat16:
+            candidates["A0_fla"] = lambda q, k, v, g: chunk_gla_fla(q=q, k=k, v=v, g=g, scale=D ** -0.5)[0]
+        for impl, fn in candidates.items():
+            o = fn(*(x[n] for n in names))
+            grads = torch.autograd.grad(o, [x[n] for n in names], x["do"])
+            errors = {"o": rel_rms(o, o_ref), **{f"d{n}": rel_rms(g, r) for n, g, r in zip(names, grads, grads_ref)}}
+            rows.append(dict(impl=impl, dtype=str(dtype).removeprefix("torch."), B=B, T=T, H=H, D=D,
+                             **{f"rel_rms_{n}": e for n, e in errors.items()}))
+            log(f"correctness {impl:8s} {dtype}: " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and memory.
+
+def peak_mib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def measure(name, call, x, shape, meta):
+    fn, input_names = call
+    inputs = [x[n] for n in input_names]
+
+    def forward():
+        with torch.no_grad():
+            fn(x)
+
+    def forward_backward():
+        torch.autograd.grad(fn(x), inputs, x["do"])
+
+    row = dict(impl=name, B=shape[0], T=shape[1], H=shape[2], D=shape[3], dtype="bfloat16", **meta)
+    try:
+        fwd = do_bench(forward, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        fb = do_bench(forward_backward, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        row.update(fwd_ms=fwd[0], fwd_p20=fwd[1], fwd_p80=fwd[2], fwdbwd_ms=fb[0], fwdbwd_p20=fb[1],
+                   fwdbwd_p80=fb[2], fwd_peak_mib=peak_mib(forward), fwdbwd_peak_mib=peak_mib(forward_backward))
+    except Exception as error:  # a failing implementation is a result to record, not a crash
+        row["error"] = repr(error)[:300]
+    torch.cuda.empty_cache()
+    return row
+
+
+def ceilings(device):
+    """Copy bandwidth (read + write) and bf16 matmul rate, measured now, for context."""
+    x = torch.empty(2 ** 30, dtype=torch.bfloat16, device=device).normal_()
+    y = torch.empty_like(x)
+    copy_ms = do_bench(lambda: y.copy_(x), warmup=25, rep=100)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn_like(a)
+    mm_ms = do_bench(lambda: a @ b, warmup=25, rep=100)
+    return dict(copy_TBps=4 * x.numel() / (copy_ms * 1e-3) / 1e12, matmul_TFLOPs=2 * 8192 ** 3 / (mm_ms * 1e-3) / 1e12)
+
+
+def write_results(out: Path, timing_rows, correctness_rows):
+    import pandas as pd
+    pd.DataFrame(timing_rows).to_parquet(out / "kernels_timing.parquet", index=False)
+    if correctness_rows:
+        pd.DataFrame(correctness_rows).to_parquet(out / "kernels_correctness.parquet", index=False)
+
+
+def plot(out: Path, timing_rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    df = pd.DataFrame(timing_rows)
+    if "fwdbwd_ms" not in df:
+        return
+    df = df.dropna(subset=["fwdbwd_ms"])
+    df["shape"] = df.apply(lambda r: f"{r.B}x{r.T}x{r.H}x{r.D}", axis=1)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5))
+    for ax, column, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwdbwd_ms", "forward + backward")):
+        table = df.pivot_table(index="shape", columns="impl", values=column, sort=False)
+        table.plot.bar(ax=ax, logy=True, rot=30)
+        ax.set_ylabel("median ms (log)")
+        ax.set_title(f"{title}, bf16, {df['device'].iloc[0]}")
+    fig.tight_layout()
+    fig.savefig(out / "kernels_timing.png", dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--fla-budget-s", type=float, default=300.0)
+    parser.add_argument("--shapes", choices=["all", "small"], default="all")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "bench_kernels.log", "a")
+
+    def log(message):
+        print(message, flush=True)
+        log_file.write(message + "\n")
+        log_file.flush()
+
+    device = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    chunk_gla_fla = load_fla_chunk_gla()
+    fla_version = None
+    if chunk_gla_fla is not None:
+        import fla
+        fla_version = fla.__version__
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                fla=fla_version, python=platform.python_version())
+    meta.update(ceilings(device))
+    log(f"meta {meta}")
+
+    correctness_rows = check_correctness(chunk_gla_fla, device, log)
+    impls, fla_impls = make_implementations(chunk_gla_fla)
+    shapes = ANCHOR_SHAPES if args.shapes == "all" else ANCHOR_SHAPES[2:3] + ANCHOR_SHAPES[4:5]
+    timing_rows = []
+
+    def run(shape, names_calls):
+        x = make_inputs(*shape, device)
+        for name, call in names_calls.items():
+            if name == "A3_chunked" and shape[0] * shape[1] * shape[2] > A3_MAX_TOKENS_X_HEADS:
+                continue
+            start = time.time()
+            row = measure(name, call, x, shape, meta)
+            timing_rows.append(row)
+            summary = row.get("error") or f"fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwdbwd_ms']:.3f} ms  " \
+                                          f"peak {row['fwdbwd_peak_mib']:.0f} MiB"
+            log(f"{name:16s} {shape}  {summary}  ({time.time() - start:.0f} s)")
+            write_results(out, timing_rows, correctness_rows)
+        plot(out, timing_rows)  # after every shape, so a run stopped at its time limit still has one
+        del x
+        torch.cuda.empty_cache()
+
+    for shape in shapes:
+        run(shape, impls)
+    fla_start = time.time()
+    # Smallest shape of each head-dim family first: fla autotunes once per family, and then the
+    # budget check between shapes still leaves one measured fla point per family.
+    for shape in sorted(shapes, key=lambda s: (s[0] * s[1] * s[2] > 4 * 2048 * 16, s[3], s[0] * s[1] * s[2])):
+        if not fla_impls:
+            break
+        if time.time() - fla_start > args.fla_budget_s:
+            log(f"fla budget of {args.fla_budget_s:.0f} s spent: skipping fla from shape {shape} on")
+            break
+        run(shape, fla_impls)
+    write_results(out, timing_rows, correctness_rows)
+    plot(out, timing_rows)
+    summarise(timing_rows, log)
+
+
+def summarise(timing_rows, log):
+    log(f"{'impl':16s} {'B':>2} {'T':>6} {'H':>3} {'D':>4} {'fwd_ms':>8} {'fb_ms':>8} {'peakMiB':>8}")
+    for r in timing_rows:
+        if "error" in r:
+            log(f"{r['impl']:16s} {r['B']:>2} {r['T']:>6} {r['H']:>3} {r['D']:>4} ERROR {r['error'][:80]}")
+        else:
+            log(f"{r['impl']:16s} {r['B']:>2} {r['T']:>6} {r['H']:>3} {r['D']:>4} {r['fwd_ms']:8.3f} "
+                f"{r['fwdbwd_ms']:8.3f} {r['fwdbwd_peak_mib']:8.0f}")
+
+
+if __name__ == "__main__":
+    main()
