@@ -1,41 +1,53 @@
-"""Saving and loading a trained model as a small self-describing directory:
+"""A model checkpoint as a directory: `config.json` (model config + tokenizer name) and `model.pt`.
 
-    <dir>/config.json   {"model": ModelConfig as data, "data": DataConfig as data, "tokenizer": name}
-    <dir>/model.pt      the state_dict
-
-Both files are written atomically, model.pt first, so a directory with a config.json is complete.
+The config is stored as plain JSON so a checkpoint can be inspected (and its model rebuilt with
+the strict `from_dict`) without unpickling anything; the weights are a plain state_dict.
 """
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .config import ModelConfig, from_dict, to_dict
 from .model import LanguageModel
-from .results import atomic_write_bytes, atomic_write_text
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pt"
 
 
-def save_checkpoint(model: LanguageModel, directory: str | Path, *, tokenizer: str,
-                    data: Any = None) -> Path:
+def _atomic_write(path: Path, write) -> None:
+    # A crash mid-write must never leave a truncated file that later loads as a checkpoint.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(model: LanguageModel, tokenizer_name: str, directory: str | Path) -> Path:
     directory = Path(directory)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write_bytes(directory / "model.pt", lambda tmp: torch.save(state, tmp))
-    meta = {"model": to_dict(model.config), "tokenizer": tokenizer, "data": to_dict(data) if data is not None else None}
-    atomic_write_text(directory / "config.json", json.dumps(meta, indent=1, sort_keys=True))
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"model": to_dict(model.config), "tokenizer": tokenizer_name}
+    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    _atomic_write(directory / WEIGHTS_FILE, lambda p: torch.save(model.state_dict(), p))
     return directory
 
 
-def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[LanguageModel, dict]:
-    """The model (in eval mode) and the metadata dict (tokenizer name, data config)."""
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[LanguageModel, str]:
+    """(model in eval mode, tokenizer name) from a directory written by `save_checkpoint`."""
     directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{str(directory)!r} is not a model checkpoint: no config.json "
-                                f"(a checkpoint holds config.json and model.pt, written by training)")
-    meta = json.loads(config_path.read_text())
-    model = LanguageModel(from_dict(ModelConfig, meta["model"], "model"))
-    model.load_state_dict(torch.load(directory / "model.pt", map_location=map_location, weights_only=True))
-    return model.eval(), meta
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{directory} is not a checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it")
+    config = json.loads(config_path.read_text())
+    model = LanguageModel(from_dict(ModelConfig, config["model"], "model"))
+    state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    model.load_state_dict(state)
+    return model.eval(), config["tokenizer"]

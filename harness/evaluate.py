@@ -1,0 +1,184 @@
+"""Score a live model with lm-eval and flatten the results into long rows.
+
+    rows = evaluate_model(model, tokenizer, EvalConfig(tasks=["table5"], num_fewshot=[0, 5]))
+
+Each (task, shots) pair is its own lm-eval run, so a task whose data cannot be loaded becomes one
+row with status "failed" -- naming the task and how to provide its data -- while the others go on.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lm_eval
+from lm_eval.tasks import TaskManager
+
+from .lm_eval_model import ReGLALM, Tokenizer
+from .model import LanguageModel
+from .tasks import (OFFLINE_TASKS, PAPER_TASKS, PERPLEXITY_TASKS, TABLE5_TASKS, data_layout, offline_suite_dir,
+                    write_offline_task_yaml, write_paper_task_yaml)
+
+#: Names that stand for several tasks in EvalConfig.tasks.
+SUITES: dict[str, tuple[str, ...]] = {
+    "table5": TABLE5_TASKS,
+    "paper": tuple(PAPER_TASKS),
+    "offline": OFFLINE_TASKS,
+}
+KNOWN_TASKS = (*PAPER_TASKS, *OFFLINE_TASKS)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to score. `tasks` takes task names and suite names (table5, paper, offline).
+
+    `data_dir`: local data, laid out as `<data_dir>/<dataset>/<split>.jsonl` for the paper's tasks
+    (see harness.tasks.data_layout) and/or a built offline suite (harness.tasks.build_offline_suite).
+    """
+
+    tasks: tuple[str, ...] = ("offline",)
+    num_fewshot: tuple[int, ...] = (0,)
+    limit: int | None = None
+    batch_size: int = 8
+    data_dir: str | None = None
+    seed: int = 1234
+    #: >0 gives stderr columns (closed form for means, resampling for perplexities)
+    bootstrap_iters: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "num_fewshot"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, (str, int)) else tuple(value))
+        unknown = [t for t in self.tasks if t not in KNOWN_TASKS and t not in SUITES]
+        for task in unknown:
+            close = difflib.get_close_matches(task, [*KNOWN_TASKS, *SUITES], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown evaluation task {task!r}{hint}; known tasks: {', '.join(KNOWN_TASKS)}; "
+                             f"suites: {', '.join(SUITES)}")
+        if not self.tasks:
+            raise ValueError("EvalConfig.tasks is empty")
+        if not self.num_fewshot or any(not isinstance(n, int) or n < 0 for n in self.num_fewshot):
+            raise ValueError(f"EvalConfig.num_fewshot must be non-negative integers, got {self.num_fewshot!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"EvalConfig.limit must be a positive integer or None, got {self.limit!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"EvalConfig.batch_size must be >= 1, got {self.batch_size!r}")
+
+    def resolved_tasks(self) -> tuple[str, ...]:
+        """Task names with suites expanded, in order, without repeats."""
+        names = (n for t in self.tasks for n in SUITES.get(t, (t,)))
+        return tuple(dict.fromkeys(names))
+
+    def shots_for(self, task: str) -> tuple[int, ...]:
+        return (0,) if task in PERPLEXITY_TASKS else self.num_fewshot
+
+
+def evaluate_model(model: LanguageModel, tokenizer: Tokenizer, config: EvalConfig) -> list[dict[str, Any]]:
+    """One row per (task, shots, metric); one failed row per (task, shots) that could not run."""
+    lm = ReGLALM(model=model, tokenizer=tokenizer, batch_size=config.batch_size)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="regla-lm-eval-tasks-") as tmp:
+        yaml_dir = Path(tmp)
+        setup_errors = write_task_yamls(config, yaml_dir)
+        # Only the generated files are indexed: scanning lm-eval's whole task tree costs ~11 s.
+        manager = TaskManager(include_path=str(yaml_dir), include_defaults=False)
+        for task in config.resolved_tasks():
+            for shots in config.shots_for(task):
+                if task in setup_errors:
+                    rows.append(failed_row(task, shots, setup_errors[task], config))
+                    continue
+                try:
+                    results = run_lm_eval(lm, manager, task, shots, config)
+                except Exception as exc:  # noqa: BLE001 -- any task failure becomes a row; the grid goes on
+                    rows.append(failed_row(task, shots, describe_failure(task, exc, config), config))
+                    continue
+                rows.extend(result_rows(results, task, shots, config))
+    return rows
+
+
+def write_task_yamls(config: EvalConfig, yaml_dir: Path) -> dict[str, str]:
+    """Write each task's YAML into yaml_dir; returns {task: error} for those that cannot be set up."""
+    errors: dict[str, str] = {}
+    suite_dir = None
+    for task in config.resolved_tasks():
+        try:
+            if task in PAPER_TASKS:
+                write_paper_task_yaml(task, yaml_dir, Path(config.data_dir) if config.data_dir else None)
+            else:
+                suite_dir = suite_dir or offline_suite_dir(config.data_dir)
+                write_offline_task_yaml(task, yaml_dir, suite_dir)
+        except Exception as exc:  # noqa: BLE001 -- reported as the task's failed row
+            errors[task] = describe_failure(task, exc, config)
+    return errors
+
+
+def describe_failure(task: str, exc: BaseException, config: EvalConfig) -> str:
+    message = f"task {task}: {type(exc).__name__}: {exc}"
+    if task in PAPER_TASKS and f"{PAPER_TASKS[task].folder}/" not in str(exc):
+        message += f". To score it from local files, pass data_dir (--data-dir) and " \
+                   f"{data_layout(PAPER_TASKS[task], config.data_dir or '<data-dir>')}"
+    return message
+
+
+@contextlib.contextmanager
+def _bootstrap_in_process() -> Iterator[None]:
+    # lm-eval resamples perplexities in a pool of cpu_count() processes; for the few hundred items
+    # scored here starting the pool costs more than the resampling itself.
+    previous = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = previous
+
+
+def run_lm_eval(lm: ReGLALM, manager: TaskManager, task: str, shots: int, config: EvalConfig) -> dict:
+    with _bootstrap_in_process():
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=[task], task_manager=manager, num_fewshot=shots, limit=config.limit,
+            bootstrap_iters=config.bootstrap_iters, log_samples=False,
+            random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
+            fewshot_random_seed=config.seed)
+
+
+def _common(task: str, shots: int, config: EvalConfig) -> dict[str, Any]:
+    return {"task": task, "requested_shots": shots, "limit": config.limit, "seed": config.seed,
+            "lm_eval_version": lm_eval.__version__}
+
+
+def result_rows(results: dict, task: str, shots: int, config: EvalConfig) -> list[dict[str, Any]]:
+    metrics = results["results"][task]
+    base = {
+        **_common(task, shots, config),
+        # lm-eval keeps a task's own num_fewshot when it pins it to 0 (truthfulqa): report what ran.
+        "shots": results["n-shot"].get(task, shots),
+        "task_version": results["versions"].get(task),
+        "max_length": results["config"].get("max_length"),
+        "tokenizer": results["config"].get("tokenizer"),
+        "samples": results.get("n-samples", {}).get(task, {}).get("effective"),
+        "status": "ok",
+        "error": None,
+    }
+    rows = []
+    for key, value in metrics.items():
+        if "," not in key or "_stderr," in key:
+            continue
+        metric, filter_name = key.split(",", 1)
+        stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+        rows.append({**base, "metric": metric if filter_name == "none" else key, "value": float(value),
+                     "stderr": float(stderr) if isinstance(stderr, (int, float)) else None})
+    return rows
+
+
+def failed_row(task: str, shots: int, error: str, config: EvalConfig) -> dict[str, Any]:
+    return {**_common(task, shots, config), "shots": shots, "task_version": None, "max_length": None,
+            "tokenizer": None, "samples": None, "status": "failed", "error": error,
+            "metric": None, "value": None, "stderr": None}

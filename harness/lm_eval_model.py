@@ -1,0 +1,204 @@
+"""lm-eval adapter for a live harness `LanguageModel` and its tokenizer (registered as "regla").
+
+The adapter holds references, never copies: scoring a model mid-training sees its current weights.
+Loglikelihoods are computed in batches with right padding -- the model is causal and has no
+attention mask, and padding *after* a sequence cannot change the logits at earlier positions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from .model import LanguageModel
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def tokenizer_by_name(name: str) -> Tokenizer:
+    from .data import get_tokenizer  # the data layer is optional for scoring a live model
+    return get_tokenizer(name)
+
+
+@register_model("regla")
+class ReGLALM(TemplateLM):
+    """`model` and `tokenizer` are live objects; `checkpoint=<dir>` loads both instead (CLI-style)."""
+
+    def __init__(self, model: LanguageModel | None = None, tokenizer: Tokenizer | None = None,
+                 batch_size: int | str = 8, max_gen_toks: int | str = 256,
+                 checkpoint: str | Path | None = None, **kwargs: Any):
+        super().__init__()
+        if model is None:
+            if checkpoint is None:
+                raise ValueError("ReGLALM needs a model and tokenizer, or checkpoint=<directory>")
+            from .checkpoint_io import load_checkpoint
+            model, tokenizer_name = load_checkpoint(checkpoint)
+            tokenizer = tokenizer if tokenizer is not None else tokenizer_by_name(tokenizer_name)
+        if tokenizer is None:
+            raise ValueError("ReGLALM needs the tokenizer the model was trained with")
+        # lm-eval passes batch_size="auto" or None through its own CLI plumbing.
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.max_gen_toks = int(max_gen_toks)
+        self.model = model
+        self.text_tokenizer = tokenizer
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, **kwargs: Any) -> "ReGLALM":
+        return cls(checkpoint=directory, **kwargs)
+
+    # -- what lm-eval asks about the model ---------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_seq_len
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.text_tokenizer.eot_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.text_tokenizer.name
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Merged by lm-eval into results["config"]: the context length every score depends on."""
+        return {"max_length": self.max_length, "tokenizer": self.tokenizer_name,
+                "parameters": self.model.num_parameters()}
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.text_tokenizer.encode(string)
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.text_tokenizer.decode(tokens)
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
+                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """Sum of log p(continuation | context) and whether greedy decoding yields the continuation.
+
+        Contexts are cut from the left so that context + continuation[:-1] fits the model's window.
+        """
+        for (_, context, continuation) in requests:
+            if not continuation:
+                raise ValueError("a loglikelihood request needs a non-empty continuation")
+            if len(continuation) > self.max_length:
+                raise ValueError(f"continuation of {len(continuation)} tokens exceeds the model's "
+                                 f"max_seq_len {self.max_length}")
+        # Longest first: the batch with the longest rows runs first (memory errors surface early)
+        # and rows of similar length share a batch, so little compute goes to padding.
+        collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
+        results = []
+        was_training = self.model.training
+        self.model.eval()
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
+        with torch.no_grad():
+            for batch in collator.get_batched(n=self.batch_size):
+                results.extend(self._score_batch(batch))
+                progress.update(len(batch))
+        progress.close()
+        self.model.train(was_training)
+        return collator.get_original(results)
+
+    def _score_batch(self, batch: list[tuple[Any, list[int], list[int]]]) -> list[tuple[float, bool]]:
+        inputs, continuations = [], []
+        for _, context, continuation in batch:
+            whole = (context + continuation)[-(self.max_length + 1):]
+            inputs.append(whole[:-1])
+            continuations.append(continuation)
+        width = max(len(x) for x in inputs)
+        padded = torch.zeros(len(inputs), width, dtype=torch.long)
+        for row, ids in enumerate(inputs):
+            padded[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        logits, _ = self.model(padded.to(self.device))  # [B, T, vocab]
+        answers = []
+        for row, ((request, _, _), ids, continuation) in enumerate(zip(batch, inputs, continuations)):
+            # The logits at position t predict token t + 1: the continuation's predictors are the
+            # last len(continuation) positions of this row's (unpadded) input.
+            positions = slice(len(ids) - len(continuation), len(ids))
+            logprobs = F.log_softmax(logits[row, positions].float(), dim=-1)  # [n_cont, vocab]
+            target = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
+            total = float(logprobs.gather(-1, target[:, None]).sum())
+            greedy = bool((logprobs.argmax(-1) == target).all())
+            answers.append((total, greedy))
+            if request is not None:
+                self.cache_hook.add_partial("loglikelihood", request, (total, greedy))
+        return answers
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole text, in lm-eval's disjoint rolling windows of max_length.
+
+        Every token is predicted exactly once; the first from the end-of-text prefix token, later
+        windows with as much preceding context as fits the model's window.
+        """
+        windows, owner = [], []
+        for index, (text,) in enumerate(req.args for req in requests):
+            for context, target in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, target))
+                owner.append(index)
+        # One pass over all windows of all documents, so short documents share batches.
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for index, (logprob, _) in zip(owner, scores):
+            totals[index] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuation per request, stopped by the task's stop strings or max_gen_toks.
+
+        Requests run one at a time: without an attention mask, a batch would need equal-length
+        (left-aligned) prompts, and the recurrent state makes per-request decoding cheap anyway.
+        """
+        outputs = []
+        for request in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
+            context, gen_kwargs = request.args
+            options = normalize_gen_kwargs(gen_kwargs or {}, default_max_gen_toks=self.max_gen_toks)
+            text = self.greedy_text(context, options["until"], options["max_gen_toks"])
+            self.cache_hook.add_partial("generate_until", request.args, text)
+            outputs.append(text)
+        return outputs
+
+    def greedy_text(self, context: str, until: list[str], max_gen_toks: int) -> str:
+        # Leave room for the generated tokens inside the model's window, as lm-eval's HF model does.
+        keep = max(1, self.max_length - max_gen_toks)
+        prompt = (self.tok_encode(context) or [self.prefix_token_id])[-keep:]
+        generated: list[int] = []
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            logits, cache = self.model(torch.tensor([prompt], device=self.device), use_cache=True)
+            for _ in range(max_gen_toks):
+                token = int(logits[0, -1].argmax())
+                if token == self.eot_token_id:
+                    break
+                generated.append(token)
+                if any(stop and stop in self.tok_decode(generated) for stop in until):
+                    break
+                logits, cache = self.model(torch.tensor([[token]], device=self.device), cache, use_cache=True)
+        self.model.train(was_training)
+        return postprocess_generated_text(self.tok_decode(generated), until, None)
