@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -83,7 +84,8 @@ def _axis_levels(name: str, levels: Any) -> list[tuple[str, dict]]:
 
 
 def _label(value: Any) -> str:
-    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    """A level's display name: strings as they are, anything else as compact JSON."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def _zip_levels(index: int, group: Any) -> tuple[str, list[tuple[str, dict]]]:

@@ -1,0 +1,28 @@
+# The two commands a newcomer needs:
+#   make run    the default ablation grid (grids/smoke.yaml) on CPU: Parquet + plots in results/smoke/
+#   make test   the test suite (what CI runs)
+# Both create .venv, install the dependencies and the offline corpora when missing; re-running is safe.
+PY := .venv/bin/python
+GRID ?= smoke
+ARGS ?=
+
+.PHONY: run test setup data report bench-gpu clean-runs
+
+setup:
+	@bash scripts/bootstrap.sh
+
+data: setup
+	@bash scripts/prepare_corpora.sh
+
+run: data
+	$(PY) run_ablations.py run $(GRID) $(ARGS)
+
+report: setup
+	$(PY) run_ablations.py report $(GRID)
+
+# pytest exits 5 when it collects no tests (e.g. a -k filter matching nothing): not a failure here.
+test: data
+	$(PY) -m pytest -q $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create ./.venv and install the project with its test extras. Safe to re-run: a stamp keyed by
+# the hash of pyproject.toml makes a second run a no-op until the dependencies change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "[bootstrap] creating .venv with $($python --version)"
+    "$python" -m venv .venv
+fi
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ -f "$stamp" ]; then
+    exit 0
+fi
+echo "[bootstrap] installing dependencies into .venv (first run only)"
+.venv/bin/python -m pip install -q --upgrade pip
+# torch 2.13.0 is the CPU wheel kept on this project's machines; any other version would pull a
+# multi-GB CUDA build. Skip when a torch inside the project's range is already there.
+if ! .venv/bin/python -c "import torch, sys; v=tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])); sys.exit(0 if (2, 4) <= v < (2, 15) else 1)" 2>/dev/null; then
+    .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
+.venv/bin/python -m pip install -q -e ".[test]"
+rm -f .venv/.installed-*
+touch "$stamp"
+echo "[bootstrap] done"
