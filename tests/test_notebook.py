@@ -1,0 +1,33 @@
+"""The analysis notebook executes on a grid's results (made here by a tiny run)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from harness.grid import expand_grid
+from harness.report import write_report
+from harness.runner import run_grid
+
+from .test_pipeline import corpus, tiny_grid  # noqa: F401  (fixture reuse)
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "analysis.ipynb"
+
+
+def test_analysis_notebook_executes_on_grid_results(corpus, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("REGLA_CACHE_DIR", str(tmp_path / "cache"))
+    grid = expand_grid(tiny_grid(corpus, steps=10, eval_every=5))
+    run_grid(grid, grid.runs, runs_dir=tmp_path / "runs", progress=False)
+    write_report("tiny", tmp_path / "runs", tmp_path / "results")
+    monkeypatch.setenv("REGLA_GRID", "tiny")
+    monkeypatch.setenv("REGLA_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("REGLA_FIGURES_DIR", str(tmp_path / "figures"))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    outputs = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                      for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "2 runs" in outputs and "| softmax |" in outputs
+    assert (tmp_path / "figures" / "loss_curves.png").stat().st_size > 0
