@@ -59,7 +59,9 @@ class LanguageModel(nn.Module):
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         logits, _ = self(idx)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        # At least fp32 for the softmax (bf16 logits lose the tail), and fp64 stays fp64.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, eos_id: int | None = None) -> Tensor:

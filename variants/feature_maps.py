@@ -84,7 +84,7 @@ class Hedgehog(FeatureMap):
         return FeatureOutput(torch.cat([projected.softmax(-1), (-projected).softmax(-1)], dim=-1))
 
 
-@feature_map("performer")
+@feature_map("performer", version=2)
 class Performer(FeatureMap):
     """FAVOR+ positive random features (Choromanski et al. 2021):
     phi(x) = exp(w_iᵀ x' − |x'|²/2) / sqrt(m), x' = x · K^-1/4, with m orthogonal Gaussian w_i
@@ -111,7 +111,9 @@ class Performer(FeatureMap):
         x = x * self.head_dim ** -0.25
         logits = x @ self.projection.to(x.dtype) - 0.5 * x.pow(2).sum(-1, keepdim=True)
         if role == "q":
-            logits = logits - logits.amax(-1, keepdim=True).detach()
+            # Not detached: without an output norm the shift changes the function, and the
+            # gradient must be that of the function computed.
+            logits = logits - logits.amax(-1, keepdim=True)
         return FeatureOutput(logits.exp() * self.feature_dim ** -0.5)
 
 

@@ -63,10 +63,19 @@ class Registry(Generic[T]):
         """Import every plugin module announced under this axis's entry-point group (once)."""
         if self._entry_points_loaded:
             return
+        # Set first: a plugin module that lists the registry while it is imported must not recurse.
         self._entry_points_loaded = True
         for entry_point in metadata.entry_points(group=self.entry_point_group):
-            # Loading the entry point imports its module, whose decorators register plugins.
-            entry_point.load()
+            try:
+                # Loading the entry point imports its module, whose decorators register plugins.
+                entry_point.load()
+            except Exception as exc:
+                # Retry (and fail the same way) on the next lookup instead of silently going on
+                # without the broken package's plugins.
+                self._entry_points_loaded = False
+                raise RegistryError(
+                    f"{self.axis} plugin entry point {entry_point.name!r} = {entry_point.value!r} "
+                    f"(group '{self.entry_point_group}') failed to load: {type(exc).__name__}: {exc}") from exc
 
     def names(self, pattern: str | Iterable[str] = "*") -> list[str]:
         """Registered names matching a wildcard pattern (or any of several), sorted."""
