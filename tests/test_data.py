@@ -408,7 +408,7 @@ def test_cache_write_is_atomic_and_stale_caches_rebuild(tmp_path, monkeypatch):
         token_cache.tokenized_split(source, tok, "train", tmp_path / "cache", progress=False)
     bin_path, json_path = token_cache.split_paths(tmp_path / "cache", source, tok, "train")
     assert not bin_path.exists() and not json_path.exists()
-    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
 
     monkeypatch.setattr(source, "documents", original)
     built = token_cache.tokenized_split(source, tok, "train", tmp_path / "cache", progress=False)
@@ -426,6 +426,26 @@ def test_cache_write_is_atomic_and_stale_caches_rebuild(tmp_path, monkeypatch):
     first.write_text("changed\n")
     os.utime(first, ns=(1, 1))
     assert token_cache.tokenized_split(source, tok, "train", tmp_path / "cache", progress=False).built
+
+
+def test_concurrent_builders_tokenize_once(tmp_path):
+    import threading
+
+    pattern = write_text_files(tmp_path / "corpus")
+    tok = get_tokenizer("byte")
+    results = []
+
+    def build():
+        source = get_source("text-files", pattern=pattern)
+        results.append(token_cache.tokenized_split(source, tok, "train", tmp_path / "cache", progress=False))
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.built for r in results) == [False, False, True]
+    assert all(np.array_equal(r.tokens, results[0].tokens) for r in results)
 
 
 def test_offline_english_fixture_through_prepare_data(offline_dirs, tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import DataError
+from .locking import build_lock
 from .sources import Source
 from .tokenization import Tokenizer
 
@@ -120,7 +121,17 @@ def tokenized_split(source: Source, tokenizer: Tokenizer, split: str, cache_dir:
     if source_version is None:
         source.version()  # no usable cache and no corpus: raise the source's actionable error
 
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(bin_path):
+        # Another process may have finished the same cache while this one waited for the lock.
+        meta = _valid_meta(bin_path, json_path, tokenizer, source_version)
+        if meta is not None:
+            return TokenizedSplit(open_tokens(bin_path, meta), meta, bin_path, built=False)
+        meta = _build(source, tokenizer, split, bin_path, json_path, source_version, progress)
+    return TokenizedSplit(open_tokens(bin_path, meta), meta, bin_path, built=True)
+
+
+def _build(source: Source, tokenizer: Tokenizer, split: str, bin_path: Path, json_path: Path,
+           source_version: str, progress: bool) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     tmp_bin, tmp_json = _temp_path(bin_path), _temp_path(json_path)
     started = time.perf_counter()
@@ -148,4 +159,4 @@ def tokenized_split(source: Source, tokenizer: Tokenizer, split: str, cache_dir:
         for leftover in (tmp_bin, tmp_json):
             if leftover.exists():
                 leftover.unlink()
-    return TokenizedSplit(open_tokens(bin_path, meta), meta, bin_path, built=True)
+    return meta

@@ -15,6 +15,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .errors import DataError
+from .locking import build_lock
 from .paths import cache_dir as default_cache_dir
 
 EOT_TEXT = "<|endoftext|>"
@@ -159,17 +160,31 @@ def bpe_tokenizer(vocab_size: int, source, cache_dir: Path) -> HFTokenizer:
         current_version = source.version()
     except DataError:
         current_version = None
-    if path.is_file() and sidecar.is_file():
-        recorded = json.loads(sidecar.read_text()).get("source_version")
-        if current_version is None or recorded == current_version:
-            return HFTokenizer(name, tokenizers.Tokenizer.from_file(str(path)))
+    cached = _cached_bpe(name, path, sidecar, current_version)
+    if cached is not None:
+        return cached
     if current_version is None:
         source.version()  # raises the source's own, actionable error
-    trained = train_bpe((doc.text for doc in source.documents("train")), vocab_size)
-    _write_atomic(path, trained.to_str())
-    _write_atomic(sidecar, json.dumps({"source": source.name, "source_options": source.options,
-                                       "source_version": current_version, "vocab_size": vocab_size}, indent=1, default=str))
+    with build_lock(path):
+        # Another process may have trained it while this one waited for the lock.
+        cached = _cached_bpe(name, path, sidecar, current_version)
+        if cached is not None:
+            return cached
+        trained = train_bpe((doc.text for doc in source.documents("train")), vocab_size)
+        _write_atomic(path, trained.to_str())
+        _write_atomic(sidecar, json.dumps({"source": source.name, "source_options": source.options,
+                                           "source_version": current_version, "vocab_size": vocab_size},
+                                          indent=1, default=str))
     return HFTokenizer(name, trained)
+
+
+def _cached_bpe(name: str, path: Path, sidecar: Path, current_version: str | None) -> HFTokenizer | None:
+    if not (path.is_file() and sidecar.is_file()):
+        return None
+    recorded = json.loads(sidecar.read_text()).get("source_version")
+    if current_version is not None and recorded != current_version:
+        return None
+    return HFTokenizer(name, tokenizers.Tokenizer.from_file(str(path)))
 
 
 def get_tokenizer(name: str, source=None, cache_dir: str | Path | None = None) -> Tokenizer:
