@@ -97,6 +97,46 @@ def plot_final_metrics(table: pd.DataFrame, path: Path, metric: str = "val bpb")
     plt.close(fig)
 
 
+#: which exposed activation is each gate's effective forget value, in order of preference
+FORGET_ACTIVATIONS = ("F", "alpha", "f", "g")
+
+
+def gate_histograms(frame: pd.DataFrame) -> pd.DataFrame:
+    """Probe histogram rows with their layer/gate/bin fields unpacked, layers pooled."""
+    hist = frame[(frame["stage"] == "probe") & (frame["metric"] == "gate/hist") & (frame["status"] == "ok")]
+    if hist.empty:
+        return hist
+    extra = pd.DataFrame([json.loads(e) for e in hist["extra"]], index=hist.index)
+    hist = pd.concat([hist[["run_name", "step", "value"]], extra], axis=1)
+    return hist.groupby(["run_name", "step", "gate", "bin_low", "bin_high"], as_index=False)["value"].mean()
+
+
+def plot_gate_saturation(frame: pd.DataFrame, path: Path) -> bool:
+    """The paper's Fig. 4: forget-gate activation histograms before and after training, per run."""
+    hist = gate_histograms(frame)
+    if hist.empty:
+        return False
+    runs = sorted(hist["run_name"].unique())
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 3.2), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        rows = hist[hist["run_name"] == run]
+        gate = next((g for g in FORGET_ACTIVATIONS if g in set(rows["gate"])), rows["gate"].iloc[0])
+        rows = rows[rows["gate"] == gate]
+        for (step, group), colour in zip(sorted(rows.groupby("step"), key=lambda item: item[0]), ("0.6", "tab:red")):
+            label = "before training" if step == 0 else f"after {int(step)} steps"
+            ax.bar(group["bin_low"], group["value"], width=group["bin_high"] - group["bin_low"], align="edge",
+                   alpha=0.6, color=colour, label=label)
+        ax.set_title(f"{run}: {gate}", fontsize=9)
+        ax.set_xlabel("forget-gate activation")
+        ax.set_xlim(0, 1)
+    axes[0][0].set_ylabel("fraction of activations")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Path = "results",
                  command: str | None = None) -> Path:
     """Write results/<grid>/{results.parquet, RESULTS.md, loss_curves.png, final_metrics.png}."""
@@ -107,6 +147,7 @@ def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Pa
     results_io.atomic_write_bytes(out / "results.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
     plot_loss_curves(frame, out / "loss_curves.png")
     plot_final_metrics(table, out / "final_metrics.png")
+    has_probes = plot_gate_saturation(frame, out / "gate_saturation.png")
     env = frame.iloc[0]
     lines = [f"# Results: grid `{grid}`", ""]
     if command:
@@ -116,11 +157,29 @@ def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Pa
               "Validation metrics are on held-out documents; bpb = bits per UTF-8 byte (tokenizer-independent).",
               "", markdown_table(table), "",
               "![loss curves](loss_curves.png)", "", "![final metrics](final_metrics.png)", ""]
+    if has_probes:
+        lines += ["## Gate saturation (forget-gate activations before and after training)", "",
+                  "![gate saturation](gate_saturation.png)", "", markdown_table(saturation_table(frame)), ""]
     switches = _recorded_switches(frame)
     if switches:
         lines += ["## Switches recorded with each run", "", switches, ""]
     results_io.atomic_write_text(out / "RESULTS.md", "\n".join(lines))
     return out
+
+
+def saturation_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per run and gate activation: saturated fractions and mean, before -> after training."""
+    probe = frame[(frame["stage"] == "probe") & (frame["status"] == "ok")
+                  & frame["metric"].isin(["gate/saturated_high", "gate/saturated_low", "gate/mean", "gate/grad_abs_mean"])]
+    extra = pd.DataFrame([json.loads(e) for e in probe["extra"]], index=probe.index)
+    probe = pd.concat([probe[["run_name", "step", "metric", "value"]], extra], axis=1)
+    pooled = probe.groupby(["run_name", "gate", "metric", "step"])["value"].mean().unstack("step")
+    first, last = pooled.columns.min(), pooled.columns.max()
+    pooled["change"] = pooled[first].map("{:.3g}".format) + " → " + pooled[last].map("{:.3g}".format)
+    table = pooled["change"].unstack("metric").reset_index()
+    table.index = table["run_name"] + ": " + table["gate"]
+    table.index.name = "run: gate"
+    return table.drop(columns=["run_name", "gate"])
 
 
 def _recorded_switches(frame: pd.DataFrame) -> str:
@@ -130,6 +189,9 @@ def _recorded_switches(frame: pd.DataFrame) -> str:
         model = json.loads(spec_json)["model"]
         attention = model["attention"]
         softmax = model["softmax_layers"]
+        if softmax == "all":
+            lines.append(f"- **{name}**: softmax attention in every layer (rotary={model['rotary']})")
+            continue
         lines.append(f"- **{name}**: softmax_layers={softmax}; feature_map={attention['feature_map']} "
                      f"{attention['feature_map_options'] or ''}; norm={attention['norm']} "
                      f"{attention['norm_options'] or ''}; denominator={attention['denominator']}; "

@@ -127,3 +127,8 @@ def register_stage(stage: Stage) -> Stage:
 
 register_stage(TrainStage())
 register_stage(EvalStage())
+
+# Stages kept in modules of their own import this one, so they are registered once it is complete.
+from . import probes  # noqa: E402
+
+register_stage(probes.ProbeStage())
