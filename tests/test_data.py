@@ -42,7 +42,7 @@ GCIDE_ENTRIES = [
     ("Expediently", 'Expediently \\Ex*pe"di*ent*ly\\adv.\n'
                     "   1. In an expedient manner; fitly. [Obs.]\n"
                     "      [1913 Webster]\n"),
-    ("Zebra", "Zebra \\Ze\"bra\\, n.\n   A striped animal related to the horse. Caf['e] [=e]lan.\n"
+    ("Zebra", "   A dictionary requires too many hands.   --Locke.\nZebra \\Ze\"bra\\, n.\n   A striped animal related to the horse. Caf['e] [=e]lan.\n"
               "   [WordNet 1.5 +PJC] Zebu\n"),
 ]
 
@@ -147,6 +147,7 @@ def test_gcide_parser_cleans_markup_and_drops_database_entries(tmp_path):
     assert "Caf" in text["Abandon"] and "\ufffd" in text["Abandon"]  # invalid byte replaced, not fatal
     assert "Antennae are seen. --Locke." in text["Abandon"]
     assert text["Expediently"].startswith("Expediently adv.")
+    assert text["Zebra"].startswith("Zebra, n. A striped animal")
     assert "Zebu" not in text["Zebra"] and "PJC" not in text["Zebra"] and "Cafe elan" in text["Zebra"]
 
 

@@ -92,6 +92,19 @@ def _headword(raw: str, index_names: list[str]) -> str:
     return index_names[0]
 
 
+def _drop_preamble(raw: str, index_names: list[str]) -> str:
+    """The first block also carries the tail of the database header; the entry starts at the
+    line that opens with its headword and pronunciation."""
+    lines = raw.split("\n")
+    first = next((line for line in lines if line.strip()), "")
+    if "\\" in first:
+        return raw
+    for number, line in enumerate(lines):
+        if any(line.startswith(f"{name} \\") for name in index_names):
+            return "\n".join(lines[number:])
+    return raw
+
+
 def iter_entries(data: bytes, index: list[tuple[str, int, int]]) -> Iterator[tuple[str, str]]:
     """``(headword, cleaned text)`` per dictionary block, in file order."""
     names_by_block: dict[tuple[int, int], list[str]] = {}
@@ -106,7 +119,7 @@ def iter_entries(data: bytes, index: list[tuple[str, int, int]]) -> Iterator[tup
             continue
         end_of_previous = offset + length
         # The data is Latin-1/cp1252 debris in a few places, not valid UTF-8.
-        raw = data[offset:offset + length].decode("utf-8", errors="replace")
+        raw = _drop_preamble(data[offset:offset + length].decode("utf-8", errors="replace"), names)
         text = clean_entry(raw)
         if text:
             yield _headword(raw, names), text

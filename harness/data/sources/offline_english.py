@@ -21,7 +21,7 @@ from .gcide import read_gcide
 from .wordnet import PARTS_OF_SPEECH, read_wordnet
 
 # Bump when the parsers change the text they produce, so token caches are rebuilt.
-PARSER_VERSION = "1"
+PARSER_VERSION = "2"
 
 CORPORA = ("gcide", "wordnet", "brown")
 BROWN_FILE_COUNT = 500
