@@ -69,7 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if r.status in ("failed", "skipped-failed"):
             print(f"  failed: {r.run.name} [{r.stage}] {r.error}  (re-run with --retry-failed)")
     command = f"python run_ablations.py run {args.grid}"
-    out = write_report(grid.name, args.runs_dir, args.results_dir, command)
+    out = write_report(grid.name, args.runs_dir, args.results_dir, command, grid.reference)
     print(f"report: {out}/RESULTS.md, results.parquet, loss_curves.png, final_metrics.png")
     return 0
 
@@ -97,8 +97,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .grid import load_grid
     from .report import write_report
 
-    name = load_grid(resolve_grid_path(args.grid)).name
-    out = write_report(name, args.runs_dir, args.results_dir, f"python run_ablations.py run {args.grid}")
+    grid = load_grid(resolve_grid_path(args.grid))
+    out = write_report(grid.name, args.runs_dir, args.results_dir, f"python run_ablations.py run {args.grid}",
+                       grid.reference)
     print(f"report: {out}/RESULTS.md")
     return 0
 

@@ -33,7 +33,8 @@ from variants import import_plugin_modules
 from .config import ConfigError
 from .spec import RunSpec, spec_from_dict
 
-GRID_KEYS = ("name", "description", "plugins", "stages", "base", "axes", "zip", "exclude")
+GRID_KEYS = ("name", "description", "plugins", "stages", "base", "axes", "zip", "exclude", "reference")
+REFERENCE_KEYS = ("source", "metric", "values")
 RESERVED_AXIS_NAMES = {"run_id", "run_name", "grid", "stage", "metric", "value", "stderr", "step",
                        "status", "error", "split", "task", "shots"}
 
@@ -46,6 +47,8 @@ class Grid:
     runs: tuple[RunSpec, ...]
     axis_names: tuple[str, ...]
     path: str = ""
+    #: published numbers to show beside ours: {source, metric, values: {run_name: number}}
+    reference: dict | None = None
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -163,7 +166,23 @@ def expand_grid(data: Mapping[str, Any], default_name: str = "grid", path: str =
         runs.append(spec)
     if not runs:
         raise ConfigError(f"grid {name!r} expands to no runs (check its exclude entries)")
-    return Grid(name, str(data.get("description") or ""), stages, tuple(runs), tuple(names), path)
+    reference = _check_reference(data.get("reference"), {r.name for r in runs})
+    return Grid(name, str(data.get("description") or ""), stages, tuple(runs), tuple(names), path, reference)
+
+
+def _check_reference(reference: Any, run_names: set[str]) -> dict | None:
+    if reference is None:
+        return None
+    if not isinstance(reference, Mapping) or set(reference) != set(REFERENCE_KEYS):
+        raise ConfigError(f"grid key 'reference' must have exactly the keys {', '.join(REFERENCE_KEYS)}")
+    values = reference["values"]
+    if not isinstance(values, Mapping) or not all(isinstance(v, (int, float)) for v in values.values()):
+        raise ConfigError("reference.values must map run names to numbers")
+    unknown = sorted(set(values) - run_names)
+    if unknown:
+        raise ConfigError(f"reference.values names runs {unknown} that the grid does not have; "
+                          f"its runs: {', '.join(sorted(run_names))}")
+    return dict(reference)
 
 
 def load_grid(path: str | Path, extra_plugins: tuple[str, ...] = ()) -> Grid:

@@ -138,12 +138,16 @@ def plot_gate_saturation(frame: pd.DataFrame, path: Path) -> bool:
 
 
 def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Path = "results",
-                 command: str | None = None) -> Path:
+                 command: str | None = None, reference: dict | None = None) -> Path:
     """Write results/<grid>/{results.parquet, RESULTS.md, loss_curves.png, final_metrics.png}."""
     frame = results_io.load(grid, runs_dir)
     out = Path(results_dir) / grid
     out.mkdir(parents=True, exist_ok=True)
     table = run_table(frame)
+    if reference:
+        label = dict(FINAL_METRICS).get(reference["metric"], reference["metric"])
+        table.insert(table.columns.get_loc(label) + 1 if label in table.columns else len(table.columns),
+                     f"paper {label}", pd.Series(reference["values"], dtype=float))
     results_io.atomic_write_bytes(out / "results.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
     plot_loss_curves(frame, out / "loss_curves.png")
     plot_final_metrics(table, out / "final_metrics.png")
@@ -160,6 +164,8 @@ def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Pa
     if has_probes:
         lines += ["## Gate saturation (forget-gate activations before and after training)", "",
                   "![gate saturation](gate_saturation.png)", "", markdown_table(saturation_table(frame)), ""]
+    if reference:
+        lines += [f"`paper` column: {reference['source']}.", ""]
     switches = _recorded_switches(frame)
     if switches:
         lines += ["## Switches recorded with each run", "", switches, ""]

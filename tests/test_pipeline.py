@@ -130,6 +130,8 @@ def test_plugin_version_enters_the_run_id():
     (lambda g: g.update(exclude=[{"nope": 1}]), "must map axis names"),
     (lambda g: g["base"]["model"].update(softmax_layers=[7]), "out of range for 2 layers"),
     (lambda g: g.update(axes={"metric": [1, 2]}), "clash with result columns"),
+    (lambda g: g.update(reference={"source": "s", "metric": "m", "values": {"regal": 1.0}}), "names runs ['regal']"),
+    (lambda g: g.update(reference={"values": {}}), "must have exactly the keys source, metric, values"),
 ])
 def test_malformed_grids_raise_errors_naming_the_problem(corpus, mutate, message):
     data = tiny_grid(corpus)
@@ -289,6 +291,10 @@ def test_report_writes_table_plots_and_parquet(corpus, tmp_path):
     text = (out / "RESULTS.md").read_text()
     assert "| softmax |" in text and "| regla |" in text and "val bpb" in text
     assert "feature_map=safe_exp" in text
+    reference = {"source": "a paper", "metric": "final/val_perplexity", "values": {"softmax": 18.5}}
+    out = write_report("tiny", tmp_path / "runs", tmp_path / "results", reference=reference)
+    text = (out / "RESULTS.md").read_text()
+    assert "paper val ppl" in text and "18.5" in text and "`paper` column: a paper" in text
     assert len(pd.read_parquet(out / "results.parquet")) == len(results_io.load("tiny", tmp_path / "runs"))
 
 
