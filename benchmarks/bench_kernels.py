@@ -175,6 +175,30 @@ def measure(name, call, x, shape, meta):
     return row
 
 
+def kernel_breakdown(call, x, shape, log, steps=5):
+    """GPU time per kernel of `steps` forward+backward passes, from the PyTorch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    fn, input_names = call
+    inputs = [x[n] for n in input_names]
+    for _ in range(2):  # compile and warm up outside the profile
+        torch.autograd.grad(fn(x), inputs, x["do"])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            torch.autograd.grad(fn(x), inputs, x["do"])
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        total_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if total_us > 0:
+            rows.append(dict(B=shape[0], T=shape[1], H=shape[2], D=shape[3], kernel=event.key[:120],
+                             ms_per_step=total_us / 1e3 / steps, calls_per_step=event.count / steps))
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    for r in rows[:14]:
+        log(f"  {r['ms_per_step']:8.3f} ms/step  x{r['calls_per_step']:.0f}  {r['kernel'][:90]}")
+    return rows
+
+
 def ceilings(device):
     """Copy bandwidth (read + write) and bf16 matmul rate, measured now, for context."""
     x = torch.empty(2 ** 30, dtype=torch.bfloat16, device=device).normal_()
@@ -186,31 +210,51 @@ def ceilings(device):
     return dict(copy_TBps=4 * x.numel() / (copy_ms * 1e-3) / 1e12, matmul_TFLOPs=2 * 8192 ** 3 / (mm_ms * 1e-3) / 1e12)
 
 
-def write_results(out: Path, timing_rows, correctness_rows):
+def write_results(out: Path, timing_rows, correctness_rows, breakdown_rows=()):
     import pandas as pd
+    if breakdown_rows:
+        pd.DataFrame(list(breakdown_rows)).to_parquet(out / "kernels_breakdown.parquet", index=False)
     pd.DataFrame(timing_rows).to_parquet(out / "kernels_timing.parquet", index=False)
     if correctness_rows:
         pd.DataFrame(correctness_rows).to_parquet(out / "kernels_correctness.parquet", index=False)
 
 
-def plot(out: Path, timing_rows):
+def plot(out: Path, timing_rows, anchor_json: str | None = None):
+    """Grouped bars (log scale) of median forward and forward+backward time per shape and impl.
+
+    With `anchor_json`, fla/SDPA rows of the anchor file are drawn too, labelled as such.
+    """
+    import json
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
-    df = pd.DataFrame(timing_rows)
-    if "fwdbwd_ms" not in df:
+    rows = [r for r in timing_rows if r.get("fwdbwd_ms") == r.get("fwdbwd_ms") and r.get("fwdbwd_ms")]
+    if anchor_json:
+        for r in json.load(open(anchor_json))["rows"]:
+            if "fwd_ms" in r:
+                rows.append(dict(r, impl=f"{r['impl']} (anchor file)"))
+    if not rows:
         return
-    df = df.dropna(subset=["fwdbwd_ms"])
-    df["shape"] = df.apply(lambda r: f"{r.B}x{r.T}x{r.H}x{r.D}", axis=1)
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5))
+    shapes = list(dict.fromkeys((r["B"], r["T"], r["H"], r["D"]) for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    width = 0.8 / len(impls)
+    fig, axes = plt.subplots(1, 2, figsize=(16, 5.5))
     for ax, column, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwdbwd_ms", "forward + backward")):
-        table = df.pivot_table(index="shape", columns="impl", values=column, sort=False)
-        table.plot.bar(ax=ax, logy=True, rot=30)
-        ax.set_ylabel("median ms (log)")
-        ax.set_title(f"{title}, bf16, {df['device'].iloc[0]}")
-    fig.tight_layout()
+        for j, impl in enumerate(impls):
+            values = {(r["B"], r["T"], r["H"], r["D"]): r[column] for r in rows if r["impl"] == impl}
+            xs = [i + j * width for i, s in enumerate(shapes) if s in values]
+            ax.bar(xs, [values[s] for s in shapes if s in values], width, label=impl)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
+        ax.set_xticklabels(["x".join(map(str, s)) for s in shapes], rotation=30, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms (log scale)")
+        ax.set_xlabel("B x T x H x D, bf16")
+        ax.set_title(title)
+    axes[1].legend(fontsize=7)
+    fig.subplots_adjust(bottom=0.2, wspace=0.15)
     fig.savefig(out / "kernels_timing.png", dpi=120)
+    plt.close(fig)
 
 
 def main():
@@ -218,9 +262,19 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--fla-budget-s", type=float, default=300.0)
     parser.add_argument("--shapes", choices=["all", "small"], default="all")
+    parser.add_argument("--impls", default="all", help="comma-separated implementation names, or all")
+    parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--replot", nargs="+", metavar="PARQUET",
+                        help="only redraw the plot into --out from these timing files (no GPU needed)")
+    parser.add_argument("--anchors", help="anchor JSON whose rows the plot draws too")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        import pandas as pd
+        rows = pd.concat([pd.read_parquet(p) for p in args.replot]).to_dict("records")
+        plot(out, rows, args.anchors)
+        return
     log_file = open(out / "bench_kernels.log", "a")
 
     def log(message):
@@ -240,8 +294,18 @@ def main():
     meta.update(ceilings(device))
     log(f"meta {meta}")
 
-    correctness_rows = check_correctness(chunk_gla_fla, device, log)
+    correctness_rows = [] if args.skip_correctness else check_correctness(chunk_gla_fla, device, log)
     impls, fla_impls = make_implementations(chunk_gla_fla)
+    breakdown_rows = []
+    for shape in (ANCHOR_SHAPES[0], ANCHOR_SHAPES[-1]):
+        log(f"kernel breakdown, triton forward+backward, {shape}:")
+        x = make_inputs(*shape, device)
+        breakdown_rows += kernel_breakdown(impls["triton"], x, shape, log)
+        del x
+    if args.impls != "all":
+        chosen = set(args.impls.split(","))
+        impls = {n: c for n, c in impls.items() if n in chosen}
+        fla_impls = {n: c for n, c in fla_impls.items() if n in chosen}
     shapes = ANCHOR_SHAPES if args.shapes == "all" else ANCHOR_SHAPES[2:3] + ANCHOR_SHAPES[4:5]
     timing_rows = []
 
@@ -256,7 +320,7 @@ def main():
             summary = row.get("error") or f"fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwdbwd_ms']:.3f} ms  " \
                                           f"peak {row['fwdbwd_peak_mib']:.0f} MiB"
             log(f"{name:16s} {shape}  {summary}  ({time.time() - start:.0f} s)")
-            write_results(out, timing_rows, correctness_rows)
+            write_results(out, timing_rows, correctness_rows, breakdown_rows)
         plot(out, timing_rows)  # after every shape, so a run stopped at its time limit still has one
         del x
         torch.cuda.empty_cache()
@@ -273,7 +337,7 @@ def main():
             log(f"fla budget of {args.fla_budget_s:.0f} s spent: skipping fla from shape {shape} on")
             break
         run(shape, fla_impls)
-    write_results(out, timing_rows, correctness_rows)
+    write_results(out, timing_rows, correctness_rows, breakdown_rows)
     plot(out, timing_rows)
     summarise(timing_rows, log)
 

@@ -20,14 +20,14 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import reference
-from .triton_gla_kernels import (CHUNK, SUB_CHUNK, intra_score_grad_kernel, intra_scores_kernel,
-                                 output_kernel, query_key_grad_kernel, state_backward_kernel,
-                                 state_forward_kernel, value_grad_kernel)
+from .triton_gla_kernels import (CHUNK, SUB_CHUNK, gate_cumsum_kernel, gate_grad_kernel,
+                                 intra_score_grad_kernel, intra_scores_kernel, output_kernel,
+                                 query_key_grad_kernel, state_backward_kernel, state_forward_kernel,
+                                 value_grad_kernel)
 
 Tensor = torch.Tensor
 MAX_HEAD_DIM = 256
@@ -53,17 +53,13 @@ def _dot_options(dtype: torch.dtype) -> dict:
     return dict(PREC="tf32x3" if operand == tl.float32 else "tf32", DOT=operand)
 
 
-def _chunk_cumulative_gate(gk: Tensor, K: int, n_chunks: int) -> Tensor:
-    """Within-chunk cumulative log gates in log2 units, fp32, time padded with zero gates.
-
-    [B, T, H, K or 1] -> [B, n_chunks * CHUNK, H, K]. Padded rows repeat the last real value, so
-    the kernels can treat every chunk as full.
-    """
-    B, T, H, _ = gk.shape
-    g = gk.float().expand(B, T, H, K)
-    g = F.pad(g, (0, 0, 0, 0, 0, n_chunks * CHUNK - T))
-    g = g.reshape(B, n_chunks, CHUNK, H, K).cumsum(2) * _LOG2E
-    return g.reshape(B, n_chunks * CHUNK, H, K).contiguous()
+def _launch_gate_cumsum(gk: Tensor, K: int, dims) -> Tensor:
+    """Within-chunk cumulative log gates: [B, T, H, K or 1] -> [B, NT * CHUNK, H, K] fp32, log2 units."""
+    B, T, H, _, V, NT, BK, BV, dot = dims
+    gc = _empty((B, NT * CHUNK, H, K), torch.float32, gk.device)
+    gate_cumsum_kernel[(triton.cdiv(K, BK), NT, B * H)](gk, gc, T, NT * CHUNK, H, K, gk.shape[-1], _LOG2E,
+                                                       C=CHUNK, BK=BK, SCALAR=gk.shape[-1] == 1)
+    return gc
 
 
 def _launch_states_forward(k, v, gc, initial_state, output_final_state, dims):
@@ -93,17 +89,17 @@ def _forward(q, k, v, gk, scale, initial_state, output_final_state):
     V = v.shape[-1]
     NT = triton.cdiv(T, CHUNK)
     dims = (B, T, H, K, V, NT, _block(K), _block(V), _dot_options(q.dtype))
-    gc = _chunk_cumulative_gate(gk, K, NT)  # [B, Tp, H, K]
+    gc = _launch_gate_cumsum(gk, K, dims)  # [B, Tp, H, K]
     states, final = _launch_states_forward(k, v, gc, initial_state, output_final_state, dims)
     scores = _launch_intra_scores(q, k, gc, dims)
+    BK, BV, dot = dims[6:]
     o = _empty((B, T, H, V), q.dtype, q.device)
-    grid = (triton.cdiv(V, dims[7]), NT, B * H)
-    output_kernel[grid](q, v, gc, scores, states, o, scale, T, gc.shape[1], H, K, V, NT,
-                        C=CHUNK, BK=dims[6], BV=dims[7], **dims[8])
+    output_kernel[(triton.cdiv(V, BV), NT, B * H)](q, v, gc, scores, states, o, scale, T, gc.shape[1], H, K, V, NT,
+                                                   C=CHUNK, BK=BK, BV=BV, **dot)
     return o, final, gc, scores, dims
 
 
-def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims):
+def _backward(q, k, v, gk, gc, scores, initial_state, final, do, dht, scale, dims):
     B, T, H, K, V, NT, BK, BV, dot = dims
     Tp = gc.shape[1]
     # Chunk-entry states are recomputed rather than kept from the forward: [B, H, NT, K, V] fp32
@@ -124,18 +120,22 @@ def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims):
     value_grad_kernel[(triton.cdiv(V, BV), NT, B * H)](
         k, gc, scores, do, dstates, dv, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, **dot)
 
-    dq = _empty((B, T, H, K), torch.float32, q.device)
-    dk = _empty((B, T, H, K), torch.float32, q.device)
+    dq = _empty((B, T, H, K), q.dtype, q.device)
+    dk = _empty((B, T, H, K), k.dtype, q.device)
+    dG = _empty((B, T, H, K), torch.float32, q.device)  # q ⊙ dq − k ⊙ dk, the gate's local term
     query_key_grad_kernel[(triton.cdiv(K, BK), NT * (CHUNK // SUB_CHUNK), B * H)](
-        q, k, v, gc, score_grad, do, states, dstates, dq, dk, scale, T, Tp, H, K, V, NT,
+        q, k, v, gc, score_grad, do, states, dstates, dq, dk, dG, scale, T, Tp, H, K, V, NT,
         C=CHUNK, S=SUB_CHUNK, BK=BK, BV=BV, **dot)
 
-    # Closed-form gate gradient: reverse cumulative sum over time of q ⊙ dq − k ⊙ dk.
-    dG = q.float() * dq - k.float() * dk  # [B, T, H, K]
-    if dht is not None:
-        # The final state is diag(e^{G_T}) (...): its gradient adds rowsum(S_T ⊙ dS_T) at t = T.
-        dG[:, -1] += (final * dht.float()).sum(-1)
-    dg = dG.flip(1).cumsum(1).flip(1)
+    # Closed-form gate gradient: reverse cumulative sum over time of dG. The final state is
+    # diag(e^{G_T}) (...), so its gradient adds rowsum(S_T ⊙ dS_T) at t = T, i.e. to every dg_t.
+    carry = (final * dht.float()).sum(-1).contiguous() if dht is not None else None  # [B, H, K]
+    scalar_gate = gk.shape[-1] == 1
+    dg = _empty((B, T, H, K), torch.float32 if scalar_gate else gk.dtype, q.device)
+    gate_grad_kernel[(triton.cdiv(K, BK), B * H)](dG, carry if carry is not None else dG, dg, T, H, K, NT,
+                                                  C=CHUNK, BK=BK, HAS_CARRY=carry is not None)
+    if scalar_gate:
+        dg = dg.sum(-1, keepdim=True).to(gk.dtype)
     return dq, dk, dv, dg, dh0
 
 
@@ -150,12 +150,10 @@ class ChunkedGLAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, gk, gc, scores, initial_state, final = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = _backward(q, k, v, gc, scores, initial_state, final, do.contiguous(),
+        dq, dk, dv, dg, dh0 = _backward(q, k, v, gk, gc, scores, initial_state, final, do.contiguous(),
                                         dht.contiguous() if dht is not None else None, ctx.scale, ctx.dims)
-        if gk.shape[-1] == 1:
-            dg = dg.sum(-1, keepdim=True)
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(gk.dtype), None, dh0, None
+        return dq, dk, dv, dg, None, dh0, None
 
 
 def triton_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Tensor | None = None,

@@ -224,10 +224,10 @@ def value_grad_kernel(k, gc, A, do, dstates, dv, scale, T, Tp, H, K, V, NT,
 
 
 @triton.jit
-def query_key_grad_kernel(q, k, v, gc, dA, do, states, dstates, dq, dk, scale, T, Tp, H, K, V, NT,
+def query_key_grad_kernel(q, k, v, gc, dA, do, states, dstates, dq, dk, dG, scale, T, Tp, H, K, V, NT,
                           C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           PREC: tl.constexpr, DOT: tl.constexpr):
-    """dq and dk (fp32) for one sub-chunk of S rows and one block of key columns.
+    """dq, dk and dG = q ⊙ dq − k ⊙ dk (fp32) for one sub-chunk of S rows and one block of key columns.
 
     dq_t = scale (do_t statesᵀ) ⊙ e^{b_t} + Σ_{s<=t} dA[t,s] k_s ⊙ e^{b_t - b_s}
     dk_s = (v_s dstatesᵀ) ⊙ e^{b_last - b_s} + Σ_{t>=s} dA[t,s] q_t ⊙ e^{b_t - b_s}
@@ -293,3 +293,46 @@ def query_key_grad_kernel(q, k, v, gc, dA, do, states, dstates, dq, dk, scale, T
         dk_acc += dA_row[:, None] * q_s[None, :] * decay_k
     _store_rows(dq + qk_off, dq_acc, r0, T, H * K, k0, K, S, BK)
     _store_rows(dk + qk_off, dk_acc, r0, T, H * K, k0, K, S, BK)
+    # The gate gradient needs q ⊙ dq − k ⊙ dk from the fp32 accumulators, not the rounded outputs.
+    _store_rows(dG + qk_off, q_sub * dq_acc - k_sub * dk_acc, r0, T, H * K, k0, K, S, BK)
+
+
+@triton.jit
+def gate_cumsum_kernel(g, gc, T, Tp, H, K, G_DIM, log2e,
+                       C: tl.constexpr, BK: tl.constexpr, SCALAR: tl.constexpr):
+    """gc = within-chunk cumulative sum of the log gate, fp32, in log2 units, on the padded time axis.
+
+    g is [B, T, H, G_DIM] with G_DIM = K, or 1 for a per-head scalar gate (then broadcast over K).
+    Rows past T read as zero gates, so padded rows repeat the last real cumulative value.
+    """
+    ik, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    rows = c * C + tl.arange(0, C)
+    cols = ik * BK + tl.arange(0, BK)
+    if SCALAR:
+        src = g + (b.to(tl.int64) * T * H + h) * G_DIM + rows[:, None] * H * G_DIM + cols[None, :] * 0
+    else:
+        src = g + (b.to(tl.int64) * T * H + h) * G_DIM + rows[:, None] * H * G_DIM + cols[None, :]
+    gate = tl.load(src, mask=(rows[:, None] < T) & (cols[None, :] < K), other=0.0).to(tl.float32)
+    cumulative = tl.cumsum(gate, axis=0) * log2e
+    _store_rows(gc + (b.to(tl.int64) * Tp * H + h) * K, cumulative, c * C, Tp, H * K, ik * BK, K, C, BK)
+
+
+@triton.jit
+def gate_grad_kernel(dG, carry_in, dg, T, H, K, NT, C: tl.constexpr, BK: tl.constexpr, HAS_CARRY: tl.constexpr):
+    """dg_t = Σ_{u >= t} dG_u (+ carry_in, the final-state term at t = T): a reverse scan over chunks."""
+    ik, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    base = (b.to(tl.int64) * T * H + h) * K
+    if HAS_CARRY:
+        carry = _load_row(carry_in + bh.to(tl.int64) * K, 0, 1, ik * BK, K, BK).to(tl.float32)
+    else:
+        carry = tl.zeros([BK], dtype=tl.float32)
+    for step in range(NT):
+        c = NT - 1 - step
+        x = _load_rows(dG + base, c * C, T, H * K, ik * BK, K, C, BK)  # [C, BK] fp32
+        total = tl.sum(x, axis=0)
+        # Reverse inclusive sum within the chunk: total - (inclusive prefix) + x.
+        suffix = total[None, :] - tl.cumsum(x, axis=0) + x + carry[None, :]
+        _store_rows(dg + base, suffix, c * C, T, H * K, ik * BK, K, C, BK)
+        carry += total
