@@ -18,6 +18,16 @@ from variants.gates import AXES, INPUTS
 DTYPE = torch.float64
 VOCAB, D, H, K = 37, 16, 2, 8
 
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny fp64 tensors: extra threads only add overhead, and stall on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # Options whose values select different code paths; any plugin exposing one is tested in each value.
 MODE_SWITCHES = {
     "key_max": KEY_MAX_SCOPES,

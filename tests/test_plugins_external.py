@@ -24,6 +24,16 @@ from variants import FEATURE_MAPS, GATES, NORMS, RegistryError, import_plugin_mo
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "regla_user_plugins"
 
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny fp64 tensors: extra threads only add overhead, and stall on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 FEATURE_MAP_MODULE = '''
 """phi(x) = relu(x)²: a user's feature map, registered by decorator on import."""
 import torch.nn.functional as F

@@ -14,10 +14,19 @@ import torch
 from kernels import IMPLEMENTATIONS, chunked_gla, gated_linear_attention, parallel_gla, recurrent_gla
 
 DTYPE = torch.float64
-
 B, H, K, V = 2, 2, 5, 3
 LENGTHS = (1, 15, 63, 64, 65, 200)
 IMPLS = ("recurrent", "chunked", "parallel")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny fp64 tensors: extra threads only add overhead, and stall on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 # Which sides of the state are gated, and with how many channels: [.., K] / [.., V] per channel,
 # [.., 1] a per-head scalar.

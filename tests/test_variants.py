@@ -22,6 +22,16 @@ from variants.gates import AXES, INPUTS, refined_gate_value
 DTYPE = torch.float64
 B, T, H, K, D = 2, 13, 2, 4, 12
 
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny fp64 tensors: extra threads only add overhead, and stall on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # Options whose values select different code paths; any plugin exposing one is tested in each value.
 MODE_SWITCHES = {
     "key_max": KEY_MAX_SCOPES,
