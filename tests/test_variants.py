@@ -319,6 +319,24 @@ def test_refined_gate_log_form_equals_the_literal_formula():
     assert ((literal >= g * g * (1 - 1e-12)) & (literal <= g * (2 - g) * (1 + 1e-12))).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_refined_gate_never_exceeds_one_despite_round_off(dtype):
+    """F <= 1 in exact arithmetic; near g = 1 the factored log form rounds either way, and a log
+    gate above 0 makes the state grow (in bf16 it reached e^{0.005} per token)."""
+    gate = GATES.create("refined", 2, 1, 1, 1, log_clamp=None)
+    with torch.no_grad():
+        # Input channel 0 drives the gate logit, channel 1 the refine logit.
+        gate.gate_proj.up.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        gate.refine_proj.up.weight.copy_(torch.tensor([[0.0, 1.0]]))
+        gate.gate_proj.up.bias.zero_()
+        gate.refine_proj.up.bias.zero_()
+    grid = torch.cartesian_prod(torch.linspace(-40, 40, 1601), torch.linspace(-40, 40, 161))
+    with torch.no_grad():
+        log_f = gate.to(dtype)(grid.unsqueeze(0).to(dtype)).log_k
+    assert log_f.dtype == dtype and log_f.shape == (1, grid.shape[0], 1, 1)
+    assert torch.isfinite(log_f).all() and (log_f <= 0).all()
+
+
 def test_refined_gate_clamp_and_temperature():
     options = dict(bias_init=[-12.0, 4.0], refine_bias_init=[-4.0, 4.0])
     torch.manual_seed(1)

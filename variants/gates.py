@@ -183,7 +183,7 @@ class GLAGate(ProjectedGate):
         return self.on_axis(log_alpha, activations={"alpha": log_alpha.exp()}, preactivations={"alpha": logits})
 
 
-@gate("refined")
+@gate("refined", version=2)
 class RefinedGate(ProjectedGate):
     """ReGLA's refining gate (the refine gate of Gu et al. 2020; REGLA.md §2):
     g_t = σ(W_g x_t + b_g), r_t = σ(W_r x_t + b_r),
@@ -206,11 +206,16 @@ class RefinedGate(ProjectedGate):
     def forward(self, x: Tensor, x_prev: Tensor | None = None) -> GateOutput:
         h = self.select_input(x, x_prev)
         g_logits, r_logits = self.gate_proj(h), self.refine_proj(h)
-        g, r = torch.sigmoid(g_logits), torch.sigmoid(r_logits)
-        tiny = torch.finfo(g.dtype).tiny
-        log_f = F.logsigmoid(g_logits) + torch.log((g + 2 * r * (1 - g)).clamp_min(tiny))
-        log_f = self.clamp(log_f / self.tau)
-        return self.on_axis(log_f, activations={"g": g, "r": r, "F": log_f.exp()},
+        # At least fp32: in bf16 the rounding of F near 1 reaches log F ~ +5e-3, a growing state.
+        dtype = torch.promote_types(g_logits.dtype, torch.float32)
+        a, b = g_logits.to(dtype), r_logits.to(dtype)
+        g, r = torch.sigmoid(a), torch.sigmoid(b)
+        tiny = torch.finfo(dtype).tiny
+        log_f = F.logsigmoid(a) + torch.log((g + 2 * r * (1 - g)).clamp_min(tiny))
+        # F <= 1 exactly, but round-off near g = 1 can leave log F a hair above 0.
+        log_f = self.clamp(log_f.clamp_max(0.0) / self.tau).to(g_logits.dtype)
+        return self.on_axis(log_f, activations={"g": g.to(g_logits.dtype), "r": r.to(g_logits.dtype),
+                                                "F": log_f.exp()},
                             preactivations={"g": g_logits, "r": r_logits})
 
 
