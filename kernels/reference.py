@@ -18,6 +18,8 @@ alike (an extra value column of ones), so these functions only see plain value t
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -73,19 +75,69 @@ def _intra_block(q: Tensor, k: Tensor, v: Tensor, bk: Tensor | None, bv: Tensor 
     return torch.einsum("...ts,...sv,...tsv->...tv", scores, v, diff_v.exp())
 
 
+#: largest |exponent| the factorised form may produce, per dtype: e^60 ≈ 1e26 leaves fp32 (and
+#: bf16, same exponent range) headroom on both sides; fp16 overflows at e^11.
+_EXPONENT_LIMIT = {torch.float64: 600.0, torch.float32: 60.0, torch.bfloat16: 60.0, torch.float16: 10.0}
+_MAX_CHUNK = 64
+
+
+def adaptive_chunk_size(gates: list[Tensor | None], dtype: torch.dtype, max_chunk: int = _MAX_CHUNK) -> int | None:
+    """The largest power-of-two chunk (<= max_chunk) whose within-chunk cumulative log decay stays
+    inside the dtype's safe exponent range; None when a gate is not finite."""
+    steepest = 0.0
+    for g in gates:
+        if g is None or g.numel() == 0:
+            continue
+        lowest = float(g.detach().min())
+        if not math.isfinite(lowest):
+            return None
+        steepest = max(steepest, -lowest)
+    chunk = max_chunk
+    while chunk > 1 and (chunk - 1) * steepest > _EXPONENT_LIMIT.get(dtype, 60.0):
+        chunk //= 2
+    return chunk
+
+
+def _intra_block_factorised(q: Tensor, k: Tensor, v: Tensor, bk: Tensor | None, bv: Tensor | None) -> Tensor:
+    """Causal within-block attention through one matrix product per side:
+    e^{b_t − b_s} = e^{b_t − b_0} · e^{b_0 − b_s}, b_0 the block's first cumulative log gate.
+    The chunk size is chosen so that |b_t − b_0| stays inside the dtype's exponent range
+    (`adaptive_chunk_size`), which makes this exact up to rounding and much cheaper than
+    materialising the [C, C, K] pairwise decays."""
+    C = q.shape[-2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if bk is not None:
+        shifted = bk - bk[..., :1, :]  # [..., C, K], <= 0
+        q, k = q * shifted.exp(), k * (-shifted).exp()
+    if bv is not None:
+        shifted_v = bv - bv[..., :1, :]
+        v = v * (-shifted_v).exp()
+    out = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0) @ v
+    return out * shifted_v.exp() if bv is not None else out
+
+
 def chunked_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Tensor | None = None,
                 scale: float = 1.0, initial_state: Tensor | None = None,
-                output_final_state: bool = False, chunk_size: int = 32) -> tuple[Tensor, Tensor | None]:
-    """Chunkwise-parallel form: exact pairwise decays inside a chunk, a state across chunks.
+                output_final_state: bool = False, chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise-parallel form: exact decays inside a chunk, a state carried across chunks.
 
-    Every exponent is a difference b_t - b_s with s <= t (or the chunk total), hence <= 0, so
-    no gate value can overflow. The pairwise-decay tensor is [B, H, n, C, C, K]: keep C small
-    (32) on CPU; the Triton kernel is the fast path on GPU.
+    `chunk_size=None` (the default) picks the largest chunk (<= 64) for which the factorised
+    within-chunk form is safe for these gate values. An explicit `chunk_size` uses explicit
+    pairwise decays instead (every exponent a difference b_t − b_s <= 0): [B, H, n, C, C, K]
+    memory, exact for any finite gate. Across chunks, every exponent is a chunk-relative
+    cumulative (<= 0), so nothing overflows. Log gates must be finite (differences of -inf are
+    undefined): clamp them from below, as the gates' `log_clamp` option does.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     gk, gv = _expand_gate(gk, k), _expand_gate(gv, v)
-    C = chunk_size
+    factorised = chunk_size is None
+    if factorised:
+        chunk_size = adaptive_chunk_size([gk, gv], q.dtype)
+        if chunk_size is None:
+            raise ValueError("chunked_gla: log gates must be finite (a gate of exactly 0 has log −inf); "
+                             "clamp them from below (gate option log_clamp) or use the recurrent form")
+    C = min(chunk_size, T) if factorised else chunk_size
     n = -(-T // C)
     pad = n * C - T
 
@@ -101,7 +153,8 @@ def chunked_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: T
     bk = blocks(gk).cumsum(-2) if gk is not None else None  # within-chunk cumulative log gates
     bv = blocks(gv).cumsum(-2) if gv is not None else None
 
-    o_intra = _intra_block(qc, kc, vc, bk, bv)  # [B, H, n, C, V]
+    intra = _intra_block_factorised if factorised else _intra_block
+    o_intra = intra(qc, kc, vc, bk, bv)  # [B, H, n, C, V]
 
     # Decayed keys/values as seen from the chunk end, and queries as seen from the chunk start.
     k_to_end = kc * (bk[..., -1:, :] - bk).exp() if bk is not None else kc
