@@ -110,10 +110,11 @@ def test_recurrent_chunked_parallel_agree(T, layout, regime):
     inputs = make_inputs(T, layout, regime, seed=T)
     scale = K ** -0.5
     reference = outputs_and_grads(recurrent_gla, inputs, scale=scale)
-    # Chunks of 16 put several chunk boundaries inside every length above 16 (the dispatch
-    # default, 32, is covered by the denominator test below).
+    # Chunks of 16 put several chunk boundaries inside every length above 16; the default chunk
+    # is what `gated_linear_attention` uses on CPU.
     candidate = outputs_and_grads(chunked_gla, inputs, scale=scale, chunk_size=16)
-    assert_same_function(reference, candidate, "chunked")
+    assert_same_function(reference, candidate, "chunked (C=16)")
+    assert_same_function(reference, outputs_and_grads(chunked_gla, inputs, scale=scale), "chunked (default C)")
     assert_same_function(reference, outputs_and_grads(parallel_gla, inputs, scale=scale), "parallel")
 
 
