@@ -26,8 +26,8 @@ import triton.language as tl
 from . import reference
 from .triton_gla_kernels import (CHUNK, SUB_CHUNK, gate_cumsum_kernel, gate_grad_kernel,
                                  intra_score_grad_kernel, intra_scores_kernel, output_kernel,
-                                 query_key_grad_kernel, state_backward_kernel, state_forward_kernel,
-                                 value_grad_kernel)
+                                 query_key_grad_kernel, query_key_inter_kernel, state_backward_kernel,
+                                 state_forward_kernel, value_grad_kernel)
 
 Tensor = torch.Tensor
 MAX_HEAD_DIM = 256
@@ -120,12 +120,16 @@ def _backward(q, k, v, gk, gc, scores, initial_state, final, do, dht, scale, dim
     value_grad_kernel[(triton.cdiv(V, BV), NT, B * H)](
         k, gc, scores, do, dstates, dv, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, **dot)
 
+    dq_inter = _empty((B, T, H, K), torch.float32, q.device)  # through the chunk states
+    dk_inter = _empty((B, T, H, K), torch.float32, q.device)
+    query_key_inter_kernel[(triton.cdiv(K, BK), NT, B * H)](
+        v, gc, do, states, dstates, dq_inter, dk_inter, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, **dot)
     dq = _empty((B, T, H, K), q.dtype, q.device)
     dk = _empty((B, T, H, K), k.dtype, q.device)
     dG = _empty((B, T, H, K), torch.float32, q.device)  # q ⊙ dq − k ⊙ dk, the gate's local term
     query_key_grad_kernel[(triton.cdiv(K, BK), NT * (CHUNK // SUB_CHUNK), B * H)](
-        q, k, v, gc, score_grad, do, states, dstates, dq, dk, dG, scale, T, Tp, H, K, V, NT,
-        C=CHUNK, S=SUB_CHUNK, BK=BK, BV=BV, **dot)
+        q, k, gc, score_grad, dq_inter, dk_inter, dq, dk, dG, T, Tp, H, K,
+        C=CHUNK, S=SUB_CHUNK, BK=BK, **dot)
 
     # Closed-form gate gradient: reverse cumulative sum over time of dG. The final state is
     # diag(e^{G_T}) (...), so its gradient adds rowsum(S_T ⊙ dS_T) at t = T, i.e. to every dg_t.

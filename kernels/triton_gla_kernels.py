@@ -224,39 +224,56 @@ def value_grad_kernel(k, gc, A, do, dstates, dv, scale, T, Tp, H, K, V, NT,
 
 
 @triton.jit
-def query_key_grad_kernel(q, k, v, gc, dA, do, states, dstates, dq, dk, dG, scale, T, Tp, H, K, V, NT,
-                          C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          PREC: tl.constexpr, DOT: tl.constexpr):
-    """dq, dk and dG = q ⊙ dq − k ⊙ dk (fp32) for one sub-chunk of S rows and one block of key columns.
+def query_key_inter_kernel(v, gc, do, states, dstates, dq, dk, scale, T, Tp, H, K, V, NT,
+                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           PREC: tl.constexpr, DOT: tl.constexpr):
+    """The parts of dq, dk that flow through the chunk-boundary states (fp32), one whole chunk at a time:
 
-    dq_t = scale (do_t statesᵀ) ⊙ e^{b_t} + Σ_{s<=t} dA[t,s] k_s ⊙ e^{b_t - b_s}
-    dk_s = (v_s dstatesᵀ) ⊙ e^{b_last - b_s} + Σ_{t>=s} dA[t,s] q_t ⊙ e^{b_t - b_s}
+    dq_t = scale (do_t statesᵀ) ⊙ e^{b_t},  dk_s = (v_s dstatesᵀ) ⊙ e^{b_last - b_s}.
+    Kept apart from the sub-chunk kernel so that each state tile is read once per chunk, not per sub-chunk.
+    """
+    ik, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    qk_off = (b.to(tl.int64) * T * H + h) * K
+    vo_off = (b.to(tl.int64) * T * H + h) * V
+    g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
+    s_off = (bh.to(tl.int64) * NT + c) * K * V
+    t0, k0 = c * C, ik * BK
+    dq_acc = tl.zeros([C, BK], dtype=tl.float32)
+    dk_acc = tl.zeros([C, BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        do_tile = _load_rows(do + vo_off, t0, T, H * V, v0, V, C, BV).to(DOT)
+        v_tile = _load_rows(v + vo_off, t0, T, H * V, v0, V, C, BV).to(DOT)
+        state = _load_rows(states + s_off, k0, K, V, v0, V, BK, BV).to(DOT)  # [BK, BV]
+        grad_state = _load_rows(dstates + s_off, k0, K, V, v0, V, BK, BV).to(DOT)
+        dq_acc += tl.dot(do_tile, tl.trans(state), input_precision=PREC)
+        dk_acc += tl.dot(v_tile, tl.trans(grad_state), input_precision=PREC)
+    g_tile = _load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)  # [C, BK]
+    g_last = _load_row(g_base + (t0 + C - 1) * H * K, 0, 1, k0, K, BK)
+    _store_rows(dq + qk_off, dq_acc * scale * tl.exp2(g_tile), t0, T, H * K, k0, K, C, BK)
+    _store_rows(dk + qk_off, dk_acc * tl.exp2(g_last[None, :] - g_tile), t0, T, H * K, k0, K, C, BK)
+
+
+@triton.jit
+def query_key_grad_kernel(q, k, gc, dA, dq_inter, dk_inter, dq, dk, dG, T, Tp, H, K,
+                          C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr,
+                          PREC: tl.constexpr, DOT: tl.constexpr):
+    """dq, dk and dG = q ⊙ dq − k ⊙ dk (fp32) for one sub-chunk of S rows and one block of key columns:
+    the within-chunk parts added to the state parts from `query_key_inter_kernel`.
+
+    dq_t += Σ_{s<=t} dA[t,s] k_s ⊙ e^{b_t - b_s},   dk_s += Σ_{t>=s} dA[t,s] q_t ⊙ e^{b_t - b_s}
     """
     ik, pid, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, i = pid // (C // S), pid % (C // S)
     b, h = bh // H, bh % H
     qk_off = (b.to(tl.int64) * T * H + h) * K
-    vo_off = (b.to(tl.int64) * T * H + h) * V
     g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
     a_base = dA + (b.to(tl.int64) * Tp * H + h) * C
-    s_off = (bh.to(tl.int64) * NT + c) * K * V
     t0, r0, k0 = c * C, c * C + i * S, ik * BK
     dt = DOT
-
-    # Contributions through the chunk-boundary states.
-    dq_acc = tl.zeros([S, BK], dtype=tl.float32)
-    dk_acc = tl.zeros([S, BK], dtype=tl.float32)
-    for v0 in range(0, V, BV):
-        do_sub = _load_rows(do + vo_off, r0, T, H * V, v0, V, S, BV).to(dt)
-        v_sub = _load_rows(v + vo_off, r0, T, H * V, v0, V, S, BV).to(dt)
-        state = _load_rows(states + s_off, k0, K, V, v0, V, BK, BV).to(dt)  # [BK, BV]
-        grad_state = _load_rows(dstates + s_off, k0, K, V, v0, V, BK, BV).to(dt)
-        dq_acc += tl.dot(do_sub, tl.trans(state), input_precision=PREC)
-        dk_acc += tl.dot(v_sub, tl.trans(grad_state), input_precision=PREC)
+    dq_acc = _load_rows(dq_inter + qk_off, r0, T, H * K, k0, K, S, BK)  # [S, BK] fp32
+    dk_acc = _load_rows(dk_inter + qk_off, r0, T, H * K, k0, K, S, BK)
     g_sub = _load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)  # [S, BK]
-    g_last = _load_row(g_base + (t0 + C - 1) * H * K, 0, 1, k0, K, BK)
-    dq_acc = dq_acc * scale * tl.exp2(g_sub)
-    dk_acc = dk_acc * tl.exp2(g_last[None, :] - g_sub)
 
     # Earlier / later sub-chunks of the same chunk, through reference rows (exponents <= 0).
     rows = i * S + tl.arange(0, S)
