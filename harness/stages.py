@@ -132,3 +132,7 @@ register_stage(EvalStage())
 from . import probes  # noqa: E402
 
 register_stage(probes.ProbeStage())
+
+from . import profile  # noqa: E402
+
+register_stage(profile.ProfileStage())

@@ -1,0 +1,134 @@
+"""Model-level profilers: training-step throughput and peak memory across sequence lengths, and
+the paper's generation benchmark (§5.2, Fig. 5: prompt of 5 tokens, generate 2^6 … 2^13 tokens,
+peak memory and total prefill + decode time; linear state vs softmax KV cache).
+
+Timing: warm-up first (compilation and autotuning stay out of the numbers), then repeated timed
+calls, reporting the median and the 20th/80th percentiles. On CUDA the device is synchronised
+around every timed call and peak memory is the allocator's high-water mark above the baseline,
+measured in a separate untimed call. On CPU, peak memory is not measured (NaN).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+
+from .model import LanguageModel
+from .spec import RunSpec
+from .stages import Stage, StageContext
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    seq_lens: list = field(default_factory=lambda: [128, 256, 512])
+    batch_size: int = 4
+    generation_lengths: list = field(default_factory=lambda: [64, 128, 256])
+    prompt_length: int = 5
+    warmup: int = 2
+    repeats: int = 5
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median / p20 / p80 wall time in milliseconds of `fn` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    quantiles = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": quantiles[0], "p80_ms": quantiles[3]}
+
+
+def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
+    """Allocator high-water mark above the starting allocation, in MiB (NaN off CUDA)."""
+    if device.type != "cuda":
+        return float("nan")
+    _synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    fn()
+    _synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+
+
+def profile_training_step(model: LanguageModel, seq_lens: list[int], batch_size: int, device: torch.device,
+                          warmup: int, repeats: int) -> list[dict[str, Any]]:
+    """Forward + backward of the LM loss on random tokens at each sequence length."""
+    records = []
+    vocab = model.config.vocab_size
+    use_bf16 = device.type == "cuda"
+    for seq_len in seq_lens:
+        tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), device=device)
+
+        def step() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        timing = time_call(step, device, warmup, repeats)
+        tag = {"seq_len": seq_len, "batch_size": batch_size}
+        records += [
+            {"metric": "profile/train_step_ms", "value": timing["median_ms"], "extra": _json(tag | timing)},
+            {"metric": "profile/train_tokens_per_second", "value": batch_size * seq_len / timing["median_ms"] * 1e3,
+             "extra": _json(tag)},
+            {"metric": "profile/train_peak_mib", "value": peak_memory_mib(step, device), "extra": _json(tag)},
+        ]
+    return records
+
+
+@torch.no_grad()
+def profile_generation(model: LanguageModel, prompt_length: int, generation_lengths: list[int],
+                       device: torch.device, warmup: int, repeats: int) -> list[dict[str, Any]]:
+    """Greedy generation of n tokens after a short prompt: total time and peak memory."""
+    records = []
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_length), device=device)
+    for n in generation_lengths:
+        run = lambda: model.generate(prompt, n)  # noqa: E731
+        timing = time_call(run, device, min(warmup, 1), max(1, repeats // 2))
+        tag = {"prompt_length": prompt_length, "generated": n}
+        records += [
+            {"metric": "profile/generate_total_ms", "value": timing["median_ms"], "extra": _json(tag | timing)},
+            {"metric": "profile/generate_peak_mib", "value": peak_memory_mib(run, device), "extra": _json(tag)},
+        ]
+    return records
+
+
+def _json(data: dict) -> str:
+    import json
+
+    return json.dumps(data, sort_keys=True)
+
+
+class ProfileStage(Stage):
+    """Times the run's architecture (random weights: speed does not depend on them)."""
+
+    name = "profile"
+    config_class = ProfileConfig
+
+    def run(self, spec: RunSpec, ctx: StageContext) -> list[dict[str, Any]]:
+        from .train import build_model, distributed_context, pick_device
+
+        config: ProfileConfig = self.settings(spec)
+        device = pick_device(distributed_context(), ctx.device)
+        vocab = spec.model.vocab_size or ctx.data_for(spec).tokenizer.vocab_size
+        longest = max([*config.seq_lens, config.prompt_length + max(config.generation_lengths, default=0)])
+        model_spec = replace(spec, model=replace(spec.model, max_seq_len=max(spec.model.max_seq_len, longest)))
+        model = build_model(model_spec, vocab).to(device)
+        records = profile_training_step(model.train(), list(config.seq_lens), config.batch_size, device,
+                                        config.warmup, config.repeats)
+        records += profile_generation(model.eval(), config.prompt_length, list(config.generation_lengths), device,
+                                      config.warmup, config.repeats)
+        return records
