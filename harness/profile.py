@@ -65,10 +65,11 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
 
 def profile_training_step(model: LanguageModel, seq_lens: list[int], batch_size: int, device: torch.device,
                           warmup: int, repeats: int) -> list[dict[str, Any]]:
-    """Forward + backward of the LM loss on random tokens at each sequence length."""
+    """A full training step (forward, backward, AdamW update) on random tokens at each length."""
     records = []
     vocab = model.config.vocab_size
     use_bf16 = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     for seq_len in seq_lens:
         tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), device=device)
 
@@ -76,7 +77,8 @@ def profile_training_step(model: LanguageModel, seq_lens: list[int], batch_size:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model.loss(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
-            model.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         timing = time_call(step, device, warmup, repeats)
         tag = {"seq_len": seq_len, "batch_size": batch_size}

@@ -45,9 +45,14 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None, gv: Tensor
 
 
 def default_implementation(q: Tensor) -> str:
+    """One decoding step is a single state update: the recurrence does it in a few small ops,
+    cheaper than any chunked launch. Longer inputs take Triton on CUDA, the torch chunked form
+    elsewhere."""
+    if q.shape[1] == 1:
+        return "recurrent"
     if q.is_cuda and "triton" in IMPLEMENTATIONS:
         return "triton"
-    return "recurrent" if q.shape[1] == 1 else "chunked"
+    return "chunked"
 
 
 def gated_linear_attention(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None,
