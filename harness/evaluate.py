@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -174,7 +175,7 @@ def result_rows(results: dict, task: str, shots: int, config: EvalConfig) -> lis
         metric, filter_name = key.split(",", 1)
         stderr = metrics.get(f"{metric}_stderr,{filter_name}")
         rows.append({**base, "metric": metric if filter_name == "none" else key, "value": float(value),
-                     "stderr": float(stderr) if isinstance(stderr, (int, float)) else None})
+                     "stderr": float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None})
     return rows
 
 

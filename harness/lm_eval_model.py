@@ -105,44 +105,50 @@ class ReGLALM(TemplateLM):
                 raise ValueError(f"continuation of {len(continuation)} tokens exceeds the model's "
                                  f"max_seq_len {self.max_length}")
         # Longest first: the batch with the longest rows runs first (memory errors surface early)
-        # and rows of similar length share a batch, so little compute goes to padding.
-        collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
+        # and rows of similar length share a batch, so little compute goes to padding. Requests
+        # with the same context + continuation[:-1] (the choices of a multiple-choice question
+        # that are one token long) share one row: the same logits score all of them.
+        collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+                            group_by="contexts", group_fn=lambda r: r[1] + r[2][:-1])
         results = []
         was_training = self.model.training
         self.model.eval()
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
         with torch.no_grad():
             for batch in collator.get_batched(n=self.batch_size):
-                results.extend(self._score_batch(batch))
-                progress.update(len(batch))
+                for row, (request, context, continuation) in zip(self._logits_batch(batch), batch):
+                    for request, continuation, logits in collator.get_cache(
+                            req_str=request, cxt_toks=context, cont_toks=continuation, logits=row):
+                        results.append(self._score(request, continuation, logits[0]))
+                        progress.update(1)
         progress.close()
         self.model.train(was_training)
         return collator.get_original(results)
 
-    def _score_batch(self, batch: list[tuple[Any, list[int], list[int]]]) -> list[tuple[float, bool]]:
-        inputs, continuations = [], []
+    def _logits_batch(self, batch: list[tuple[Any, list[int], list[int]]]) -> list[torch.Tensor]:
+        """Per request, the logits [1, n_cont, vocab] at the positions that predict its continuation."""
+        inputs = []
         for _, context, continuation in batch:
             whole = (context + continuation)[-(self.max_length + 1):]
             inputs.append(whole[:-1])
-            continuations.append(continuation)
         width = max(len(x) for x in inputs)
         padded = torch.zeros(len(inputs), width, dtype=torch.long)
         for row, ids in enumerate(inputs):
             padded[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         logits, _ = self.model(padded.to(self.device))  # [B, T, vocab]
-        answers = []
-        for row, ((request, _, _), ids, continuation) in enumerate(zip(batch, inputs, continuations)):
-            # The logits at position t predict token t + 1: the continuation's predictors are the
-            # last len(continuation) positions of this row's (unpadded) input.
-            positions = slice(len(ids) - len(continuation), len(ids))
-            logprobs = F.log_softmax(logits[row, positions].float(), dim=-1)  # [n_cont, vocab]
-            target = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
-            total = float(logprobs.gather(-1, target[:, None]).sum())
-            greedy = bool((logprobs.argmax(-1) == target).all())
-            answers.append((total, greedy))
-            if request is not None:
-                self.cache_hook.add_partial("loglikelihood", request, (total, greedy))
-        return answers
+        # The logits at position t predict token t + 1: the continuation's predictors are the
+        # last len(continuation) positions of the row's (unpadded) input.
+        return [logits[row, len(ids) - len(continuation):len(ids)][None]
+                for row, (ids, (_, _, continuation)) in enumerate(zip(inputs, batch))]
+
+    def _score(self, request: Any, continuation: list[int], logits: torch.Tensor) -> tuple[float, bool]:
+        # A request sharing another's row may have a shorter continuation: its predictors are last.
+        logprobs = F.log_softmax(logits[-len(continuation):].float(), dim=-1)  # [n_cont, vocab]
+        target = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
+        answer = (float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all()))
+        if request is not None:
+            self.cache_hook.add_partial("loglikelihood", request, answer)
+        return answer
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole text, in lm-eval's disjoint rolling windows of max_length.

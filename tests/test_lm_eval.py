@@ -83,7 +83,10 @@ def test_loglikelihood_equals_direct_computation(tokenizer, softmax_layers):
     long_context = ("The quick brown fox jumps over the lazy dog. " * 4).rstrip()  # > MAX_SEQ_LEN bytes
     pairs = [("The cat sat on the", " mat"), ("Hello", " world, again"), ("", "Start of text"),
              (long_context, " and then it slept."), ("a", "b"), ("Question: why?\nAnswer:", " because"),
-             ("x" * 10, " y" * 20)]
+             ("x" * 10, " y" * 20),
+             # One-token choices after one context, and a request whose context + continuation[:-1]
+             # is the same text: lm-eval's Collator scores these from one shared row.
+             ("Pick one", "!"), ("Pick one", "?"), ("Pick on", "e!"), ("Pick one", ".")]
     got = lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
     assert len(got) == len(pairs)
     for (context, continuation), (logprob, _) in zip(pairs, got):
