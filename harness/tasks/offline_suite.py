@@ -12,6 +12,7 @@ this module; at run time a generated YAML includes one and points it at the buil
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -55,7 +56,6 @@ class OfflineSuiteUnavailable(FileNotFoundError):
 
 def stable_key(*parts: str) -> str:
     # Not hash(): Python salts it per process, and the suite must be identical everywhere.
-    import hashlib
     return hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=8).hexdigest()
 
 

@@ -62,9 +62,10 @@ class TaskDataMissing(FileNotFoundError):
 
 
 def data_layout(task: PaperTask, data_dir: Path | str = "<data-dir>") -> str:
-    splits = ", ".join(f"{split}.jsonl" for split in task.splits)
-    return (f"put {task.scored_split}.jsonl (required; optional others: {splits}) in "
-            f"{Path(data_dir) / task.folder}/, one JSON object per line with fields {task.schema}")
+    optional = [f"{split}.jsonl" for split in task.splits if split != task.scored_split]
+    also = f" (optionally also {', '.join(optional)}; train holds few-shot examples)" if optional else ""
+    return (f"put {task.scored_split}.jsonl{also} in {Path(data_dir) / task.folder}/, "
+            f"one JSON object per line with fields {task.schema}")
 
 
 def local_split_files(task: PaperTask, data_dir: Path) -> dict[str, Path]:
