@@ -94,8 +94,21 @@ def definition_of(doc: Any) -> str | None:
 
 
 def _choose_distractors(answer: str, pool: list[str], salt: str) -> list[str]:
-    others = sorted((w for w in pool if w != answer), key=lambda w: stable_key(salt, answer, w))
-    return others[:CHOICES - 1]
+    """CHOICES - 1 distinct words of `pool` other than `answer`, in a stable pseudo-random order.
+
+    `pool` may repeat words: a word is then drawn in proportion to how often it occurs, so that
+    distractors follow the same distribution as the answers. Otherwise a frequent (short) answer
+    would stand out against rare (long) distractors, and even an untrained model -- which gives
+    fewer tokens a higher likelihood -- would beat chance.
+    """
+    ranked = sorted(enumerate(pool), key=lambda item: stable_key(salt, answer, str(item[0]), item[1]))
+    chosen: list[str] = []
+    for _, word in ranked:
+        if word != answer and word not in chosen:
+            chosen.append(word)
+            if len(chosen) == CHOICES - 1:
+                break
+    return chosen
 
 
 def _multiple_choice(answer: str, distractors: list[str], salt: str) -> tuple[list[str], int]:
@@ -157,8 +170,9 @@ def lastword_items(documents: list[Any]) -> list[dict]:
             match = _LAST_WORD.match(passage)
             if match and match["word"].islower():
                 candidates.append((match["context"], match["word"]))
-    pool = sorted({word for _, word in candidates})
-    if len(pool) < CHOICES:
+    # Every occurrence counts (see _choose_distractors): frequent last words are frequent distractors.
+    pool = sorted(word for _, word in candidates)
+    if len(set(pool)) < CHOICES:
         return []
     items = []
     for context, word in sorted(candidates, key=lambda c: stable_key("lastword", *c))[:MAX_LASTWORD_ITEMS]:
