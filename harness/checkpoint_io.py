@@ -31,13 +31,19 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def save_checkpoint(model: LanguageModel, tokenizer_name: str, directory: str | Path) -> Path:
+def save_checkpoint(model: LanguageModel, tokenizer_name: str, directory: str | Path,
+                    tokenizer_source: str | None = None) -> Path:
+    """`tokenizer_source`: the corpus a trained tokenizer (bpe-N) was fitted on, needed to rebuild it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"model": to_dict(model.config), "tokenizer": tokenizer_name}
+    config = {"model": to_dict(model.config), "tokenizer": tokenizer_name, "tokenizer_source": tokenizer_source}
     _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     _atomic_write(directory / WEIGHTS_FILE, lambda p: torch.save(model.state_dict(), p))
     return directory
+
+
+def read_checkpoint_config(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / CONFIG_FILE).read_text())
 
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[LanguageModel, str]:
@@ -46,7 +52,7 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     config_path = directory / CONFIG_FILE
     if not config_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{directory} is not a checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it")
-    config = json.loads(config_path.read_text())
+    config = read_checkpoint_config(directory)
     model = LanguageModel(from_dict(ModelConfig, config["model"], "model"))
     state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
     model.load_state_dict(state)

@@ -30,9 +30,9 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
-def tokenizer_by_name(name: str) -> Tokenizer:
+def tokenizer_by_name(name: str, source: str | None = None) -> Tokenizer:
     from .data import get_tokenizer  # the data layer is optional for scoring a live model
-    return get_tokenizer(name)
+    return get_tokenizer(name, source=source)
 
 
 @register_model("regla")
@@ -46,9 +46,11 @@ class ReGLALM(TemplateLM):
         if model is None:
             if checkpoint is None:
                 raise ValueError("ReGLALM needs a model and tokenizer, or checkpoint=<directory>")
-            from .checkpoint_io import load_checkpoint
-            model, tokenizer_name = load_checkpoint(checkpoint)
-            tokenizer = tokenizer if tokenizer is not None else tokenizer_by_name(tokenizer_name)
+            from .checkpoint_io import load_checkpoint, read_checkpoint_config
+            model, tokenizer_name = load_checkpoint(checkpoint, map_location=kwargs.get("device") or "cpu")
+            if tokenizer is None:
+                source = kwargs.get("tokenizer_source") or read_checkpoint_config(checkpoint).get("tokenizer_source")
+                tokenizer = tokenizer_by_name(tokenizer_name, source)
         if tokenizer is None:
             raise ValueError("ReGLALM needs the tokenizer the model was trained with")
         # lm-eval passes batch_size="auto" or None through its own CLI plumbing.
