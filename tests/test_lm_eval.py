@@ -295,6 +295,23 @@ def test_missing_task_data_gives_a_failed_row_and_the_rest_run(fast_model, token
     assert all(r["status"] == "ok" for r in boolq)
 
 
+def test_without_data_dir_tasks_keep_their_hub_datasets(tmp_path):
+    """The generated YAML only includes the installed definition: lm-eval loads the hub dataset."""
+    from lm_eval.tasks import TaskManager
+
+    from harness.tasks import write_paper_task_yaml
+
+    for name in ("piqa", "truthfulqa_mc2"):
+        body = yaml.safe_load(write_paper_task_yaml(name, tmp_path, None).read_text())
+        assert body == {"include": str(installed_task_yaml(PAPER_TASKS[name].yaml)), "task": name}
+    local = yaml.safe_load(write_paper_task_yaml("winogrande", tmp_path, PAPER_DATA).read_text())
+    assert local["dataset_path"] == "json" and local["dataset_name"] is None
+    assert set(local["dataset_kwargs"]["data_files"]) == {"train", "validation"}
+    # Indexed under their real names (plus tags such as "truthfulqa" from the included files).
+    assert {"piqa", "truthfulqa_mc2", "winogrande"} <= set(
+        TaskManager(include_path=str(tmp_path), include_defaults=False).all_tasks)
+
+
 def test_eval_config_rejects_unknown_tasks():
     with pytest.raises(ValueError, match="did you mean 'hellaswag'"):
         EvalConfig(tasks=["helaswag"])
