@@ -28,15 +28,18 @@ def run_table(frame: pd.DataFrame) -> pd.DataFrame:
     index = ["run_name", "run_id"]
     runs = frame.drop_duplicates("run_id").set_index("run_id")[["run_name", *axes]]
     table = runs.rename(columns={a: a.removeprefix("axis:") for a in axes})
+    # A stage-level failure is a failed row without a task (a failed eval task is reported in its column).
+    stage_failures = frame[(frame["status"] == "failed") & frame["task"].isna()]
+    table["status"] = "ok"
+    if len(stage_failures):
+        failed = stage_failures.groupby("run_id")
+        table.loc[list(failed.groups), "status"] = "failed"
+        table["error"] = failed.apply(lambda g: "; ".join(f"[{r.stage}] {r.error}" for r in g.itertuples()))
     train = frame[frame["stage"] == "train"]
-    status = train.groupby("run_id")["status"].agg(lambda s: "failed" if (s == "failed").any() else "ok")
-    table["status"] = status
-    errors = train[train["status"] == "failed"].groupby("run_id")["error"].first()
-    if len(errors):
-        table["error"] = errors
     for metric, label in FINAL_METRICS:
         values = train[train["metric"] == metric].groupby("run_id")["value"].last()
-        table[label] = values
+        if len(values):
+            table[label] = values
     evals = frame[(frame["stage"] == "eval") & (frame["status"] == "ok") & frame["task"].notna()]
     if len(evals):
         preferred = evals[evals["metric"].isin(["acc", "acc_norm", "bits_per_byte", "word_perplexity"])]
@@ -80,7 +83,9 @@ def plot_loss_curves(frame: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_final_metrics(table: pd.DataFrame, path: Path, metric: str = "val bpb") -> None:
+def plot_final_metrics(table: pd.DataFrame, path: Path, metric: str = "val bpb") -> bool:
+    if metric not in table or table[metric].dropna().empty:
+        return False
     values = table[metric].dropna().sort_values()
     fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(values) + 2), 4))
     ax.bar(range(len(values)), values.values, color="tab:blue")
@@ -95,6 +100,7 @@ def plot_final_metrics(table: pd.DataFrame, path: Path, metric: str = "val bpb")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 #: which exposed activation is each gate's effective forget value, in order of preference
@@ -137,9 +143,47 @@ def plot_gate_saturation(frame: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+PROFILE_PANELS = (("profile/train_tokens_per_second", "seq_len", "training tokens/s"),
+                  ("profile/train_peak_mib", "seq_len", "training peak memory (MiB)"),
+                  ("profile/generate_total_ms", "generated", "generation total time (ms)"),
+                  ("profile/generate_peak_mib", "generated", "generation peak memory (MiB)"))
+
+
+def profile_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Profile rows with their x coordinate (sequence length or tokens generated) unpacked."""
+    rows = frame[(frame["stage"] == "profile") & (frame["status"] == "ok") & frame["extra"].notna()]
+    if rows.empty:
+        return rows
+    extra = pd.DataFrame([json.loads(e) for e in rows["extra"]], index=rows.index)
+    return pd.concat([rows[["run_name", "metric", "value"]], extra], axis=1)
+
+
+def plot_profile(frame: pd.DataFrame, path: Path) -> bool:
+    """Throughput and memory vs sequence length, generation time and memory vs tokens generated."""
+    table = profile_table(frame)
+    if table.empty:
+        return False
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    for ax, (metric, x, title) in zip(axes, PROFILE_PANELS):
+        subset = table[(table["metric"] == metric) & table[x].notna()] if x in table else table.iloc[:0]
+        for name, group in subset.groupby("run_name"):
+            group = group.sort_values(x)
+            ax.plot(group[x], group["value"], marker="o", markersize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Path = "results",
                  command: str | None = None, reference: dict | None = None) -> Path:
-    """Write results/<grid>/{results.parquet, RESULTS.md, loss_curves.png, final_metrics.png}."""
+    """Write results/<grid>/: results.parquet, RESULTS.md and the plots that the grid's stages
+    have data for (loss_curves, final_metrics, gate_saturation, profile)."""
     frame = results_io.load(grid, runs_dir)
     out = Path(results_dir) / grid
     out.mkdir(parents=True, exist_ok=True)
@@ -149,9 +193,12 @@ def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Pa
         table.insert(table.columns.get_loc(label) + 1 if label in table.columns else len(table.columns),
                      f"paper {label}", pd.Series(reference["values"], dtype=float))
     results_io.atomic_write_bytes(out / "results.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
-    plot_loss_curves(frame, out / "loss_curves.png")
-    plot_final_metrics(table, out / "final_metrics.png")
+    has_training = bool((frame["stage"] == "train").any())
+    if has_training:
+        plot_loss_curves(frame, out / "loss_curves.png")
+    has_final = plot_final_metrics(table, out / "final_metrics.png")
     has_probes = plot_gate_saturation(frame, out / "gate_saturation.png")
+    has_profile = plot_profile(frame, out / "profile.png")
     env = frame.iloc[0]
     lines = [f"# Results: grid `{grid}`", ""]
     if command:
@@ -159,8 +206,19 @@ def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Pa
     lines += [f"Machine: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
               f"lm-eval {env['lm_eval']}; git {env['git_sha']}.", "",
               "Validation metrics are on held-out documents; bpb = bits per UTF-8 byte (tokenizer-independent).",
-              "", markdown_table(table), "",
-              "![loss curves](loss_curves.png)", "", "![final metrics](final_metrics.png)", ""]
+              "", markdown_table(table), ""]
+    if has_training:
+        lines += ["![loss curves](loss_curves.png)", ""]
+    if has_final:
+        lines += ["![final metrics](final_metrics.png)", ""]
+    if has_profile:
+        profile = profile_table(frame)
+        profile["x"] = profile["seq_len"].fillna(profile["generated"]) if "generated" in profile else profile["seq_len"]
+        wide = profile.pivot_table(index=["metric", "x"], columns="run_name", values="value")
+        wide.index = [f"{m.removeprefix('profile/')} @ {int(x)}" for m, x in wide.index]
+        wide.index.name = "measurement"
+        lines += ["## Profile (random weights; time and memory do not depend on them)", "",
+                  "![profile](profile.png)", "", markdown_table(wide), ""]
     if has_probes:
         lines += ["## Gate saturation (forget-gate activations before and after training)", "",
                   "![gate saturation](gate_saturation.png)", "", markdown_table(saturation_table(frame)), ""]
