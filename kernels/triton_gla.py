@@ -131,13 +131,15 @@ def _backward(q, k, v, gk, gc, scores, initial_state, final, do, dht, scale, dim
         q, k, gc, score_grad, dq_inter, dk_inter, dq, dk, dG, T, Tp, H, K,
         C=CHUNK, S=SUB_CHUNK, BK=BK, **dot)
 
-    # Closed-form gate gradient: reverse cumulative sum over time of dG. The final state is
-    # diag(e^{G_T}) (...), so its gradient adds rowsum(S_T ⊙ dS_T) at t = T, i.e. to every dg_t.
-    carry = (final * dht.float()).sum(-1).contiguous() if dht is not None else None  # [B, H, K]
+    # Closed-form gate gradient (see gate_grad_kernel): within-chunk reverse sums of dG plus the
+    # state-leaving-the-chunk term; the last chunk's leaving state is the final state, whose
+    # gradient is zero (and the term absent) when no final state was asked for or used.
     scalar_gate = gk.shape[-1] == 1
     dg = _empty((B, T, H, K), torch.float32 if scalar_gate else gk.dtype, q.device)
-    gate_grad_kernel[(triton.cdiv(K, BK), B * H)](dG, carry if carry is not None else dG, dg, T, H, K, NT,
-                                                  C=CHUNK, BK=BK, HAS_CARRY=carry is not None)
+    has_final = final is not None and dht is not None
+    gate_grad_kernel[(triton.cdiv(K, BK), NT, B * H)](dG, states, final if has_final else states, dstates, dg,
+                                                      T, H, K, V, NT, C=CHUNK, BK=BK, BV=BV,
+                                                      HAS_FINAL=has_final)
     if scalar_gate:
         dg = dg.sum(-1, keepdim=True).to(gk.dtype)
     return dq, dk, dv, dg, dh0

@@ -336,20 +336,32 @@ def gate_cumsum_kernel(g, gc, T, Tp, H, K, G_DIM, log2e,
 
 
 @triton.jit
-def gate_grad_kernel(dG, carry_in, dg, T, H, K, NT, C: tl.constexpr, BK: tl.constexpr, HAS_CARRY: tl.constexpr):
-    """dg_t = Σ_{u >= t} dG_u (+ carry_in, the final-state term at t = T): a reverse scan over chunks."""
-    ik, bh = tl.program_id(0), tl.program_id(1)
+def gate_grad_kernel(dG, states, final, dstates, dg, T, H, K, V, NT,
+                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_FINAL: tl.constexpr):
+    """dg_t = Σ_{u >= t, u in t's chunk} dG_u + rowsum(S_end ⊙ dS_end), S_end the state leaving the chunk.
+
+    The cumulative log gates inside a chunk feed the outputs and the state update; the state
+    leaving the chunk carries everything later positions see, so its term, rowsum(S ⊙ dS), closes
+    the sum. Summing dG only within a chunk keeps the rounding of the q ⊙ dq − k ⊙ dk
+    cancellation local instead of accumulating it over the whole sequence.
+    """
+    ik, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     base = (b.to(tl.int64) * T * H + h) * K
-    if HAS_CARRY:
-        carry = _load_row(carry_in + bh.to(tl.int64) * K, 0, 1, ik * BK, K, BK).to(tl.float32)
-    else:
-        carry = tl.zeros([BK], dtype=tl.float32)
-    for step in range(NT):
-        c = NT - 1 - step
-        x = _load_rows(dG + base, c * C, T, H * K, ik * BK, K, C, BK)  # [C, BK] fp32
-        total = tl.sum(x, axis=0)
-        # Reverse inclusive sum within the chunk: total - (inclusive prefix) + x.
-        suffix = total[None, :] - tl.cumsum(x, axis=0) + x + carry[None, :]
-        _store_rows(dg + base, suffix, c * C, T, H * K, ik * BK, K, C, BK)
-        carry += total
+    k_idx = ik * BK + tl.arange(0, BK)
+    chunk = k_idx[:, None] * 0 + c  # [BK, 1]: the chunk index as a tensor, to combine with masks
+    carry = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        v_idx = v0 + tl.arange(0, BV)
+        inside = (k_idx[:, None] < K) & (v_idx[None, :] < V)
+        offsets = k_idx[:, None] * V + v_idx[None, :]
+        grad_end = tl.load(dstates + (bh.to(tl.int64) * NT + c) * K * V + offsets, mask=inside, other=0.0)
+        state_end = tl.load(states + (bh.to(tl.int64) * NT + c + 1) * K * V + offsets,
+                            mask=inside & (chunk + 1 < NT), other=0.0)
+        if HAS_FINAL:
+            state_end += tl.load(final + bh.to(tl.int64) * K * V + offsets, mask=inside & (chunk == NT - 1), other=0.0)
+        carry += tl.sum(state_end * grad_end, axis=1)
+    x = _load_rows(dG + base, c * C, T, H * K, ik * BK, K, C, BK)  # [C, BK] fp32
+    # Reverse inclusive sum within the chunk: total - (inclusive prefix) + x.
+    suffix = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + carry[None, :]
+    _store_rows(dg + base, suffix, c * C, T, H * K, ik * BK, K, C, BK)

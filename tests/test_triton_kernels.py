@@ -112,6 +112,22 @@ def test_bf16_inputs():
     assert max(errors.values()) <= 3e-2, errors
 
 
+@pytest.mark.parametrize("final_state", ["not returned", "returned, unused"])
+def test_gradients_without_final_state_gradient(final_state):
+    # The gate gradient's per-chunk state term must vanish for the last chunk when no final-state
+    # gradient flows back.
+    inputs = make_inputs(1, 65, 1, 16, 16, dtype=torch.float32, seed=3)
+    do = torch.randn(1, 65, 1, 16, device=DEVICE)
+    results = []
+    for fn, dtype in ((triton_gla, torch.float32), (recurrent_gla, torch.float64)):
+        leaves = [inputs[n].to(dtype).requires_grad_(True) for n in ("q", "k", "v", "gk", "h0")]
+        o, _ = fn(*leaves[:4], None, scale=0.25, initial_state=leaves[4],
+                  output_final_state=final_state != "not returned")
+        results.append(torch.autograd.grad((o * do.to(dtype)).sum(), leaves))
+    errors = [rel_rms(got, want) for got, want in zip(*results)]
+    assert max(errors) <= 1e-4, errors
+
+
 def test_optional_arguments_and_fallbacks():
     inputs = make_inputs(1, 20, 2, 16, 16, dtype=torch.float32)
     q, k, v, gk = inputs["q"], inputs["k"], inputs["v"], inputs["gk"]
