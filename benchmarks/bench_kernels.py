@@ -11,8 +11,9 @@ Implementations (bf16, key-side gate, the anchor shapes of shared/anchors/bench_
 
 Forward and forward+backward are timed with triton.testing.do_bench (median, p20, p80); peak
 memory is read in separate, untimed calls. Rows go to Parquet in $OUT (or --out), with a plot.
-fla's autotuning takes minutes per shape family on a fresh machine, so fla runs after everything
-else and stops when --fla-budget-s is spent.
+fla's autotuning takes minutes per shape family on a fresh machine (> 200 s on the smallest anchor
+shape, seen twice), so fla runs after everything else and stops when --fla-budget-s is spent; to
+measure fla alone give it a call of its own, e.g. --impls A0_fla,A1_regla_fla --skip-correctness.
 
     python3 benchmarks/bench_kernels.py [--out DIR] [--fla-budget-s 300] [--shapes all|small]
 """
@@ -39,7 +40,7 @@ from kernels.triton_gla import triton_gla  # noqa: E402
 
 ANCHOR_SHAPES = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
                  (8, 1024, 8, 64), (8, 2048, 12, 64), (16, 4096, 12, 64)]
-# The torch chunked reference materialises [B, H, T/32, 32, 32, K] pairwise decays: keep it small.
+# The torch chunked reference is many small launches and large temporaries: small shapes only.
 A3_MAX_TOKENS_X_HEADS = 8 * 2048 * 12
 DTYPE = torch.bfloat16
 
@@ -90,10 +91,13 @@ def make_implementations(chunk_gla_fla):
     def chunked(q, k, v, g, scale):
         return chunked_gla(q, k, v, g, None, scale=scale)[0]
 
-    gla_call = lambda kernel: (lambda x: kernel(x["q"], x["k"], x["v"], x["g"], x["q"].shape[-1] ** -0.5),  # noqa: E731
-                               ["q", "k", "v", "g"])
-    regla_call = lambda kernel: (lambda x: regla_composed(kernel, x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),  # noqa: E731
-                                 ["q", "k", "v", "ag", "ar", "w"])
+    def gla_call(kernel):
+        return (lambda x: kernel(x["q"], x["k"], x["v"], x["g"], x["q"].shape[-1] ** -0.5), ["q", "k", "v", "g"])
+
+    def regla_call(kernel):
+        return (lambda x: regla_composed(kernel, x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),
+                ["q", "k", "v", "ag", "ar", "w"])
+
     impls = {"triton": gla_call(ours), "A1_regla_triton": regla_call(ours),
              "A2_sdpa": (lambda x: sdpa(x["q"], x["k"], x["v"]), ["q", "k", "v"]),
              "A3_chunked": gla_call(chunked)}

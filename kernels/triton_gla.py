@@ -6,9 +6,12 @@
 
 with a key-side log gate gk: [B, T, H, K] or a per-head scalar gate [B, T, H, 1]. The kernels
 live in `triton_gla_kernels`; this module prepares inputs, launches them and assembles
-gradients. The gate gradient uses the closed form: o depends on gk only through the cumulative
-sums G_t, and ∂L/∂G_t = q_t ⊙ dq_t − k_t ⊙ dk_t (plus, at t = T, the final-state term
-rowsum(S_T ⊙ dS_T)), so dgk is the reverse cumulative sum of that over time.
+gradients. The gate gradient uses the closed form: o depends on gk only through cumulative
+sums, and ∂L/∂b_t = q_t ⊙ dq_t − k_t ⊙ dk_t for the within-chunk cumulative gate b_t, plus
+rowsum(S ⊙ dS) of the state S leaving the chunk; dgk is the within-chunk reverse cumulative sum
+of that (see `gate_grad_kernel`).
+
+A value-side gate gv (Fast Decay) is not in the kernels: such calls run the torch chunked form.
 
 Numerics: cumulative gates, states and every accumulation in fp32; matrix products take their
 operands in the input dtype (bf16 on tensor cores; fp32 inputs use 3-pass tf32, close to fp32).
@@ -48,7 +51,9 @@ def _dot_options(dtype: torch.dtype) -> dict:
     """Operand dtype and fp32 precision of the kernels' matrix products."""
     interpreted = triton.knobs.runtime.interpret if hasattr(triton, "knobs") else \
         os.environ.get("TRITON_INTERPRET") == "1"
-    operand = tl.float32 if interpreted else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+    # Triton's CPU interpreter evaluates bf16 products wrongly, so it gets fp32 operands.
+    half_precision = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    operand = tl.float32 if interpreted else half_precision.get(dtype, tl.float32)
     # tf32x3: three tf32 passes, close to fp32 accuracy; ignored for bf16 operands.
     return dict(PREC="tf32x3" if operand == tl.float32 else "tf32", DOT=operand)
 
