@@ -6,39 +6,26 @@ the strict `from_dict`) without unpickling anything; the weights are a plain sta
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig, from_dict, to_dict
 from .model import LanguageModel
+from .results import atomic_write_bytes, atomic_write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
-
-
-def _atomic_write(path: Path, write) -> None:
-    # A crash mid-write must never leave a truncated file that later loads as a checkpoint.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_checkpoint(model: LanguageModel, tokenizer_name: str, directory: str | Path,
                     tokenizer_source: str | None = None) -> Path:
     """`tokenizer_source`: the corpus a trained tokenizer (bpe-N) was fitted on, needed to rebuild it."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config = {"model": to_dict(model.config), "tokenizer": tokenizer_name, "tokenizer_source": tokenizer_source}
-    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: torch.save(model.state_dict(), p))
+    # Each file is written atomically, so a crash never leaves a truncated one that later loads.
+    atomic_write_bytes(directory / WEIGHTS_FILE, lambda p: torch.save(model.state_dict(), p))
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
     return directory
 
 

@@ -64,7 +64,7 @@ class TrainStage(Stage):
 
         data = ctx.data_for(spec)
         model, records = train(spec, data, ctx.run_dir, device=ctx.device, progress=ctx.progress)
-        save_checkpoint(model, spec.data.tokenizer, ctx.model_dir)
+        save_checkpoint(model, spec.data.tokenizer, ctx.model_dir, tokenizer_source=spec.data.source)
         (ctx.run_dir / "training_state.pt").unlink(missing_ok=True)
         return records
 
