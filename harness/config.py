@@ -48,7 +48,9 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any
         kwargs[key] = value
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
 
 

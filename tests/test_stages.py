@@ -46,3 +46,43 @@ def test_probe_and_profile_stages(corpus, tmp_path, monkeypatch):  # noqa: F811
     out = write_report("tiny", tmp_path / "runs", tmp_path / "results")
     assert (out / "gate_saturation.png").stat().st_size > 0
     assert "Gate saturation" in (out / "RESULTS.md").read_text()
+
+
+def test_eval_stage_scores_the_trained_model_and_reports_per_task(corpus, tmp_path, monkeypatch):  # noqa: F811
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    from harness.config import ConfigError
+
+    monkeypatch.setenv("REGLA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "lm_eval" / "paper"
+    data_dir = tmp_path / "eval-data"
+    for task in ("piqa", "boolq"):  # arc_easy's files are deliberately absent
+        shutil.copytree(fixtures / task, data_dir / task)
+    data = tiny_grid(corpus, steps=10, eval_every=5)
+    data["stages"] = ["train", "eval"]
+    data["base"]["eval"] = {"tasks": ["piqa", "boolq", "arc_eazy"], "limit": 4, "batch_size": 4,
+                            "data_dir": str(data_dir)}
+    with pytest.raises(ConfigError, match="unknown evaluation task 'arc_eazy'"):
+        expand_grid(data)
+    data["base"]["eval"]["tasks"] = ["piqa", "boolq", "arc_easy"]
+    grid = expand_grid(data)
+    outcome = run_grid(grid, grid.runs, runs_dir=tmp_path / "runs", progress=False)
+    assert {r.status for r in outcome} == {"ok"}, [r.error for r in outcome]
+    frame = results_io.load("tiny", tmp_path / "runs")
+    evals = frame[frame.stage == "eval"]
+    for run_name in ("softmax", "regla"):
+        rows = evals[evals.run_name == run_name]
+        ok = rows[rows.status == "ok"]
+        assert set(ok.task) == {"piqa", "boolq"}
+        acc = ok[ok.metric == "acc"]
+        assert len(acc) == 2 and ((acc.value >= 0) & (acc.value <= 1)).all()
+        assert ok.extra.map(lambda e: "lm_eval_version" in e).all()
+        missing = rows[rows.status == "failed"]
+        assert set(missing.task) == {"arc_easy"} and missing.error.str.contains("arc_easy").all()
+    out = write_report("tiny", tmp_path / "runs", tmp_path / "results")
+    text = (out / "RESULTS.md").read_text()
+    assert "piqa acc 0-shot" in text and "boolq acc 0-shot" in text
