@@ -89,22 +89,25 @@ def _launch_intra_scores(q, k, gc, dims):
     return scores
 
 
-def _forward(q, k, v, gk, scale, initial_state, output_final_state):
+def _dims(q: Tensor, v: Tensor) -> tuple:
     B, T, H, K = q.shape
     V = v.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
-    dims = (B, T, H, K, V, NT, _block(K), _block(V), _dot_options(q.dtype))
-    gc = _launch_gate_cumsum(gk, K, dims)  # [B, Tp, H, K]
+    return (B, T, H, K, V, triton.cdiv(T, CHUNK), _block(K), _block(V), _dot_options(q.dtype))
+
+
+def _forward_from_gate(q, k, v, gc, scale, initial_state, output_final_state, dims):
+    """The forward pass given within-chunk cumulative log2 gates gc: [B, Tp, H, K] fp32."""
+    B, T, H, K, V, NT, BK, BV, dot = dims
     states, final = _launch_states_forward(k, v, gc, initial_state, output_final_state, dims)
     scores = _launch_intra_scores(q, k, gc, dims)
-    BK, BV, dot = dims[6:]
     o = _empty((B, T, H, V), q.dtype, q.device)
     output_kernel[(triton.cdiv(V, BV), NT, B * H)](q, v, gc, scores, states, o, scale, T, gc.shape[1], H, K, V, NT,
                                                    C=CHUNK, BK=BK, BV=BV, **dot)
-    return o, final, gc, scores, dims
+    return o, final, scores
 
 
-def _backward(q, k, v, gk, gc, scores, initial_state, final, do, dht, scale, dims):
+def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, dg_dtype):
+    """Gradients of q, k, v, the (per-feature) log gate [B, T, H, K] in dg_dtype, and the initial state."""
     B, T, H, K, V, NT, BK, BV, dot = dims
     Tp = gc.shape[1]
     # Chunk-entry states are recomputed rather than kept from the forward: [B, H, NT, K, V] fp32
@@ -139,21 +142,20 @@ def _backward(q, k, v, gk, gc, scores, initial_state, final, do, dht, scale, dim
     # Closed-form gate gradient (see gate_grad_kernel): within-chunk reverse sums of dG plus the
     # state-leaving-the-chunk term; the last chunk's leaving state is the final state, whose
     # gradient is zero (and the term absent) when no final state was asked for or used.
-    scalar_gate = gk.shape[-1] == 1
-    dg = _empty((B, T, H, K), torch.float32 if scalar_gate else gk.dtype, q.device)
+    dg = _empty((B, T, H, K), dg_dtype, q.device)
     has_final = final is not None and dht is not None
     gate_grad_kernel[(triton.cdiv(K, BK), NT, B * H)](dG, states, final if has_final else states, dstates, dg,
                                                       T, H, K, V, NT, C=CHUNK, BK=BK, BV=BV,
                                                       HAS_FINAL=has_final)
-    if scalar_gate:
-        dg = dg.sum(-1, keepdim=True).to(gk.dtype)
     return dq, dk, dv, dg, dh0
 
 
 class ChunkedGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gk, scale, initial_state, output_final_state):
-        o, final, gc, scores, dims = _forward(q, k, v, gk, scale, initial_state, output_final_state)
+        dims = _dims(q, v)
+        gc = _launch_gate_cumsum(gk, q.shape[-1], dims)  # [B, Tp, H, K]
+        o, final, scores = _forward_from_gate(q, k, v, gc, scale, initial_state, output_final_state, dims)
         ctx.save_for_backward(q, k, v, gk, gc, scores, initial_state, final)
         ctx.scale, ctx.dims = scale, dims
         return o, final
@@ -161,8 +163,12 @@ class ChunkedGLAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, gk, gc, scores, initial_state, final = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = _backward(q, k, v, gk, gc, scores, initial_state, final, do.contiguous(),
-                                        dht.contiguous() if dht is not None else None, ctx.scale, ctx.dims)
+        scalar_gate = gk.shape[-1] == 1
+        dq, dk, dv, dg, dh0 = _backward(q, k, v, gc, scores, initial_state, final, do.contiguous(),
+                                        dht.contiguous() if dht is not None else None, ctx.scale, ctx.dims,
+                                        torch.float32 if scalar_gate else gk.dtype)
+        if scalar_gate:
+            dg = dg.sum(-1, keepdim=True).to(gk.dtype)
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
         return dq, dk, dv, dg, None, dh0, None
 

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 import kernels  # noqa: E402
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
+from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
 
 # By module path: the package re-exports the function under the module's own name.
 triton_gla_module = importlib.import_module("kernels.triton_gla")
@@ -125,6 +126,39 @@ def test_gradients_without_final_state_gradient(final_state):
                   output_final_state=final_state != "not returned")
         results.append(torch.autograd.grad((o * do.to(dtype)).sum(), leaves))
     errors = [rel_rms(got, want) for got, want in zip(*results)]
+    assert max(errors) <= 1e-4, errors
+
+
+def refined_log_gate(a, b, tau, log_clamp):
+    """The refining gate's log decay as `variants.gates.RefinedGate` computes it, in torch."""
+    g, r = torch.sigmoid(a), torch.sigmoid(b)
+    log_f = F.logsigmoid(a) + torch.log((g + 2 * r * (1 - g)).clamp_min(torch.finfo(a.dtype).tiny))
+    log_f = log_f.clamp_max(0.0) / tau
+    return log_f if log_clamp is None else log_f.clamp_min(log_clamp)
+
+
+@pytest.mark.parametrize("tau, log_clamp", [(1.0, -8.0), (2.0, -0.5), (16.0, None)])
+def test_fused_refined_gate_matches_torch_formula(tau, log_clamp):
+    # Logits spread wide enough that the clamp bites on a good share of the elements.
+    B, T, H, K, V = 1, 65, 1, 16, 16
+    gen = torch.Generator().manual_seed(4)
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
+    inputs = [randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V), randn(B, T, H, K) * 4 - 1,
+              randn(B, T, H, K) * 2, randn(B, H, K, V)]
+    do, dht = randn(B, T, H, V), randn(B, H, K, V)
+
+    def run(dtype, fused):
+        q, k, v, a, b, h0 = leaves = [x.to(dtype).requires_grad_(True) for x in inputs]
+        if fused:
+            o, final = triton_gla_refined_gate(q, k, v, a, b, tau=tau, log_clamp=log_clamp, scale=0.25,
+                                               initial_state=h0, output_final_state=True)
+        else:
+            o, final = recurrent_gla(q, k, v, refined_log_gate(a, b, tau, log_clamp), None, scale=0.25,
+                                     initial_state=h0, output_final_state=True)
+        loss = (o * do.to(dtype)).sum() + (final * dht.to(dtype)).sum()
+        return [o, final, *torch.autograd.grad(loss, leaves)]
+
+    errors = [rel_rms(got, want) for got, want in zip(run(torch.float32, True), run(torch.float64, False))]
     assert max(errors) <= 1e-4, errors
 
 
