@@ -12,30 +12,15 @@ from harness.config import AttentionConfig, ConfigError, ModelConfig, from_dict,
 from harness.layers import LinearAttention
 from harness.model import LanguageModel
 from variants import FEATURE_MAPS, GATES, NORMS
-from variants.feature_maps import KEY_MAX_SCOPES, VARIANCE_PLACEMENTS
-from variants.gates import AXES, INPUTS
+
+from .plugin_cases import plugin_modes
 
 DTYPE = torch.float64
 VOCAB, D, H, K = 37, 16, 2, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny fp64 tensors: extra threads only add overhead, and stall on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-# Options whose values select different code paths; any plugin exposing one is tested in each value.
-MODE_SWITCHES = {
-    "key_max": KEY_MAX_SCOPES,
-    "variance_factor": VARIANCE_PLACEMENTS,
-    "axis": AXES,
-    "input": INPUTS,
-    "per_head": (True, False),
-}
 
 # The rest of the layer around the plugin under test: ReGLA's own choices.
 REGLA = dict(feature_map="safe_exp", norm="rmsnorm", gate="refined")
@@ -43,16 +28,8 @@ REGLA = dict(feature_map="safe_exp", norm="rmsnorm", gate="refined")
 
 def plugin_cases(registry, axis: str) -> list:
     """AttentionConfig overrides: each plugin with its defaults, then each non-default mode."""
-    cases = []
-    for name in registry.names():
-        options = registry.options_of(name)
-        variants = [({}, name)]
-        for switch, values in MODE_SWITCHES.items():
-            if switch in options:
-                variants += [({switch: v}, f"{name}[{switch}={v}]") for v in values if v != options[switch]]
-        for plugin_options, case_id in variants:
-            cases.append(pytest.param({axis: name, f"{axis}_options": plugin_options}, id=f"{axis}={case_id}"))
-    return cases
+    return [pytest.param({axis: name, f"{axis}_options": options}, id=f"{axis}={case_id}")
+            for name, options, case_id in plugin_modes(registry, skip=("affine",))]
 
 
 EVERY_PLUGIN = (plugin_cases(FEATURE_MAPS, "feature_map") + plugin_cases(NORMS, "norm")

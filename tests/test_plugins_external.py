@@ -25,13 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "regla_user_plugins"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny fp64 tensors: extra threads only add overhead, and stall on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 FEATURE_MAP_MODULE = '''

@@ -19,13 +19,7 @@ LENGTHS = (1, 15, 63, 64, 65, 200)
 IMPLS = ("recurrent", "chunked", "parallel")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny fp64 tensors: extra threads only add overhead, and stall on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # Which sides of the state are gated, and with how many channels: [.., K] / [.., V] per channel,

@@ -17,44 +17,20 @@ from harness.layers import LinearAttention
 from kernels import gated_linear_attention
 from variants import FEATURE_MAPS, GATES, NORMS, variance_reduction_factor
 from variants.feature_maps import KEY_MAX_SCOPES, VARIANCE_PLACEMENTS
-from variants.gates import AXES, INPUTS, refined_gate_value
+from variants.gates import AXES, refined_gate_value
+
+from .plugin_cases import plugin_modes
 
 DTYPE = torch.float64
 B, T, H, K, D = 2, 13, 2, 4, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny fp64 tensors: extra threads only add overhead, and stall on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-# Options whose values select different code paths; any plugin exposing one is tested in each value.
-MODE_SWITCHES = {
-    "key_max": KEY_MAX_SCOPES,
-    "variance_factor": VARIANCE_PLACEMENTS,
-    "axis": AXES,
-    "input": INPUTS,
-    "per_head": (True, False),
-    "affine": (True, False),
-}
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def plugin_cases(registry) -> list:
     """(name, options) for each plugin: its defaults, then each non-default mode, one at a time."""
-    cases = []
-    for name in registry.names():
-        options = registry.options_of(name)
-        cases.append(pytest.param(name, {}, id=name))
-        for switch, values in MODE_SWITCHES.items():
-            if switch in options:
-                for value in values:
-                    if value != options[switch]:
-                        cases.append(pytest.param(name, {switch: value}, id=f"{name}[{switch}={value}]"))
-    return cases
+    return [pytest.param(name, options, id=case_id) for name, options, case_id in plugin_modes(registry)]
 
 
 def randn(*shape, seed=0, requires_grad=False):
