@@ -6,6 +6,8 @@ Implementations (bf16, key-side gate, the anchor shapes of shared/anchors/bench_
   A1_regla_fla    ReGLA composed on fla: safe-exp feature maps + refining gate in torch ->
                   chunk_gla -> per-head RMSNorm (as in the anchor script)
   A1_regla_triton the same composition on this repository's kernel
+  A1_regla_triton_fused_gate  the same, with the refining gate computed inside the gate-scan
+                  kernel (kernels.triton_gla_refined) instead of in torch
   A2_sdpa         PyTorch SDPA, flash backend, causal
   A3_chunked      kernels.reference.chunked_gla in torch (small shapes only)
 
@@ -37,6 +39,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
+from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
 
 ANCHOR_SHAPES = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
                  (8, 1024, 8, 64), (8, 2048, 12, 64), (16, 4096, 12, 64)]
@@ -76,6 +79,18 @@ def regla_composed(kernel, q, k, v, gate_logit, refine_logit, norm_weight):
     return F.rms_norm(o, (D,), norm_weight)
 
 
+def regla_fused_gate(q, k, v, gate_logit, refine_logit, norm_weight):
+    """As `regla_composed` on our kernel, the refining gate inside the kernel (clamp at log 1e-6, as there)."""
+    D = q.shape[-1]
+    phi_q = torch.exp(q.float() - q.float().amax(-1, keepdim=True)).to(q.dtype)
+    k32 = k.float()
+    phi_k = torch.exp(k32 - k32.amax(dim=(1, 3), keepdim=True)).to(k.dtype)
+    scale = 1.0 / (math.e * math.sqrt(D * (math.e ** 2 - 1)))
+    o, _ = triton_gla_refined_gate(phi_q, phi_k, v, gate_logit, refine_logit, tau=1.0, log_clamp=math.log(1e-6),
+                                   scale=scale)
+    return F.rms_norm(o, (D,), norm_weight)
+
+
 def make_implementations(chunk_gla_fla):
     def ours(q, k, v, g, scale):
         return triton_gla(q, k, v, g, None, scale=scale)[0]
@@ -99,6 +114,9 @@ def make_implementations(chunk_gla_fla):
                 ["q", "k", "v", "ag", "ar", "w"])
 
     impls = {"triton": gla_call(ours), "A1_regla_triton": regla_call(ours),
+             "A1_regla_triton_fused_gate": (
+                 lambda x: regla_fused_gate(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),
+                 ["q", "k", "v", "ag", "ar", "w"]),
              "A2_sdpa": (lambda x: sdpa(x["q"], x["k"], x["v"]), ["q", "k", "v"]),
              "A3_chunked": gla_call(chunked)}
     fla_impls = {}
@@ -323,7 +341,7 @@ def main():
             timing_rows.append(row)
             summary = row.get("error") or f"fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwdbwd_ms']:.3f} ms  " \
                                           f"peak {row['fwdbwd_peak_mib']:.0f} MiB"
-            log(f"{name:16s} {shape}  {summary}  ({time.time() - start:.0f} s)")
+            log(f"{name:26s} {shape}  {summary}  ({time.time() - start:.0f} s)")
             write_results(out, timing_rows, correctness_rows, breakdown_rows)
         plot(out, timing_rows)  # after every shape, so a run stopped at its time limit still has one
         del x
