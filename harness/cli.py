@@ -61,6 +61,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     results = run_grid(grid, runs, stages=stages, runs_dir=args.runs_dir, force=args.force,
                        retry_failed=args.retry_failed, device=args.device, progress=not args.no_progress)
+    if not _finish_distributed():
+        return 0  # under torchrun, rank 0 alone summarises and reports
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -72,6 +74,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = write_report(grid.name, args.runs_dir, args.results_dir, command, grid.reference)
     print(f"report: {out}/RESULTS.md (with results.parquet and plots beside it)")
     return 0
+
+
+def _finish_distributed() -> bool:
+    """Close a torchrun process group once the grid is done; True on the rank that reports."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return True
+    is_main = dist.get_rank() == 0
+    dist.barrier()
+    dist.destroy_process_group()
+    return is_main
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -22,13 +22,14 @@ from .grid import Grid
 from .results import atomic_write_text, environment, make_rows, read_rows, write_rows
 from .spec import RunSpec
 from .stages import STAGES, StageContext
+from .train import distributed_context
 
 
 @dataclass(frozen=True)
 class StageResult:
     run: RunSpec
     stage: str
-    status: str  # ok | failed | skipped-done | skipped-failed | pending
+    status: str  # ok | failed | skipped-done | skipped-failed | skipped-rank (a non-zero rank's share)
     error: str = ""
 
 
@@ -67,6 +68,10 @@ def run_grid(grid: Grid, runs: Iterable[RunSpec], *, stages: Iterable[str] | Non
     runs = list(runs)
     stages = list(stages or grid.stages)
     runs_dir = Path(runs_dir)
+    # Under torchrun every rank walks the same grid; only rank 0 writes, and the ranks meet after
+    # each stage so that all of them read the same results when deciding what to skip.
+    dist = distributed_context()
+    progress = progress and dist.is_main
     env = environment()
     data_cache: dict = {}
     results: list[StageResult] = []
@@ -74,32 +79,44 @@ def run_grid(grid: Grid, runs: Iterable[RunSpec], *, stages: Iterable[str] | Non
     for spec in bar:
         bar.set_postfix_str(spec.name)
         directory = run_dir(runs_dir, spec)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / "spec.json", spec.to_json())
-        ctx = StageContext(directory, device, progress, data_cache)
+        if dist.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(directory / "spec.json", spec.to_json())
+        ctx = StageContext(directory, device, progress, data_cache, is_main=dist.is_main)
         for stage_name in stages:
-            stage = STAGES[stage_name]
-            status, error = stage_status(runs_dir, spec, stage_name)
-            if status == "done" and not force:
-                results.append(StageResult(spec, stage_name, "skipped-done"))
-                continue
-            if status == "failed" and not (force or retry_failed):
-                results.append(StageResult(spec, stage_name, "skipped-failed", error))
-                continue
-            missing = [r for r in stage.requires if stage_status(runs_dir, spec, r)[0] != "done"]
-            created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-            try:
-                if missing:
-                    raise RuntimeError(f"stage {stage_name!r} needs {', '.join(missing)} to have succeeded first")
-                records = stage.run(spec, ctx)
-                result = StageResult(spec, stage_name, "ok")
-            except Exception as exc:  # a failed cell is recorded and the grid goes on
-                error = describe_failure(exc)
-                atomic_write_text(stage_path(runs_dir, spec, stage_name).with_suffix(".log"), traceback.format_exc())
-                records = [{"metric": "error", "status": "failed", "error": error}]
-                result = StageResult(spec, stage_name, "failed", error)
-                if progress:
-                    tqdm.write(f"[failed] {spec.name} {stage_name}: {error}")
-            write_rows(stage_path(runs_dir, spec, stage_name), make_rows(spec, stage_name, records, env, created))
+            result = _run_stage(STAGES[stage_name], spec, ctx, runs_dir, force, retry_failed, env, progress, dist.is_main)
             results.append(result)
+            dist.barrier()
     return results
+
+
+def _run_stage(stage, spec: RunSpec, ctx: StageContext, runs_dir: Path, force: bool, retry_failed: bool,
+               env: dict, progress: bool, is_main: bool) -> StageResult:
+    """One stage of one run: skipped when its result exists, else run and recorded (ok or failed)."""
+    stage_name = stage.name
+    status, error = stage_status(runs_dir, spec, stage_name)
+    if status == "done" and not force:
+        return StageResult(spec, stage_name, "skipped-done")
+    if status == "failed" and not (force or retry_failed):
+        return StageResult(spec, stage_name, "skipped-failed", error)
+    if not is_main and not stage.distributed:
+        return StageResult(spec, stage_name, "skipped-rank")
+    missing = [r for r in stage.requires if stage_status(runs_dir, spec, r)[0] != "done"]
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    try:
+        if missing:
+            raise RuntimeError(f"stage {stage_name!r} needs {', '.join(missing)} to have succeeded first")
+        records = stage.run(spec, ctx)
+        result = StageResult(spec, stage_name, "ok")
+    except Exception as exc:  # a failed cell is recorded and the grid goes on
+        error = describe_failure(exc)
+        if is_main:
+            atomic_write_text(stage_path(runs_dir, spec, stage_name).with_suffix(".log"), traceback.format_exc())
+        records = [{"metric": "error", "status": "failed", "error": error}]
+        result = StageResult(spec, stage_name, "failed", error)
+        if progress:
+            tqdm.write(f"[failed] {spec.name} {stage_name}: {error}")
+    if is_main:
+        write_rows(stage_path(runs_dir, spec, stage_name), make_rows(spec, stage_name, records, env, created))
+    return result
+

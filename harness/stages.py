@@ -1,8 +1,9 @@
 """The stages a grid can run on each RunSpec. Each stage reads the spec (and what earlier
 stages left in the run directory) and returns metric records; the runner turns them into rows.
 
-Adding a stage: subclass `Stage`, give it a `config_class` (its settings in the grid file, hashed
-into its own stage id), and add it to STAGES. It only adds rows; nothing else changes.
+Adding a stage: subclass `Stage`, give it a `config_class` (its settings in the grid file, under
+the stage's name, hashed into its own stage id), and `register_stage` an instance. It only adds
+rows; nothing else changes.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class StageContext:
     device: str = "auto"
     progress: bool = True
     data_cache: dict = field(default_factory=dict)
+    #: False on the non-zero ranks of a torchrun job: they compute but write nothing
+    is_main: bool = True
 
     def data_for(self, spec: RunSpec) -> Any:
         """Prepared data, shared by all runs of a grid with the same source and tokenizer."""
@@ -42,6 +45,8 @@ class Stage:
     config_class: type = type(None)
     #: stages whose successful result this stage needs
     requires: tuple[str, ...] = ()
+    #: True when every rank of a torchrun job takes part (DDP training); else rank 0 runs it alone
+    distributed: bool = False
 
     def settings(self, spec: RunSpec) -> Any:
         from .config import from_dict
@@ -57,6 +62,10 @@ class TrainStage(Stage):
 
     name = "train"
     config_class = TrainConfig
+    distributed = True
+
+    def settings(self, spec: RunSpec) -> TrainConfig:
+        return spec.train
 
     def run(self, spec: RunSpec, ctx: StageContext) -> list[dict[str, Any]]:
         from .checkpoint_io import save_checkpoint
@@ -64,8 +73,9 @@ class TrainStage(Stage):
 
         data = ctx.data_for(spec)
         model, records = train(spec, data, ctx.run_dir, device=ctx.device, progress=ctx.progress)
-        save_checkpoint(model, spec.data.tokenizer, ctx.model_dir, tokenizer_source=spec.data.source)
-        (ctx.run_dir / "training_state.pt").unlink(missing_ok=True)
+        if ctx.is_main:
+            save_checkpoint(model, spec.data.tokenizer, ctx.model_dir, tokenizer_source=spec.data.source)
+            (ctx.run_dir / "training_state.pt").unlink(missing_ok=True)
         return records
 
 

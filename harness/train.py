@@ -38,6 +38,10 @@ class DistributedContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
 
 def distributed_context() -> DistributedContext:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; start the process group once if it did."""

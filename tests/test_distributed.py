@@ -1,0 +1,39 @@
+"""The training loop under torchrun: two CPU processes (gloo) train one run with DDP; rank 0 alone
+writes results, once."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from harness import results as results_io
+from harness.data import prepare_data
+
+from .test_pipeline import corpus, tiny_grid  # noqa: F401  (fixture reuse)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_grid_runs_under_torchrun_with_two_processes(corpus, tmp_path):  # noqa: F811
+    env = {**os.environ, "REGLA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    data = tiny_grid(corpus, steps=6, eval_every=3, checkpoint_every=3, log_every=3)
+    data["stages"] = ["train", "probe"]
+    grid_path = tmp_path / "tiny.yaml"
+    grid_path.write_text(yaml.safe_dump(data))
+    prepare_data("text-files", "byte", {"pattern": str(corpus / "*.txt")}, cache_dir=tmp_path / "cache", progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "run_ablations.py"), "run", str(grid_path), "--runs-dir", str(tmp_path / "runs"),
+               "--results-dir", str(tmp_path / "results"), "--no-progress", "--device", "cpu"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    frame = results_io.load("tiny", tmp_path / "runs")
+    assert set(frame.status) == {"ok"}
+    train = frame[frame.stage == "train"]
+    for run_name, rows in train.groupby("run_name"):
+        assert (rows.metric == "final/val_loss").sum() == 1, run_name  # written once, by rank 0
+        assert sorted(rows[rows.metric == "val/loss"].step) == [3, 6]
+    assert set(frame[frame.stage == "probe"].run_name) == {"softmax", "regla"}
+    assert (tmp_path / "results" / "tiny" / "RESULTS.md").is_file()
