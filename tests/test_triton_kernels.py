@@ -184,6 +184,17 @@ def test_fused_refined_gate_matches_torch_formula(tau, log_clamp):
     assert max(errors) <= 1e-4, errors
 
 
+def test_through_dispatch_with_denominator():
+    # The denominator adds a ones column to v: the kernels then see V + 1 = 17 value columns.
+    inputs = make_inputs(1, 40, 2, 16, 16, dtype=torch.float32, seed=5)
+    q, k, v, gk = (inputs[n] for n in ("q", "k", "v", "gk"))
+    q, k = q.abs(), k.abs()  # positive features keep the denominator away from zero
+    got, _ = kernels.gated_linear_attention(q, k, v, gk, scale=0.25, denominator=True, impl="triton")
+    want, _ = kernels.gated_linear_attention(q.double(), k.double(), v.double(), gk.double(), scale=0.25,
+                                             denominator=True, impl="recurrent")
+    assert rel_rms(got, want) <= 1e-4
+
+
 def test_optional_arguments_and_fallbacks():
     inputs = make_inputs(1, 20, 2, 16, 16, dtype=torch.float32)
     q, k, v, gk = inputs["q"], inputs["k"], inputs["v"], inputs["gk"]
