@@ -70,16 +70,18 @@ class ProjectedGate(Gate):
     """Common machinery of the learnable gates: options, input selection, clamping."""
 
     def __init__(self, d_model: int, num_heads: int, key_dim: int, value_dim: int, *, axis: str,
-                 rank: int | None, input: str, log_clamp: float | None):
+                 rank: int | None, input: str, log_clamp: float | None, tau: float = 1.0):
         super().__init__(d_model, num_heads, key_dim, value_dim)
         name = type(self).registry_name
+        if tau <= 0:
+            raise ValueError(f"gate {name!r}: tau must be positive; got {tau}")
         if axis not in AXES:
             raise ValueError(f"gate {name!r}: axis must be one of {', '.join(AXES)}; got {axis!r}")
         if input not in INPUTS:
             raise ValueError(f"gate {name!r}: input must be one of {', '.join(INPUTS)}; got {input!r}")
         if log_clamp is not None and not log_clamp < 0:
             raise ValueError(f"gate {name!r}: log_clamp must be negative or null; got {log_clamp}")
-        self.axis, self.rank, self.input, self.log_clamp = axis, rank, input, log_clamp
+        self.axis, self.rank, self.input, self.log_clamp, self.tau = axis, rank, input, log_clamp, tau
         self.width = key_dim if axis == "key" else value_dim
 
     def select_input(self, x: Tensor, x_prev: Tensor | None) -> Tensor:
@@ -171,10 +173,7 @@ class GLAGate(ProjectedGate):
                  rank: int | None = 16, tau: float = 16.0, bias_init: BiasInit = 0.0, axis: str = "key",
                  input: str = "x", log_clamp: float | None = None):
         super().__init__(d_model, num_heads, key_dim, value_dim, axis=axis, rank=rank, input=input,
-                         log_clamp=log_clamp)
-        if tau <= 0:
-            raise ValueError(f"gate 'gla': tau must be positive; got {tau}")
-        self.tau = tau
+                         log_clamp=log_clamp, tau=tau)
         self.proj = GateProjection(d_model, num_heads, self.width, rank, bias_init)
 
     def forward(self, x: Tensor, x_prev: Tensor | None = None) -> GateOutput:
@@ -196,10 +195,7 @@ class RefinedGate(ProjectedGate):
                  refine_bias_init: BiasInit = 0.0, axis: str = "key", input: str = "x",
                  log_clamp: float | None = -8.0):
         super().__init__(d_model, num_heads, key_dim, value_dim, axis=axis, rank=rank, input=input,
-                         log_clamp=log_clamp)
-        if tau <= 0:
-            raise ValueError(f"gate 'refined': tau must be positive; got {tau}")
-        self.tau = tau
+                         log_clamp=log_clamp, tau=tau)
         self.gate_proj = GateProjection(d_model, num_heads, self.width, rank, bias_init)
         self.refine_proj = GateProjection(d_model, num_heads, self.width, rank, refine_bias_init)
 
