@@ -19,6 +19,7 @@ The final state is returned in fp32 whatever the input dtype, as the state is ke
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -35,6 +36,23 @@ from .triton_gla_kernels import (CHUNK, SUB_CHUNK, gate_cumsum_kernel, gate_grad
 Tensor = torch.Tensor
 MAX_HEAD_DIM = 256
 _LOG2E = 1.0 / math.log(2.0)
+
+
+def check_supported(q: Tensor, v: Tensor) -> None:
+    """Head dims up to MAX_HEAD_DIM; offsets inside one batch element must fit in 32 bits."""
+    _, T, H, K = q.shape
+    V = v.shape[-1]
+    if max(K, V) > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton GLA kernels support head dims up to {MAX_HEAD_DIM}; got K={K}, V={V}")
+    padded_T = triton.cdiv(T, CHUNK) * CHUNK
+    if padded_T * H * max(K, V, CHUNK) >= 2 ** 31:
+        raise ValueError(f"T * H * max(K, V, {CHUNK}) must stay below 2^31 per batch element for the Triton "
+                         f"GLA kernels; got T={T}, H={H}, K={K}, V={V}: split the sequence or the heads")
+
+
+def on_device_of(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -181,10 +199,10 @@ def triton_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Te
         # A value-side gate (Fast Decay) is not in the kernels yet: the torch chunked form is exact.
         return reference.chunked_gla(q, k, v, gk, gv, scale=scale, initial_state=initial_state,
                                      output_final_state=output_final_state)
+    check_supported(q, v)
     B, T, H, K = q.shape
-    if max(K, v.shape[-1]) > MAX_HEAD_DIM:
-        raise ValueError(f"triton_gla supports head dims up to {MAX_HEAD_DIM}; got K={K}, V={v.shape[-1]}")
     if gk is None:
         gk = q.new_zeros(B, T, H, 1)
     q, k, v, gk = (t.contiguous() for t in (q, k, v, gk))
-    return ChunkedGLAFunction.apply(q, k, v, gk, float(scale), initial_state, output_final_state)
+    with on_device_of(q):
+        return ChunkedGLAFunction.apply(q, k, v, gk, float(scale), initial_state, output_final_state)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gla import (_LOG2E, CHUNK, MAX_HEAD_DIM, _backward, _dims, _empty, _forward_from_gate)
+from .triton_gla import _LOG2E, CHUNK, _backward, _dims, _empty, _forward_from_gate, check_supported, on_device_of
 from .triton_gla_kernels import _store_rows
 
 Tensor = torch.Tensor
@@ -117,10 +117,10 @@ def triton_gla_refined_gate(q: Tensor, k: Tensor, v: Tensor, gate_logits: Tensor
     if gate_logits.shape != q.shape or refine_logits.shape != q.shape:
         raise ValueError(f"gate_logits and refine_logits must be [B, T, H, K] = {tuple(q.shape)}; got "
                          f"{tuple(gate_logits.shape)} and {tuple(refine_logits.shape)}")
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        raise ValueError(f"head dims up to {MAX_HEAD_DIM}; got K={q.shape[-1]}, V={v.shape[-1]}")
+    check_supported(q, v)
     if tau <= 0 or (log_clamp is not None and not log_clamp < 0):
         raise ValueError(f"tau must be > 0 and log_clamp negative or None; got tau={tau}, log_clamp={log_clamp}")
     q, k, v, gate_logits, refine_logits = (t.contiguous() for t in (q, k, v, gate_logits, refine_logits))
-    return RefinedGateGLAFunction.apply(q, k, v, gate_logits, refine_logits, float(tau), log_clamp, float(scale),
-                                        initial_state, output_final_state)
+    with on_device_of(q):
+        return RefinedGateGLAFunction.apply(q, k, v, gate_logits, refine_logits, float(tau), log_clamp,
+                                            float(scale), initial_state, output_final_state)
