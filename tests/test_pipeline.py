@@ -19,7 +19,7 @@ from harness.grid import expand_grid, filter_runs, load_grid
 from harness.report import write_report
 from harness.runner import run_grid, stage_status
 from harness.spec import spec_from_dict
-from variants import FeatureMap, FeatureOutput, RegistryError, feature_map
+from variants import FEATURE_MAPS, FeatureMap, FeatureOutput, RegistryError, feature_map
 
 WORDS = ("the cat dog bird sees eats likes a small big red green quickly slowly runs jumps "
          "over under house tree garden and then").split()
@@ -116,7 +116,10 @@ def test_plugin_version_enters_the_run_id():
     data = {"model": {"attention": {"feature_map": "versioned_test_map"}}}
     before = spec_from_dict(data, name="v").run_id
     Versioned.version = 2
-    assert spec_from_dict(data, name="v").run_id != before
+    try:
+        assert spec_from_dict(data, name="v").run_id != before
+    finally:
+        FEATURE_MAPS.unregister("versioned_test_map")
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -252,22 +255,28 @@ def test_interrupted_training_resumes_to_the_same_result(corpus, tmp_path, monke
     assert not (tmp_path / "runs" / "tiny" / first.run_id / "training_state.pt").exists()
 
 
-@feature_map("nan_for_tests")
-class NaNFeatures(FeatureMap):
-    """A deliberately broken plugin: every feature is NaN, so training must diverge."""
+@pytest.fixture
+def nan_feature_map():
+    """A deliberately broken plugin (every feature NaN), registered only for one test so that the
+    registry-parametrized plugin tests never collect it."""
 
-    positive_kernel = True
+    @feature_map("nan_for_tests")
+    class NaNFeatures(FeatureMap):
+        positive_kernel = True
 
-    def __init__(self, head_dim, num_heads):
-        super().__init__(head_dim, num_heads)
+        def __init__(self, head_dim, num_heads):
+            super().__init__(head_dim, num_heads)
 
-    def forward(self, x, role, state=None):
-        return FeatureOutput(x * float("nan"))
+        def forward(self, x, role, state=None):
+            return FeatureOutput(x * float("nan"))
+
+    yield "nan_for_tests"
+    FEATURE_MAPS.unregister("nan_for_tests")
 
 
-def test_diverging_run_is_recorded_as_failed_and_the_grid_goes_on(corpus, tmp_path):
+def test_diverging_run_is_recorded_as_failed_and_the_grid_goes_on(corpus, tmp_path, nan_feature_map):
     data = tiny_grid(corpus)
-    data["axes"]["variant"]["broken"] = {"model.attention": {"feature_map": "nan_for_tests", "gate": "none"}}
+    data["axes"]["variant"]["broken"] = {"model.attention": {"feature_map": nan_feature_map, "gate": "none"}}
     grid = expand_grid(data)
     outcome = run_grid(grid, grid.runs, runs_dir=tmp_path / "runs", progress=False)
     status = {r.run.name: r.status for r in outcome}

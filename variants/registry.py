@@ -58,6 +58,11 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove a plugin (for throwaway plugins in tests and notebooks); unknown names raise."""
+        self.get(name)
+        del self._plugins[name], self._sources[name]
+
     # -- lookup -------------------------------------------------------------------------
     def load_entry_points(self) -> None:
         """Import every plugin module announced under this axis's entry-point group (once)."""
