@@ -70,7 +70,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for r in results:
         if r.status in ("failed", "skipped-failed"):
             print(f"  failed: {r.run.name} [{r.stage}] {r.error}  (re-run with --retry-failed)")
-    command = f"python run_ablations.py run {args.grid}"
+    command = f"python run_ablations.py run {args.grid}" + (f" --stages {args.stages}" if args.stages else "")
     out = write_report(grid.name, args.runs_dir, args.results_dir, command, grid.reference)
     print(f"report: {out}/RESULTS.md (with results.parquet and plots beside it)")
     return 0

@@ -202,7 +202,8 @@ def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Pa
     env = frame.iloc[0]
     lines = [f"# Results: grid `{grid}`", ""]
     if command:
-        lines += [f"Regenerate with `{command}`.", ""]
+        lines += [f"Regenerate with `{command}` (stages already done are skipped; each stage's own "
+                  "command is in the grid file).", ""]
     lines += [f"Machine: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
               f"lm-eval {env['lm_eval']}; git {env['git_sha']}.", "",
               "Validation metrics are on held-out documents; bpb = bits per UTF-8 byte (tokenizer-independent).",
