@@ -211,24 +211,20 @@ def test_optional_arguments_and_fallbacks():
 GPU_LENGTHS = [1, 15, 63, 64, 65, 1000, 4096]
 
 
-@gpu
-@requires_cuda
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("T", GPU_LENGTHS)
-def test_gpu_fp32(T, D):
-    errors = compare_to_recurrence(2, T, 2, D, D, dtype=torch.float32)
-    print(f"\nfp32 T={T} D={D} rel-RMS " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
-    assert max(errors.values()) <= 5e-3, errors
+#: rel-RMS bounds against the fp64 recurrence: the issue's 5e-3 for fp32 inputs; bf16 operands
+#: on tensor cores land near 3e-3 for outputs, and the gate gradient (a cancelling difference) higher.
+GPU_TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 5e-2}
 
 
 @gpu
 @requires_cuda
+@pytest.mark.parametrize("dtype", list(GPU_TOLERANCE), ids=["fp32", "bf16"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("T", GPU_LENGTHS)
-def test_gpu_bf16(T, D):
-    errors = compare_to_recurrence(2, T, 2, D, D, dtype=torch.bfloat16)
-    print(f"\nbf16 T={T} D={D} rel-RMS " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
-    assert max(errors.values()) <= 5e-2, errors
+def test_gpu_against_recurrence(T, D, dtype):
+    errors = compare_to_recurrence(2, T, 2, D, D, dtype=dtype)
+    print(f"\n{dtype} T={T} D={D} rel-RMS " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
+    assert max(errors.values()) <= GPU_TOLERANCE[dtype], errors
 
 
 @gpu
