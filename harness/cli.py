@@ -17,7 +17,7 @@ DEFAULT_GRID = "smoke"
 EPILOG = """examples:
   python run_ablations.py run                      # the default smoke grid (CPU, a few minutes)
   python run_ablations.py run smoke --dry-run      # show the runs and their status, train nothing
-  python run_ablations.py run grids/paper/ablation.yaml --where variant=regla,gla
+  python run_ablations.py run grids/paper/ablation.yaml --where component=regla,gla_gate
   python run_ablations.py list                     # every feature map, norm, gate and grid
   python run_ablations.py list gate 'fa*'          # wildcard listing
   python run_ablations.py report smoke             # tables and plots from existing results
