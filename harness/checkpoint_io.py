@@ -12,7 +12,7 @@ import torch
 
 from .config import ModelConfig, from_dict, to_dict
 from .model import LanguageModel
-from .results import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import results as results_io
+from .atomic import atomic_write_bytes, atomic_write_text
 
 FINAL_METRICS = [("final/val_loss", "val loss"), ("final/val_perplexity", "val ppl"),
                  ("final/val_bits_per_byte", "val bpb"), ("params", "params"),
@@ -192,7 +193,7 @@ def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Pa
         label = dict(FINAL_METRICS).get(reference["metric"], reference["metric"])
         table.insert(table.columns.get_loc(label) + 1 if label in table.columns else len(table.columns),
                      f"paper {label}", pd.Series(reference["values"], dtype=float))
-    results_io.atomic_write_bytes(out / "results.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    atomic_write_bytes(out / "results.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
     has_training = bool((frame["stage"] == "train").any())
     if has_training:
         plot_loss_curves(frame, out / "loss_curves.png")
@@ -228,7 +229,7 @@ def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Pa
     switches = _recorded_switches(frame)
     if switches:
         lines += ["## Switches recorded with each run", "", switches, ""]
-    results_io.atomic_write_text(out / "RESULTS.md", "\n".join(lines))
+    atomic_write_text(out / "RESULTS.md", "\n".join(lines))
     return out
 
 

@@ -9,7 +9,6 @@ import functools
 import os
 import platform
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_write_bytes
 from .spec import RunSpec
 
 #: fixed columns, in order; grid axes follow as extra string columns
@@ -86,27 +86,9 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     table = rows_to_table(rows)
     atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_rows(path: Path) -> pd.DataFrame:

@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .grid import Grid
-from .results import atomic_write_text, environment, make_rows, read_rows, write_rows
+from .atomic import atomic_write_text
+from .results import environment, make_rows, read_rows, write_rows
 from .spec import RunSpec
 from .stages import STAGES, StageContext
 from .train import distributed_context

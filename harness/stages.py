@@ -101,7 +101,6 @@ class EvalStage(LazyConfigStage):
 
     def run(self, spec: RunSpec, ctx: StageContext) -> list[dict[str, Any]]:
         from .checkpoint_io import load_checkpoint
-        from .data import get_tokenizer
         from .evaluate import evaluate_model
         from .train import pick_device, distributed_context
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .model import LanguageModel
-from .results import atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .spec import RunSpec, TrainConfig
 
 

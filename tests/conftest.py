@@ -20,3 +20,24 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+PSEUDO_ENGLISH = ("the cat dog bird sees eats likes a small big red green quickly slowly runs jumps "
+                  "over under house tree garden and then").split()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Twelve files of simple, learnable pseudo-English (a `text-files` source for pipeline tests)."""
+    import random
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = PSEUDO_ENGLISH
+    for i in range(12):
+        sentences = []
+        for _ in range(120):
+            subject, verb, obj = rng.choice(words[:4]), rng.choice(words[4:7]), rng.choice(words[:4])
+            sentences.append(f"The {subject} {verb} the {rng.choice(words[8:12])} {obj}.")
+        (root / f"doc{i:02d}.txt").write_text(" ".join(sentences))
+    return root

@@ -12,12 +12,12 @@ import yaml
 from harness import results as results_io
 from harness.data import prepare_data
 
-from .test_pipeline import corpus, tiny_grid  # noqa: F401  (fixture reuse)
+from .pipeline_helpers import tiny_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_grid_runs_under_torchrun_with_two_processes(corpus, tmp_path):  # noqa: F811
+def test_grid_runs_under_torchrun_with_two_processes(corpus, tmp_path):
     env = {**os.environ, "REGLA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     data = tiny_grid(corpus, steps=6, eval_every=3, checkpoint_every=3, log_every=3)
     data["stages"] = ["train", "probe"]

@@ -4,19 +4,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from harness.grid import expand_grid
 from harness.report import write_report
 from harness.runner import run_grid
 
-from .test_pipeline import corpus, tiny_grid  # noqa: F401  (fixture reuse)
+from .pipeline_helpers import tiny_grid
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "analysis.ipynb"
 
 
-def test_analysis_notebook_executes_on_grid_results(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_analysis_notebook_executes_on_grid_results(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("REGLA_CACHE_DIR", str(tmp_path / "cache"))
     grid = expand_grid(tiny_grid(corpus, steps=10, eval_every=5))
     run_grid(grid, grid.runs, runs_dir=tmp_path / "runs", progress=False)

@@ -3,8 +3,6 @@ report, with resume, skipping, failure recording and the errors a user sees."""
 from __future__ import annotations
 
 import math
-import random
-import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -21,46 +19,12 @@ from harness.runner import run_grid, stage_status
 from harness.spec import spec_from_dict
 from variants import FEATURE_MAPS, FeatureMap, FeatureOutput, RegistryError, feature_map
 
-WORDS = ("the cat dog bird sees eats likes a small big red green quickly slowly runs jumps "
-         "over under house tree garden and then").split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Twelve files of simple, learnable pseudo-English."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(12):
-        sentences = []
-        for _ in range(120):
-            subject, verb, obj = rng.choice(WORDS[:4]), rng.choice(WORDS[4:7]), rng.choice(WORDS[:4])
-            sentences.append(f"The {subject} {verb} the {rng.choice(WORDS[8:12])} {obj}.")
-        (root / f"doc{i:02d}.txt").write_text(" ".join(sentences))
-    return root
+from .pipeline_helpers import tiny_grid
 
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("REGLA_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def tiny_grid(corpus: Path, **train_overrides) -> dict:
-    train = dict(steps=20, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=10,
-                 eval_batches=2, log_every=5, checkpoint_every=5, seed=0)
-    train.update(train_overrides)
-    return {
-        "name": "tiny",
-        "stages": ["train"],
-        "base": {
-            "data": {"source": "text-files", "tokenizer": "byte", "options": {"pattern": str(corpus / "*.txt")}},
-            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32},
-            "train": train,
-        },
-        "axes": {"variant": {
-            "softmax": {"model.softmax_layers": "all"},
-            "regla": {"model.attention": {"feature_map": "safe_exp", "norm": "rmsnorm", "gate": "refined"}},
-        }},
-    }
 
 
 # --- grids and ids --------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from harness.grid import expand_grid
 from harness.report import write_report
 from harness.runner import run_grid
 
-from .test_pipeline import corpus, tiny_grid  # noqa: F401  (fixture reuse)
+from .pipeline_helpers import tiny_grid
 
 
-def test_probe_and_profile_stages(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_probe_and_profile_stages(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("REGLA_CACHE_DIR", str(tmp_path / "cache"))
     data = tiny_grid(corpus, steps=10, eval_every=5)
     data["stages"] = ["train", "probe", "profile"]
@@ -48,7 +48,7 @@ def test_probe_and_profile_stages(corpus, tmp_path, monkeypatch):  # noqa: F811
     assert "Gate saturation" in (out / "RESULTS.md").read_text()
 
 
-def test_eval_stage_scores_the_trained_model_and_reports_per_task(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_eval_stage_scores_the_trained_model_and_reports_per_task(corpus, tmp_path, monkeypatch):
     import shutil
     from pathlib import Path
 

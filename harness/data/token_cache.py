@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..atomic import temp_path_beside
 from .errors import DataError
 from .locking import build_lock
 from .sources import Source
@@ -66,12 +66,6 @@ def _valid_meta(bin_path: Path, json_path: Path, tokenizer: Tokenizer, source_ve
     if source_version is not None and meta.get("source_version") != source_version:
         return None
     return meta
-
-
-def _temp_path(target: Path) -> Path:
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
 
 
 def _write_tokens(source: Source, tokenizer: Tokenizer, split: str, out_path: Path, dtype: np.dtype,
@@ -133,7 +127,7 @@ def tokenized_split(source: Source, tokenizer: Tokenizer, split: str, cache_dir:
 def _build(source: Source, tokenizer: Tokenizer, split: str, bin_path: Path, json_path: Path,
            source_version: str, progress: bool) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp_bin, tmp_json = _temp_path(bin_path), _temp_path(json_path)
+    tmp_bin, tmp_json = temp_path_beside(bin_path), temp_path_beside(json_path)
     started = time.perf_counter()
     try:
         counts = _write_tokens(source, tokenizer, split, tmp_bin, dtype, progress)

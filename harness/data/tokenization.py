@@ -5,15 +5,14 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from ..atomic import atomic_write_text
 from .errors import DataError
 from .locking import build_lock
 from .paths import cache_dir as default_cache_dir
@@ -133,14 +132,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
     return tokenizer
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def bpe_tokenizer(vocab_size: int, source, cache_dir: Path) -> HFTokenizer:
     """Train once per (source, vocab size) on the training split; later calls load the file.
 
@@ -171,8 +162,8 @@ def bpe_tokenizer(vocab_size: int, source, cache_dir: Path) -> HFTokenizer:
         if cached is not None:
             return cached
         trained = train_bpe((doc.text for doc in source.documents("train")), vocab_size)
-        _write_atomic(path, trained.to_str())
-        _write_atomic(sidecar, json.dumps({"source": source.name, "source_options": source.options,
+        atomic_write_text(path, trained.to_str())
+        atomic_write_text(sidecar, json.dumps({"source": source.name, "source_options": source.options,
                                            "source_version": current_version, "vocab_size": vocab_size},
                                           indent=1, default=str))
     return HFTokenizer(name, trained)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
 from .task_yaml import local_data_overrides, write_task_yaml
 
 #: Bump whenever the items change for the same corpus: the cache directory is keyed by it.
@@ -237,11 +236,7 @@ BUILDERS = {
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
 def build_offline_suite(out_dir: str | Path, documents: Iterable[Any] | None = None) -> Path:
