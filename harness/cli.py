@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from variants import REGISTRIES, RegistryError, import_plugin_modules
+from variants import REGISTRIES, import_plugin_modules
 
 from .config import ConfigError
 from .data.errors import DataError
@@ -48,9 +48,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .report import write_report
     from .runner import run_grid, stage_status
 
+    from .stages import STAGES
+
     grid = load_grid(resolve_grid_path(args.grid), tuple(args.plugin))
     runs = filter_runs(grid.runs, args.where)
+    if not runs:
+        raise ConfigError(f"--where {' '.join(args.where)} matches none of the {len(grid.runs)} runs of grid "
+                          f"{grid.name!r}; see them with --dry-run")
     stages = args.stages.split(",") if args.stages else list(grid.stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; available: {', '.join(STAGES)}")
     if args.dry_run:
         header = ["run_id", "run_name", *stages]
         print(" | ".join(header))
@@ -68,10 +76,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         counts[r.status] = counts.get(r.status, 0) + 1
     print("stages: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for r in results:
-        if r.status in ("failed", "skipped-failed"):
+        if r.status in ("failed", "skipped-failed", "skipped-partial"):
             print(f"  failed: {r.run.name} [{r.stage}] {r.error}  (re-run with --retry-failed)")
     command = f"python run_ablations.py run {args.grid}" + (f" --stages {args.stages}" if args.stages else "")
-    out = write_report(grid.name, args.runs_dir, args.results_dir, command, grid.reference)
+    out = write_report(grid.name, args.runs_dir, args.results_dir, command, grid.reference, grid.runs)
     print(f"report: {out}/RESULTS.md (with results.parquet and plots beside it)")
     return 0
 
@@ -113,7 +121,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     grid = load_grid(resolve_grid_path(args.grid))
     out = write_report(grid.name, args.runs_dir, args.results_dir, f"python run_ablations.py run {args.grid}",
-                       grid.reference)
+                       grid.reference, grid.runs)
     print(f"report: {out}/RESULTS.md")
     return 0
 
@@ -177,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import_plugin_modules(args.plugin)
         return args.func(args)
-    except (ConfigError, RegistryError, DataError, FileNotFoundError) as exc:
+    # ConfigError and the registries' and sources' errors are ValueErrors: bad input, not a crash.
+    except (ValueError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -96,7 +96,7 @@ def evaluate_model(model: LanguageModel, tokenizer: Tokenizer, config: EvalConfi
                 try:
                     results = run_lm_eval(lm, manager, task, shots, config)
                 except Exception as exc:  # noqa: BLE001 -- any task failure becomes a row; the grid goes on
-                    rows.append(failed_row(task, shots, describe_failure(task, exc, config), config))
+                    rows.append(failed_row(task, shots, describe_task_failure(task, exc, config), config))
                     continue
                 rows.extend(result_rows(results, task, shots, config))
     return rows
@@ -114,14 +114,14 @@ def write_task_yamls(config: EvalConfig, yaml_dir: Path) -> dict[str, str]:
                 suite_dir = suite_dir or offline_suite_dir(config.data_dir)
                 write_offline_task_yaml(task, yaml_dir, suite_dir)
         except Exception as exc:  # noqa: BLE001 -- reported as the task's failed row
-            errors[task] = describe_failure(task, exc, config)
+            errors[task] = describe_task_failure(task, exc, config)
     return errors
 
 
-def describe_failure(task: str, exc: BaseException, config: EvalConfig) -> str:
+def describe_task_failure(task: str, exc: BaseException, config: EvalConfig) -> str:
     message = f"task {task}: {type(exc).__name__}: {exc}"
     if task in PAPER_TASKS and f"{PAPER_TASKS[task].folder}/" not in str(exc):
-        message += f". To score it from local files, pass data_dir (--data-dir) and " \
+        message += f". To score it from local files, set data_dir (the grid file's `eval: {{data_dir: ...}}`) and " \
                    f"{data_layout(PAPER_TASKS[task], config.data_dir or '<data-dir>')}"
     return message
 

@@ -89,13 +89,15 @@ class ProbeStage(Stage):
 
     def run(self, spec: RunSpec, ctx: StageContext) -> list[dict[str, Any]]:
         from .checkpoint_io import load_checkpoint
-        from .train import build_model
+        from .train import build_model, distributed_context, pick_device
 
         config: ProbeConfig = self.settings(spec)
+        device = pick_device(distributed_context(), ctx.device)
         data = ctx.data_for(spec)
-        batches = list(data.validation.eval_batches(config.batch_size, spec.train.seq_len, config.batches))
-        initial = build_model(spec, data.tokenizer.vocab_size).train()
-        trained, _ = load_checkpoint(ctx.model_dir)
+        batches = [(x.to(device), y.to(device)) for x, y in
+                   data.validation.eval_batches(config.batch_size, spec.train.seq_len, config.batches)]
+        initial = build_model(spec, data.tokenizer.vocab_size).to(device).train()
+        trained, _ = load_checkpoint(ctx.model_dir, map_location=device)
         trained.train()
         if not initial.linear_attention_layers():
             return [{"metric": "gate/none", "value": 0.0, "extra": json.dumps({"reason": "softmax-only model"})}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -29,11 +30,11 @@ def run_table(frame: pd.DataFrame) -> pd.DataFrame:
     index = ["run_name", "run_id"]
     runs = frame.drop_duplicates("run_id").set_index("run_id")[["run_name", *axes]]
     table = runs.rename(columns={a: a.removeprefix("axis:") for a in axes})
-    # A stage-level failure is a failed row without a task (a failed eval task is reported in its column).
-    stage_failures = frame[(frame["status"] == "failed") & frame["task"].isna()]
+    # A failed evaluation task is reported in its own column, not as the run's status.
+    failures = results_io.stage_failures(frame)
     table["status"] = "ok"
-    if len(stage_failures):
-        failed = stage_failures.groupby("run_id")
+    if len(failures):
+        failed = failures.groupby("run_id")
         table.loc[list(failed.groups), "status"] = "failed"
         table["error"] = failed.apply(lambda g: "; ".join(f"[{r.stage}] {r.error}" for r in g.itertuples()))
     train = frame[frame["stage"] == "train"]
@@ -182,10 +183,15 @@ def plot_profile(frame: pd.DataFrame, path: Path) -> bool:
 
 
 def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Path = "results",
-                 command: str | None = None, reference: dict | None = None) -> Path:
+                 command: str | None = None, reference: dict | None = None, runs: Any = None) -> Path:
     """Write results/<grid>/: results.parquet, RESULTS.md and the plots that the grid's stages
     have data for (loss_curves, final_metrics, gate_saturation, profile)."""
     frame = results_io.load(grid, runs_dir)
+    if runs is not None:
+        frame = results_io.current_rows(frame, runs)
+        if frame.empty:
+            raise FileNotFoundError(f"no results of grid {grid!r}'s current runs under {str(runs_dir)!r}; "
+                                    f"run `python run_ablations.py run {grid}` first")
     out = Path(results_dir) / grid
     out.mkdir(parents=True, exist_ok=True)
     table = run_table(frame)

@@ -95,6 +95,21 @@ def read_rows(path: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
+def stage_failures(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows recording that a whole stage failed (a failed row not tied to an evaluation task)."""
+    return frame[(frame["status"] == "failed") & frame["task"].isna()]
+
+
+def current_rows(frame: pd.DataFrame, runs: Iterable[RunSpec]) -> pd.DataFrame:
+    """Only the rows of these specs' runs and of their stages' current settings: results left in
+    the runs folder by older versions of a grid do not leak into its report."""
+    from .stages import STAGES
+
+    keys = {(spec.run_id, spec.stage_id(stage)) for spec in runs for stage in STAGES}
+    mask = [(run_id, stage_id) in keys for run_id, stage_id in zip(frame["run_id"], frame["stage_id"])]
+    return frame[mask]
+
+
 def load(grid: str, runs_dir: str | Path = "runs") -> pd.DataFrame:
     """All result rows of a grid as one DataFrame (axis columns named `axis:<name>`)."""
     root = Path(runs_dir) / grid

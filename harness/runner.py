@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .grid import Grid
 from .atomic import atomic_write_text
-from .results import environment, make_rows, read_rows, write_rows
+from .results import environment, make_rows, read_rows, stage_failures, write_rows
 from .spec import RunSpec
 from .stages import STAGES, StageContext
 from .train import distributed_context
@@ -30,7 +30,7 @@ from .train import distributed_context
 class StageResult:
     run: RunSpec
     stage: str
-    status: str  # ok | failed | skipped-done | skipped-failed | skipped-rank (a non-zero rank's share)
+    status: str  # ok | failed | skipped-done | skipped-partial | skipped-failed | skipped-rank
     error: str = ""
 
 
@@ -43,15 +43,18 @@ def stage_path(runs_dir: Path, spec: RunSpec, stage: str) -> Path:
 
 
 def stage_status(runs_dir: Path, spec: RunSpec, stage: str) -> tuple[str, str]:
-    """("done" | "failed" | "pending", error text) from the stage's result file."""
+    """("done" | "partial" | "failed" | "pending", error text) from the stage's result file;
+    "partial": the stage ran but some of its tasks failed (e.g. an evaluation task without data)."""
     path = stage_path(runs_dir, spec, stage)
     if not path.is_file():
         return "pending", ""
     frame = read_rows(path)
-    # A whole-stage failure is a failed row not tied to a task (a failed eval task is not one).
-    failed = frame[(frame["status"] == "failed") & frame["task"].isna()]
+    failed = stage_failures(frame)
     if len(failed):
         return "failed", str(failed["error"].iloc[0])
+    failed_tasks = frame[frame["status"] == "failed"]
+    if len(failed_tasks):
+        return "partial", "; ".join(sorted(set(failed_tasks["error"].astype(str))))
     return "done", ""
 
 
@@ -98,6 +101,8 @@ def _run_stage(stage, spec: RunSpec, ctx: StageContext, runs_dir: Path, force: b
     status, error = stage_status(runs_dir, spec, stage_name)
     if status == "done" and not force:
         return StageResult(spec, stage_name, "skipped-done")
+    if status == "partial" and not (force or retry_failed):
+        return StageResult(spec, stage_name, "skipped-partial", error)
     if status == "failed" and not (force or retry_failed):
         return StageResult(spec, stage_name, "skipped-failed", error)
     if not is_main and not stage.distributed:

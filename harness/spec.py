@@ -135,7 +135,28 @@ def spec_from_dict(data: Mapping[str, Any], *, name: str, grid: str = "", axes: 
             # Validate now so a typo fails at grid load, not after an hour of training.
             config = from_dict(STAGES[stage].config_class, settings, stage)
             stages[stage] = to_dict(config)
-    return RunSpec(name=name, model=from_dict(ModelConfig, data.get("model"), "model"),
+    spec = RunSpec(name=name, model=from_dict(ModelConfig, data.get("model"), "model"),
                    data=from_dict(DataConfig, data.get("data"), "data"),
                    train=from_dict(TrainConfig, data.get("train"), "train"),
                    stages=stages, axes=dict(axes or {}), grid=grid, plugins=tuple(plugins))
+    check_names(spec)
+    return spec
+
+
+def check_names(spec: RunSpec) -> None:
+    """Plugin options, data source (and its options) and tokenizer, checked when the grid loads
+    rather than after data preparation in every run."""
+    from .data import get_source
+    from .data.tokenization import check_tokenizer_name
+
+    where = f"run {spec.name!r}"
+    if spec.plugin_versions():
+        attention = spec.model.attention
+        FEATURE_MAPS.check_options(attention.feature_map, dict(attention.feature_map_options))
+        NORMS.check_options(attention.norm, dict(attention.norm_options))
+        GATES.check_options(attention.gate, dict(attention.gate_options))
+    try:
+        get_source(spec.data.source, **spec.data.options)
+        check_tokenizer_name(spec.data.tokenizer)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: data: {exc}") from exc

@@ -120,7 +120,8 @@ def _eval_record(row: dict[str, Any]) -> dict[str, Any]:
     extra = {k: v for k, v in row.items() if k not in core}
     if extra:
         record["extra"] = json.dumps(extra, sort_keys=True, default=str)
-    record.setdefault("metric", "error" if row.get("status") == "failed" else "value")
+    if record.get("metric") is None:
+        record["metric"] = "error" if row.get("status") == "failed" else "value"
     return record
 
 

@@ -1,12 +1,13 @@
 """The training loop: one readable function in the spirit of nanoGPT.
 
 Works on CPU (fp32), one GPU (bf16 autocast) and under torchrun (DDP, detected from the
-environment). Resumable: the full state (model, optimizer, step, data-order generator, metrics so
+environment). Resumable: the full state (model, optimizer, step, metrics so
 far) is checkpointed atomically every `checkpoint_every` steps. A NaN/inf loss stops the run with
 `Diverged`, which the runner records as a failed cell.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -99,6 +100,13 @@ def evaluate_loss(model: LanguageModel, dataset: Any, config: TrainConfig, devic
     return total / max(count, 1)
 
 
+def batch_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The data order of one step on one rank, derived from (seed, rank, step) alone, so a resumed
+    run (on any number of ranks) draws exactly the batches an uninterrupted one would have."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+
 def build_model(spec: RunSpec, vocab_size: int) -> LanguageModel:
     model_config = spec.model
     if model_config.vocab_size is None:
@@ -128,7 +136,6 @@ def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
         torch.cuda.set_device(dev)
     model = build_model(spec, data.tokenizer.vocab_size).to(dev)
     optimizer = make_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + ctx.rank)
     records: list[dict[str, Any]] = []
     start_step, trained_seconds = 0, 0.0
     resume_path = Path(run_dir) / "training_state.pt"
@@ -137,7 +144,6 @@ def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
         if state.get("run_id") == spec.run_id:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
             start_step, records, trained_seconds = state["step"], state["records"], state["seconds"]
     wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
                if ctx.world_size > 1 else model)
@@ -153,6 +159,7 @@ def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         step_loss = 0.0
+        generator = batch_generator(config.seed, ctx.rank, step)
         for micro in range(config.grad_accum):
             x, y = data.train.sample_batch(config.batch_size, config.seq_len, generator)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -188,7 +195,7 @@ def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
                          "step": done, "split": "validation"}]
         if ctx.is_main and (done % config.checkpoint_every == 0) and done < config.steps:
             _save_training_state(resume_path, {"run_id": spec.run_id, "model": model.state_dict(),
-                                               "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                               "optimizer": optimizer.state_dict(),
                                                "step": done, "records": records, "seconds": trained_seconds})
     bar.close()
     final_val = next(r["value"] for r in reversed(records) if r["metric"] == "val/loss")

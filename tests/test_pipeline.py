@@ -99,6 +99,11 @@ def test_plugin_version_enters_the_run_id():
     (lambda g: g.update(axes={"metric": [1, 2]}), "clash with result columns"),
     (lambda g: g.update(reference={"source": "s", "metric": "m", "values": {"regal": 1.0}}), "names runs ['regal']"),
     (lambda g: g.update(reference={"values": {}}), "must have exactly the keys source, metric, values"),
+    (lambda g: g["axes"]["variant"]["regla"]["model.attention"].update(gate_options={"rnak": 4}),
+     "gate 'refined' got unknown option(s) rnak; allowed options"),
+    (lambda g: g["base"]["data"].update(tokenizer="bpe4096"), "unknown tokenizer 'bpe4096'; allowed: gpt2, byte"),
+    (lambda g: g["base"]["data"].update(source="text-filez"), "unknown data source 'text-filez'; available:"),
+    (lambda g: g["base"]["data"]["options"].update(patern="x"), "got unknown option(s) ['patern']; allowed:"),
 ])
 def test_malformed_grids_raise_errors_naming_the_problem(corpus, mutate, message):
     data = tiny_grid(corpus)
@@ -264,6 +269,10 @@ def test_report_writes_table_plots_and_parquet(corpus, tmp_path):
     text = (out / "RESULTS.md").read_text()
     assert "| softmax |" in text and "| regla |" in text and "val bpb" in text
     assert "feature_map=safe_exp" in text
+    # Rows of runs that are no longer in the grid (here: all but the first) stay out of its report.
+    grid = expand_grid(tiny_grid(corpus))
+    out = write_report("tiny", tmp_path / "runs", tmp_path / "results", runs=grid.runs[:1])
+    assert "| softmax |" in (out / "RESULTS.md").read_text() and "| regla |" not in (out / "RESULTS.md").read_text()
     reference = {"source": "a paper", "metric": "final/val_perplexity", "values": {"softmax": 18.5}}
     out = write_report("tiny", tmp_path / "runs", tmp_path / "results", reference=reference)
     text = (out / "RESULTS.md").read_text()
@@ -281,6 +290,11 @@ def test_cli_run_dry_run_and_list(corpus, tmp_path, capsys):
     assert "refined" in capsys.readouterr().out
     assert cli_main(["list", "colour"]) == 2
     assert "unknown axis 'colour'" in capsys.readouterr().err
+    assert cli_main(["run", str(path), "--stages", "train,evaluate", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "unknown stage(s) evaluate; available: train, eval, probe, profile" in capsys.readouterr().err
+    assert cli_main(["run", str(path), "--where", "variant=gla", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "matches none of the 2 runs" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists(), "a refused command writes nothing"
 
 
 def test_missing_corpus_and_unreadable_paths_name_the_fix(tmp_path):

@@ -86,3 +86,11 @@ def test_eval_stage_scores_the_trained_model_and_reports_per_task(corpus, tmp_pa
     out = write_report("tiny", tmp_path / "runs", tmp_path / "results")
     text = (out / "RESULTS.md").read_text()
     assert "piqa acc 0-shot" in text and "boolq acc 0-shot" in text
+    # A stage with failed tasks is kept as it is, and re-run on request once the data is there.
+    again = run_grid(grid, grid.runs, stages=["eval"], runs_dir=tmp_path / "runs", progress=False)
+    assert {r.status for r in again} == {"skipped-partial"} and all("arc_easy" in r.error for r in again)
+    shutil.copytree(fixtures / "arc_easy", data_dir / "arc_easy")
+    retried = run_grid(grid, grid.runs, stages=["eval"], runs_dir=tmp_path / "runs", progress=False, retry_failed=True)
+    assert {r.status for r in retried} == {"ok"}
+    frame = results_io.load("tiny", tmp_path / "runs")
+    assert (frame[(frame.stage == "eval")].status == "ok").all()

@@ -115,8 +115,8 @@ class Registry(Generic[T]):
         """The keyword options a plugin accepts beyond the dimensions the harness passes."""
         return _keyword_options(self.get(name))
 
-    def create(self, name: str, /, *args: Any, **options: Any) -> T:
-        """Instantiate plugin `name`; unknown options raise an error listing the allowed ones."""
+    def check_options(self, name: str, options: dict[str, Any]) -> None:
+        """Raise if `options` has names plugin `name` does not accept, listing the allowed ones."""
         cls = self.get(name)
         allowed = _keyword_options(cls)
         accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD
@@ -127,7 +127,11 @@ class Registry(Generic[T]):
             raise RegistryError(
                 f"{self.axis} {name!r} got unknown option(s) {', '.join(unknown)}; "
                 f"allowed options (with defaults): {allowed_text}")
-        return cls(*args, **options)
+
+    def create(self, name: str, /, *args: Any, **options: Any) -> T:
+        """Instantiate plugin `name`; unknown options raise an error listing the allowed ones."""
+        self.check_options(name, options)
+        return self.get(name)(*args, **options)
 
     def __repr__(self) -> str:
         return f"Registry({self.axis!r}, {len(self._plugins)} plugins)"

@@ -23,6 +23,13 @@ WORD_CACHE_CAPACITY = 1_000_000
 ALLOWED = "gpt2, byte, bpe-<N> (a byte-level BPE of vocabulary N >= 257 trained on the source, e.g. bpe-8192)"
 
 
+def check_tokenizer_name(name: str) -> None:
+    """Raise the unknown-tokenizer error without building anything (grid files are checked early)."""
+    match = _BPE_NAME.match(name)
+    if name not in ("gpt2", "byte") and not (match and int(match.group(1)) >= 257):
+        raise ValueError(f"unknown tokenizer {name!r}; allowed: {ALLOWED}")
+
+
 class Tokenizer:
     """``encode``/``decode`` text, with ``vocab_size``, the document separator ``eot_id`` and a ``name``."""
 

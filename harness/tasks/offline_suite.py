@@ -257,8 +257,8 @@ def build_offline_suite(out_dir: str | Path, documents: Iterable[Any] | None = N
         if rows:
             _write_jsonl(out_dir / task / "test.jsonl", rows)
     manifest = {"suite_version": SUITE_VERSION, "documents": len(documents), "items": counts}
-    # Written last: its presence means the directory is complete.
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    # Written last and atomically: its presence is what marks the suite complete.
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return out_dir
 
 
@@ -291,6 +291,6 @@ def write_offline_task_yaml(name: str, yaml_dir: Path, suite_dir: Path) -> Path:
         raise OfflineSuiteUnavailable(
             f"task {name}: no items in {data} (the corpus the suite was built from had no text this task "
             f"needs); rebuild it with harness.tasks.build_offline_suite(<dir>) from offline-english "
-            f"(install: bash scripts/prepare_corpora.sh) and pass that directory as data_dir (--data-dir)")
+            f"(install: bash scripts/prepare_corpora.sh) and set that directory as data_dir (the grid file's `eval: {{data_dir: ...}}`)")
     overrides = local_data_overrides({"test": data}, ("test",))
     return write_task_yaml(yaml_dir, name, TASK_YAML_DIR / f"{name}.yaml", overrides)

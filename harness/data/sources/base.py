@@ -25,7 +25,7 @@ class Source(ABC):
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             allowed = ", ".join(sorted(self.defaults)) or "none"
-            raise TypeError(f"source {self.name!r} got unknown option(s) {unknown}; allowed: {allowed}")
+            raise ValueError(f"source {self.name!r} got unknown option(s) {unknown}; allowed: {allowed}")
         self.options = {**self.defaults, **options}
 
     def documents(self, split: str) -> Iterator[Document]:
