@@ -1,6 +1,6 @@
 """Gated linear attention kernels on one CUDA GPU: correctness first, then speed and memory.
 
-Implementations (bf16, key-side gate, the anchor shapes of shared/anchors/bench_anchors.py):
+Implementations (bf16, key-side gate, the anchor shapes of results/kernels/anchors/bench_anchors.py):
   triton          this repository's Triton kernel (kernels.triton_gla)
   A0_fla          fla's chunk_gla (the anchor)
   A1_regla_fla    ReGLA composed on fla: safe-exp feature maps + refining gate in torch ->

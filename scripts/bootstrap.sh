@@ -15,8 +15,9 @@ if [ -f "$stamp" ]; then
 fi
 echo "[bootstrap] installing dependencies into .venv (first run only)"
 .venv/bin/python -m pip install -q --upgrade pip
-# torch 2.13.0 is the CPU wheel kept on this project's machines; any other version would pull a
-# multi-GB CUDA build. Skip when a torch inside the project's range is already there.
+# torch 2.13.0: the CPU wheel this project is developed against. Where pip would fetch a multi-GB
+# CUDA build instead, install a CPU torch in .venv first (e.g. from PyTorch's CPU index): this
+# step is skipped when a torch inside the project's range is already there.
 if ! .venv/bin/python -c "import torch, sys; v=tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])); sys.exit(0 if (2, 4) <= v < (2, 15) else 1)" 2>/dev/null; then
     .venv/bin/python -m pip install -q "torch==2.13.0"
 fi

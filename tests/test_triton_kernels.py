@@ -211,7 +211,7 @@ def test_optional_arguments_and_fallbacks():
 GPU_LENGTHS = [1, 15, 63, 64, 65, 1000, 4096]
 
 
-#: rel-RMS bounds against the fp64 recurrence: the issue's 5e-3 for fp32 inputs; bf16 operands
+#: rel-RMS bounds against the fp64 recurrence: 5e-3 for fp32 inputs; bf16 operands
 #: on tensor cores land near 3e-3 for outputs, and the gate gradient (a cancelling difference) higher.
 GPU_TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 5e-2}
 

@@ -143,7 +143,7 @@ def bpe_tokenizer(vocab_size: int, source, cache_dir: Path) -> HFTokenizer:
     """Train once per (source, vocab size) on the training split; later calls load the file.
 
     A cached file is retrained only when the source is readable here and its version changed, so
-    a machine that got the cache without the corpus (the GPU box) still loads it.
+    a machine that got the cache without the corpus (e.g. a GPU machine without the corpora) still loads it.
     """
     from .sources import Source, get_source
 
