@@ -311,7 +311,7 @@ def test_text_files_errors_name_the_path(tmp_path):
 def test_unknown_source_and_option_are_listed():
     with pytest.raises(ValueError, match="offline-english.*text-files"):
         get_source("wikitext-9")
-    with pytest.raises(TypeError, match="allowed"):
+    with pytest.raises(ValueError, match="unknown option.*patern.*allowed: pattern"):
         get_source("text-files", patern="x")
 
 
