@@ -54,6 +54,15 @@ def distributed_context() -> DistributedContext:
     return DistributedContext(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def all_finite(loss: float, ctx: DistributedContext, device: torch.device) -> bool:
+    """Whether the loss is finite on every rank: under DDP all ranks must stop at the same step,
+    or the ones still training would wait forever in the next gradient all-reduce."""
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
+    if ctx.world_size > 1:
+        dist.all_reduce(bad)
+    return bool(bad.item() == 0)
+
+
 def pick_device(ctx: DistributedContext, requested: str = "auto") -> torch.device:
     if requested != "auto":
         return torch.device(requested)
@@ -169,8 +178,8 @@ def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
                 loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
-        if not math.isfinite(step_loss):
-            raise Diverged(f"non-finite training loss ({step_loss}) at step {step}")
+        if not all_finite(step_loss, ctx, dev):
+            raise Diverged(f"non-finite training loss ({step_loss} on rank {ctx.rank}; all ranks stop) at step {step}")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
