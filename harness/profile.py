@@ -51,16 +51,25 @@ def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats:
     return {"median_ms": statistics.median(times), "p20_ms": quantiles[0], "p80_ms": quantiles[3]}
 
 
-def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
-    """Allocator high-water mark above the starting allocation, in MiB (NaN off CUDA)."""
-    if device.type != "cuda":
-        return float("nan")
+def time_and_peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """One synchronised call of `fn`: wall time in ms, and the allocator's high-water mark above
+    the starting allocation in MiB (NaN off CUDA)."""
+    cuda = device.type == "cuda"
     _synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    baseline = torch.cuda.memory_allocated(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device) if cuda else 0
+    start = time.perf_counter()
     fn()
     _synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20 if cuda else float("nan")
+    return elapsed_ms, peak
+
+
+def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
+    """Peak memory of one call, measured apart from the timed calls (NaN off CUDA)."""
+    return time_and_peak_memory(fn, device)[1]
 
 
 def profile_training_step(model: LanguageModel, seq_lens: list[int], batch_size: int, device: torch.device,
@@ -102,16 +111,7 @@ def profile_generation(model: LanguageModel, prompt_length: int, generation_leng
     for _ in range(warmup):
         model.generate(prompt, 8)
     for n in generation_lengths:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        _synchronize(device)
-        start = time.perf_counter()
-        model.generate(prompt, n)
-        _synchronize(device)
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        peak = ((torch.cuda.max_memory_allocated(device) - baseline) / 2**20 if device.type == "cuda"
-                else float("nan"))
+        elapsed_ms, peak = time_and_peak_memory(lambda: model.generate(prompt, n), device)
         tag = _json({"prompt_length": prompt_length, "generated": n})
         records += [{"metric": "profile/generate_total_ms", "value": elapsed_ms, "extra": tag},
                     {"metric": "profile/generate_peak_mib", "value": peak, "extra": tag}]

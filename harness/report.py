@@ -105,6 +105,12 @@ def plot_final_metrics(table: pd.DataFrame, path: Path, metric: str = "val bpb")
     return True
 
 
+def with_extra_fields(rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """`columns` of the rows plus one column per field of their `extra` JSON (layer, gate, seq_len, ...)."""
+    extra = pd.DataFrame([json.loads(e) for e in rows["extra"]], index=rows.index)
+    return pd.concat([rows[columns], extra], axis=1)
+
+
 #: which exposed activation is each gate's effective forget value, in order of preference
 FORGET_ACTIVATIONS = ("F", "alpha", "f", "g")
 
@@ -114,8 +120,7 @@ def gate_histograms(frame: pd.DataFrame) -> pd.DataFrame:
     hist = frame[(frame["stage"] == "probe") & (frame["metric"] == "gate/hist") & (frame["status"] == "ok")]
     if hist.empty:
         return hist
-    extra = pd.DataFrame([json.loads(e) for e in hist["extra"]], index=hist.index)
-    hist = pd.concat([hist[["run_name", "step", "value"]], extra], axis=1)
+    hist = with_extra_fields(hist, ["run_name", "step", "value"])
     return hist.groupby(["run_name", "step", "gate", "bin_low", "bin_high"], as_index=False)["value"].mean()
 
 
@@ -156,8 +161,7 @@ def profile_table(frame: pd.DataFrame) -> pd.DataFrame:
     rows = frame[(frame["stage"] == "profile") & (frame["status"] == "ok") & frame["extra"].notna()]
     if rows.empty:
         return rows
-    extra = pd.DataFrame([json.loads(e) for e in rows["extra"]], index=rows.index)
-    return pd.concat([rows[["run_name", "metric", "value"]], extra], axis=1)
+    return with_extra_fields(rows, ["run_name", "metric", "value"])
 
 
 def plot_profile(frame: pd.DataFrame, path: Path) -> bool:
@@ -243,8 +247,7 @@ def saturation_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per run and gate activation: saturated fractions and mean, before -> after training."""
     probe = frame[(frame["stage"] == "probe") & (frame["status"] == "ok")
                   & frame["metric"].isin(["gate/saturated_high", "gate/saturated_low", "gate/mean", "gate/grad_abs_mean"])]
-    extra = pd.DataFrame([json.loads(e) for e in probe["extra"]], index=probe.index)
-    probe = pd.concat([probe[["run_name", "step", "metric", "value"]], extra], axis=1)
+    probe = with_extra_fields(probe, ["run_name", "step", "metric", "value"])
     pooled = probe.groupby(["run_name", "gate", "metric", "step"])["value"].mean().unstack("step")
     first, last = pooled.columns.min(), pooled.columns.max()
     pooled["change"] = pooled[first].map("{:.3g}".format) + " → " + pooled[last].map("{:.3g}".format)
