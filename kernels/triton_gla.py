@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -76,34 +77,52 @@ def _dot_options(dtype: torch.dtype) -> dict:
     return dict(PREC="tf32x3" if operand == tl.float32 else "tf32", DOT=operand)
 
 
-def _launch_gate_cumsum(gk: Tensor, K: int, dims) -> Tensor:
-    """Within-chunk cumulative log gates: [B, T, H, K or 1] -> [B, NT * CHUNK, H, K] fp32, log2 units."""
+class SafeExpShifts(NamedTuple):
+    """Per-row shifts of ReGLA's safe-exp feature maps, [B, T, H] fp32 each: the kernels then read
+    q and k as φ(q) = exp(q − query) and φ(k) = exp(k − key), formed on load."""
+
+    query: Tensor
+    key: Tensor
+
+
+def _feature_args(shifts: SafeExpShifts | None, placeholder: Tensor) -> dict:
+    """The kernels' shift pointers and EXP switch (placeholders, never read, without features)."""
+    if shifts is None:
+        return dict(qs=placeholder, ks=placeholder, EXP=False)
+    return dict(qs=shifts.query, ks=shifts.key, EXP=True)
+
+
+def _launch_gate_cumsum(gk: Tensor, K: int, dims, row_decay: Tensor | None = None) -> Tensor:
+    """Within-chunk cumulative log gates: [B, T, H, K or 1] -> [B, NT * CHUNK, H, K] fp32, log2 units.
+    `row_decay` [B, T, H] fp32 adds one more log decay per row (safe_exp's key-max rescaling)."""
     B, T, H, _, V, NT, BK, BV, dot = dims
     gc = _empty((B, NT * CHUNK, H, K), torch.float32, gk.device)
-    gate_cumsum_kernel[(triton.cdiv(K, BK), NT, B * H)](gk, gc, T, NT * CHUNK, H, K, gk.shape[-1], _LOG2E,
-                                                       C=CHUNK, BK=BK, SCALAR=gk.shape[-1] == 1)
+    gate_cumsum_kernel[(triton.cdiv(K, BK), NT, B * H)](
+        gk, row_decay if row_decay is not None else gk, gc, T, NT * CHUNK, H, K, gk.shape[-1], _LOG2E,
+        C=CHUNK, BK=BK, SCALAR=gk.shape[-1] == 1, ROW_DECAY=row_decay is not None)
     return gc
 
 
-def _launch_states_forward(k, v, gc, initial_state, output_final_state, dims):
+def _launch_states_forward(k, v, gc, initial_state, output_final_state, dims, shifts=None):
     B, T, H, K, V, NT, BK, BV, dot = dims
     states = _empty((B, H, NT, K, V), torch.float32, k.device)  # [B, H, NT, K, V]
     final = _empty((B, H, K, V), torch.float32, k.device) if output_final_state else None
     h0 = initial_state.contiguous() if initial_state is not None else None
+    features = _feature_args(shifts, k)
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)
-    state_forward_kernel[grid](k, v, gc, h0 if h0 is not None else states, states,
+    state_forward_kernel[grid](k, features["ks"], v, gc, h0 if h0 is not None else states, states,
                                final if final is not None else states, T, gc.shape[1], H, K, V, NT,
                                C=CHUNK, BK=BK, BV=BV, HAS_H0=h0 is not None,
-                               STORE_HT=final is not None, **dot)
+                               STORE_HT=final is not None, EXP=features["EXP"], **dot)
     return states, final
 
 
-def _launch_intra_scores(q, k, gc, dims):
+def _launch_intra_scores(q, k, gc, dims, shifts=None):
     B, T, H, K, V, NT, BK, BV, dot = dims
     scores = _empty((B, gc.shape[1], H, CHUNK), torch.float32, q.device)  # [B, Tp, H, C]
     grid = (NT * (CHUNK // SUB_CHUNK), B * H)
-    intra_scores_kernel[grid](q, k, gc, scores, T, gc.shape[1], H, K,
-                              C=CHUNK, S=SUB_CHUNK, BK=BK, **dot)
+    intra_scores_kernel[grid](q, k, gc=gc, A=scores, T=T, Tp=gc.shape[1], H=H, K=K,
+                              C=CHUNK, S=SUB_CHUNK, BK=BK, **_feature_args(shifts, q), **dot)
     return scores
 
 
@@ -113,38 +132,45 @@ def _dims(q: Tensor, v: Tensor) -> tuple:
     return (B, T, H, K, V, triton.cdiv(T, CHUNK), _block(K), _block(V), _dot_options(q.dtype))
 
 
-def _forward_from_gate(q, k, v, gc, scale, initial_state, output_final_state, dims):
+def _forward_from_gate(q, k, v, gc, scale, initial_state, output_final_state, dims, shifts=None):
     """The forward pass given within-chunk cumulative log2 gates gc: [B, Tp, H, K] fp32."""
     B, T, H, K, V, NT, BK, BV, dot = dims
-    states, final = _launch_states_forward(k, v, gc, initial_state, output_final_state, dims)
-    scores = _launch_intra_scores(q, k, gc, dims)
+    states, final = _launch_states_forward(k, v, gc, initial_state, output_final_state, dims, shifts)
+    scores = _launch_intra_scores(q, k, gc, dims, shifts)
     o = _empty((B, T, H, V), q.dtype, q.device)
-    output_kernel[(triton.cdiv(V, BV), NT, B * H)](q, v, gc, scores, states, o, scale, T, gc.shape[1], H, K, V, NT,
-                                                   C=CHUNK, BK=BK, BV=BV, **dot)
+    features = _feature_args(shifts, q)
+    output_kernel[(triton.cdiv(V, BV), NT, B * H)](q, features["qs"], v, gc, scores, states, o, scale, T,
+                                                   gc.shape[1], H, K, V, NT, C=CHUNK, BK=BK, BV=BV,
+                                                   EXP=features["EXP"], **dot)
     return o, final, scores
 
 
-def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, dg_dtype):
-    """Gradients of q, k, v, the (per-feature) log gate [B, T, H, K] in dg_dtype, and the initial state."""
+def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, dg_dtype, shifts=None):
+    """Gradients of q, k, v, the (per-feature) log gate [B, T, H, K] in dg_dtype, and the initial state.
+
+    With safe-exp `shifts`, dq and dk are the raw inputs' gradients at fixed shifts, and two more
+    results, [B, T, H] fp32, are the shifts' gradients (None without)."""
     B, T, H, K, V, NT, BK, BV, dot = dims
     Tp = gc.shape[1]
+    features = _feature_args(shifts, q)
     # Chunk-entry states are recomputed rather than kept from the forward: [B, H, NT, K, V] fp32
     # would otherwise be held for the whole of the model's backward.
-    states, _ = _launch_states_forward(k, v, gc, initial_state, False, dims)
+    states, _ = _launch_states_forward(k, v, gc, initial_state, False, dims, shifts)
 
     dstates = _empty((B, H, NT, K, V), torch.float32, q.device)
     dh0 = _empty((B, H, K, V), torch.float32, q.device) if initial_state is not None else None
     state_backward_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-        q, do, gc, dht if dht is not None else dstates, dstates, dh0 if dh0 is not None else dstates,
+        q, features["qs"], do, gc, dht if dht is not None else dstates, dstates, dh0 if dh0 is not None else dstates,
         scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, **dot)
+        STORE_DH0=dh0 is not None, EXP=features["EXP"], **dot)
 
     score_grad = _empty((B, Tp, H, CHUNK), torch.float32, q.device)  # [B, Tp, H, C]
     intra_score_grad_kernel[(NT, B * H)](do, v, score_grad, scale, T, Tp, H, V, C=CHUNK, BV=BV, **dot)
 
     dv = _empty((B, T, H, V), v.dtype, q.device)
     value_grad_kernel[(triton.cdiv(V, BV), NT, B * H)](
-        k, gc, scores, do, dstates, dv, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, **dot)
+        k, features["ks"], gc, scores, do, dstates, dv, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV,
+        EXP=features["EXP"], **dot)
 
     dq_inter = _empty((B, T, H, K), torch.float32, q.device)  # through the chunk states
     dk_inter = _empty((B, T, H, K), torch.float32, q.device)
@@ -153,9 +179,12 @@ def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, d
     dq = _empty((B, T, H, K), q.dtype, q.device)
     dk = _empty((B, T, H, K), k.dtype, q.device)
     dG = _empty((B, T, H, K), torch.float32, q.device)  # q ⊙ dq − k ⊙ dk, the gate's local term
+    # Per key block row sums of the raw dq, dk (safe-exp only): summed below, deterministically.
+    rowsums = [_empty((triton.cdiv(K, BK), B, T, H), torch.float32, q.device) if shifts is not None else dG
+               for _ in range(2)]
     query_key_grad_kernel[(triton.cdiv(K, BK), NT * (CHUNK // SUB_CHUNK), B * H)](
-        q, k, gc, score_grad, dq_inter, dk_inter, dq, dk, dG, T, Tp, H, K,
-        C=CHUNK, S=SUB_CHUNK, BK=BK, **dot)
+        q, k, features["qs"], features["ks"], gc, score_grad, dq_inter, dk_inter, dq, dk, dG, *rowsums,
+        T, Tp, H, K, B, C=CHUNK, S=SUB_CHUNK, BK=BK, EXP=features["EXP"], **dot)
 
     # Closed-form gate gradient (see gate_grad_kernel): within-chunk reverse sums of dG plus the
     # state-leaving-the-chunk term; the last chunk's leaving state is the final state, whose
@@ -165,7 +194,10 @@ def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, d
     gate_grad_kernel[(triton.cdiv(K, BK), NT, B * H)](dG, states, final if has_final else states, dstates, dg,
                                                       T, H, K, V, NT, C=CHUNK, BK=BK, BV=BV,
                                                       HAS_FINAL=has_final)
-    return dq, dk, dv, dg, dh0
+    if shifts is None:
+        return dq, dk, dv, dg, dh0, None, None
+    # φ = exp(x − m): ∂L/∂m = −Σ_features φ ⊙ dφ, i.e. minus the row sums of dq, dk.
+    return dq, dk, dv, dg, dh0, -rowsums[0].sum(0), -rowsums[1].sum(0)
 
 
 class ChunkedGLAFunction(torch.autograd.Function):
@@ -182,7 +214,7 @@ class ChunkedGLAFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, gk, gc, scores, initial_state, final = ctx.saved_tensors
         scalar_gate = gk.shape[-1] == 1
-        dq, dk, dv, dg, dh0 = _backward(q, k, v, gc, scores, initial_state, final, do.contiguous(),
+        dq, dk, dv, dg, dh0, _, _ = _backward(q, k, v, gc, scores, initial_state, final, do.contiguous(),
                                         dht.contiguous() if dht is not None else None, ctx.scale, ctx.dims,
                                         torch.float32 if scalar_gate else gk.dtype)
         if scalar_gate:

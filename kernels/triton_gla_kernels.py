@@ -54,13 +54,43 @@ def _load_row(ptr, row, n_rows, col0, n_cols, BC: tl.constexpr):
 
 
 @triton.jit
-def state_forward_kernel(k, v, gc, h0, states, ht, T, Tp, H, K, V, NT,
+def _load_features(ptr, shift, row0, n_rows, row_stride, col0, n_cols, shift_stride,
+                   BR: tl.constexpr, BC: tl.constexpr, EXP: tl.constexpr):
+    """A [BR, BC] tile of q or k in fp32 (as `_load_rows`); with EXP, the safe-exp features
+    exp(x − shift_row) instead, zero outside. `shift` points at this (batch, head)'s per-row
+    shifts, `shift_stride` apart. Features are formed here, on load, so they never exist in memory."""
+    rows = row0 + tl.arange(0, BR)
+    cols = col0 + tl.arange(0, BC)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    x = tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if EXP:
+        m = tl.load(shift + rows * shift_stride, mask=rows < n_rows, other=0.0)
+        x = tl.where(mask, tl.exp(x - m[:, None]), 0.0)
+    return x
+
+
+@triton.jit
+def _load_feature_row(ptr, shift, row, n_rows, col0, n_cols, BC: tl.constexpr, EXP: tl.constexpr):
+    """`_load_row` in fp32; with EXP, exp(x − shift) for the row whose shift `shift` points at."""
+    x = _load_row(ptr, row, n_rows, col0, n_cols, BC).to(tl.float32)
+    if EXP:
+        cols = col0 + tl.arange(0, BC)
+        inside = (cols < n_cols) & (cols * 0 + row < n_rows)
+        m = tl.load(shift + cols * 0, mask=inside, other=0.0)
+        x = tl.where(inside, tl.exp(x - m), 0.0)
+    return x
+
+
+@triton.jit
+def state_forward_kernel(k, ks, v, gc, h0, states, ht, T, Tp, H, K, V, NT,
                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+                         HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+                         EXP: tl.constexpr):
     """Sequential pass over chunks: states[c] is the state entering chunk c; ht the final one."""
     ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     k_base = k + (b.to(tl.int64) * T * H + h) * K  # row stride H*K
+    ks_base = ks + b.to(tl.int64) * T * H + h  # per-row key shifts, row stride H
     v_base = v + (b.to(tl.int64) * T * H + h) * V
     g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
     kv_base = bh.to(tl.int64) * NT * K * V
@@ -72,7 +102,7 @@ def state_forward_kernel(k, v, gc, h0, states, ht, T, Tp, H, K, V, NT,
     for c in range(NT):
         _store_rows(states + kv_base + c * K * V, state, ik * BK, K, V, iv * BV, V, BK, BV)
         t0 = c * C
-        k_tile = _load_rows(k_base, t0, T, H * K, ik * BK, K, C, BK).to(tl.float32)  # [C, BK]
+        k_tile = _load_features(k_base, ks_base, t0, T, H * K, ik * BK, K, H, C, BK, EXP)  # [C, BK]
         v_tile = _load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV).to(dt)  # [C, BV]
         g_tile = _load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)  # [C, BK]
         g_last = _load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)  # [BK]
@@ -83,8 +113,9 @@ def state_forward_kernel(k, v, gc, h0, states, ht, T, Tp, H, K, V, NT,
 
 
 @triton.jit
-def intra_scores_kernel(q, k, gc, A, T, Tp, H, K,
-                        C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+def intra_scores_kernel(q, k, qs, ks, gc, A, T, Tp, H, K,
+                        C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+                        EXP: tl.constexpr):
     """A[t, s] = sum_j q_tj k_sj exp2(b_tj - b_sj) for s <= t in the same chunk (zero above).
 
     One program per (sub-chunk of S rows, batch*head); A is [B, Tp, H, C] in fp32.
@@ -94,6 +125,8 @@ def intra_scores_kernel(q, k, gc, A, T, Tp, H, K,
     b, h = bh // H, bh % H
     q_base = q + (b.to(tl.int64) * T * H + h) * K
     k_base = k + (b.to(tl.int64) * T * H + h) * K
+    qs_base = qs + b.to(tl.int64) * T * H + h
+    ks_base = ks + b.to(tl.int64) * T * H + h
     g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
     t0, r0 = c * C, c * C + i * S
     rows = i * S + tl.arange(0, S)  # chunk-relative rows of this sub-chunk
@@ -101,9 +134,9 @@ def intra_scores_kernel(q, k, gc, A, T, Tp, H, K,
     dt = DOT
     acc = tl.zeros([S, C], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        q_sub = _load_rows(q_base, r0, T, H * K, k0, K, S, BK).to(tl.float32)  # [S, BK]
+        q_sub = _load_features(q_base, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)  # [S, BK]
         g_sub = _load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)  # [S, BK]
-        k_chunk = _load_rows(k_base, t0, T, H * K, k0, K, C, BK).to(tl.float32)  # [C, BK]
+        k_chunk = _load_features(k_base, ks_base, t0, T, H * K, k0, K, H, C, BK, EXP)  # [C, BK]
         g_chunk = _load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)  # [C, BK]
         g_ref = _load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)  # [BK], first row of the sub-chunk
         # Earlier sub-chunks: b_t - b_s = (b_t - b_ref) + (b_ref - b_s), both parts <= 0.
@@ -114,7 +147,7 @@ def intra_scores_kernel(q, k, gc, A, T, Tp, H, K,
         # Diagonal S x S block: exact pairwise decays, one key column at a time, in fp32.
         for j in range(S):
             s = i * S + j
-            k_s = _load_row(k_base + (t0 + s) * H * K, t0 + s, T, k0, K, BK).to(tl.float32)
+            k_s = _load_feature_row(k_base + (t0 + s) * H * K, ks_base + (t0 + s) * H, t0 + s, T, k0, K, BK, EXP)
             g_s = _load_row(g_base + (t0 + s) * H * K, 0, 1, k0, K, BK)
             causal = rows[:, None] >= s
             decay = tl.exp2(tl.where(causal, g_sub - g_s[None, :], float("-inf")))  # [S, BK]
@@ -125,20 +158,22 @@ def intra_scores_kernel(q, k, gc, A, T, Tp, H, K,
 
 
 @triton.jit
-def output_kernel(q, v, gc, A, states, o, scale, T, Tp, H, K, V, NT,
-                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+def output_kernel(q, qs, v, gc, A, states, o, scale, T, Tp, H, K, V, NT,
+                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+                  EXP: tl.constexpr):
     """o = scale * ((q * exp2(b)) @ states[c] + A @ v) for one chunk and one block of value columns."""
     iv, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     q_base = q + (b.to(tl.int64) * T * H + h) * K
     v_base = v + (b.to(tl.int64) * T * H + h) * V
     g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
+    qs_base = qs + b.to(tl.int64) * T * H + h
     s_base = states + (bh.to(tl.int64) * NT + c) * K * V
     t0 = c * C
     dt = DOT
     acc = tl.zeros([C, BV], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        q_tile = _load_rows(q_base, t0, T, H * K, k0, K, C, BK).to(tl.float32)
+        q_tile = _load_features(q_base, qs_base, t0, T, H * K, k0, K, H, C, BK, EXP)
         g_tile = _load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
         state = _load_rows(s_base, k0, K, V, iv * BV, V, BK, BV)  # [BK, BV] fp32
         q_from_start = (q_tile * tl.exp2(g_tile)).to(dt)
@@ -150,13 +185,15 @@ def output_kernel(q, v, gc, A, states, o, scale, T, Tp, H, K, V, NT,
 
 
 @triton.jit
-def state_backward_kernel(q, do, gc, dht, dstates, dh0, scale, T, Tp, H, K, V, NT,
+def state_backward_kernel(q, qs, do, gc, dht, dstates, dh0, scale, T, Tp, H, K, V, NT,
                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+                          HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+                          EXP: tl.constexpr):
     """Reverse pass: dstates[c] is the gradient of the state leaving chunk c; dh0 of the initial one."""
     ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     q_base = q + (b.to(tl.int64) * T * H + h) * K
+    qs_base = qs + b.to(tl.int64) * T * H + h
     do_base = do + (b.to(tl.int64) * T * H + h) * V
     g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
     kv_base = bh.to(tl.int64) * NT * K * V
@@ -169,7 +206,7 @@ def state_backward_kernel(q, do, gc, dht, dstates, dh0, scale, T, Tp, H, K, V, N
         c = NT - 1 - step
         _store_rows(dstates + kv_base + c * K * V, grad, ik * BK, K, V, iv * BV, V, BK, BV)
         t0 = c * C
-        q_tile = _load_rows(q_base, t0, T, H * K, ik * BK, K, C, BK).to(tl.float32)
+        q_tile = _load_features(q_base, qs_base, t0, T, H * K, ik * BK, K, H, C, BK, EXP)
         do_tile = _load_rows(do_base, t0, T, H * V, iv * BV, V, C, BV)
         g_tile = _load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)
         g_last = _load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)
@@ -200,12 +237,14 @@ def intra_score_grad_kernel(do, v, dA, scale, T, Tp, H, V,
 
 
 @triton.jit
-def value_grad_kernel(k, gc, A, do, dstates, dv, scale, T, Tp, H, K, V, NT,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+def value_grad_kernel(k, ks, gc, A, do, dstates, dv, scale, T, Tp, H, K, V, NT,
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+                      EXP: tl.constexpr):
     """dv = scale * Aᵀ @ do + (k * exp2(b_last - b)) @ dstates[c]."""
     iv, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     k_base = k + (b.to(tl.int64) * T * H + h) * K
+    ks_base = ks + b.to(tl.int64) * T * H + h
     g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
     s_base = dstates + (bh.to(tl.int64) * NT + c) * K * V
     t0 = c * C
@@ -214,7 +253,7 @@ def value_grad_kernel(k, gc, A, do, dstates, dv, scale, T, Tp, H, K, V, NT,
     do_tile = _load_rows(do + (b.to(tl.int64) * T * H + h) * V, t0, T, H * V, iv * BV, V, C, BV)
     acc = tl.dot(tl.trans(a_tile.to(dt)), do_tile.to(dt), input_precision=PREC) * scale
     for k0 in range(0, K, BK):
-        k_tile = _load_rows(k_base, t0, T, H * K, k0, K, C, BK).to(tl.float32)
+        k_tile = _load_features(k_base, ks_base, t0, T, H * K, k0, K, H, C, BK, EXP)
         g_tile = _load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
         g_last = _load_row(g_base + (t0 + C - 1) * H * K, 0, 1, k0, K, BK)
         grad_state = _load_rows(s_base, k0, K, V, iv * BV, V, BK, BV)
@@ -255,18 +294,25 @@ def query_key_inter_kernel(v, gc, do, states, dstates, dq, dk, scale, T, Tp, H, 
 
 
 @triton.jit
-def query_key_grad_kernel(q, k, gc, dA, dq_inter, dk_inter, dq, dk, dG, T, Tp, H, K,
+def query_key_grad_kernel(q, k, qs, ks, gc, dA, dq_inter, dk_inter, dq, dk, dG, q_rowsum, k_rowsum,
+                          T, Tp, H, K, NB,
                           C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr,
-                          PREC: tl.constexpr, DOT: tl.constexpr):
+                          PREC: tl.constexpr, DOT: tl.constexpr, EXP: tl.constexpr):
     """dq, dk and dG = q ⊙ dq − k ⊙ dk (fp32) for one sub-chunk of S rows and one block of key columns:
     the within-chunk parts added to the state parts from `query_key_inter_kernel`.
 
     dq_t += Σ_{s<=t} dA[t,s] k_s ⊙ e^{b_t - b_s},   dk_s += Σ_{t>=s} dA[t,s] q_t ⊙ e^{b_t - b_s}
+
+    With EXP, q and k above are the features φ = exp(x − shift): the stored dq, dk are then the
+    gradients of the raw inputs at fixed shifts, φ ⊙ dφ, and q_rowsum / k_rowsum [NB, B, T, H]
+    get this key block's row sums of them (the shifts' gradients are minus their totals over blocks).
     """
     ik, pid, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, i = pid // (C // S), pid % (C // S)
     b, h = bh // H, bh % H
     qk_off = (b.to(tl.int64) * T * H + h) * K
+    qs_base = qs + b.to(tl.int64) * T * H + h
+    ks_base = ks + b.to(tl.int64) * T * H + h
     g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
     a_base = dA + (b.to(tl.int64) * Tp * H + h) * C
     t0, r0, k0 = c * C, c * C + i * S, ik * BK
@@ -278,8 +324,8 @@ def query_key_grad_kernel(q, k, gc, dA, dq_inter, dk_inter, dq, dk, dG, T, Tp, H
     # Earlier / later sub-chunks of the same chunk, through reference rows (exponents <= 0).
     rows = i * S + tl.arange(0, S)
     cols = tl.arange(0, C)
-    q_chunk = _load_rows(q + qk_off, t0, T, H * K, k0, K, C, BK).to(tl.float32)  # [C, BK]
-    k_chunk = _load_rows(k + qk_off, t0, T, H * K, k0, K, C, BK).to(tl.float32)
+    q_chunk = _load_features(q + qk_off, qs_base, t0, T, H * K, k0, K, H, C, BK, EXP)  # [C, BK]
+    k_chunk = _load_features(k + qk_off, ks_base, t0, T, H * K, k0, K, H, C, BK, EXP)
     g_chunk = _load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
     g_first = _load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)  # first row of the sub-chunk
     g_final = _load_row(g_base + (r0 + S - 1) * H * K, 0, 1, k0, K, BK)  # its last row
@@ -293,14 +339,14 @@ def query_key_grad_kernel(q, k, gc, dA, dq_inter, dk_inter, dq, dk, dG, T, Tp, H
     dk_acc += tl.exp2(g_final[None, :] - g_sub) * tl.dot(tl.trans(dA_cols.to(dt)), q_ref, input_precision=PREC)
 
     # Diagonal S x S block, exact and in fp32: position s = i*S + j as key (for dq) and as query (for dk).
-    q_sub = _load_rows(q + qk_off, r0, T, H * K, k0, K, S, BK).to(tl.float32)
-    k_sub = _load_rows(k + qk_off, r0, T, H * K, k0, K, S, BK).to(tl.float32)
+    q_sub = _load_features(q + qk_off, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)
+    k_sub = _load_features(k + qk_off, ks_base, r0, T, H * K, k0, K, H, S, BK, EXP)
     sub = tl.arange(0, S)
     for j in range(S):
         s = i * S + j
         row = t0 + s
-        k_s = _load_row(k + qk_off + row * H * K, row, T, k0, K, BK).to(tl.float32)
-        q_s = _load_row(q + qk_off + row * H * K, row, T, k0, K, BK).to(tl.float32)
+        k_s = _load_feature_row(k + qk_off + row * H * K, ks_base + row * H, row, T, k0, K, BK, EXP)
+        q_s = _load_feature_row(q + qk_off + row * H * K, qs_base + row * H, row, T, k0, K, BK, EXP)
         g_s = _load_row(g_base + row * H * K, 0, 1, k0, K, BK)
         dA_col = tl.load(a_base + (r0 + sub) * H * C + s)  # [S]: dA[t, s]
         dA_row = tl.load(a_base + row * H * C + i * S + sub)  # [S]: dA[s, t']
@@ -308,19 +354,39 @@ def query_key_grad_kernel(q, k, gc, dA, dq_inter, dk_inter, dq, dk, dG, T, Tp, H
         dq_acc += dA_col[:, None] * k_s[None, :] * decay_q
         decay_k = tl.exp2(tl.where(rows[:, None] <= s, g_s[None, :] - g_sub, float("-inf")))
         dk_acc += dA_row[:, None] * q_s[None, :] * decay_k
+    # The gate gradient needs q ⊙ dq − k ⊙ dk from the fp32 accumulators, not the rounded outputs.
+    dq_local = q_sub * dq_acc
+    dk_local = k_sub * dk_acc
+    _store_rows(dG + qk_off, dq_local - dk_local, r0, T, H * K, k0, K, S, BK)
+    if EXP:  # d exp(x − m) / dx = φ: the raw inputs' gradients are φ ⊙ dφ, already formed for dG
+        dq_acc = dq_local
+        dk_acc = dk_local
+        rows_t = r0 + tl.arange(0, S)
+        sums_off = ((ik.to(tl.int64) * NB + b) * T + rows_t) * H + h
+        tl.store(q_rowsum + sums_off, tl.sum(dq_local, axis=1), mask=rows_t < T)
+        tl.store(k_rowsum + sums_off, tl.sum(dk_local, axis=1), mask=rows_t < T)
     _store_rows(dq + qk_off, dq_acc, r0, T, H * K, k0, K, S, BK)
     _store_rows(dk + qk_off, dk_acc, r0, T, H * K, k0, K, S, BK)
-    # The gate gradient needs q ⊙ dq − k ⊙ dk from the fp32 accumulators, not the rounded outputs.
-    _store_rows(dG + qk_off, q_sub * dq_acc - k_sub * dk_acc, r0, T, H * K, k0, K, S, BK)
 
 
 @triton.jit
-def gate_cumsum_kernel(g, gc, T, Tp, H, K, G_DIM, log2e,
-                       C: tl.constexpr, BK: tl.constexpr, SCALAR: tl.constexpr):
+def _add_row_decay(log_gate, row_decay, b, h, rows, T, H, ROW_DECAY: tl.constexpr):
+    """log_gate [C, BK] plus row_decay[b, rows, h] on every column when ROW_DECAY (else unchanged)."""
+    if ROW_DECAY:
+        decay = tl.load(row_decay + (b.to(tl.int64) * T + rows) * H + h, mask=rows < T, other=0.0)
+        log_gate = log_gate + decay[:, None]
+    return log_gate
+
+
+@triton.jit
+def gate_cumsum_kernel(g, row_decay, gc, T, Tp, H, K, G_DIM, log2e,
+                       C: tl.constexpr, BK: tl.constexpr, SCALAR: tl.constexpr, ROW_DECAY: tl.constexpr):
     """gc = within-chunk cumulative sum of the log gate, fp32, in log2 units, on the padded time axis.
 
     g is [B, T, H, G_DIM] with G_DIM = K, or 1 for a per-head scalar gate (then broadcast over K).
-    Rows past T read as zero gates, so padded rows repeat the last real cumulative value.
+    With ROW_DECAY, row_decay [B, T, H] (fp32, <= 0) adds one more log decay per row, on every
+    feature: safe_exp's key-max rescaling. Rows past T read as zero gates, so padded rows repeat
+    the last real cumulative value.
     """
     ik, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -331,6 +397,7 @@ def gate_cumsum_kernel(g, gc, T, Tp, H, K, G_DIM, log2e,
     else:
         src = g + (b.to(tl.int64) * T * H + h) * G_DIM + rows[:, None] * H * G_DIM + cols[None, :]
     gate = tl.load(src, mask=(rows[:, None] < T) & (cols[None, :] < K), other=0.0).to(tl.float32)
+    gate = _add_row_decay(gate, row_decay, b, h, rows, T, H, ROW_DECAY)
     cumulative = tl.cumsum(gate, axis=0) * log2e
     _store_rows(gc + (b.to(tl.int64) * Tp * H + h) * K, cumulative, c * C, Tp, H * K, ik * BK, K, C, BK)
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .triton_gla import _LOG2E, CHUNK, _backward, _dims, _empty, _forward_from_gate, check_supported, on_device_of
-from .triton_gla_kernels import _store_rows
+from .triton_gla_kernels import _add_row_decay, _store_rows
 
 Tensor = torch.Tensor
 _FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
@@ -35,8 +35,9 @@ def _refined_log_gate_parts(a, b):
 
 
 @triton.jit
-def refined_gate_cumsum_kernel(gate_logits, refine_logits, gc, T, Tp, H, K, inv_tau, log_clamp, log2e,
-                               C: tl.constexpr, BK: tl.constexpr, HAS_CLAMP: tl.constexpr):
+def refined_gate_cumsum_kernel(gate_logits, refine_logits, row_decay, gc, T, Tp, H, K, inv_tau, log_clamp, log2e,
+                               C: tl.constexpr, BK: tl.constexpr, HAS_CLAMP: tl.constexpr,
+                               ROW_DECAY: tl.constexpr):
     """gc = within-chunk cumulative refined log gate (fp32, log2 units, padded rows hold zero gates)."""
     ik, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch, h = bh // H, bh % H
@@ -50,7 +51,7 @@ def refined_gate_cumsum_kernel(gate_logits, refine_logits, gc, T, Tp, H, K, inv_
     log_gate = tl.minimum(log_f, 0.0) * inv_tau
     if HAS_CLAMP:
         log_gate = tl.maximum(log_gate, log_clamp)
-    log_gate = tl.where(inside, log_gate, 0.0)
+    log_gate = _add_row_decay(tl.where(inside, log_gate, 0.0), row_decay, batch, h, rows, T, H, ROW_DECAY)
     cumulative = tl.cumsum(log_gate, axis=0) * log2e
     _store_rows(gc + (batch.to(tl.int64) * Tp * H + h) * K, cumulative, c * C, Tp, H * K, ik * BK, K, C, BK)
 
@@ -82,8 +83,9 @@ class RefinedGateGLAFunction(torch.autograd.Function):
         B, T, H, K, V, NT, BK = dims[:7]
         gc = _empty((B, NT * CHUNK, H, K), torch.float32, q.device)  # [B, Tp, H, K]
         refined_gate_cumsum_kernel[(triton.cdiv(K, BK), NT, B * H)](
-            gate_logits, refine_logits, gc, T, NT * CHUNK, H, K, 1.0 / tau,
-            log_clamp if log_clamp is not None else 0.0, _LOG2E, C=CHUNK, BK=BK, HAS_CLAMP=log_clamp is not None)
+            gate_logits, refine_logits, gate_logits, gc, T, NT * CHUNK, H, K, 1.0 / tau,
+            log_clamp if log_clamp is not None else 0.0, _LOG2E, C=CHUNK, BK=BK, HAS_CLAMP=log_clamp is not None,
+            ROW_DECAY=False)
         o, final, scores = _forward_from_gate(q, k, v, gc, scale, initial_state, output_final_state, dims)
         ctx.save_for_backward(q, k, v, gate_logits, refine_logits, gc, scores, initial_state, final)
         ctx.scale, ctx.dims, ctx.tau, ctx.log_clamp = scale, dims, tau, log_clamp
@@ -92,7 +94,7 @@ class RefinedGateGLAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, gate_logits, refine_logits, gc, scores, initial_state, final = ctx.saved_tensors
-        dq, dk, dv, d_log_gate, dh0 = _backward(q, k, v, gc, scores, initial_state, final, do.contiguous(),
+        dq, dk, dv, d_log_gate, dh0, _, _ = _backward(q, k, v, gc, scores, initial_state, final, do.contiguous(),
                                                 dht.contiguous() if dht is not None else None, ctx.scale,
                                                 ctx.dims, torch.float32)
         d_gate = _empty(gate_logits.shape, gate_logits.dtype, q.device)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.safe_exp import KEY_MAX_SCOPES, key_shifts, query_shift
+
 from .base import FeatureMap, FeatureOutput
 from .registry import Registry
 
@@ -155,7 +157,6 @@ class Taylor(FeatureMap):
         return FeatureOutput(torch.cat([torch.ones_like(x[..., :1]), first, second], dim=-1))
 
 
-KEY_MAX_SCOPES = ("sequence", "chunk", "running")
 VARIANCE_PLACEMENTS = ("kernel", "query", "off")
 
 
@@ -200,32 +201,10 @@ class SafeExp(FeatureMap):
 
     def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
         if role == "q":
-            features = torch.exp(x - x.amax(-1, keepdim=True))
+            features = torch.exp(x - query_shift(x).unsqueeze(-1))
             if self.variance_factor == "query":
                 features = features * variance_reduction_factor(self.head_dim)
             return FeatureOutput(features)
-        token_max = x.amax(-1)  # [B, T, H]
-        if state is None and self.key_max == "sequence":
-            shift = token_max.amax(1, keepdim=True).expand_as(token_max)
-            return FeatureOutput(torch.exp(x - shift.unsqueeze(-1)), None, shift[:, -1])
-        if state is None and self.key_max == "chunk":
-            shift = self._chunk_running_max(token_max)
-        else:
-            # `running`, and every scope while decoding (the future is not there to read).
-            if state is not None:
-                token_max = torch.cat([state.unsqueeze(1), token_max], dim=1)
-            shift = torch.cummax(token_max, dim=1).values
-            if state is not None:
-                shift = shift[:, 1:]
-        previous = torch.cat([shift[:, :1] if state is None else state.unsqueeze(1), shift[:, :-1]], dim=1)
-        log_decay = (previous - shift).unsqueeze(-1)  # [B, T, H, 1], <= 0
-        return FeatureOutput(torch.exp(x - shift.unsqueeze(-1)), log_decay, shift[:, -1])
-
-    def _chunk_running_max(self, token_max: Tensor) -> Tensor:
-        B, T, H = token_max.shape
-        C = self.chunk_size
-        n = -(-T // C)
-        padded = F.pad(token_max, (0, 0, 0, n * C - T), value=float("-inf"))
-        chunk_max = padded.reshape(B, n, C, H).amax(2)  # [B, n, H]
-        running = torch.cummax(chunk_max, dim=1).values
-        return running.repeat_interleave(C, dim=1)[:, :T]
+        shift, log_decay = key_shifts(x.amax(-1), self.key_max, self.chunk_size, state)
+        return FeatureOutput(torch.exp(x - shift.unsqueeze(-1)),
+                             log_decay.unsqueeze(-1) if log_decay is not None else None, shift[:, -1])

@@ -1,0 +1,58 @@
+"""The max shifts of ReGLA's safe-exp feature maps (REGLA.md §2), in torch.
+
+φ(q_t) = exp(q_t − max_i q_t,i) per token; φ(k_s) = exp(k_s − m_s) with m_s a running max of the
+keys' token maxima, over a scope:
+  - `sequence`: one max over all positions (the paper's form; reads the future);
+  - `chunk`: the running max at chunk granularity (reads at most the rest of its chunk);
+  - `running`: the running max over positions <= s (causal, streamable).
+A non-constant m_s is made exact by a per-step log decay m_{s-1} − m_s <= 0 on the state, so
+φ(q)ᵀ S_t is the `sequence` result times a per-token factor (which a per-head norm cancels).
+
+Both the torch feature map (`variants.feature_maps.SafeExp`) and the fused Triton op
+(`kernels.triton_regla`) take their shifts from here, so they cannot drift apart; gradients
+flow through the maxima as torch's amax/cummax define them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+KEY_MAX_SCOPES = ("sequence", "chunk", "running")
+
+
+def query_shift(q: Tensor) -> Tensor:
+    """Per-token max over features: [B, T, H, K] -> [B, T, H]."""
+    return q.amax(-1)
+
+
+def key_shifts(token_max: Tensor, scope: str, chunk_size: int = 64,
+               previous: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Key shifts m [B, T, H] from the keys' token maxima [B, T, H], and the log decay
+    m_{s-1} − m_s [B, T, H] that keeps the state exact (None where m is constant over time).
+
+    `previous` [B, H] is the last shift of earlier tokens (decoding): the future is then not
+    there to read, so every scope continues as `running`.
+    """
+    if scope not in KEY_MAX_SCOPES:
+        raise ValueError(f"safe_exp: key_max must be one of {', '.join(KEY_MAX_SCOPES)}; got {scope!r}")
+    if previous is None and scope == "sequence":
+        return token_max.amax(1, keepdim=True).expand_as(token_max), None
+    if previous is None and scope == "chunk":
+        shift = _chunk_running_max(token_max, chunk_size)
+    else:
+        extended = token_max if previous is None else torch.cat([previous.unsqueeze(1), token_max], dim=1)
+        shift = torch.cummax(extended, dim=1).values
+        if previous is not None:
+            shift = shift[:, 1:]
+    before = torch.cat([shift[:, :1] if previous is None else previous.unsqueeze(1), shift[:, :-1]], dim=1)
+    return shift, before - shift
+
+
+def _chunk_running_max(token_max: Tensor, chunk_size: int) -> Tensor:
+    B, T, H = token_max.shape
+    n = -(-T // chunk_size)
+    padded = F.pad(token_max, (0, 0, 0, n * chunk_size - T), value=float("-inf"))
+    chunk_max = padded.reshape(B, n, chunk_size, H).amax(2)  # [B, n, H]
+    running = torch.cummax(chunk_max, dim=1).values
+    return running.repeat_interleave(chunk_size, dim=1)[:, :T]
