@@ -8,11 +8,17 @@ Implementations (bf16, key-side gate, the anchor shapes of results/kernels/ancho
   A1_regla_triton the same composition on this repository's kernel
   A1_regla_triton_fused_gate  the same, with the refining gate computed inside the gate-scan
                   kernel (kernels.triton_gla_refined) instead of in torch
+  regla_fused     the fused ReGLA op (kernels.triton_regla) on the same math as A1: safe-exp maps
+                  (key max over the sequence) and the refining gate inside the kernels, then RMSNorm
+  regla_fused_running  the same with the causal running key max (the layers' default)
   A2_sdpa         PyTorch SDPA, flash backend, causal
   A3_chunked      kernels.reference.chunked_gla in torch (small shapes only)
 
 Forward and forward+backward are timed with triton.testing.do_bench (median, p20, p80); peak
-memory is read in separate, untimed calls. Rows go to Parquet in $OUT (or --out), with a plot.
+memory is read in separate, untimed calls. The memory floor of a call is the time its compulsory
+traffic takes at the copy bandwidth measured in the same run: forward reads the inputs and writes
+the output; forward+backward adds reading the inputs and the output gradient and writing one
+gradient per input. `*_floor_fraction` = floor / measured time (1.0 would be bandwidth-bound). Rows go to Parquet in $OUT (or --out), with a plot.
 fla's autotuning takes minutes per shape family on a fresh machine (> 200 s on the smallest anchor
 shape, seen twice), so fla runs after everything else and stops when --fla-budget-s is spent; to
 measure fla alone give it a call of its own, e.g. --impls A0_fla,A1_regla_fla --skip-correctness.
@@ -40,6 +46,7 @@ from triton.testing import do_bench  # noqa: E402
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
 from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
+from kernels.triton_regla import triton_regla  # noqa: E402
 
 ANCHOR_SHAPES = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
                  (8, 1024, 8, 64), (8, 2048, 12, 64), (16, 4096, 12, 64)]
@@ -91,6 +98,15 @@ def regla_fused_gate(q, k, v, gate_logit, refine_logit, norm_weight):
     return F.rms_norm(o, (D,), norm_weight)
 
 
+def regla_fused(q, k, v, gate_logit, refine_logit, norm_weight, key_max="sequence"):
+    """The fused op on `regla_composed`'s math: F clamped at 1e-6 (log_clamp = log 1e-6), tau 1."""
+    D = q.shape[-1]
+    scale = 1.0 / (math.e * math.sqrt(D * (math.e ** 2 - 1)))
+    o = triton_regla(q, k, v, gate_logits=gate_logit, refine_logits=refine_logit, tau=1.0,
+                     log_clamp=math.log(1e-6), key_max=key_max, scale=scale).output
+    return F.rms_norm(o, (D,), norm_weight)
+
+
 def make_implementations(chunk_gla_fla):
     def ours(q, k, v, g, scale):
         return triton_gla(q, k, v, g, None, scale=scale)[0]
@@ -116,6 +132,11 @@ def make_implementations(chunk_gla_fla):
     impls = {"triton": gla_call(ours), "A1_regla_triton": regla_call(ours),
              "A1_regla_triton_fused_gate": (
                  lambda x: regla_fused_gate(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),
+                 ["q", "k", "v", "ag", "ar", "w"]),
+             "regla_fused": (lambda x: regla_fused(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),
+                             ["q", "k", "v", "ag", "ar", "w"]),
+             "regla_fused_running": (
+                 lambda x: regla_fused(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"], key_max="running"),
                  ["q", "k", "v", "ag", "ar", "w"]),
              "A2_sdpa": (lambda x: sdpa(x["q"], x["k"], x["v"]), ["q", "k", "v"]),
              "A3_chunked": gla_call(chunked)}
@@ -186,11 +207,20 @@ def measure(name, call, x, shape, meta):
         torch.autograd.grad(fn(x), inputs, x["do"])
 
     row = dict(impl=name, B=shape[0], T=shape[1], H=shape[2], D=shape[3], dtype="bfloat16", **meta)
+    # Compulsory traffic (see the module docstring); the output is the size of `do`.
+    in_bytes = sum(t.numel() * t.element_size() for t in inputs)
+    out_bytes = x["do"].numel() * x["do"].element_size()
+    bandwidth = meta["copy_TBps"] * 1e12 / 1e3  # bytes per ms
+    floor_fwd_ms = (in_bytes + out_bytes) / bandwidth
+    floor_fwdbwd_ms = floor_fwd_ms + (2 * in_bytes + out_bytes) / bandwidth
     try:
         fwd = do_bench(forward, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         fb = do_bench(forward_backward, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         row.update(fwd_ms=fwd[0], fwd_p20=fwd[1], fwd_p80=fwd[2], fwdbwd_ms=fb[0], fwdbwd_p20=fb[1],
-                   fwdbwd_p80=fb[2], fwd_peak_mib=peak_mib(forward), fwdbwd_peak_mib=peak_mib(forward_backward))
+                   fwdbwd_p80=fb[2], fwd_peak_mib=peak_mib(forward), fwdbwd_peak_mib=peak_mib(forward_backward),
+                   fwd_floor_ms=floor_fwd_ms, fwdbwd_floor_ms=floor_fwdbwd_ms,
+                   fwd_floor_fraction=floor_fwd_ms / fwd[0], fwdbwd_floor_fraction=floor_fwdbwd_ms / fb[0],
+                   fwd_GBps=(in_bytes + out_bytes) / (fwd[0] * 1e-3) / 1e9)
     except Exception as error:  # a failing implementation is a result to record, not a crash
         row["error"] = repr(error)[:300]
     torch.cuda.empty_cache()
@@ -286,6 +316,7 @@ def main():
     parser.add_argument("--shapes", choices=["all", "small"], default="all")
     parser.add_argument("--impls", default="all", help="comma-separated implementation names, or all")
     parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel profiles")
     parser.add_argument("--replot", nargs="+", metavar="PARQUET",
                         help="only redraw the plot into --out from these timing files (no GPU needed)")
     parser.add_argument("--anchors", help="anchor JSON whose rows the plot draws too")
@@ -319,10 +350,12 @@ def main():
     correctness_rows = [] if args.skip_correctness else check_correctness(chunk_gla_fla, device, log)
     impls, fla_impls = make_implementations(chunk_gla_fla)
     breakdown_rows = []
-    for shape in (ANCHOR_SHAPES[0], ANCHOR_SHAPES[-1]):
-        log(f"kernel breakdown, triton forward+backward, {shape}:")
+    for impl, shape in (("triton", ANCHOR_SHAPES[0]), ("triton", ANCHOR_SHAPES[-1]), ("regla_fused", ANCHOR_SHAPES[3])):
+        if args.no_breakdown:
+            break
+        log(f"kernel breakdown, {impl} forward+backward, {shape}:")
         x = make_inputs(*shape, device)
-        breakdown_rows += kernel_breakdown(impls["triton"], x, shape, log)
+        breakdown_rows += [dict(r, impl=impl) for r in kernel_breakdown(impls[impl], x, shape, log)]
         del x
     if args.impls != "all":
         chosen = set(args.impls.split(","))
@@ -365,13 +398,15 @@ def main():
 
 
 def summarise(timing_rows, log):
-    log(f"{'impl':16s} {'B':>2} {'T':>6} {'H':>3} {'D':>4} {'fwd_ms':>8} {'fb_ms':>8} {'peakMiB':>8}")
+    log(f"{'impl':20s} {'B':>2} {'T':>6} {'H':>3} {'D':>4} {'fwd_ms':>8} {'fb_ms':>8} {'peakMiB':>8} "
+        f"{'floor_f':>7} {'floor_fb':>8}")
     for r in timing_rows:
         if "error" in r:
-            log(f"{r['impl']:16s} {r['B']:>2} {r['T']:>6} {r['H']:>3} {r['D']:>4} ERROR {r['error'][:80]}")
+            log(f"{r['impl']:20s} {r['B']:>2} {r['T']:>6} {r['H']:>3} {r['D']:>4} ERROR {r['error'][:80]}")
         else:
-            log(f"{r['impl']:16s} {r['B']:>2} {r['T']:>6} {r['H']:>3} {r['D']:>4} {r['fwd_ms']:8.3f} "
-                f"{r['fwdbwd_ms']:8.3f} {r['fwdbwd_peak_mib']:8.0f}")
+            log(f"{r['impl']:20s} {r['B']:>2} {r['T']:>6} {r['H']:>3} {r['D']:>4} {r['fwd_ms']:8.3f} "
+                f"{r['fwdbwd_ms']:8.3f} {r['fwdbwd_peak_mib']:8.0f} {r['fwd_floor_fraction']:7.1%} "
+                f"{r['fwdbwd_floor_fraction']:8.1%}")
 
 
 if __name__ == "__main__":

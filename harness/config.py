@@ -85,7 +85,9 @@ class AttentionConfig:
     denominator_eps: float = 1e-6
     #: fla GLA's swish output gate before the output projection
     output_gate: str = "none"
-    #: "auto" (Triton on CUDA, torch chunked on CPU), or a name from kernels.IMPLEMENTATIONS
+    #: "auto": on CUDA the fused ReGLA op for safe_exp + refined (kernels.triton_regla), else the
+    #: Triton GLA kernel; the torch chunked form on CPU. Or a name from kernels.IMPLEMENTATIONS,
+    #: which always takes the composed path (feature map, gate, then that kernel).
     impl: str = "auto"
 
     def __post_init__(self) -> None:

@@ -9,8 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from kernels import gated_linear_attention
+from kernels.dispatch import divide_by_denominator, with_denominator_column
 from variants import FEATURE_MAPS, GATES, NORMS, GateOutput
+from variants.feature_maps import SafeExp, variance_reduction_factor
+from variants.gates import RefinedGate
 
 from .config import AttentionConfig, ConfigError, ModelConfig
 
@@ -77,6 +81,27 @@ class LinearAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, K)
         k = self.k_proj(x).view(B, T, H, K)
         v = self.v_proj(x).view(B, T, H, K)
+        if self.takes_fused_path(q):
+            o, memory, key_state = self._fused_attention(x, q, k, v, state, use_cache)
+        else:
+            o, memory, key_state = self._composed_attention(x, q, k, v, state, use_cache)
+        o = self.norm(o)  # [B, T, H, V]
+        if self.output_gate is not None:
+            o = o * F.silu(self.output_gate(x)).view(B, T, H, K)
+        y = self.o_proj(o.reshape(B, T, H * K))
+        new_state = LinearState(memory, key_state, x[:, -1:]) if use_cache else None
+        return y, new_state
+
+    def takes_fused_path(self, q: Tensor) -> bool:
+        """The fused ReGLA op (kernels.triton_regla) replaces feature map + gate + kernel when the
+        layer is safe_exp features with a key-side refining gate, on CUDA, with impl "auto", over
+        more than one token (a decoding step is a small recurrence), and no probe reading the gates."""
+        return (kernels.triton_regla is not None and q.is_cuda and q.shape[1] > 1 and self.config.impl == "auto"
+                and isinstance(self.feature_map, SafeExp) and isinstance(self.gate, RefinedGate)
+                and self.gate.axis == "key" and not self.capture_gates)
+
+    def _composed_attention(self, x, q, k, v, state, use_cache):
+        """Feature map, gate and kernel as separate steps: any combination of plugins."""
         query = self.feature_map(q, "q")
         key = self.feature_map(k, "k", state.key_feature if state is not None else None)
         gate = self.gate(x, state.last_input if state is not None else None)
@@ -89,12 +114,25 @@ class LinearAttention(nn.Module):
             initial_state=state.memory if state is not None else None,
             output_final_state=use_cache, denominator=self.uses_denominator,
             denominator_eps=self.config.denominator_eps, impl=self.config.impl)
-        o = self.norm(o)  # [B, T, H, V]
-        if self.output_gate is not None:
-            o = o * F.silu(self.output_gate(x)).view(B, T, H, K)
-        y = self.o_proj(o.reshape(B, T, H * K))
-        new_state = LinearState(memory, key.state, x[:, -1:]) if use_cache else None
-        return y, new_state
+        return o, memory, key.state
+
+    def _fused_attention(self, x, q, k, v, state, use_cache):
+        """The same computation as `_composed_attention` for safe_exp + refined, in one Triton op."""
+        feature_map, gate = self.feature_map, self.gate
+        scale = feature_map.kernel_scale
+        if feature_map.variance_factor == "query":  # φ(q) · c inside the kernel is the scale c outside
+            scale *= variance_reduction_factor(self.head_dim)
+        gate_logits, refine_logits = gate.logits(x, state.last_input if state is not None else None)
+        if self.uses_denominator:
+            v, _ = with_denominator_column(v)
+        o, memory, key_max = kernels.triton_regla(
+            q, k, v, gate_logits=gate_logits, refine_logits=refine_logits, tau=gate.tau, log_clamp=gate.log_clamp,
+            key_max=feature_map.key_max, chunk_size=feature_map.chunk_size, scale=scale,
+            initial_state=state.memory if state is not None else None,
+            initial_key_max=state.key_feature if state is not None else None, output_final_state=use_cache)
+        if self.uses_denominator:
+            o = divide_by_denominator(o, self.config.denominator_eps * scale)
+        return o, memory, key_max.to(k.dtype)
 
 
 def _rotate(x: Tensor, offset: int, base: float) -> Tensor:

@@ -4,11 +4,12 @@ from .dispatch import IMPLEMENTATIONS, gated_linear_attention, register_implemen
 from .reference import chunked_gla, parallel_gla, recurrent_gla
 
 __all__ = ["IMPLEMENTATIONS", "gated_linear_attention", "register_implementation",
-           "chunked_gla", "parallel_gla", "recurrent_gla"]
+           "chunked_gla", "parallel_gla", "recurrent_gla", "triton_regla"]
 
 try:  # The Triton fast path registers itself wherever triton is importable (CPU runs use its interpreter).
     from .triton_gla import triton_gla
+    from .triton_regla import triton_regla
 except ImportError:
-    pass
+    triton_regla = None  # the fused ReGLA op needs triton; layers then take the composed path
 else:
     register_implementation("triton", triton_gla)

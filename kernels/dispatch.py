@@ -69,10 +69,7 @@ def gated_linear_attention(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = 
     """
     _check_shapes(q, k, v, gk, gv, None)
     if denominator:
-        ones = v.new_ones(*v.shape[:-1], 1)
-        v = torch.cat([v, ones], dim=-1)
-        if gv is not None:
-            gv = torch.cat([gv.expand(*v.shape[:-1], v.shape[-1] - 1), gv.new_zeros(*gv.shape[:-1], 1)], dim=-1)
+        v, gv = with_denominator_column(v, gv)
     _check_shapes(q, k, v, gk, gv, initial_state)
     name = default_implementation(q) if impl == "auto" else impl
     if name not in IMPLEMENTATIONS:
@@ -80,6 +77,19 @@ def gated_linear_attention(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = 
     o, final_state = IMPLEMENTATIONS[name](q, k, v, gk, gv, scale=scale, initial_state=initial_state,
                                            output_final_state=output_final_state)
     if denominator:
-        o, z = o[..., :-1], o[..., -1:]
-        o = o / (z + denominator_eps * scale)
+        o = divide_by_denominator(o, denominator_eps * scale)
     return o, final_state
+
+
+def with_denominator_column(v: Tensor, gv: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """v with a last column of ones, so the state's last column accumulates z_t = Σ decays · φ(k);
+    a value gate gets 0 (no decay) on that column."""
+    v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+    if gv is not None:
+        gv = torch.cat([gv.expand(*v.shape[:-1], v.shape[-1] - 1), gv.new_zeros(*gv.shape[:-1], 1)], dim=-1)
+    return v, gv
+
+
+def divide_by_denominator(o: Tensor, eps: float) -> Tensor:
+    """The output of a `with_denominator_column` call divided by its last column (+ eps)."""
+    return o[..., :-1] / (o[..., -1:] + eps)

@@ -213,3 +213,65 @@ def test_gpu_fused_regla_extreme_gates(gate_shift, dtype):
     print(f"\nfused regla {dtype} T=1000 D=128 gates {gate_shift:+} rel-RMS "
           + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
     assert max(errors.values()) <= GPU_TOLERANCE[dtype], errors
+
+
+# --------------------------------------------------------------------------------------------
+# The layer: the fused path is the composed one, for every switch it covers.
+
+def make_layer(feature_options, norm="rmsnorm", denominator=False, gate_options=None):
+    from harness.config import AttentionConfig
+    from harness.layers import LinearAttention
+    torch.manual_seed(0)
+    config = AttentionConfig(feature_map="safe_exp", feature_map_options=feature_options, norm=norm,
+                             gate="refined", gate_options=gate_options or {}, denominator=denominator)
+    return LinearAttention(32, 2, 16, config).to(DEVICE)
+
+
+def layer_outputs(layer, x, fused, monkeypatch):
+    """Output and every parameter's gradient, through the fused or the composed path."""
+    monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q: fused)
+    layer.zero_grad()
+    y, _ = layer(x)
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
+    return [y.detach()] + [p.grad.detach().clone() for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("feature_options, norm, denominator, gate_options", [
+    ({}, "rmsnorm", False, {}),
+    ({"key_max": "sequence", "variance_factor": "query"}, "layernorm", False, {"tau": 4.0}),
+    ({"key_max": "chunk", "chunk_size": 16}, "none", True, {"log_clamp": None, "rank": 4}),
+], ids=["default", "sequence_query_factor", "chunk_denominator_lowrank"])
+def test_layer_fused_path_matches_composed(feature_options, norm, denominator, gate_options, monkeypatch):
+    layer = make_layer(feature_options, norm, denominator, gate_options)
+    x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    fused_results = layer_outputs(layer, x, True, monkeypatch)
+    composed_results = layer_outputs(layer, x, False, monkeypatch)
+    errors = [rel_rms(a, b) for a, b in zip(fused_results, composed_results)]
+    assert max(errors) <= 1e-4, errors
+
+
+def test_layer_decodes_after_a_fused_prefill(monkeypatch):
+    # Prefill through the fused op, then single-token steps through the composed recurrence: the
+    # state (memory, key max) handed over must continue the sequence exactly.
+    layer = make_layer({"key_max": "running"})
+    x = torch.randn(1, 24, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q: q.shape[1] > 1)
+    with torch.no_grad():
+        full, _ = layer(x)
+        y, state = layer(x[:, :20], use_cache=True)
+        steps = [y]
+        for t in range(20, 24):
+            y, state = layer(x[:, t:t + 1], state, use_cache=True)
+            steps.append(y)
+    assert rel_rms(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+def test_layer_takes_fused_path_only_where_it_applies():
+    layer = make_layer({})
+    q = torch.zeros(1, 8, 2, 16)
+    assert not layer.takes_fused_path(q)  # CPU: the composed torch path
+    if HAS_CUDA:
+        assert layer.takes_fused_path(q.cuda())
+        assert not layer.takes_fused_path(q[:, :1].cuda())  # one decoding step: the recurrence
+        layer.capture_gates = True
+        assert not layer.takes_fused_path(q.cuda())  # probes read the gate's activations

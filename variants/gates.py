@@ -199,9 +199,13 @@ class RefinedGate(ProjectedGate):
         self.gate_proj = GateProjection(d_model, num_heads, self.width, rank, bias_init)
         self.refine_proj = GateProjection(d_model, num_heads, self.width, rank, refine_bias_init)
 
-    def forward(self, x: Tensor, x_prev: Tensor | None = None) -> GateOutput:
+    def logits(self, x: Tensor, x_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The gate and refine logits [B, T, H, width]: what a fused kernel takes instead of log F."""
         h = self.select_input(x, x_prev)
-        g_logits, r_logits = self.gate_proj(h), self.refine_proj(h)
+        return self.gate_proj(h), self.refine_proj(h)
+
+    def forward(self, x: Tensor, x_prev: Tensor | None = None) -> GateOutput:
+        g_logits, r_logits = self.logits(x, x_prev)
         # At least fp32: in bf16 the rounding of F near 1 reaches log F ~ +5e-3, a growing state.
         dtype = torch.promote_types(g_logits.dtype, torch.float32)
         a, b = g_logits.to(dtype), r_logits.to(dtype)
