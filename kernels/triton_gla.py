@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .triton_gla_kernels import (CHUNK, SUB_CHUNK, gate_cumsum_kernel, gate_grad_kernel,
+from .triton_gla_kernels import (CHUNK, DIAG_FEATURES, SUB_CHUNK, gate_cumsum_kernel, gate_grad_kernel,
                                  intra_score_grad_kernel, intra_scores_kernel, output_kernel,
                                  query_key_grad_kernel, query_key_inter_kernel, state_backward_kernel,
                                  state_forward_kernel, value_grad_kernel)
@@ -122,7 +122,8 @@ def _launch_intra_scores(q, k, gc, dims, shifts=None):
     scores = _empty((B, gc.shape[1], H, CHUNK), torch.float32, q.device)  # [B, Tp, H, C]
     grid = (NT * (CHUNK // SUB_CHUNK), B * H)
     intra_scores_kernel[grid](q, k, gc=gc, A=scores, T=T, Tp=gc.shape[1], H=H, K=K,
-                              C=CHUNK, S=SUB_CHUNK, BK=BK, **_feature_args(shifts, q), **dot)
+                              C=CHUNK, S=SUB_CHUNK, BK=BK, BD=min(BK, DIAG_FEATURES),
+                              **_feature_args(shifts, q), **dot)
     return scores
 
 
@@ -179,12 +180,14 @@ def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, d
     dq = _empty((B, T, H, K), q.dtype, q.device)
     dk = _empty((B, T, H, K), k.dtype, q.device)
     dG = _empty((B, T, H, K), torch.float32, q.device)  # q ⊙ dq − k ⊙ dk, the gate's local term
+    # Key blocks as narrow as the diagonal block's decay tensor, which spans a whole block here.
+    BKD = min(BK, DIAG_FEATURES)
     # Per key block row sums of the raw dq, dk (safe-exp only): summed below, deterministically.
-    rowsums = [_empty((triton.cdiv(K, BK), B, T, H), torch.float32, q.device) if shifts is not None else dG
+    rowsums = [_empty((triton.cdiv(K, BKD), B, T, H), torch.float32, q.device) if shifts is not None else dG
                for _ in range(2)]
-    query_key_grad_kernel[(triton.cdiv(K, BK), NT * (CHUNK // SUB_CHUNK), B * H)](
+    query_key_grad_kernel[(triton.cdiv(K, BKD), NT * (CHUNK // SUB_CHUNK), B * H)](
         q, k, features["qs"], features["ks"], gc, score_grad, dq_inter, dk_inter, dq, dk, dG, *rowsums,
-        T, Tp, H, K, B, C=CHUNK, S=SUB_CHUNK, BK=BK, EXP=features["EXP"], **dot)
+        T, Tp, H, K, B, C=CHUNK, S=SUB_CHUNK, BK=BKD, EXP=features["EXP"], **dot)
 
     # Closed-form gate gradient (see gate_grad_kernel): within-chunk reverse sums of dG plus the
     # state-leaving-the-chunk term; the last chunk's leaving state is the final state, whose

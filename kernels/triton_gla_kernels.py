@@ -11,7 +11,8 @@ Exponents are only ever formed as b_later - b_earlier (<= 0) or masked to -inf b
 so no gate value can overflow. Inside a chunk the pairwise decays exp2(b_t - b_s) are exact:
 rows are handled in sub-chunks of S = 16; earlier sub-chunks are reached through one reference
 row of cumulative gates (two factors, each <= 1, around a tensor-core product), the 16 x 16
-diagonal block column by column in fp32.
+diagonal block through a [16, 16, features] tensor of pairwise decays in fp32, a few feature
+columns at a time so that the tensor stays within registers.
 
 Matrix products take their operands in DOT, the input dtype on GPUs (bf16 on tensor cores); the
 launcher passes fp32 under Triton's CPU interpreter, which evaluates bf16 products wrongly.
@@ -26,6 +27,9 @@ import triton.language as tl
 
 CHUNK = 64
 SUB_CHUNK = 16
+# Feature columns per [SUB_CHUNK, SUB_CHUNK, features] fp32 decay tensor of a diagonal block: 32
+# keeps one such tensor at 64 registers a thread over 4 warps; 64 columns would double that.
+DIAG_FEATURES = 32
 
 
 @triton.jit
@@ -70,15 +74,12 @@ def _load_features(ptr, shift, row0, n_rows, row_stride, col0, n_cols, shift_str
 
 
 @triton.jit
-def _load_feature_row(ptr, shift, row, n_rows, col0, n_cols, BC: tl.constexpr, EXP: tl.constexpr):
-    """`_load_row` in fp32; with EXP, exp(x − shift) for the row whose shift `shift` points at."""
-    x = _load_row(ptr, row, n_rows, col0, n_cols, BC).to(tl.float32)
-    if EXP:
-        cols = col0 + tl.arange(0, BC)
-        inside = (cols < n_cols) & (cols * 0 + row < n_rows)
-        m = tl.load(shift + cols * 0, mask=inside, other=0.0)
-        x = tl.where(inside, tl.exp(x - m), 0.0)
-    return x
+def _diagonal_decay(g_sub, S: tl.constexpr):
+    """[S(t), S(s), BC] pairwise decays exp2(b_t − b_s) inside one sub-chunk from its cumulative
+    gates g_sub [S, BC]; zero above the diagonal (t < s), where the exponent would be positive."""
+    sub = tl.arange(0, S)
+    causal = (sub[:, None] >= sub[None, :])[:, :, None]
+    return tl.exp2(tl.where(causal, g_sub[:, None, :] - g_sub[None, :, :], float("-inf")))
 
 
 @triton.jit
@@ -114,11 +115,13 @@ def state_forward_kernel(k, ks, v, gc, h0, states, ht, T, Tp, H, K, V, NT,
 
 @triton.jit
 def intra_scores_kernel(q, k, qs, ks, gc, A, T, Tp, H, K,
-                        C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-                        EXP: tl.constexpr):
+                        C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                        PREC: tl.constexpr, DOT: tl.constexpr, EXP: tl.constexpr):
     """A[t, s] = sum_j q_tj k_sj exp2(b_tj - b_sj) for s <= t in the same chunk (zero above).
 
-    One program per (sub-chunk of S rows, batch*head); A is [B, Tp, H, C] in fp32.
+    One program per (sub-chunk of S rows, batch*head); A is [B, Tp, H, C] in fp32. Earlier
+    sub-chunks go through tensor-core products over BK key columns at a time, the diagonal block
+    through [S, S, BD] decay tensors over BD (<= BK) columns at a time.
     """
     pid, bh = tl.program_id(0), tl.program_id(1)
     c, i = pid // (C // S), pid % (C // S)
@@ -129,7 +132,6 @@ def intra_scores_kernel(q, k, qs, ks, gc, A, T, Tp, H, K,
     ks_base = ks + b.to(tl.int64) * T * H + h
     g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
     t0, r0 = c * C, c * C + i * S
-    rows = i * S + tl.arange(0, S)  # chunk-relative rows of this sub-chunk
     cols = tl.arange(0, C)  # chunk-relative columns
     dt = DOT
     acc = tl.zeros([S, C], dtype=tl.float32)
@@ -144,17 +146,21 @@ def intra_scores_kernel(q, k, qs, ks, gc, A, T, Tp, H, K,
         earlier = cols[:, None] < i * S
         k_ref = (k_chunk * tl.exp2(tl.where(earlier, g_ref[None, :] - g_chunk, float("-inf")))).to(dt)
         acc += tl.dot(q_ref, tl.trans(k_ref), input_precision=PREC)
-        # Diagonal S x S block: exact pairwise decays, one key column at a time, in fp32.
-        for j in range(S):
-            s = i * S + j
-            k_s = _load_feature_row(k_base + (t0 + s) * H * K, ks_base + (t0 + s) * H, t0 + s, T, k0, K, BK, EXP)
-            g_s = _load_row(g_base + (t0 + s) * H * K, 0, 1, k0, K, BK)
-            causal = rows[:, None] >= s
-            decay = tl.exp2(tl.where(causal, g_sub - g_s[None, :], float("-inf")))  # [S, BK]
-            column = tl.sum(q_sub * k_s[None, :] * decay, axis=1)  # [S]
-            acc += tl.where(cols[None, :] == s, column[:, None], 0.0)
+    # Diagonal S x S block: exact pairwise decays in fp32. Its own feature loop, over narrower
+    # pieces than BK, keeps the [S, S, BD] tensors within registers.
+    diag = tl.zeros([S, S], dtype=tl.float32)
+    for d0 in range(0, K, BD):
+        q_d = _load_features(q_base, qs_base, r0, T, H * K, d0, K, H, S, BD, EXP)  # [S, BD]
+        k_d = _load_features(k_base, ks_base, r0, T, H * K, d0, K, H, S, BD, EXP)
+        g_d = _load_rows(g_base, r0, Tp, H * K, d0, K, S, BD)
+        diag += tl.sum(q_d[:, None, :] * k_d[None, :, :] * _diagonal_decay(g_d, S), axis=2)
+    # acc holds the earlier sub-chunks and zeros from the diagonal block on; the two stores cover
+    # disjoint columns, as nothing orders the stores of one program's threads to the same address.
     a_base = A + (b.to(tl.int64) * Tp * H + h) * C
-    _store_rows(a_base, acc, r0, Tp, H * C, 0, C, S, C)
+    off_diagonal = (cols[None, :] < i * S) | (cols[None, :] >= i * S + S)
+    rows_t = r0 + tl.arange(0, S)
+    tl.store(a_base + rows_t[:, None] * H * C + cols[None, :], acc, mask=off_diagonal & (rows_t[:, None] < Tp))
+    _store_rows(a_base, diag, r0, Tp, H * C, i * S, C, S, S)
 
 
 @triton.jit
@@ -322,7 +328,6 @@ def query_key_grad_kernel(q, k, qs, ks, gc, dA, dq_inter, dk_inter, dq, dk, dG, 
     g_sub = _load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)  # [S, BK]
 
     # Earlier / later sub-chunks of the same chunk, through reference rows (exponents <= 0).
-    rows = i * S + tl.arange(0, S)
     cols = tl.arange(0, C)
     q_chunk = _load_features(q + qk_off, qs_base, t0, T, H * K, k0, K, H, C, BK, EXP)  # [C, BK]
     k_chunk = _load_features(k + qk_off, ks_base, t0, T, H * K, k0, K, H, C, BK, EXP)
@@ -338,22 +343,14 @@ def query_key_grad_kernel(q, k, qs, ks, gc, dA, dq_inter, dk_inter, dq, dk, dG, 
     dq_acc += tl.exp2(g_sub - g_first[None, :]) * tl.dot(dA_rows.to(dt), k_ref, input_precision=PREC)
     dk_acc += tl.exp2(g_final[None, :] - g_sub) * tl.dot(tl.trans(dA_cols.to(dt)), q_ref, input_precision=PREC)
 
-    # Diagonal S x S block, exact and in fp32: position s = i*S + j as key (for dq) and as query (for dk).
+    # Diagonal S x S block, exact and in fp32: one [S(t), S(s), BK] tensor of pairwise decays serves
+    # both directions (BK is kept narrow by the launcher so that it stays within registers).
     q_sub = _load_features(q + qk_off, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)
     k_sub = _load_features(k + qk_off, ks_base, r0, T, H * K, k0, K, H, S, BK, EXP)
-    sub = tl.arange(0, S)
-    for j in range(S):
-        s = i * S + j
-        row = t0 + s
-        k_s = _load_feature_row(k + qk_off + row * H * K, ks_base + row * H, row, T, k0, K, BK, EXP)
-        q_s = _load_feature_row(q + qk_off + row * H * K, qs_base + row * H, row, T, k0, K, BK, EXP)
-        g_s = _load_row(g_base + row * H * K, 0, 1, k0, K, BK)
-        dA_col = tl.load(a_base + (r0 + sub) * H * C + s)  # [S]: dA[t, s]
-        dA_row = tl.load(a_base + row * H * C + i * S + sub)  # [S]: dA[s, t']
-        decay_q = tl.exp2(tl.where(rows[:, None] >= s, g_sub - g_s[None, :], float("-inf")))
-        dq_acc += dA_col[:, None] * k_s[None, :] * decay_q
-        decay_k = tl.exp2(tl.where(rows[:, None] <= s, g_s[None, :] - g_sub, float("-inf")))
-        dk_acc += dA_row[:, None] * q_s[None, :] * decay_k
+    dA_diag = _load_rows(a_base, r0, Tp, H * C, i * S, C, S, S)[:, :, None]  # dA[t, s], both in the sub-chunk
+    decay = _diagonal_decay(g_sub, S)
+    dq_acc += tl.sum(dA_diag * k_sub[None, :, :] * decay, axis=1)
+    dk_acc += tl.sum(dA_diag * q_sub[:, None, :] * decay, axis=0)
     # The gate gradient needs q ⊙ dq − k ⊙ dk from the fp32 accumulators, not the rounded outputs.
     dq_local = q_sub * dq_acc
     dk_local = k_sub * dk_acc
