@@ -317,6 +317,7 @@ def main():
     parser.add_argument("--impls", default="all", help="comma-separated implementation names, or all")
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel profiles")
+    parser.add_argument("--launch-options", help="tune_kernels.json whose chosen launch options to use")
     parser.add_argument("--replot", nargs="+", metavar="PARQUET",
                         help="only redraw the plot into --out from these timing files (no GPU needed)")
     parser.add_argument("--anchors", help="anchor JSON whose rows the plot draws too")
@@ -337,6 +338,12 @@ def main():
 
     device = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.launch_options:
+        import importlib
+        import json
+        chosen = json.loads(Path(args.launch_options).read_text())["chosen"]
+        importlib.import_module("kernels.triton_gla").LAUNCH_OPTIONS.update(chosen)
+        log(f"launch options from {args.launch_options}: {chosen}")
     chunk_gla_fla = load_fla_chunk_gla()
     fla_version = None
     if chunk_gla_fla is not None:

@@ -42,11 +42,19 @@ def key_shifts(token_max: Tensor, scope: str, chunk_size: int = 64,
         shift = _chunk_running_max(token_max, chunk_size)
     else:
         extended = token_max if previous is None else torch.cat([previous.unsqueeze(1), token_max], dim=1)
-        shift = torch.cummax(extended, dim=1).values
+        shift = running_max(extended)
         if previous is not None:
             shift = shift[:, 1:]
     before = torch.cat([shift[:, :1] if previous is None else previous.unsqueeze(1), shift[:, :-1]], dim=1)
     return shift, before - shift
+
+
+def running_max(x: Tensor) -> Tensor:
+    """cummax over time of [B, T, H]. The scan runs over the innermost dimension of a transposed
+    copy: CUDA's cummax over an outer dimension walks each column sequentially with one thread
+    (milliseconds at T = 8192), over the innermost one it is a parallel scan. Values, ties and
+    gradients are cummax's own."""
+    return torch.cummax(x.transpose(1, 2).contiguous(), dim=-1).values.transpose(1, 2)
 
 
 def _chunk_running_max(token_max: Tensor, chunk_size: int) -> Tensor:
@@ -54,5 +62,5 @@ def _chunk_running_max(token_max: Tensor, chunk_size: int) -> Tensor:
     n = -(-T // chunk_size)
     padded = F.pad(token_max, (0, 0, 0, n * chunk_size - T), value=float("-inf"))
     chunk_max = padded.reshape(B, n, chunk_size, H).amax(2)  # [B, n, H]
-    running = torch.cummax(chunk_max, dim=1).values
+    running = running_max(chunk_max)
     return running.repeat_interleave(chunk_size, dim=1)[:, :T]

@@ -39,6 +39,15 @@ MAX_HEAD_DIM = 256
 _LOG2E = 1.0 / math.log(2.0)
 
 
+#: Per-kernel launch options (num_warps, num_stages) by kernel name; Triton's defaults where
+#: absent. Set from benchmarks/tune_kernels.py measurements on the H200 (see BENCHMARKS.md).
+LAUNCH_OPTIONS: dict[str, dict[str, int]] = {}
+
+
+def _launch_options(kernel_name: str) -> dict[str, int]:
+    return LAUNCH_OPTIONS.get(kernel_name, {})
+
+
 def check_supported(q: Tensor, v: Tensor) -> None:
     """Head dims up to MAX_HEAD_DIM; offsets inside one batch element must fit in 32 bits."""
     _, T, H, K = q.shape
@@ -99,7 +108,8 @@ def _launch_gate_cumsum(gk: Tensor, K: int, dims, row_decay: Tensor | None = Non
     gc = _empty((B, NT * CHUNK, H, K), torch.float32, gk.device)
     gate_cumsum_kernel[(triton.cdiv(K, BK), NT, B * H)](
         gk, row_decay if row_decay is not None else gk, gc, T, NT * CHUNK, H, K, gk.shape[-1], _LOG2E,
-        C=CHUNK, BK=BK, SCALAR=gk.shape[-1] == 1, ROW_DECAY=row_decay is not None)
+        C=CHUNK, BK=BK, SCALAR=gk.shape[-1] == 1, ROW_DECAY=row_decay is not None,
+        **_launch_options("gate_cumsum_kernel"))
     return gc
 
 
@@ -113,7 +123,8 @@ def _launch_states_forward(k, v, gc, initial_state, output_final_state, dims, sh
     state_forward_kernel[grid](k, features["ks"], v, gc, h0 if h0 is not None else states, states,
                                final if final is not None else states, T, gc.shape[1], H, K, V, NT,
                                C=CHUNK, BK=BK, BV=BV, HAS_H0=h0 is not None,
-                               STORE_HT=final is not None, EXP=features["EXP"], **dot)
+                               STORE_HT=final is not None, EXP=features["EXP"], **dot,
+                               **_launch_options("state_forward_kernel"))
     return states, final
 
 
@@ -123,7 +134,8 @@ def _launch_intra_scores(q, k, gc, dims, shifts=None):
     grid = (NT * (CHUNK // SUB_CHUNK), B * H)
     intra_scores_kernel[grid](q, k, gc=gc, A=scores, T=T, Tp=gc.shape[1], H=H, K=K,
                               C=CHUNK, S=SUB_CHUNK, BK=BK, BD=min(BK, DIAG_FEATURES),
-                              **_feature_args(shifts, q), **dot)
+                              **_feature_args(shifts, q), **dot,
+                              **_launch_options("intra_scores_kernel"))
     return scores
 
 
@@ -142,15 +154,16 @@ def _forward_from_gate(q, k, v, gc, scale, initial_state, output_final_state, di
     features = _feature_args(shifts, q)
     output_kernel[(triton.cdiv(V, BV), NT, B * H)](q, features["qs"], v, gc, scores, states, o, scale, T,
                                                    gc.shape[1], H, K, V, NT, C=CHUNK, BK=BK, BV=BV,
-                                                   EXP=features["EXP"], **dot)
+                                                   EXP=features["EXP"], **dot,
+                                                   **_launch_options("output_kernel"))
     return o, final, scores
 
 
 def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, dg_dtype, shifts=None):
     """Gradients of q, k, v, the (per-feature) log gate [B, T, H, K] in dg_dtype, and the initial state.
 
-    With safe-exp `shifts`, dq and dk are the raw inputs' gradients at fixed shifts, and two more
-    results, [B, T, H] fp32, are the shifts' gradients (None without)."""
+    With safe-exp `shifts`, dq and dk are the raw inputs' gradients at fixed shifts, in fp32, and
+    two more results, [B, T, H] fp32, are the shifts' gradients (None without)."""
     B, T, H, K, V, NT, BK, BV, dot = dims
     Tp = gc.shape[1]
     features = _feature_args(shifts, q)
@@ -163,22 +176,27 @@ def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, d
     state_backward_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
         q, features["qs"], do, gc, dht if dht is not None else dstates, dstates, dh0 if dh0 is not None else dstates,
         scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, EXP=features["EXP"], **dot)
+        STORE_DH0=dh0 is not None, EXP=features["EXP"], **dot,
+        **_launch_options("state_backward_kernel"))
 
     score_grad = _empty((B, Tp, H, CHUNK), torch.float32, q.device)  # [B, Tp, H, C]
-    intra_score_grad_kernel[(NT, B * H)](do, v, score_grad, scale, T, Tp, H, V, C=CHUNK, BV=BV, **dot)
+    intra_score_grad_kernel[(NT, B * H)](do, v, score_grad, scale, T, Tp, H, V, C=CHUNK, BV=BV, **dot,
+                                         **_launch_options("intra_score_grad_kernel"))
 
     dv = _empty((B, T, H, V), v.dtype, q.device)
     value_grad_kernel[(triton.cdiv(V, BV), NT, B * H)](
         k, features["ks"], gc, scores, do, dstates, dv, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV,
-        EXP=features["EXP"], **dot)
+        EXP=features["EXP"], **dot, **_launch_options("value_grad_kernel"))
 
     dq_inter = _empty((B, T, H, K), torch.float32, q.device)  # through the chunk states
     dk_inter = _empty((B, T, H, K), torch.float32, q.device)
     query_key_inter_kernel[(triton.cdiv(K, BK), NT, B * H)](
-        v, gc, do, states, dstates, dq_inter, dk_inter, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, **dot)
-    dq = _empty((B, T, H, K), q.dtype, q.device)
-    dk = _empty((B, T, H, K), k.dtype, q.device)
+        v, gc, do, states, dstates, dq_inter, dk_inter, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, **dot,
+        **_launch_options("query_key_inter_kernel"))
+    # With safe-exp features, dq and dk still get the max shifts' terms (kernels.triton_regla):
+    # they stay in fp32 until then, as those terms nearly cancel at the maxima.
+    dq = _empty((B, T, H, K), q.dtype if shifts is None else torch.float32, q.device)
+    dk = _empty((B, T, H, K), k.dtype if shifts is None else torch.float32, q.device)
     dG = _empty((B, T, H, K), torch.float32, q.device)  # q ⊙ dq − k ⊙ dk, the gate's local term
     # Key blocks as narrow as the diagonal block's decay tensor, which spans a whole block here.
     BKD = min(BK, DIAG_FEATURES)
@@ -187,7 +205,8 @@ def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, d
                for _ in range(2)]
     query_key_grad_kernel[(triton.cdiv(K, BKD), NT * (CHUNK // SUB_CHUNK), B * H)](
         q, k, features["qs"], features["ks"], gc, score_grad, dq_inter, dk_inter, dq, dk, dG, *rowsums,
-        T, Tp, H, K, B, C=CHUNK, S=SUB_CHUNK, BK=BKD, EXP=features["EXP"], **dot)
+        T, Tp, H, K, B, C=CHUNK, S=SUB_CHUNK, BK=BKD, EXP=features["EXP"], **dot,
+        **_launch_options("query_key_grad_kernel"))
 
     # Closed-form gate gradient (see gate_grad_kernel): within-chunk reverse sums of dG plus the
     # state-leaving-the-chunk term; the last chunk's leaving state is the final state, whose
@@ -196,7 +215,8 @@ def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, d
     has_final = final is not None and dht is not None
     gate_grad_kernel[(triton.cdiv(K, BK), NT, B * H)](dG, states, final if has_final else states, dstates, dg,
                                                       T, H, K, V, NT, C=CHUNK, BK=BK, BV=BV,
-                                                      HAS_FINAL=has_final)
+                                                      HAS_FINAL=has_final,
+                                                      **_launch_options("gate_grad_kernel"))
     if shifts is None:
         return dq, dk, dv, dg, dh0, None, None
     # φ = exp(x − m): ∂L/∂m = −Σ_features φ ⊙ dφ, i.e. minus the row sums of dq, dk.

@@ -9,8 +9,10 @@ The composed path (the paper's, and `harness.layers` off CUDA) writes φ(q), φ(
 gate to memory as [B, T, H, K] tensors and keeps them for the backward. Here the kernels read
 the raw q, k and logits and form φ and the gate on load, in fp32; what is kept for the backward
 is the inputs, the [B, T, H] shifts and the within-chunk cumulative gates. The shifts' small
-reductions (amax / cummax over [B, T, H]) stay in torch, so their gradients, ties included,
-are torch's own.
+scans (cummax / chunk and sequence maxima over [B, T, H]) stay in torch, and their backward is
+torch's autograd on those small tensors, ties included; the gradient through each token's max
+over features is added to dq, dk in fp32 by one row kernel (the two terms nearly cancel at the
+maxima, so rounding them to bf16 first would lose the difference).
 
 The gate is either ReGLA's refining gate (`gate_logits`, `refine_logits`, tau, log_clamp; the
 formula of `variants.gates.RefinedGate`, in fp32) or any given log gate (`log_gate`, e.g. GLA's).
@@ -22,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 from . import safe_exp
 from .triton_gla import (_LOG2E, CHUNK, SafeExpShifts, _backward, _dims, _empty, _forward_from_gate,
@@ -40,6 +43,40 @@ class ReGLAOutput(NamedTuple):
 class _RefinedGate(NamedTuple):
     tau: float
     log_clamp: float | None
+
+
+class _Options(NamedTuple):
+    refined: _RefinedGate | None    # None: the gate is a given log gate
+    key_max: str
+    chunk_size: int
+    scale: float
+
+
+@triton.jit
+def max_shift_grad_kernel(x, grad, d_max, out, N, K, R: tl.constexpr, BK: tl.constexpr):
+    """out = grad + d_max · 1[x = max x] / (number of ties), per row of K features: the gradient
+    through a row max added to the gradient at a fixed max, in fp32, rounded once. torch's amax
+    splits its gradient evenly between tied elements; so does this."""
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    cols = tl.arange(0, BK)
+    inside = (rows[:, None] < N) & (cols[None, :] < K)
+    offsets = rows[:, None] * K + cols[None, :]
+    values = tl.load(x + offsets, mask=inside, other=float("-inf")).to(tl.float32)
+    ties = (values == tl.max(values, axis=1)[:, None]) & inside
+    count = tl.maximum(tl.sum(ties.to(tl.float32), axis=1), 1.0)
+    share = tl.load(d_max + rows, mask=rows < N, other=0.0) / count
+    total = tl.load(grad + offsets, mask=inside, other=0.0) + tl.where(ties, share[:, None], 0.0)
+    tl.store(out + offsets, total.to(out.dtype.element_ty), mask=inside)
+
+
+def _add_max_gradient(x: Tensor, grad: Tensor, d_max: Tensor) -> Tensor:
+    """x, grad (fp32): [B, T, H, K]; d_max: [B, T, H] -> x's gradient in x's dtype."""
+    out = _empty(x.shape, x.dtype, x.device)
+    n, K = x.numel() // x.shape[-1], x.shape[-1]
+    rows = 16
+    max_shift_grad_kernel[(triton.cdiv(n, rows),)](x, grad, d_max.contiguous(), out, n, K, R=rows,
+                                                    BK=triton.next_power_of_2(K))
+    return out
 
 
 def _gate_cumsum(gate: tuple[Tensor, ...], refined: _RefinedGate | None, log_decay: Tensor | None, dims) -> Tensor:
@@ -74,33 +111,68 @@ def _gate_grads(gate: tuple[Tensor, ...], refined: _RefinedGate | None, d_log_ga
     return d_gate, d_refine
 
 
+def _key_shifts_backward(token_max, initial_key_max, options, d_shift, d_log_decay):
+    """Gradients of the keys' token maxima [B, T, H] and of the initial key max, through
+    `safe_exp.key_shifts` (cummax, chunk or sequence max): torch's autograd on these small tensors."""
+    with torch.enable_grad():
+        leaves = [token_max.detach().requires_grad_(True)]
+        if initial_key_max is not None:
+            leaves.append(initial_key_max.detach().float().requires_grad_(True))
+        shift, log_decay = safe_exp.key_shifts(leaves[0], options.key_max, options.chunk_size,
+                                               leaves[1] if len(leaves) > 1 else None)
+        outputs, grads = [shift], [d_shift]
+        if log_decay is not None:
+            outputs.append(log_decay)
+            grads.append(d_log_decay)
+        d_leaves = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+    d_leaves = [torch.zeros_like(leaf) if d is None else d for leaf, d in zip(leaves, d_leaves)]
+    return d_leaves[0], (d_leaves[1].to(initial_key_max.dtype) if initial_key_max is not None else None)
+
+
 class FusedReGLAFunction(torch.autograd.Function):
-    """Inputs: q, k, v; the shifts [B, T, H] fp32 (query, key) and the key-max log decay [B, T, H]
-    or None; the gate tensors (one log gate, or two logits). Gradients flow to all of them."""
+    """Inputs: q, k, v [B, T, H, ·], the initial state and key max (or None), the options, and the
+    gate tensors (one log gate, or the two logits). Outputs: o, the final state, the last key max."""
 
     @staticmethod
-    def forward(ctx, q, k, v, query_shift, key_shift, log_decay, refined, scale, initial_state,
-                output_final_state, *gate):
+    def forward(ctx, q, k, v, initial_state, initial_key_max, options, output_final_state, *gate):
         dims = _dims(q, v)
+        # Maxima are exact in any dtype: no fp32 copy of q, k is made for them.
+        query_shift = q.amax(-1).float().contiguous()
+        token_max = k.amax(-1).float()
+        key_shift, log_decay = safe_exp.key_shifts(
+            token_max, options.key_max, options.chunk_size,
+            initial_key_max.float() if initial_key_max is not None else None)
+        key_shift = key_shift.contiguous()
+        log_decay = log_decay.contiguous() if log_decay is not None else None
         shifts = SafeExpShifts(query_shift, key_shift)
-        gc = _gate_cumsum(gate, refined, log_decay, dims)
-        o, final, scores = _forward_from_gate(q, k, v, gc, scale, initial_state, output_final_state, dims, shifts)
-        ctx.save_for_backward(q, k, v, query_shift, key_shift, gc, scores, initial_state, final, *gate)
-        ctx.refined, ctx.scale, ctx.dims, ctx.has_log_decay = refined, scale, dims, log_decay is not None
-        return o, final
+        gc = _gate_cumsum(gate, options.refined, log_decay, dims)
+        o, final, scores = _forward_from_gate(q, k, v, gc, options.scale, initial_state, output_final_state,
+                                              dims, shifts)
+        ctx.save_for_backward(q, k, v, query_shift, key_shift, token_max, gc, scores, initial_state,
+                              initial_key_max, final, *gate)
+        ctx.options, ctx.dims, ctx.has_log_decay = options, dims, log_decay is not None
+        return o, final, key_shift[:, -1].contiguous()
 
     @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, query_shift, key_shift, gc, scores, initial_state, final, *gate = ctx.saved_tensors
+    def backward(ctx, do, dht, d_key_max):
+        (q, k, v, query_shift, key_shift, token_max, gc, scores, initial_state, initial_key_max, final,
+         *gate) = ctx.saved_tensors
+        options = ctx.options
         dq, dk, dv, d_log_gate, dh0, d_query_shift, d_key_shift = _backward(
             q, k, v, gc, scores, initial_state, final, do.contiguous(),
-            dht.contiguous() if dht is not None else None, ctx.scale, ctx.dims, torch.float32,
+            dht.contiguous() if dht is not None else None, options.scale, ctx.dims, torch.float32,
             SafeExpShifts(query_shift, key_shift))
         # The key-max decay is added to every feature's log gate: its gradient is the feature sum.
         d_log_decay = d_log_gate.sum(-1) if ctx.has_log_decay else None
-        d_gate = _gate_grads(tuple(gate), ctx.refined, d_log_gate)
+        if d_key_max is not None:
+            d_key_shift[:, -1] += d_key_max
+        d_token_max, d_initial_key_max = _key_shifts_backward(token_max, initial_key_max, options,
+                                                              d_key_shift, d_log_decay)
+        dq = _add_max_gradient(q, dq, d_query_shift)
+        dk = _add_max_gradient(k, dk, d_token_max)
+        d_gate = _gate_grads(tuple(gate), options.refined, d_log_gate)
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
-        return dq, dk, dv, d_query_shift, d_key_shift, d_log_decay, None, None, dh0, None, *d_gate
+        return dq, dk, dv, dh0, d_initial_key_max, None, None, *d_gate
 
 
 def triton_regla(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Tensor | None = None,
@@ -132,16 +204,12 @@ def triton_regla(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Tensor | None 
     if (initial_key_max is None) != (initial_state is None):
         raise ValueError("initial_state and initial_key_max go together: the state is scaled by the key max")
     check_supported(q, v)
-
-    query_shift = safe_exp.query_shift(q.float()).contiguous()
-    key_shift, log_decay = safe_exp.key_shifts(k.float().amax(-1), key_max, chunk_size,
-                                               initial_key_max.float() if initial_key_max is not None else None)
-    key_shift = key_shift.contiguous()
-    log_decay = log_decay.contiguous() if log_decay is not None else None
     gate = (gate_logits, refine_logits) if refined else (log_gate,)
-    gate_options = _RefinedGate(float(tau), log_clamp) if refined else None
+    options = _Options(_RefinedGate(float(tau), log_clamp) if refined else None, key_max, int(chunk_size),
+                       float(scale))
+    if key_max not in safe_exp.KEY_MAX_SCOPES:
+        raise ValueError(f"key_max must be one of {', '.join(safe_exp.KEY_MAX_SCOPES)}; got {key_max!r}")
     q, k, v, *gate = (t.contiguous() for t in (q, k, v, *gate))
     with on_device_of(q):
-        o, final = FusedReGLAFunction.apply(q, k, v, query_shift, key_shift, log_decay, gate_options,
-                                            float(scale), initial_state, output_final_state, *gate)
-    return ReGLAOutput(o, final, key_shift[:, -1])
+        return ReGLAOutput(*FusedReGLAFunction.apply(q, k, v, initial_state, initial_key_max, options,
+                                                     output_final_state, *gate))

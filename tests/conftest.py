@@ -41,3 +41,26 @@ def corpus(tmp_path_factory):
             sentences.append(f"The {subject} {verb} the {rng.choice(words[8:12])} {obj}.")
         (root / f"doc{i:02d}.txt").write_text(" ".join(sentences))
     return root
+
+
+@pytest.fixture
+def bf16_products_as_on_gpu(monkeypatch):
+    """Under the interpreter, run the GPU's bf16 operand path: the kernels round operands to bf16
+    as on a GPU, and the interpreter's (wrong) bf16 product is replaced by an exact one of the
+    rounded values, which is what a tensor core computes with fp32 accumulation."""
+    if torch.cuda.is_available():
+        return
+    import importlib
+
+    import triton.language as tl
+    triton_gla_module = importlib.import_module("kernels.triton_gla")
+    exact_dot = tl.dot
+
+    def dot_of_rounded_operands(a, b, *args, _semantic=None, **kwargs):
+        upcast = lambda x: x.to(tl.float32, _semantic=_semantic)  # noqa: E731
+        return exact_dot(upcast(a), upcast(b), *args, _semantic=_semantic, **kwargs)
+
+    dot_of_rounded_operands.__triton_builtin__ = True
+    monkeypatch.setattr(tl, "dot", dot_of_rounded_operands)
+    monkeypatch.setattr(triton_gla_module, "_dot_options",
+                        lambda dtype: dict(PREC="tf32", DOT=tl.bfloat16 if dtype == torch.bfloat16 else tl.float32))

@@ -108,26 +108,6 @@ def test_very_negative_gates_do_not_overflow():
     assert max(errors.values()) <= 1e-4, errors
 
 
-@pytest.fixture
-def bf16_products_as_on_gpu(monkeypatch):
-    """Under the interpreter, run the GPU's bf16 operand path: the kernels round operands to bf16
-    as on a GPU, and the interpreter's (wrong) bf16 product is replaced by an exact one of the
-    rounded values, which is what a tensor core computes with fp32 accumulation."""
-    if HAS_CUDA:
-        return
-    import triton.language as tl
-    exact_dot = tl.dot
-
-    def dot_of_rounded_operands(a, b, *args, _semantic=None, **kwargs):
-        upcast = lambda x: x.to(tl.float32, _semantic=_semantic)  # noqa: E731
-        return exact_dot(upcast(a), upcast(b), *args, _semantic=_semantic, **kwargs)
-
-    dot_of_rounded_operands.__triton_builtin__ = True
-    monkeypatch.setattr(tl, "dot", dot_of_rounded_operands)
-    monkeypatch.setattr(triton_gla_module, "_dot_options",
-                        lambda dtype: dict(PREC="tf32", DOT=tl.bfloat16 if dtype == torch.bfloat16 else tl.float32))
-
-
 def test_bf16_inputs(bf16_products_as_on_gpu):
     # Measured under the interpreter: o 6.3e-3, dv 6.4e-3, dgk 1.0e-2, the rest <= 5e-3 (an H200 gave
     # 2.5e-3, 2.3e-3 and 1.3e-2 at this length: the interpreter's bf16 rounding is coarser).

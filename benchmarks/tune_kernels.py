@@ -1,0 +1,103 @@
+"""Launch options (num_warps, num_stages) of the Triton GLA kernels, chosen by measurement on a GPU.
+
+Coordinate descent: for each kernel in turn, every option pair is tried with the kernels already
+tuned kept at their best, and the pair with the lowest summed relative forward+backward time of
+the fused ReGLA op over one D=128 and one D=64 shape is kept. Writes every measurement to
+tune_kernels.parquet and the chosen options to tune_kernels.json in --out; copy the JSON into
+kernels.triton_gla.LAUNCH_OPTIONS to adopt them.
+
+    python3 benchmarks/tune_kernels.py [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from triton.testing import do_bench  # noqa: E402
+
+from kernels.triton_regla import triton_regla  # noqa: E402
+
+# By module path: the package re-exports the function `triton_gla` under the module's name.
+triton_gla_module = importlib.import_module("kernels.triton_gla")
+
+SHAPES = [(4, 4096, 64, 128), (16, 4096, 12, 64)]
+KERNELS = ["query_key_grad_kernel", "intra_scores_kernel", "state_forward_kernel", "query_key_inter_kernel",
+           "output_kernel", "value_grad_kernel", "state_backward_kernel", "gate_grad_kernel"]
+OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (1, 2, 3))]
+
+
+def make_step(B, T, H, D):
+    torch.manual_seed(0)
+    leaf = lambda: torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_(True)  # noqa: E731
+    q, k, v, a, r = (leaf() for _ in range(5))
+    do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    scale = 1.0 / (math.e * math.sqrt(D * (math.e ** 2 - 1)))
+
+    def step():
+        o = triton_regla(q, k, v, gate_logits=a, refine_logits=r, key_max="running", scale=scale).output
+        torch.autograd.grad(o, (q, k, v, a, r), do)
+    return step
+
+
+def measure(steps) -> list[float]:
+    times = []
+    for step in steps:
+        step()  # compile outside the timing
+        times.append(do_bench(step, warmup=10, rep=60))
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--budget-s", type=float, default=400.0, help="stop tuning further kernels after this")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [make_step(*shape) for shape in SHAPES]
+    triton_gla_module.LAUNCH_OPTIONS.clear()
+    baseline = measure(steps)
+    print(f"defaults: {baseline}", flush=True)
+    rows, chosen, start = [], {}, time.time()
+    for name in KERNELS:
+        if time.time() - start > args.budget_s:
+            print(f"budget spent: {name} and later kernels keep Triton's defaults", flush=True)
+            break
+        best = None
+        for option in OPTIONS:
+            triton_gla_module.LAUNCH_OPTIONS[name] = option
+            try:
+                times = measure(steps)
+            except Exception as error:  # e.g. out of shared memory: a result to record
+                rows.append(dict(kernel=name, **option, error=repr(error)[:200]))
+                continue
+            score = sum(t / b for t, b in zip(times, baseline))
+            rows.append(dict(kernel=name, **option, score=score,
+                             **{f"ms_{'x'.join(map(str, s))}": t for s, t in zip(SHAPES, times)}))
+            print(f"{name} {option} score {score:.3f} {times}", flush=True)
+            if best is None or score < best[0]:
+                best = (score, option)
+        triton_gla_module.LAUNCH_OPTIONS[name] = best[1]
+        chosen[name] = best[1]
+        import pandas as pd
+        pd.DataFrame(rows).to_parquet(out / "tune_kernels.parquet", index=False)
+        (out / "tune_kernels.json").write_text(json.dumps(dict(chosen=chosen), indent=1))
+    final = measure(steps)
+    print(f"tuned: {final} (defaults {baseline})", flush=True)
+    (out / "tune_kernels.json").write_text(json.dumps(dict(chosen=chosen, shapes=SHAPES, default_ms=baseline,
+                                                           tuned_ms=final), indent=1))
+
+
+if __name__ == "__main__":
+    main()
