@@ -76,16 +76,36 @@ def refined_gate_grad_kernel(gate_logits, refine_logits, d_log_gate, d_gate_logi
     tl.store(d_refine_logits + idx, (grad * d_b).to(d_refine_logits.dtype.element_ty), mask=inside)
 
 
+def refined_gate_cumsum(gate_logits: Tensor, refine_logits: Tensor, tau: float, log_clamp: float | None,
+                        row_decay: Tensor | None, dims) -> Tensor:
+    """Within-chunk cumulative refined log gates [B, Tp, H, K] fp32 (log2 units), with an optional
+    per-row extra log decay `row_decay` [B, T, H] fp32 (safe_exp's key-max rescaling)."""
+    B, T, H, K, V, NT, BK = dims[:7]
+    gc = _empty((B, NT * CHUNK, H, K), torch.float32, gate_logits.device)  # [B, Tp, H, K]
+    refined_gate_cumsum_kernel[(triton.cdiv(K, BK), NT, B * H)](
+        gate_logits, refine_logits, row_decay if row_decay is not None else gate_logits, gc, T, NT * CHUNK, H, K,
+        1.0 / tau, log_clamp if log_clamp is not None else 0.0, _LOG2E, C=CHUNK, BK=BK,
+        HAS_CLAMP=log_clamp is not None, ROW_DECAY=row_decay is not None)
+    return gc
+
+
+def refined_gate_grads(gate_logits: Tensor, refine_logits: Tensor, tau: float, log_clamp: float | None,
+                       d_log_gate: Tensor) -> tuple[Tensor, Tensor]:
+    """The two logits' gradients from the log gate's, d_log_gate [B, T, H, K] fp32."""
+    d_gate = _empty(gate_logits.shape, gate_logits.dtype, gate_logits.device)
+    d_refine = _empty(refine_logits.shape, refine_logits.dtype, refine_logits.device)
+    n, block = d_log_gate.numel(), 1024
+    refined_gate_grad_kernel[(triton.cdiv(n, block),)](
+        gate_logits, refine_logits, d_log_gate, d_gate, d_refine, n, 1.0 / tau,
+        log_clamp if log_clamp is not None else 0.0, BLOCK=block, HAS_CLAMP=log_clamp is not None)
+    return d_gate, d_refine
+
+
 class RefinedGateGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate_logits, refine_logits, tau, log_clamp, scale, initial_state, output_final_state):
         dims = _dims(q, v)
-        B, T, H, K, V, NT, BK = dims[:7]
-        gc = _empty((B, NT * CHUNK, H, K), torch.float32, q.device)  # [B, Tp, H, K]
-        refined_gate_cumsum_kernel[(triton.cdiv(K, BK), NT, B * H)](
-            gate_logits, refine_logits, gate_logits, gc, T, NT * CHUNK, H, K, 1.0 / tau,
-            log_clamp if log_clamp is not None else 0.0, _LOG2E, C=CHUNK, BK=BK, HAS_CLAMP=log_clamp is not None,
-            ROW_DECAY=False)
+        gc = refined_gate_cumsum(gate_logits, refine_logits, tau, log_clamp, None, dims)
         o, final, scores = _forward_from_gate(q, k, v, gc, scale, initial_state, output_final_state, dims)
         ctx.save_for_backward(q, k, v, gate_logits, refine_logits, gc, scores, initial_state, final)
         ctx.scale, ctx.dims, ctx.tau, ctx.log_clamp = scale, dims, tau, log_clamp
@@ -95,14 +115,9 @@ class RefinedGateGLAFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, gate_logits, refine_logits, gc, scores, initial_state, final = ctx.saved_tensors
         dq, dk, dv, d_log_gate, dh0, _, _ = _backward(q, k, v, gc, scores, initial_state, final, do.contiguous(),
-                                                dht.contiguous() if dht is not None else None, ctx.scale,
-                                                ctx.dims, torch.float32)
-        d_gate = _empty(gate_logits.shape, gate_logits.dtype, q.device)
-        d_refine = _empty(refine_logits.shape, refine_logits.dtype, q.device)
-        n, block = d_log_gate.numel(), 1024
-        refined_gate_grad_kernel[(triton.cdiv(n, block),)](
-            gate_logits, refine_logits, d_log_gate, d_gate, d_refine, n, 1.0 / ctx.tau,
-            ctx.log_clamp if ctx.log_clamp is not None else 0.0, BLOCK=block, HAS_CLAMP=ctx.log_clamp is not None)
+                                                      dht.contiguous() if dht is not None else None, ctx.scale,
+                                                      ctx.dims, torch.float32)
+        d_gate, d_refine = refined_gate_grads(gate_logits, refine_logits, ctx.tau, ctx.log_clamp, d_log_gate)
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
         return dq, dk, dv, d_gate, d_refine, None, None, None, dh0, None
 

@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 
 from . import safe_exp
-from .triton_gla import (_LOG2E, CHUNK, SafeExpShifts, _backward, _dims, _empty, _forward_from_gate,
-                         _launch_gate_cumsum, check_supported, on_device_of)
-from .triton_gla_refined import refined_gate_cumsum_kernel, refined_gate_grad_kernel
+from .triton_gla import (SafeExpShifts, _backward, _dims, _empty, _forward_from_gate, _launch_gate_cumsum,
+                         check_supported, on_device_of)
+from .triton_gla_refined import refined_gate_cumsum, refined_gate_grads
 
 Tensor = torch.Tensor
 
@@ -83,14 +83,7 @@ def _gate_cumsum(gate: tuple[Tensor, ...], refined: _RefinedGate | None, log_dec
     """Within-chunk cumulative log2 gates [B, Tp, H, K] fp32, the key-max log decay folded in."""
     if refined is None:
         return _launch_gate_cumsum(gate[0], dims[3], dims, log_decay)
-    B, T, H, K, V, NT, BK = dims[:7]
-    gate_logits, refine_logits = gate
-    gc = _empty((B, NT * CHUNK, H, K), torch.float32, gate_logits.device)
-    refined_gate_cumsum_kernel[(triton.cdiv(K, BK), NT, B * H)](
-        gate_logits, refine_logits, log_decay if log_decay is not None else gate_logits, gc, T, NT * CHUNK, H, K,
-        1.0 / refined.tau, refined.log_clamp if refined.log_clamp is not None else 0.0, _LOG2E,
-        C=CHUNK, BK=BK, HAS_CLAMP=refined.log_clamp is not None, ROW_DECAY=log_decay is not None)
-    return gc
+    return refined_gate_cumsum(*gate, refined.tau, refined.log_clamp, log_decay, dims)
 
 
 def _gate_grads(gate: tuple[Tensor, ...], refined: _RefinedGate | None, d_log_gate: Tensor) -> tuple[Tensor, ...]:
@@ -100,15 +93,7 @@ def _gate_grads(gate: tuple[Tensor, ...], refined: _RefinedGate | None, d_log_ga
         if log_gate.shape[-1] == 1:  # a per-head scalar gate, broadcast over features
             d_log_gate = d_log_gate.sum(-1, keepdim=True)
         return (d_log_gate.to(log_gate.dtype),)
-    gate_logits, refine_logits = gate
-    d_gate = _empty(gate_logits.shape, gate_logits.dtype, gate_logits.device)
-    d_refine = _empty(refine_logits.shape, refine_logits.dtype, refine_logits.device)
-    n, block = d_log_gate.numel(), 1024
-    refined_gate_grad_kernel[(triton.cdiv(n, block),)](
-        gate_logits, refine_logits, d_log_gate, d_gate, d_refine, n, 1.0 / refined.tau,
-        refined.log_clamp if refined.log_clamp is not None else 0.0, BLOCK=block,
-        HAS_CLAMP=refined.log_clamp is not None)
-    return d_gate, d_refine
+    return refined_gate_grads(*gate, refined.tau, refined.log_clamp, d_log_gate)
 
 
 def _key_shifts_backward(token_max, initial_key_max, options, d_shift, d_log_decay):

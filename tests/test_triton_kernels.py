@@ -33,7 +33,8 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def nan_filled_buffers(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(triton_gla_module, "_empty", nan_empty)
+    for name in ("kernels.triton_gla", "kernels.triton_gla_refined"):
+        monkeypatch.setattr(importlib.import_module(name), "_empty", nan_empty)
 
 
 def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
