@@ -15,7 +15,7 @@ Implementations (bf16, key-side gate, the anchor shapes of results/kernels/ancho
   A3_chunked      kernels.reference.chunked_gla in torch (small shapes only)
 
 Forward and forward+backward are timed with triton.testing.do_bench (median, p20, p80); peak
-memory is read in separate, untimed calls. The memory floor of a call is the time its compulsory
+memory and the bytes kept for the backward (saved-tensor hooks) are read in separate, untimed calls. The memory floor of a call is the time its compulsory
 traffic takes at the copy bandwidth measured in the same run: forward reads the inputs and writes
 the output; forward+backward adds reading the inputs and the output gradient and writing one
 gradient per input. `*_floor_fraction` = floor / measured time (1.0 would be bandwidth-bound). Rows go to Parquet in $OUT (or --out), with a plot.
@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from harness.measure import saved_for_backward_mib  # noqa: E402
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
 from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
@@ -220,7 +221,8 @@ def measure(name, call, x, shape, meta):
                    fwdbwd_p80=fb[2], fwd_peak_mib=peak_mib(forward), fwdbwd_peak_mib=peak_mib(forward_backward),
                    fwd_floor_ms=floor_fwd_ms, fwdbwd_floor_ms=floor_fwdbwd_ms,
                    fwd_floor_fraction=floor_fwd_ms / fwd[0], fwdbwd_floor_fraction=floor_fwdbwd_ms / fb[0],
-                   fwd_GBps=(in_bytes + out_bytes) / (fwd[0] * 1e-3) / 1e9)
+                   fwd_GBps=(in_bytes + out_bytes) / (fwd[0] * 1e-3) / 1e9,
+                   saved_for_backward_mib=saved_for_backward_mib(lambda: fn(x)))
     except Exception as error:  # a failing implementation is a result to record, not a crash
         row["error"] = repr(error)[:300]
     torch.cuda.empty_cache()

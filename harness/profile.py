@@ -9,13 +9,12 @@ measured in a separate untimed call. On CPU, peak memory is not measured (NaN).
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from .measure import peak_memory_mib, time_and_peak_memory, time_call
 from .model import LanguageModel
 from .spec import RunSpec
 from .stages import Stage, StageContext
@@ -29,47 +28,6 @@ class ProfileConfig:
     prompt_length: int = 5
     warmup: int = 2
     repeats: int = 5
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median / p20 / p80 wall time in milliseconds of `fn` after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    quantiles = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"median_ms": statistics.median(times), "p20_ms": quantiles[0], "p80_ms": quantiles[3]}
-
-
-def time_and_peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
-    """One synchronised call of `fn`: wall time in ms, and the allocator's high-water mark above
-    the starting allocation in MiB (NaN off CUDA)."""
-    cuda = device.type == "cuda"
-    _synchronize(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    baseline = torch.cuda.memory_allocated(device) if cuda else 0
-    start = time.perf_counter()
-    fn()
-    _synchronize(device)
-    elapsed_ms = (time.perf_counter() - start) * 1e3
-    peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20 if cuda else float("nan")
-    return elapsed_ms, peak
-
-
-def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
-    """Peak memory of one call, measured apart from the timed calls (NaN off CUDA)."""
-    return time_and_peak_memory(fn, device)[1]
 
 
 def profile_training_step(model: LanguageModel, seq_lens: list[int], batch_size: int, device: torch.device,

@@ -297,3 +297,24 @@ def test_layer_takes_fused_path_only_where_it_applies():
         assert not layer.takes_fused_path(q[:, :1].cuda())  # one decoding step: the recurrence
         layer.capture_gates = True
         assert not layer.takes_fused_path(q.cuda())  # probes read the gate's activations
+
+
+def test_fused_path_keeps_less_for_the_backward(monkeypatch):
+    # What autograd keeps between forward and backward decides training memory; the fused op
+    # keeps the raw inputs, [B, T, H] shifts and the cumulative gates, not φ(q), φ(k) and the gate.
+    from harness.measure import saved_for_backward_mib
+    layer = make_layer({})
+    x = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    saved = {}
+    for fused_path in (True, False):
+        monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q, fused_path=fused_path: fused_path)
+        saved[fused_path] = saved_for_backward_mib(lambda: layer(x))
+    assert 0 < saved[True] < 0.8 * saved[False], saved
+
+
+def test_saved_for_backward_counts_each_storage_once():
+    from harness.measure import saved_for_backward_mib
+    a = torch.randn(1024, 256, requires_grad=True)
+    b = torch.randn(1024, 256, requires_grad=True)
+    assert saved_for_backward_mib(lambda: (a * b).sum()) == pytest.approx(2.0)  # a and b, 1 MiB each
+    assert saved_for_backward_mib(lambda: (a * a).sum()) == pytest.approx(1.0)  # one storage
