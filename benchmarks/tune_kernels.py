@@ -1,7 +1,7 @@
 """Launch options (num_warps, num_stages) of the Triton GLA kernels, chosen by measurement on a GPU.
 
-Coordinate descent: for each kernel in turn, every option pair is tried with the kernels already
-tuned kept at their best, and the pair with the lowest summed relative forward+backward time of
+Coordinate descent: for each kernel in turn (all, or --kernels), every option pair is tried with
+the kernels already tuned kept at their best and the others at `LAUNCH_OPTIONS`, and the pair with the lowest summed relative forward+backward time of
 the fused ReGLA op over one D=128 and one D=64 shape is kept. Writes every measurement to
 tune_kernels.parquet and the chosen options to tune_kernels.json in --out; copy the JSON into
 kernels.triton_gla.LAUNCH_OPTIONS to adopt them.
@@ -62,15 +62,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--budget-s", type=float, default=400.0, help="stop tuning further kernels after this")
+    parser.add_argument("--kernels", default=",".join(KERNELS),
+                        help="comma-separated kernels to tune, in order; the others keep LAUNCH_OPTIONS")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = [make_step(*shape) for shape in SHAPES]
-    triton_gla_module.LAUNCH_OPTIONS.clear()
+    names = args.kernels.split(",")
+    for name in names:  # the kernels being tuned start from Triton's defaults
+        triton_gla_module.LAUNCH_OPTIONS.pop(name, None)
     baseline = measure(steps)
     print(f"defaults: {baseline}", flush=True)
     rows, chosen, start = [], {}, time.time()
-    for name in KERNELS:
+    for name in names:
         if time.time() - start > args.budget_s:
             print(f"budget spent: {name} and later kernels keep Triton's defaults", flush=True)
             break
