@@ -213,7 +213,7 @@ def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, d
     # Per key block row sums of the raw dq, dk (safe-exp only): summed below, deterministically.
     rowsums = [_empty((triton.cdiv(K, BKD), B, T, H), torch.float32, q.device) if shifts is not None else dG
                for _ in range(2)]
-    query_key_grad_kernel[(triton.cdiv(K, BKD), NT, B * H)](
+    query_key_grad_kernel[(triton.cdiv(K, BKD), NT * (CHUNK // SUB_CHUNK), B * H)](
         q, k, features["qs"], features["ks"], gc, score_grad, dq_inter, dk_inter, dq, dk, dG, *rowsums,
         T, Tp, H, K, B, C=CHUNK, S=SUB_CHUNK, BK=BKD, EXP=features["EXP"], **dot,
         **_launch_options("query_key_grad_kernel"))

@@ -304,9 +304,8 @@ def query_key_grad_kernel(q, k, qs, ks, gc, dA, dq_inter, dk_inter, dq, dk, dG, 
                           T, Tp, H, K, NB,
                           C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr,
                           PREC: tl.constexpr, DOT: tl.constexpr, EXP: tl.constexpr):
-    """dq, dk and dG = q ⊙ dq − k ⊙ dk (fp32) for one chunk and one block of key columns, a
-    sub-chunk of S rows at a time: the within-chunk parts added to the state parts from
-    `query_key_inter_kernel`.
+    """dq, dk and dG = q ⊙ dq − k ⊙ dk (fp32) for one sub-chunk of S rows and one block of key columns:
+    the within-chunk parts added to the state parts from `query_key_inter_kernel`.
 
     dq_t += Σ_{s<=t} dA[t,s] k_s ⊙ e^{b_t - b_s},   dk_s += Σ_{t>=s} dA[t,s] q_t ⊙ e^{b_t - b_s}
 
@@ -314,67 +313,57 @@ def query_key_grad_kernel(q, k, qs, ks, gc, dA, dq_inter, dk_inter, dq, dk, dG, 
     gradients of the raw inputs at fixed shifts, φ ⊙ dφ, and q_rowsum / k_rowsum [NB, B, T, H]
     get this key block's row sums of them (the shifts' gradients are minus their totals over blocks).
     """
-    ik, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ik, pid, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, i = pid // (C // S), pid % (C // S)
     b, h = bh // H, bh % H
     qk_off = (b.to(tl.int64) * T * H + h) * K
     qs_base = qs + b.to(tl.int64) * T * H + h
     ks_base = ks + b.to(tl.int64) * T * H + h
     g_base = gc + (b.to(tl.int64) * Tp * H + h) * K
     a_base = dA + (b.to(tl.int64) * Tp * H + h) * C
-    t0, k0 = c * C, ik * BK
+    t0, r0, k0 = c * C, c * C + i * S, ik * BK
     dt = DOT
-    # Every sub-chunk reaches the other sub-chunks of its chunk through these [C, BK] tiles: one
-    # program per chunk loads them (and, with EXP, exponentiates them) once instead of C // S times.
+    dq_acc = _load_rows(dq_inter + qk_off, r0, T, H * K, k0, K, S, BK)  # [S, BK] fp32
+    dk_acc = _load_rows(dk_inter + qk_off, r0, T, H * K, k0, K, S, BK)
+    g_sub = _load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)  # [S, BK]
+
+    # Earlier / later sub-chunks of the same chunk, through reference rows (exponents <= 0).
     cols = tl.arange(0, C)
     q_chunk = _load_features(q + qk_off, qs_base, t0, T, H * K, k0, K, H, C, BK, EXP)  # [C, BK]
     k_chunk = _load_features(k + qk_off, ks_base, t0, T, H * K, k0, K, H, C, BK, EXP)
     g_chunk = _load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
-    # Unrolled, so that i is a constant: the sub-chunk's row tiles are loaded again from memory
-    # (just read as part of the chunk, so served by the caches), as a register tile cannot be sliced.
-    for i in tl.static_range(C // S):
-        r0 = t0 + i * S
-        dq_acc = _load_rows(dq_inter + qk_off, r0, T, H * K, k0, K, S, BK)  # [S, BK] fp32
-        dk_acc = _load_rows(dk_inter + qk_off, r0, T, H * K, k0, K, S, BK)
-        g_sub = _load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)  # [S, BK]
+    g_first = _load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)  # first row of the sub-chunk
+    g_final = _load_row(g_base + (r0 + S - 1) * H * K, 0, 1, k0, K, BK)  # its last row
+    earlier = cols[:, None] < i * S
+    later = cols[:, None] >= i * S + S
+    k_ref = (k_chunk * tl.exp2(tl.where(earlier, g_first[None, :] - g_chunk, float("-inf")))).to(dt)
+    q_ref = (q_chunk * tl.exp2(tl.where(later, g_chunk - g_final[None, :], float("-inf")))).to(dt)
+    dA_rows = _load_rows(a_base, r0, Tp, H * C, 0, C, S, C)  # [S, C]: dA[t in sub-chunk, s]
+    dA_cols = _load_rows(a_base, t0, Tp, H * C, i * S, C, C, S)  # [C, S]: dA[t, s in sub-chunk]
+    dq_acc += tl.exp2(g_sub - g_first[None, :]) * tl.dot(dA_rows.to(dt), k_ref, input_precision=PREC)
+    dk_acc += tl.exp2(g_final[None, :] - g_sub) * tl.dot(tl.trans(dA_cols.to(dt)), q_ref, input_precision=PREC)
 
-        # Earlier / later sub-chunks of the same chunk, through reference rows (exponents <= 0).
-        # The first sub-chunk has no earlier one and the last no later one: those products are
-        # zero, and are left out.
-        if i > 0:
-            g_first = _load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)  # first row of the sub-chunk
-            earlier = cols[:, None] < i * S
-            k_ref = (k_chunk * tl.exp2(tl.where(earlier, g_first[None, :] - g_chunk, float("-inf")))).to(dt)
-            dA_rows = _load_rows(a_base, r0, Tp, H * C, 0, C, S, C)  # [S, C]: dA[t in sub-chunk, s]
-            dq_acc += tl.exp2(g_sub - g_first[None, :]) * tl.dot(dA_rows.to(dt), k_ref, input_precision=PREC)
-        if i < C // S - 1:
-            g_final = _load_row(g_base + (r0 + S - 1) * H * K, 0, 1, k0, K, BK)  # its last row
-            later = cols[:, None] >= i * S + S
-            q_ref = (q_chunk * tl.exp2(tl.where(later, g_chunk - g_final[None, :], float("-inf")))).to(dt)
-            dA_cols = _load_rows(a_base, t0, Tp, H * C, i * S, C, C, S)  # [C, S]: dA[t, s in sub-chunk]
-            dk_acc += tl.exp2(g_final[None, :] - g_sub) * tl.dot(tl.trans(dA_cols.to(dt)), q_ref,
-                                                                 input_precision=PREC)
-
-        # Diagonal S x S block, exact and in fp32: one [S(t), S(s), BK] tensor of pairwise decays
-        # serves both directions (BK is kept narrow by the launcher so that it stays within registers).
-        q_sub = _load_features(q + qk_off, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)
-        k_sub = _load_features(k + qk_off, ks_base, r0, T, H * K, k0, K, H, S, BK, EXP)
-        dA_diag = _load_rows(a_base, r0, Tp, H * C, i * S, C, S, S)[:, :, None]  # dA[t, s], both in the sub-chunk
-        decay = _diagonal_decay(g_sub, S)
-        dq_acc += tl.sum(dA_diag * k_sub[None, :, :] * decay, axis=1)
-        dk_acc += tl.sum(dA_diag * q_sub[:, None, :] * decay, axis=0)
-        # The gate gradient needs q ⊙ dq − k ⊙ dk from the fp32 accumulators, not the rounded outputs.
-        dq_local = q_sub * dq_acc
-        dk_local = k_sub * dk_acc
-        _store_rows(dG + qk_off, dq_local - dk_local, r0, T, H * K, k0, K, S, BK)
-        if EXP:  # d exp(x − m) / dx = φ: the raw inputs' gradients are φ ⊙ dφ, already formed for dG
-            dq_acc = dq_local
-            dk_acc = dk_local
-            rows_t = r0 + tl.arange(0, S)
-            sums_off = ((ik.to(tl.int64) * NB + b) * T + rows_t) * H + h
-            tl.store(q_rowsum + sums_off, tl.sum(dq_local, axis=1), mask=rows_t < T)
-            tl.store(k_rowsum + sums_off, tl.sum(dk_local, axis=1), mask=rows_t < T)
-        _store_rows(dq + qk_off, dq_acc, r0, T, H * K, k0, K, S, BK)
-        _store_rows(dk + qk_off, dk_acc, r0, T, H * K, k0, K, S, BK)
+    # Diagonal S x S block, exact and in fp32: one [S(t), S(s), BK] tensor of pairwise decays serves
+    # both directions (BK is kept narrow by the launcher so that it stays within registers).
+    q_sub = _load_features(q + qk_off, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)
+    k_sub = _load_features(k + qk_off, ks_base, r0, T, H * K, k0, K, H, S, BK, EXP)
+    dA_diag = _load_rows(a_base, r0, Tp, H * C, i * S, C, S, S)[:, :, None]  # dA[t, s], both in the sub-chunk
+    decay = _diagonal_decay(g_sub, S)
+    dq_acc += tl.sum(dA_diag * k_sub[None, :, :] * decay, axis=1)
+    dk_acc += tl.sum(dA_diag * q_sub[:, None, :] * decay, axis=0)
+    # The gate gradient needs q ⊙ dq − k ⊙ dk from the fp32 accumulators, not the rounded outputs.
+    dq_local = q_sub * dq_acc
+    dk_local = k_sub * dk_acc
+    _store_rows(dG + qk_off, dq_local - dk_local, r0, T, H * K, k0, K, S, BK)
+    if EXP:  # d exp(x − m) / dx = φ: the raw inputs' gradients are φ ⊙ dφ, already formed for dG
+        dq_acc = dq_local
+        dk_acc = dk_local
+        rows_t = r0 + tl.arange(0, S)
+        sums_off = ((ik.to(tl.int64) * NB + b) * T + rows_t) * H + h
+        tl.store(q_rowsum + sums_off, tl.sum(dq_local, axis=1), mask=rows_t < T)
+        tl.store(k_rowsum + sums_off, tl.sum(dk_local, axis=1), mask=rows_t < T)
+    _store_rows(dq + qk_off, dq_acc, r0, T, H * K, k0, K, S, BK)
+    _store_rows(dk + qk_off, dk_acc, r0, T, H * K, k0, K, S, BK)
 
 
 @triton.jit
