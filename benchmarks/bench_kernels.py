@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from harness.measure import saved_for_backward_mib  # noqa: E402
+from harness.measure import peak_memory_mib, saved_for_backward_mib  # noqa: E402
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
 from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
@@ -54,6 +54,7 @@ ANCHOR_SHAPES = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4
 # The torch chunked reference is many small launches and large temporaries: small shapes only.
 A3_MAX_TOKENS_X_HEADS = 8 * 2048 * 12
 DTYPE = torch.bfloat16
+DEVICE = torch.device("cuda")
 
 
 def load_fla_chunk_gla():
@@ -187,15 +188,6 @@ def check_correctness(chunk_gla_fla, device, log):
 # --------------------------------------------------------------------------------------------
 # Timing and memory.
 
-def peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-
-
 def measure(name, call, x, shape, meta):
     fn, input_names = call
     inputs = [x[n] for n in input_names]
@@ -218,7 +210,8 @@ def measure(name, call, x, shape, meta):
         fwd = do_bench(forward, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         fb = do_bench(forward_backward, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         row.update(fwd_ms=fwd[0], fwd_p20=fwd[1], fwd_p80=fwd[2], fwdbwd_ms=fb[0], fwdbwd_p20=fb[1],
-                   fwdbwd_p80=fb[2], fwd_peak_mib=peak_mib(forward), fwdbwd_peak_mib=peak_mib(forward_backward),
+                   fwdbwd_p80=fb[2], fwd_peak_mib=peak_memory_mib(forward, DEVICE),
+                   fwdbwd_peak_mib=peak_memory_mib(forward_backward, DEVICE),
                    fwd_floor_ms=floor_fwd_ms, fwdbwd_floor_ms=floor_fwdbwd_ms,
                    fwd_floor_fraction=floor_fwd_ms / fwd[0], fwdbwd_floor_fraction=floor_fwdbwd_ms / fb[0],
                    fwd_GBps=(in_bytes + out_bytes) / (fwd[0] * 1e-3) / 1e9,
