@@ -266,10 +266,17 @@ def write_results(out: Path, timing_rows, correctness_rows, breakdown_rows=()):
         pd.DataFrame(correctness_rows).to_parquet(out / "kernels_correctness.parquet", index=False)
 
 
-def plot(out: Path, timing_rows, anchor_json: str | None = None):
-    """Grouped bars (log scale) of median forward and forward+backward time per shape and impl.
+PANELS = [("fwd_ms", "forward, median ms", True), ("fwdbwd_ms", "forward + backward, median ms", True),
+          ("fwdbwd_peak_mib", "forward + backward, peak MiB", True),
+          ("fwdbwd_floor_fraction", "forward + backward, fraction of the memory floor", False)]
 
-    With `anchor_json`, fla/SDPA rows of the anchor file are drawn too, labelled as such.
+
+def plot(out: Path, timing_rows, anchor_json: str | None = None):
+    """Grouped bars per shape and impl: forward and forward+backward time, peak memory, and the
+    fraction of the memory floor reached.
+
+    With `anchor_json`, fla/SDPA rows of the anchor file are drawn too, labelled as such (their
+    peak memory is the file's `peak_mib`; they have no floor fraction).
     """
     import json
 
@@ -280,27 +287,29 @@ def plot(out: Path, timing_rows, anchor_json: str | None = None):
     if anchor_json:
         for r in json.load(open(anchor_json))["rows"]:
             if "fwd_ms" in r:
-                rows.append(dict(r, impl=f"{r['impl']} (anchor file)"))
+                rows.append(dict(r, impl=f"{r['impl']} (anchor file)", fwdbwd_peak_mib=r.get("peak_mib")))
     if not rows:
         return
     shapes = list(dict.fromkeys((r["B"], r["T"], r["H"], r["D"]) for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     width = 0.8 / len(impls)
-    fig, axes = plt.subplots(1, 2, figsize=(16, 5.5))
-    for ax, column, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwdbwd_ms", "forward + backward")):
+    fig, axes = plt.subplots(2, 2, figsize=(16, 10))
+    for ax, (column, title, log_scale) in zip(axes.flat, PANELS):
         for j, impl in enumerate(impls):
-            values = {(r["B"], r["T"], r["H"], r["D"]): r[column] for r in rows if r["impl"] == impl}
+            values = {(r["B"], r["T"], r["H"], r["D"]): r.get(column) for r in rows if r["impl"] == impl}
+            values = {s: v for s, v in values.items() if v is not None and v == v}
             xs = [i + j * width for i, s in enumerate(shapes) if s in values]
             ax.bar(xs, [values[s] for s in shapes if s in values], width, label=impl)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
         ax.set_xticklabels(["x".join(map(str, s)) for s in shapes], rotation=30, fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("median ms (log scale)")
+        if log_scale:
+            ax.set_yscale("log")
         ax.set_xlabel("B x T x H x D, bf16")
         ax.set_title(title)
-    axes[1].legend(fontsize=7)
-    fig.subplots_adjust(bottom=0.2, wspace=0.15)
-    fig.savefig(out / "kernels_timing.png", dpi=120)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=8)
+    fig.subplots_adjust(top=0.9, bottom=0.1, hspace=0.45, wspace=0.15)
+    fig.savefig(out / "kernels_timing.png", dpi=110)
     plt.close(fig)
 
 

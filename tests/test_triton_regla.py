@@ -318,3 +318,15 @@ def test_saved_for_backward_counts_each_storage_once():
     b = torch.randn(1024, 256, requires_grad=True)
     assert saved_for_backward_mib(lambda: (a * b).sum()) == pytest.approx(2.0)  # a and b, 1 MiB each
     assert saved_for_backward_mib(lambda: (a * a).sum()) == pytest.approx(1.0)  # one storage
+
+
+def test_benchmark_plots_committed_rows(tmp_path):
+    # The benchmark's plotting runs without a GPU (--replot): on the committed H200 rows and the anchors.
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_kernels.py"), "--out", str(tmp_path), "--replot",
+                    str(root / "results/kernels/run5/kernels_timing.parquet"), "--anchors",
+                    str(root / "results/kernels/anchors/h200-fla-sdpa-2026-11-28.json")], check=True)
+    assert (tmp_path / "kernels_timing.png").stat().st_size > 10_000
