@@ -359,6 +359,30 @@ def suite_documents() -> list[Document]:
         return fixture_corpus()
 
 
+def test_offline_suite_cache_follows_the_corpus_version(tmp_path, monkeypatch):
+    # The cached suite is rebuilt when the installed corpus changes, and reused while it does not.
+    import harness.data
+    from harness.tasks import offline_suite
+    monkeypatch.setattr(harness.data, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(offline_suite, "_installed_test_documents", fixture_corpus)
+    builds = []
+    real_build = offline_suite.build_offline_suite
+    monkeypatch.setattr(offline_suite, "build_offline_suite",
+                        lambda out_dir, *a, **k: builds.append(out_dir) or real_build(out_dir, *a, **k))
+    version = {"now": "corpus-1"}
+    monkeypatch.setattr(offline_suite, "installed_corpus_version", lambda: version["now"])
+    suite = offline_suite.offline_suite_dir(None)
+    assert json.loads((suite / MANIFEST).read_text())["source_version"] == "corpus-1" and len(builds) == 1
+    offline_suite.offline_suite_dir(None)
+    assert len(builds) == 1  # same corpus: the cache is reused
+    version["now"] = "corpus-2"
+    offline_suite.offline_suite_dir(None)
+    assert len(builds) == 2 and json.loads((suite / MANIFEST).read_text())["source_version"] == "corpus-2"
+    version["now"] = None  # corpus not readable here: a complete cache stays in use
+    offline_suite.offline_suite_dir(None)
+    assert len(builds) == 2
+
+
 def test_offline_suite_builds_and_scores_a_tiny_model(fast_model, tokenizer, tmp_path):
     suite = build_offline_suite(tmp_path / "suite", suite_documents())
     manifest = json.loads((suite / MANIFEST).read_text())

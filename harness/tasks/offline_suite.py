@@ -239,15 +239,18 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
-def build_offline_suite(out_dir: str | Path, documents: Iterable[Any] | None = None) -> Path:
+def build_offline_suite(out_dir: str | Path, documents: Iterable[Any] | None = None,
+                        source_version: str | None = None) -> Path:
     """Write `<out_dir>/<task>/test.jsonl` for every offline task, then `manifest.json`.
 
     `documents`: objects with doc_id, text and meta (harness.data.Document); by default the test
-    split of `offline-english`. A task the documents cannot feed (e.g. no dictionary entries) gets
-    no file, and scoring it reports that.
+    split of `offline-english`, whose version then goes into the manifest (or `source_version`).
+    A task the documents cannot feed (e.g. no dictionary entries) gets no file, and scoring it
+    reports that.
     """
     out_dir = Path(out_dir)
     if documents is None:
+        source_version = source_version or installed_corpus_version()
         documents = _installed_test_documents()
     documents = list(documents)
     counts = {}
@@ -256,7 +259,8 @@ def build_offline_suite(out_dir: str | Path, documents: Iterable[Any] | None = N
         counts[task] = len(rows)
         if rows:
             _write_jsonl(out_dir / task / "test.jsonl", rows)
-    manifest = {"suite_version": SUITE_VERSION, "documents": len(documents), "items": counts}
+    manifest = {"suite_version": SUITE_VERSION, "source_version": source_version, "documents": len(documents),
+                "items": counts}
     # Written last and atomically: its presence is what marks the suite complete.
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return out_dir
@@ -270,6 +274,22 @@ def _installed_test_documents() -> list[Any]:
         raise OfflineSuiteUnavailable(f"cannot build the offline suite: {exc}") from exc
 
 
+def installed_corpus_version() -> str | None:
+    """The installed offline-english corpus's version, or None when it cannot be read here."""
+    from ..data import DataError, get_source
+    try:
+        return get_source("offline-english").version()
+    except DataError:
+        return None
+
+
+def _built_for(suite_dir: Path) -> str | None:
+    try:
+        return json.loads((suite_dir / MANIFEST).read_text()).get("source_version")
+    except (OSError, ValueError):
+        return None
+
+
 def default_suite_dir() -> Path:
     from ..data import cache_dir
     return cache_dir() / "lm_eval" / f"offline-suite-v{SUITE_VERSION}"
@@ -280,7 +300,10 @@ def offline_suite_dir(data_dir: str | Path | None) -> Path:
     if data_dir is not None and (Path(data_dir) / MANIFEST).is_file():
         return Path(data_dir)
     cached = default_suite_dir()
-    if not (cached / MANIFEST).is_file():
+    # The cache is rebuilt when the installed corpus changed since it was built (a corpus that
+    # cannot be read here leaves a complete cache in use).
+    current = installed_corpus_version() if (cached / MANIFEST).is_file() else None
+    if not (cached / MANIFEST).is_file() or (current is not None and _built_for(cached) != current):
         build_offline_suite(cached)
     return cached
 
