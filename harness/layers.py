@@ -131,7 +131,9 @@ class LinearAttention(nn.Module):
             initial_state=state.memory if state is not None else None,
             initial_key_max=state.key_feature if state is not None else None, output_final_state=use_cache)
         if self.uses_denominator:
-            o = divide_by_denominator(o, self.config.denominator_eps * scale)
+            # eps scaled as the composed path scales it: by the op scale there, which leaves a
+            # `query` variance factor out (it multiplies φ(q) instead).
+            o = divide_by_denominator(o, self.config.denominator_eps * feature_map.kernel_scale)
         return o, memory, key_max.to(k.dtype)
 
 

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from .triton_gla_kernels import (CHUNK, DIAG_FEATURES, SUB_CHUNK, gate_cumsum_kernel, gate_grad_kernel,
@@ -244,6 +245,7 @@ class ChunkedGLAFunction(torch.autograd.Function):
         return o, final
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht):
         q, k, v, gk, gc, scores, initial_state, final = ctx.saved_tensors
         scalar_gate = gk.shape[-1] == 1

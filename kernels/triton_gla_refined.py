@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .triton_gla import _LOG2E, CHUNK, _backward, _dims, _empty, _forward_from_gate, check_supported, on_device_of
 from .triton_gla_kernels import _add_row_decay, _store_rows
@@ -112,6 +113,7 @@ class RefinedGateGLAFunction(torch.autograd.Function):
         return o, final
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht):
         q, k, v, gate_logits, refine_logits, gc, scores, initial_state, final = ctx.saved_tensors
         dq, dk, dv, d_log_gate, dh0, _, _ = _backward(q, k, v, gc, scores, initial_state, final, do.contiguous(),

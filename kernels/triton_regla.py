@@ -8,7 +8,8 @@ refining gate computed inside the kernels, from the raw projections.
 The composed path (the paper's, and `harness.layers` off CUDA) writes φ(q), φ(k) and the log
 gate to memory as [B, T, H, K] tensors and keeps them for the backward. Here the kernels read
 the raw q, k and logits and form φ and the gate on load, in fp32; what is kept for the backward
-is the inputs, the [B, T, H] shifts and the within-chunk cumulative gates. The shifts' small
+is the inputs, the [B, T, H] shifts and token maxima, the within-chunk cumulative gates
+([B, T, H, K] fp32) and the within-chunk scores ([B, T, H, 64] fp32). The shifts' small
 scans (cummax / chunk and sequence maxima over [B, T, H]) stay in torch, and their backward is
 torch's autograd on those small tensors, ties included; the gradient through each token's max
 over features is added to dq, dk in fp32 by one row kernel (the two terms nearly cancel at the
@@ -25,6 +26,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from . import safe_exp
 from .triton_gla import (SafeExpShifts, _backward, _dims, _empty, _forward_from_gate, _launch_gate_cumsum,
@@ -136,9 +138,10 @@ class FusedReGLAFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, query_shift, key_shift, token_max, gc, scores, initial_state,
                               initial_key_max, final, *gate)
         ctx.options, ctx.dims, ctx.has_log_decay = options, dims, log_decay is not None
-        return o, final, key_shift[:, -1].contiguous()
+        return o, final, key_shift[:, -1].clone()  # not a view of a tensor saved for backward
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht, d_key_max):
         (q, k, v, query_shift, key_shift, token_max, gc, scores, initial_state, initial_key_max, final,
          *gate) = ctx.saved_tensors
@@ -173,6 +176,8 @@ def triton_regla(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Tensor | None 
     continues a decoded sequence (with `initial_state`). Same result as the composed path
     `SafeExp` → gate → `gated_linear_attention`, with φ and the gate in fp32.
     """
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, K]; got shape {tuple(q.shape)}")
     refined = gate_logits is not None or refine_logits is not None
     if refined == (log_gate is not None) or (refined and (gate_logits is None or refine_logits is None)):
         raise ValueError("triton_regla takes either gate_logits and refine_logits (the refining gate) or "
@@ -188,6 +193,15 @@ def triton_regla(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Tensor | None 
         raise ValueError(f"tau must be > 0 and log_clamp negative or None; got tau={tau}, log_clamp={log_clamp}")
     if (initial_key_max is None) != (initial_state is None):
         raise ValueError("initial_state and initial_key_max go together: the state is scaled by the key max")
+    B, T, H, K = q.shape
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, v.shape[-1]):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}; got {tuple(initial_state.shape)}")
+    if initial_key_max is not None and tuple(initial_key_max.shape) != (B, H):
+        raise ValueError(f"initial_key_max must be [B, H] = {(B, H)}; got {tuple(initial_key_max.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size (of the `chunk` key-max scope) must be >= 1; got {chunk_size}")
     check_supported(q, v)
     gate = (gate_logits, refine_logits) if refined else (log_gate,)
     options = _Options(_RefinedGate(float(tau), log_clamp) if refined else None, key_max, int(chunk_size),

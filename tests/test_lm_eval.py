@@ -375,9 +375,15 @@ def test_offline_suite_cache_follows_the_corpus_version(tmp_path, monkeypatch):
     assert json.loads((suite / MANIFEST).read_text())["source_version"] == "corpus-1" and len(builds) == 1
     offline_suite.offline_suite_dir(None)
     assert len(builds) == 1  # same corpus: the cache is reused
-    version["now"] = "corpus-2"
+    stale = suite / "regla_define" / "test.jsonl"
+    assert stale.is_file()
+    version["now"] = "corpus-2"  # a corpus without dictionary entries: no regla_define items any more
+    monkeypatch.setattr(offline_suite, "_installed_test_documents",
+                        lambda: [d for d in fixture_corpus() if "headword" not in d.meta])
     offline_suite.offline_suite_dir(None)
     assert len(builds) == 2 and json.loads((suite / MANIFEST).read_text())["source_version"] == "corpus-2"
+    assert not stale.exists()  # swapped in whole: no task file of the old corpus is left behind
+    assert sorted(p.name for p in tmp_path.joinpath("lm_eval").iterdir()) == [suite.name]  # no staging left
     version["now"] = None  # corpus not readable here: a complete cache stays in use
     offline_suite.offline_suite_dir(None)
     assert len(builds) == 2

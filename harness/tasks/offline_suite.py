@@ -304,8 +304,27 @@ def offline_suite_dir(data_dir: str | Path | None) -> Path:
     # cannot be read here leaves a complete cache in use).
     current = installed_corpus_version() if (cached / MANIFEST).is_file() else None
     if not (cached / MANIFEST).is_file() or (current is not None and _built_for(cached) != current):
-        build_offline_suite(cached)
+        _rebuild(cached)
     return cached
+
+
+def _rebuild(suite_dir: Path) -> None:
+    """Build beside `suite_dir`, then swap the new suite in: readers never see a mix of old and new
+    task files, and tasks the new corpus cannot feed leave no stale file behind."""
+    import os
+    import shutil
+    import tempfile
+    suite_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{suite_dir.name}-", dir=suite_dir.parent))
+    try:
+        build_offline_suite(staging)
+        if suite_dir.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{suite_dir.name}-old-", dir=suite_dir.parent))
+            os.replace(suite_dir, retired / "suite")
+            shutil.rmtree(retired, ignore_errors=True)
+        os.replace(staging, suite_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_offline_task_yaml(name: str, yaml_dir: Path, suite_dir: Path) -> Path:

@@ -1,0 +1,22 @@
+"""Error measures shared by the kernel tests."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+
+
+def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖ / ‖ref‖ in fp64; an exactly zero reference (a gate that cannot matter, as at T = 1
+    with no initial state) is compared absolutely. NaN anywhere gives NaN."""
+    x, ref = x.double(), ref.double()
+    norm = ref.norm()
+    return ((x - ref).norm() / (norm if norm > 0 else 1.0)).item()
+
+
+def worst(errors: Mapping[str, float] | Iterable[float]) -> float:
+    """The largest error, with NaN ranked above everything: Python's max() would pass a NaN over
+    unless it came first, and an unwritten (NaN-filled) buffer must fail the test."""
+    values = list(errors.values()) if isinstance(errors, Mapping) else list(errors)
+    return max((math.inf if math.isnan(v) else v) for v in values)
