@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .measure import peak_memory_mib, time_and_peak_memory, time_call
+from .measure import peak_memory_mib, saved_for_backward_mib, time_and_peak_memory, time_call
 from .model import LanguageModel
 from .spec import RunSpec
 from .stages import Stage, StageContext
@@ -40,10 +40,12 @@ def profile_training_step(model: LanguageModel, seq_lens: list[int], batch_size:
     for seq_len in seq_lens:
         tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), device=device)
 
-        def step() -> None:
+        def forward() -> torch.Tensor:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model.loss(tokens[:, :-1], tokens[:, 1:])
-            loss.backward()
+                return model.loss(tokens[:, :-1], tokens[:, 1:])
+
+        def step() -> None:
+            forward().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -54,6 +56,10 @@ def profile_training_step(model: LanguageModel, seq_lens: list[int], batch_size:
             {"metric": "profile/train_tokens_per_second", "value": batch_size * seq_len / timing["median_ms"] * 1e3,
              "extra": _json(tag)},
             {"metric": "profile/train_peak_mib", "value": peak_memory_mib(step, device), "extra": _json(tag)},
+            # What autograd holds between forward and backward (weights included): the activation
+            # memory a fused kernel saves shows here, on any device.
+            {"metric": "profile/train_saved_for_backward_mib", "value": saved_for_backward_mib(forward),
+             "extra": _json(tag)},
         ]
     return records
 

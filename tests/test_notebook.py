@@ -29,4 +29,5 @@ def test_analysis_notebook_executes_on_grid_results(corpus, tmp_path, monkeypatc
     outputs = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
                       for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
     assert "2 runs" in outputs and "| softmax |" in outputs
+    assert "| A1 / fused (time) |" in outputs and "| 4x4096x64x128 |" in outputs  # the committed kernel benchmark
     assert (tmp_path / "figures" / "loss_curves.png").stat().st_size > 0

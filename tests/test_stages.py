@@ -40,6 +40,9 @@ def test_probe_and_profile_stages(corpus, tmp_path, monkeypatch):
         throughput = rows[rows.metric == "profile/train_tokens_per_second"]
         assert sorted(json.loads(e)["seq_len"] for e in throughput.extra) == [16, 32]
         assert (throughput.value > 0).all()
+        saved = rows[rows.metric == "profile/train_saved_for_backward_mib"].sort_values("extra")
+        saved = {json.loads(e)["seq_len"]: v for e, v in zip(saved.extra, saved.value)}
+        assert 0 < saved[16] < saved[32]  # activations kept for the backward grow with the length
         generation = rows[rows.metric == "profile/generate_total_ms"]
         assert sorted(json.loads(e)["generated"] for e in generation.extra) == [4, 8]
 
