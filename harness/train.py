@@ -3,7 +3,8 @@
 Works on CPU (fp32), one GPU (bf16 autocast) and under torchrun (DDP, detected from the
 environment). Resumable: the full state (model, optimizer, step, metrics so
 far) is checkpointed atomically every `checkpoint_every` steps. A NaN/inf loss stops the run with
-`Diverged`, which the runner records as a failed cell.
+`Diverged`, which the runner records as a failed cell; under DDP an exception in one rank's
+forward or validation stops every rank at the same point (`agree_on_failure`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ from .spec import RunSpec, TrainConfig
 
 class Diverged(RuntimeError):
     """Training produced a non-finite loss."""
+
+
+class PeerFailed(RuntimeError):
+    """Another rank's training step raised; this rank stops at the same point."""
 
 
 @dataclass
@@ -63,6 +68,36 @@ def all_finite(loss: float, ctx: DistributedContext, device: torch.device) -> bo
     return bool(bad.item() == 0)
 
 
+def agree_on_failure(failure: Exception | None, ctx: DistributedContext, device: torch.device) -> None:
+    """Under DDP, a rank whose forward (or validation) raised must not leave the others waiting in
+    the next collective: every rank calls this at the same point, and if any rank failed, all raise
+    — the failed one its own exception, the others `PeerFailed` naming it — so the process group
+    stays usable for the rest of the grid. (A failure inside the backward's gradient all-reduce
+    cannot be caught this way; the process group's timeout is the backstop there.)"""
+    if ctx.world_size == 1:
+        if failure is not None:
+            raise failure
+        return
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return
+    messages: list[str | None] = [None] * ctx.world_size
+    own = None if failure is None else f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+    dist.all_gather_object(messages, own)
+    if failure is not None:
+        raise failure
+    raise PeerFailed("; ".join(f"rank {rank} failed: {m}" for rank, m in enumerate(messages) if m is not None))
+
+
+def _attempt(fn):
+    """(result, None) or (None, the exception), for `agree_on_failure`."""
+    try:
+        return fn(), None
+    except Exception as exc:  # handed to agree_on_failure, which re-raises it on this rank
+        return None, exc
+
+
 def pick_device(ctx: DistributedContext, requested: str = "auto") -> torch.device:
     if requested != "auto":
         return torch.device(requested)
@@ -92,6 +127,13 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
 def autocast_context(device: torch.device, precision: str):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def micro_step_loss(model: Any, x: torch.Tensor, y: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """The training loss of one micro-batch (the forward half of a step)."""
+    with autocast_context(device, precision):
+        logits, _ = model(x)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
 @torch.no_grad()
@@ -173,10 +215,11 @@ def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
             x, y = data.train.sample_batch(config.batch_size, config.seq_len, generator)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             sync = (wrapped.no_sync() if ctx.world_size > 1 and micro < config.grad_accum - 1 else nullcontext())
-            with sync, autocast_context(dev, config.precision):
-                logits, _ = wrapped(x)
-                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            (loss / config.grad_accum).backward()
+            with sync:
+                loss, failure = _attempt(lambda: micro_step_loss(wrapped, x, y, dev, config.precision))
+                # Before the backward: its gradient all-reduce is where a failed rank would be missed.
+                agree_on_failure(failure, ctx, dev)
+                (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
         if not all_finite(step_loss, ctx, dev):
             raise Diverged(f"non-finite training loss ({step_loss} on rank {ctx.rank}; all ranks stop) at step {step}")
@@ -195,7 +238,8 @@ def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
                         {"metric": "train/grad_norm", "value": grad_norm, "step": done, "split": "train"},
                         {"metric": "train/lr", "value": learning_rate(step, config), "step": done, "split": "train"}]
         if done % config.eval_every == 0 or done == config.steps:
-            val = evaluate_loss(model, data.validation, config, dev)
+            val, failure = _attempt(lambda: evaluate_loss(model, data.validation, config, dev))
+            agree_on_failure(failure, ctx, dev)
             if not math.isfinite(val):
                 raise Diverged(f"non-finite validation loss ({val}) at step {done}")
             records += [{"metric": "val/loss", "value": val, "step": done, "split": "validation"},
