@@ -17,18 +17,23 @@ from .pipeline_helpers import tiny_grid
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_grid_runs_under_torchrun_with_two_processes(corpus, tmp_path):
-    env = {**os.environ, "REGLA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    data = tiny_grid(corpus, steps=6, eval_every=3, checkpoint_every=3, log_every=3)
-    data["stages"] = ["train", "probe"]
+def run_under_torchrun(grid: dict, corpus: Path, tmp_path: Path, env: dict, timeout: float) -> None:
+    """`run_ablations.py run` of `grid` on two CPU processes (gloo); the data is prepared first."""
     grid_path = tmp_path / "tiny.yaml"
-    grid_path.write_text(yaml.safe_dump(data))
+    grid_path.write_text(yaml.safe_dump(grid))
     prepare_data("text-files", "byte", {"pattern": str(corpus / "*.txt")}, cache_dir=tmp_path / "cache", progress=False)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "run_ablations.py"), "run", str(grid_path), "--runs-dir", str(tmp_path / "runs"),
                "--results-dir", str(tmp_path / "results"), "--no-progress", "--device", "cpu"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_grid_runs_under_torchrun_with_two_processes(corpus, tmp_path):
+    env = {**os.environ, "REGLA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    data = tiny_grid(corpus, steps=6, eval_every=3, checkpoint_every=3, log_every=3)
+    data["stages"] = ["train", "probe"]
+    run_under_torchrun(data, corpus, tmp_path, env, timeout=600)
     frame = results_io.load("tiny", tmp_path / "runs")
     assert set(frame.status) == {"ok"}
     train = frame[frame.stage == "train"]
@@ -74,14 +79,7 @@ def test_a_failure_on_one_rank_stops_every_rank_and_the_grid_goes_on(corpus, tmp
         "broken": {"model.attention": {"feature_map": "fails_on_rank_1", "norm": "rmsnorm", "gate": "gla"}},
         "softmax": {"model.softmax_layers": "all"},
     }
-    grid_path = tmp_path / "tiny.yaml"
-    grid_path.write_text(yaml.safe_dump(data))
-    prepare_data("text-files", "byte", {"pattern": str(corpus / "*.txt")}, cache_dir=tmp_path / "cache", progress=False)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "run_ablations.py"), "run", str(grid_path), "--runs-dir", str(tmp_path / "runs"),
-               "--results-dir", str(tmp_path / "results"), "--no-progress", "--device", "cpu"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_under_torchrun(data, corpus, tmp_path, env, timeout=300)
     frame = results_io.load("tiny", tmp_path / "runs")
     broken = frame[(frame.run_name == "broken") & (frame.stage == "train")]
     assert set(broken.status) == {"failed"}
