@@ -1,5 +1,6 @@
 """Gated linear attention ops: torch references (recurrent, chunked, parallel), Triton
-kernels for CUDA, and one dispatch function that picks between them."""
+kernels for CUDA, one dispatch function that picks between them, and ReGLA's attention fused
+into the Triton kernels (`triton_regla`: safe-exp feature maps and refining gate inside)."""
 from .dispatch import IMPLEMENTATIONS, gated_linear_attention, register_implementation
 from .reference import chunked_gla, parallel_gla, recurrent_gla
 
