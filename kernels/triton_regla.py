@@ -124,7 +124,7 @@ class FusedReGLAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, initial_state, initial_key_max, options, output_final_state, *gate):
         dims = _dims(q, v)
         # Maxima are exact in any dtype: no fp32 copy of q, k is made for them.
-        query_shift = q.amax(-1).float().contiguous()
+        query_shift = safe_exp.query_shift(q).float().contiguous()
         token_max = k.amax(-1).float()
         key_shift, log_decay = safe_exp.key_shifts(
             token_max, options.key_max, options.chunk_size,
