@@ -59,29 +59,27 @@ def distributed_context() -> DistributedContext:
     return DistributedContext(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def all_finite(loss: float, ctx: DistributedContext, device: torch.device) -> bool:
-    """Whether the loss is finite on every rank: under DDP all ranks must stop at the same step,
-    or the ones still training would wait forever in the next gradient all-reduce."""
-    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
-    if ctx.world_size > 1:
-        dist.all_reduce(bad)
-    return bool(bad.item() == 0)
+def agree_on_failure(failure: Exception | None, ctx: DistributedContext, device: torch.device,
+                     loss: float | None = None) -> bool:
+    """Whether every rank may go on, decided by all ranks together at the same point.
 
-
-def agree_on_failure(failure: Exception | None, ctx: DistributedContext, device: torch.device) -> None:
-    """Under DDP, a rank whose forward (or validation) raised must not leave the others waiting in
-    the next collective: every rank calls this at the same point, and if any rank failed, all raise
-    — the failed one its own exception, the others `PeerFailed` naming it — so the process group
-    stays usable for the rest of the grid. (A failure inside the backward's gradient all-reduce
-    cannot be caught this way; the process group's timeout is the backstop there.)"""
+    Under DDP a rank that stops alone leaves the others waiting forever in the next collective.
+    So every rank calls this at the same point: if any rank failed (an exception in its forward
+    or validation), all raise — the failed one its own exception, the others `PeerFailed` naming
+    it — and the process group stays usable for the rest of the grid. Otherwise the result says
+    whether `loss` (when given) is finite on every rank; the caller stops on False. A failure
+    inside the backward's gradient all-reduce cannot be caught this way; the process group's
+    timeout is the backstop there."""
+    finite = loss is None or math.isfinite(loss)
     if ctx.world_size == 1:
         if failure is not None:
             raise failure
-        return
-    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
+        return finite
+    # 0: go on; 1: a non-finite loss somewhere; 2: an exception somewhere (it wins).
+    flag = torch.tensor([2.0 if failure is not None else 0.0 if finite else 1.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() == 0:
-        return
+    if flag.item() < 2:
+        return flag.item() == 0
     messages: list[str | None] = [None] * ctx.world_size
     own = None if failure is None else f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
     dist.all_gather_object(messages, own)
@@ -217,12 +215,14 @@ def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
             sync = (wrapped.no_sync() if ctx.world_size > 1 and micro < config.grad_accum - 1 else nullcontext())
             with sync:
                 loss, failure = _attempt(lambda: micro_step_loss(wrapped, x, y, dev, config.precision))
-                # Before the backward: its gradient all-reduce is where a failed rank would be missed.
-                agree_on_failure(failure, ctx, dev)
+                micro_loss = loss.item() if failure is None else None
+                # Before the backward: its gradient all-reduce is where a failed or diverged rank
+                # would leave the others waiting.
+                if not agree_on_failure(failure, ctx, dev, micro_loss):
+                    raise Diverged(f"non-finite training loss ({micro_loss} on rank {ctx.rank}; all ranks stop) "
+                                   f"at step {step}")
                 (loss / config.grad_accum).backward()
-            step_loss += loss.item() / config.grad_accum
-        if not all_finite(step_loss, ctx, dev):
-            raise Diverged(f"non-finite training loss ({step_loss} on rank {ctx.rank}; all ranks stop) at step {step}")
+            step_loss += micro_loss / config.grad_accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
