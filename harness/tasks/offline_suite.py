@@ -302,13 +302,13 @@ def offline_suite_dir(data_dir: str | Path | None) -> Path:
     cached = default_suite_dir()
     # The cache is rebuilt when the installed corpus changed since it was built (a corpus that
     # cannot be read here leaves a complete cache in use).
-    current = installed_corpus_version() if (cached / MANIFEST).is_file() else None
+    current = installed_corpus_version()
     if not (cached / MANIFEST).is_file() or (current is not None and _built_for(cached) != current):
-        _rebuild(cached)
+        _rebuild(cached, current)
     return cached
 
 
-def _rebuild(suite_dir: Path) -> None:
+def _rebuild(suite_dir: Path, source_version: str | None) -> None:
     """Build beside `suite_dir`, then swap the new suite in: readers never see a mix of old and new
     task files, and tasks the new corpus cannot feed leave no stale file behind."""
     import os
@@ -317,7 +317,7 @@ def _rebuild(suite_dir: Path) -> None:
     suite_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{suite_dir.name}-", dir=suite_dir.parent))
     try:
-        build_offline_suite(staging)
+        build_offline_suite(staging, source_version=source_version)
         if suite_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{suite_dir.name}-old-", dir=suite_dir.parent))
             os.replace(suite_dir, retired / "suite")
