@@ -48,6 +48,7 @@ from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
 from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
 from kernels.triton_regla import triton_regla  # noqa: E402
+from variants.feature_maps import variance_reduction_factor  # noqa: E402
 
 ANCHOR_SHAPES = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
                  (8, 1024, 8, 64), (8, 2048, 12, 64), (16, 4096, 12, 64)]
@@ -74,16 +75,22 @@ def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 # Implementations: each takes the shared inputs and returns the output tensor.
 
+def paper_feature_maps(q, k):
+    """Safe-exp feature maps in torch as in the anchor script: query max per token, key max over
+    time and features."""
+    phi_q = torch.exp(q.float() - q.float().amax(-1, keepdim=True)).to(q.dtype)
+    k32 = k.float()
+    return phi_q, torch.exp(k32 - k32.amax(dim=(1, 3), keepdim=True)).to(k.dtype)
+
+
 def regla_composed(kernel, q, k, v, gate_logit, refine_logit, norm_weight):
     """ReGLA the paper's way on a GLA kernel: safe-exp maps, refined gate (log), per-head RMSNorm."""
     D = q.shape[-1]
-    phi_q = torch.exp(q.float() - q.float().amax(-1, keepdim=True)).to(q.dtype)
-    k32 = k.float()
-    phi_k = torch.exp(k32 - k32.amax(dim=(1, 3), keepdim=True)).to(k.dtype)  # max over time and features
+    phi_q, phi_k = paper_feature_maps(q, k)
     g, r = torch.sigmoid(gate_logit.float()), torch.sigmoid(refine_logit.float())
     refined = (1 - r) * g * g + r * (1 - (1 - g) ** 2)
     log_gate = torch.log(refined.clamp_min(1e-6)).to(q.dtype)
-    scale = 1.0 / (math.e * math.sqrt(D * (math.e ** 2 - 1)))
+    scale = variance_reduction_factor(D)
     o = kernel(phi_q, phi_k, v, log_gate, scale)
     return F.rms_norm(o, (D,), norm_weight)
 
@@ -91,10 +98,8 @@ def regla_composed(kernel, q, k, v, gate_logit, refine_logit, norm_weight):
 def regla_fused_gate(q, k, v, gate_logit, refine_logit, norm_weight):
     """As `regla_composed` on our kernel, the refining gate inside the kernel (clamp at log 1e-6, as there)."""
     D = q.shape[-1]
-    phi_q = torch.exp(q.float() - q.float().amax(-1, keepdim=True)).to(q.dtype)
-    k32 = k.float()
-    phi_k = torch.exp(k32 - k32.amax(dim=(1, 3), keepdim=True)).to(k.dtype)
-    scale = 1.0 / (math.e * math.sqrt(D * (math.e ** 2 - 1)))
+    phi_q, phi_k = paper_feature_maps(q, k)
+    scale = variance_reduction_factor(D)
     o, _ = triton_gla_refined_gate(phi_q, phi_k, v, gate_logit, refine_logit, tau=1.0, log_clamp=math.log(1e-6),
                                    scale=scale)
     return F.rms_norm(o, (D,), norm_weight)
@@ -103,7 +108,7 @@ def regla_fused_gate(q, k, v, gate_logit, refine_logit, norm_weight):
 def regla_fused(q, k, v, gate_logit, refine_logit, norm_weight, key_max="sequence"):
     """The fused op on `regla_composed`'s math: F clamped at 1e-6 (log_clamp = log 1e-6), tau 1."""
     D = q.shape[-1]
-    scale = 1.0 / (math.e * math.sqrt(D * (math.e ** 2 - 1)))
+    scale = variance_reduction_factor(D)
     o = triton_regla(q, k, v, gate_logits=gate_logit, refine_logits=refine_logit, tau=1.0,
                      log_clamp=math.log(1e-6), key_max=key_max, scale=scale).output
     return F.rms_norm(o, (D,), norm_weight)

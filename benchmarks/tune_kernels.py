@@ -14,7 +14,6 @@ import argparse
 import importlib
 import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from triton.testing import do_bench  # noqa: E402
 
 from kernels.triton_regla import triton_regla  # noqa: E402
+from variants.feature_maps import variance_reduction_factor  # noqa: E402
 
 # By module path: the package re-exports the function `triton_gla` under the module's name.
 triton_gla_module = importlib.import_module("kernels.triton_gla")
@@ -42,7 +42,7 @@ def make_step(B, T, H, D):
     leaf = lambda: torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_(True)  # noqa: E731
     q, k, v, a, r = (leaf() for _ in range(5))
     do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
-    scale = 1.0 / (math.e * math.sqrt(D * (math.e ** 2 - 1)))
+    scale = variance_reduction_factor(D)
 
     def step():
         o = triton_regla(q, k, v, gate_logits=a, refine_logits=r, key_max="running", scale=scale).output
