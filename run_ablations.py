@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Entry point: `python run_ablations.py --help`."""
+
 import sys
 
 from harness.cli import main

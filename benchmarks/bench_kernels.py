@@ -15,16 +15,19 @@ Implementations (bf16, key-side gate, the anchor shapes of results/kernels/ancho
   A3_chunked      kernels.reference.chunked_gla in torch (small shapes only)
 
 Forward and forward+backward are timed with triton.testing.do_bench (median, p20, p80); peak
-memory and the bytes kept for the backward (saved-tensor hooks) are read in separate, untimed calls. The memory floor of a call is the time its compulsory
+memory and the bytes kept for the backward (saved-tensor hooks) are read in separate, untimed
+calls. The memory floor of a call is the time its compulsory
 traffic takes at the copy bandwidth measured in the same run: forward reads the inputs and writes
 the output; forward+backward adds reading the inputs and the output gradient and writing one
-gradient per input. `*_floor_fraction` = floor / measured time (1.0 would be bandwidth-bound). Rows go to Parquet in $OUT (or --out), with a plot.
+gradient per input. `*_floor_fraction` = floor / measured time (1.0 would be bandwidth-bound).
+Rows go to Parquet in $OUT (or --out), with a plot.
 fla's autotuning takes minutes per shape family on a fresh machine (> 200 s on the smallest anchor
 shape, seen twice), so fla runs after everything else and stops when --fla-budget-s is spent; to
 measure fla alone give it a call of its own, e.g. --impls A0_fla,A1_regla_fla --skip-correctness.
 
     python3 benchmarks/bench_kernels.py [--out DIR] [--fla-budget-s 300] [--shapes all|small]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +53,15 @@ from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
 from kernels.triton_regla import triton_regla  # noqa: E402
 from variants.feature_maps import variance_reduction_factor  # noqa: E402
 
-ANCHOR_SHAPES = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
-                 (8, 1024, 8, 64), (8, 2048, 12, 64), (16, 4096, 12, 64)]
+ANCHOR_SHAPES = [
+    (1, 8192, 96, 128),
+    (2, 16384, 16, 128),
+    (4, 2048, 16, 128),
+    (4, 4096, 64, 128),
+    (8, 1024, 8, 64),
+    (8, 2048, 12, 64),
+    (16, 4096, 12, 64),
+]
 # The torch chunked reference is many small launches and large temporaries: small shapes only.
 A3_MAX_TOKENS_X_HEADS = 8 * 2048 * 12
 DTYPE = torch.bfloat16
@@ -61,6 +71,7 @@ DEVICE = torch.device("cuda")
 def load_fla_chunk_gla():
     try:
         from fla.ops.gla import chunk_gla
+
         return chunk_gla
     except ImportError as error:
         print(f"fla unavailable: {error!r}", flush=True)
@@ -74,6 +85,7 @@ def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------------------------
 # Implementations: each takes the shared inputs and returns the output tensor.
+
 
 def paper_feature_maps(q, k):
     """Safe-exp feature maps in torch as in the anchor script: query max per token, key max over
@@ -100,8 +112,9 @@ def regla_fused_gate(q, k, v, gate_logit, refine_logit, norm_weight):
     D = q.shape[-1]
     phi_q, phi_k = paper_feature_maps(q, k)
     scale = variance_reduction_factor(D)
-    o, _ = triton_gla_refined_gate(phi_q, phi_k, v, gate_logit, refine_logit, tau=1.0, log_clamp=math.log(1e-6),
-                                   scale=scale)
+    o, _ = triton_gla_refined_gate(
+        phi_q, phi_k, v, gate_logit, refine_logit, tau=1.0, log_clamp=math.log(1e-6), scale=scale
+    )
     return F.rms_norm(o, (D,), norm_weight)
 
 
@@ -109,8 +122,17 @@ def regla_fused(q, k, v, gate_logit, refine_logit, norm_weight, key_max="sequenc
     """The fused op on `regla_composed`'s math: F clamped at 1e-6 (log_clamp = log 1e-6), tau 1."""
     D = q.shape[-1]
     scale = variance_reduction_factor(D)
-    o = triton_regla(q, k, v, gate_logits=gate_logit, refine_logits=refine_logit, tau=1.0,
-                     log_clamp=math.log(1e-6), key_max=key_max, scale=scale).output
+    o = triton_regla(
+        q,
+        k,
+        v,
+        gate_logits=gate_logit,
+        refine_logits=refine_logit,
+        tau=1.0,
+        log_clamp=math.log(1e-6),
+        key_max=key_max,
+        scale=scale,
+    ).output
     return F.rms_norm(o, (D,), norm_weight)
 
 
@@ -133,20 +155,29 @@ def make_implementations(chunk_gla_fla):
         return (lambda x: kernel(x["q"], x["k"], x["v"], x["g"], x["q"].shape[-1] ** -0.5), ["q", "k", "v", "g"])
 
     def regla_call(kernel):
-        return (lambda x: regla_composed(kernel, x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),
-                ["q", "k", "v", "ag", "ar", "w"])
+        return (
+            lambda x: regla_composed(kernel, x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),
+            ["q", "k", "v", "ag", "ar", "w"],
+        )
 
-    impls = {"triton": gla_call(ours), "A1_regla_triton": regla_call(ours),
-             "A1_regla_triton_fused_gate": (
-                 lambda x: regla_fused_gate(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),
-                 ["q", "k", "v", "ag", "ar", "w"]),
-             "regla_fused": (lambda x: regla_fused(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),
-                             ["q", "k", "v", "ag", "ar", "w"]),
-             "regla_fused_running": (
-                 lambda x: regla_fused(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"], key_max="running"),
-                 ["q", "k", "v", "ag", "ar", "w"]),
-             "A2_sdpa": (lambda x: sdpa(x["q"], x["k"], x["v"]), ["q", "k", "v"]),
-             "A3_chunked": gla_call(chunked)}
+    impls = {
+        "triton": gla_call(ours),
+        "A1_regla_triton": regla_call(ours),
+        "A1_regla_triton_fused_gate": (
+            lambda x: regla_fused_gate(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),
+            ["q", "k", "v", "ag", "ar", "w"],
+        ),
+        "regla_fused": (
+            lambda x: regla_fused(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),
+            ["q", "k", "v", "ag", "ar", "w"],
+        ),
+        "regla_fused_running": (
+            lambda x: regla_fused(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"], key_max="running"),
+            ["q", "k", "v", "ag", "ar", "w"],
+        ),
+        "A2_sdpa": (lambda x: sdpa(x["q"], x["k"], x["v"]), ["q", "k", "v"]),
+        "A3_chunked": gla_call(chunked),
+    }
     fla_impls = {}
     if chunk_gla_fla is not None:
         fla_impls = {"A0_fla": gla_call(fla), "A1_regla_fla": regla_call(fla)}
@@ -158,15 +189,20 @@ def make_inputs(B, T, H, D, device, dtype=DTYPE, seed=0):
     torch.manual_seed(seed)
     leaf = lambda t: t.to(dtype).requires_grad_(True)  # noqa: E731
     return dict(
-        q=leaf(torch.randn(B, T, H, D, device=device)), k=leaf(torch.randn(B, T, H, D, device=device)),
+        q=leaf(torch.randn(B, T, H, D, device=device)),
+        k=leaf(torch.randn(B, T, H, D, device=device)),
         v=leaf(torch.randn(B, T, H, D, device=device)),
         g=leaf(F.logsigmoid(torch.randn(B, T, H, D, device=device)).clamp_min(-5)),
-        ag=leaf(torch.randn(B, T, H, D, device=device)), ar=leaf(torch.randn(B, T, H, D, device=device)),
-        w=leaf(torch.ones(D, device=device)), do=torch.randn(B, T, H, D, device=device, dtype=dtype))
+        ag=leaf(torch.randn(B, T, H, D, device=device)),
+        ar=leaf(torch.randn(B, T, H, D, device=device)),
+        w=leaf(torch.ones(D, device=device)),
+        do=torch.randn(B, T, H, D, device=device, dtype=dtype),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Correctness on the GPU against the fp64 recurrence.
+
 
 def check_correctness(chunk_gla_fla, device, log):
     rows = []
@@ -175,23 +211,33 @@ def check_correctness(chunk_gla_fla, device, log):
         x = make_inputs(B, T, H, D, device, dtype=dtype, seed=1)
         names = ["q", "k", "v", "g"]
         exact = {n: x[n].detach().double().requires_grad_(True) for n in names}
-        o_ref, _ = recurrent_gla(*(exact[n] for n in names), None, scale=D ** -0.5)
+        o_ref, _ = recurrent_gla(*(exact[n] for n in names), None, scale=D**-0.5)
         grads_ref = torch.autograd.grad(o_ref, [exact[n] for n in names], x["do"].double())
-        candidates = {"triton": lambda *a: triton_gla(*a, None, scale=D ** -0.5)[0]}
+        candidates = {"triton": lambda *a: triton_gla(*a, None, scale=D**-0.5)[0]}
         if chunk_gla_fla is not None and dtype == torch.bfloat16:
-            candidates["A0_fla"] = lambda q, k, v, g: chunk_gla_fla(q=q, k=k, v=v, g=g, scale=D ** -0.5)[0]
+            candidates["A0_fla"] = lambda q, k, v, g: chunk_gla_fla(q=q, k=k, v=v, g=g, scale=D**-0.5)[0]
         for impl, fn in candidates.items():
             o = fn(*(x[n] for n in names))
             grads = torch.autograd.grad(o, [x[n] for n in names], x["do"])
             errors = {"o": rel_rms(o, o_ref), **{f"d{n}": rel_rms(g, r) for n, g, r in zip(names, grads, grads_ref)}}
-            rows.append(dict(impl=impl, dtype=str(dtype).removeprefix("torch."), B=B, T=T, H=H, D=D,
-                             **{f"rel_rms_{n}": e for n, e in errors.items()}))
+            rows.append(
+                dict(
+                    impl=impl,
+                    dtype=str(dtype).removeprefix("torch."),
+                    B=B,
+                    T=T,
+                    H=H,
+                    D=D,
+                    **{f"rel_rms_{n}": e for n, e in errors.items()},
+                )
+            )
             log(f"correctness {impl:8s} {dtype}: " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
     return rows
 
 
 # --------------------------------------------------------------------------------------------
 # Timing and memory.
+
 
 def measure(name, call, x, shape, meta):
     fn, input_names = call
@@ -214,13 +260,22 @@ def measure(name, call, x, shape, meta):
     try:
         fwd = do_bench(forward, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         fb = do_bench(forward_backward, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        row.update(fwd_ms=fwd[0], fwd_p20=fwd[1], fwd_p80=fwd[2], fwdbwd_ms=fb[0], fwdbwd_p20=fb[1],
-                   fwdbwd_p80=fb[2], fwd_peak_mib=peak_memory_mib(forward, DEVICE),
-                   fwdbwd_peak_mib=peak_memory_mib(forward_backward, DEVICE),
-                   fwd_floor_ms=floor_fwd_ms, fwdbwd_floor_ms=floor_fwdbwd_ms,
-                   fwd_floor_fraction=floor_fwd_ms / fwd[0], fwdbwd_floor_fraction=floor_fwdbwd_ms / fb[0],
-                   fwd_GBps=(in_bytes + out_bytes) / (fwd[0] * 1e-3) / 1e9,
-                   saved_for_backward_mib=saved_for_backward_mib(lambda: fn(x)))
+        row.update(
+            fwd_ms=fwd[0],
+            fwd_p20=fwd[1],
+            fwd_p80=fwd[2],
+            fwdbwd_ms=fb[0],
+            fwdbwd_p20=fb[1],
+            fwdbwd_p80=fb[2],
+            fwd_peak_mib=peak_memory_mib(forward, DEVICE),
+            fwdbwd_peak_mib=peak_memory_mib(forward_backward, DEVICE),
+            fwd_floor_ms=floor_fwd_ms,
+            fwdbwd_floor_ms=floor_fwdbwd_ms,
+            fwd_floor_fraction=floor_fwd_ms / fwd[0],
+            fwdbwd_floor_fraction=floor_fwdbwd_ms / fb[0],
+            fwd_GBps=(in_bytes + out_bytes) / (fwd[0] * 1e-3) / 1e9,
+            saved_for_backward_mib=saved_for_backward_mib(lambda: fn(x)),
+        )
     except Exception as error:  # a failing implementation is a result to record, not a crash
         row["error"] = repr(error)[:300]
     torch.cuda.empty_cache()
@@ -230,6 +285,7 @@ def measure(name, call, x, shape, meta):
 def kernel_breakdown(call, x, shape, log, steps=5):
     """GPU time per kernel of `steps` forward+backward passes, from the PyTorch profiler."""
     from torch.profiler import ProfilerActivity, profile
+
     fn, input_names = call
     inputs = [x[n] for n in input_names]
     for _ in range(2):  # compile and warm up outside the profile
@@ -243,8 +299,17 @@ def kernel_breakdown(call, x, shape, log, steps=5):
     for event in prof.key_averages():
         total_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         if total_us > 0:
-            rows.append(dict(B=shape[0], T=shape[1], H=shape[2], D=shape[3], kernel=event.key[:120],
-                             ms_per_step=total_us / 1e3 / steps, calls_per_step=event.count / steps))
+            rows.append(
+                dict(
+                    B=shape[0],
+                    T=shape[1],
+                    H=shape[2],
+                    D=shape[3],
+                    kernel=event.key[:120],
+                    ms_per_step=total_us / 1e3 / steps,
+                    calls_per_step=event.count / steps,
+                )
+            )
     rows.sort(key=lambda r: -r["ms_per_step"])
     for r in rows[:14]:
         log(f"  {r['ms_per_step']:8.3f} ms/step  x{r['calls_per_step']:.0f}  {r['kernel'][:90]}")
@@ -253,17 +318,18 @@ def kernel_breakdown(call, x, shape, log, steps=5):
 
 def ceilings(device):
     """Copy bandwidth (read + write) and bf16 matmul rate, measured now, for context."""
-    x = torch.empty(2 ** 30, dtype=torch.bfloat16, device=device).normal_()
+    x = torch.empty(2**30, dtype=torch.bfloat16, device=device).normal_()
     y = torch.empty_like(x)
     copy_ms = do_bench(lambda: y.copy_(x), warmup=25, rep=100)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn_like(a)
     mm_ms = do_bench(lambda: a @ b, warmup=25, rep=100)
-    return dict(copy_TBps=4 * x.numel() / (copy_ms * 1e-3) / 1e12, matmul_TFLOPs=2 * 8192 ** 3 / (mm_ms * 1e-3) / 1e12)
+    return dict(copy_TBps=4 * x.numel() / (copy_ms * 1e-3) / 1e12, matmul_TFLOPs=2 * 8192**3 / (mm_ms * 1e-3) / 1e12)
 
 
 def write_results(out: Path, timing_rows, correctness_rows, breakdown_rows=()):
     import pandas as pd
+
     if breakdown_rows:
         pd.DataFrame(list(breakdown_rows)).to_parquet(out / "kernels_breakdown.parquet", index=False)
     pd.DataFrame(timing_rows).to_parquet(out / "kernels_timing.parquet", index=False)
@@ -271,9 +337,12 @@ def write_results(out: Path, timing_rows, correctness_rows, breakdown_rows=()):
         pd.DataFrame(correctness_rows).to_parquet(out / "kernels_correctness.parquet", index=False)
 
 
-PANELS = [("fwd_ms", "forward, median ms", True), ("fwdbwd_ms", "forward + backward, median ms", True),
-          ("fwdbwd_peak_mib", "forward + backward, peak MiB", True),
-          ("fwdbwd_floor_fraction", "forward + backward, fraction of the memory floor", False)]
+PANELS = [
+    ("fwd_ms", "forward, median ms", True),
+    ("fwdbwd_ms", "forward + backward, median ms", True),
+    ("fwdbwd_peak_mib", "forward + backward, peak MiB", True),
+    ("fwdbwd_floor_fraction", "forward + backward, fraction of the memory floor", False),
+]
 
 
 def plot(out: Path, timing_rows, anchor_json: str | None = None):
@@ -286,8 +355,10 @@ def plot(out: Path, timing_rows, anchor_json: str | None = None):
     import json
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = [r for r in timing_rows if r.get("fwdbwd_ms") == r.get("fwdbwd_ms") and r.get("fwdbwd_ms")]
     if anchor_json:
         for r in json.load(open(anchor_json))["rows"]:
@@ -327,14 +398,19 @@ def main():
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel profiles")
     parser.add_argument("--launch-options", help="tune_kernels.json whose chosen launch options to use")
-    parser.add_argument("--replot", nargs="+", metavar="PARQUET",
-                        help="only redraw the plot into --out from these timing files (no GPU needed)")
+    parser.add_argument(
+        "--replot",
+        nargs="+",
+        metavar="PARQUET",
+        help="only redraw the plot into --out from these timing files (no GPU needed)",
+    )
     parser.add_argument("--anchors", help="anchor JSON whose rows the plot draws too")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:
         import pandas as pd
+
         rows = pd.concat([pd.read_parquet(p) for p in args.replot]).to_dict("records")
         plot(out, rows, args.anchors)
         return
@@ -350,6 +426,7 @@ def main():
     if args.launch_options:
         import importlib
         import json
+
         chosen = json.loads(Path(args.launch_options).read_text())["chosen"]
         importlib.import_module("kernels.triton_gla").LAUNCH_OPTIONS.update(chosen)
         log(f"launch options from {args.launch_options}: {chosen}")
@@ -357,9 +434,15 @@ def main():
     fla_version = None
     if chunk_gla_fla is not None:
         import fla
+
         fla_version = fla.__version__
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                fla=fla_version, python=platform.python_version())
+    meta = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        fla=fla_version,
+        python=platform.python_version(),
+    )
     meta.update(ceilings(device))
     log(f"meta {meta}")
 
@@ -388,8 +471,11 @@ def main():
             start = time.time()
             row = measure(name, call, x, shape, meta)
             timing_rows.append(row)
-            summary = row.get("error") or f"fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwdbwd_ms']:.3f} ms  " \
-                                          f"peak {row['fwdbwd_peak_mib']:.0f} MiB"
+            summary = (
+                row.get("error")
+                or f"fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwdbwd_ms']:.3f} ms  "
+                f"peak {row['fwdbwd_peak_mib']:.0f} MiB"
+            )
             log(f"{name:26s} {shape}  {summary}  ({time.time() - start:.0f} s)")
             write_results(out, timing_rows, correctness_rows, breakdown_rows)
         plot(out, timing_rows)  # after every shape, so a run stopped at its time limit still has one
@@ -414,15 +500,19 @@ def main():
 
 
 def summarise(timing_rows, log):
-    log(f"{'impl':20s} {'B':>2} {'T':>6} {'H':>3} {'D':>4} {'fwd_ms':>8} {'fb_ms':>8} {'peakMiB':>8} "
-        f"{'floor_f':>7} {'floor_fb':>8}")
+    log(
+        f"{'impl':20s} {'B':>2} {'T':>6} {'H':>3} {'D':>4} {'fwd_ms':>8} {'fb_ms':>8} {'peakMiB':>8} "
+        f"{'floor_f':>7} {'floor_fb':>8}"
+    )
     for r in timing_rows:
         if "error" in r:
             log(f"{r['impl']:20s} {r['B']:>2} {r['T']:>6} {r['H']:>3} {r['D']:>4} ERROR {r['error'][:80]}")
         else:
-            log(f"{r['impl']:20s} {r['B']:>2} {r['T']:>6} {r['H']:>3} {r['D']:>4} {r['fwd_ms']:8.3f} "
+            log(
+                f"{r['impl']:20s} {r['B']:>2} {r['T']:>6} {r['H']:>3} {r['D']:>4} {r['fwd_ms']:8.3f} "
                 f"{r['fwdbwd_ms']:8.3f} {r['fwdbwd_peak_mib']:8.0f} {r['fwd_floor_fraction']:7.1%} "
-                f"{r['fwdbwd_floor_fraction']:8.1%}")
+                f"{r['fwdbwd_floor_fraction']:8.1%}"
+            )
 
 
 if __name__ == "__main__":

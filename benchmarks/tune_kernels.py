@@ -1,13 +1,15 @@
 """Launch options (num_warps, num_stages) of the Triton GLA kernels, chosen by measurement on a GPU.
 
 Coordinate descent: for each kernel in turn (all, or --kernels), every option pair is tried with
-the kernels already tuned kept at their best and the others at `LAUNCH_OPTIONS`, and the pair with the lowest summed relative forward+backward time of
+the kernels already tuned kept at their best and the others at `LAUNCH_OPTIONS`, and the pair
+with the lowest summed relative forward+backward time of
 the fused ReGLA op over one D=128 and one D=64 shape is kept. Writes every measurement to
 tune_kernels.parquet and the chosen options to tune_kernels.json in --out; copy the JSON into
 kernels.triton_gla.LAUNCH_OPTIONS to adopt them.
 
     python3 benchmarks/tune_kernels.py [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +34,16 @@ from variants.feature_maps import variance_reduction_factor  # noqa: E402
 triton_gla_module = importlib.import_module("kernels.triton_gla")
 
 SHAPES = [(4, 4096, 64, 128), (16, 4096, 12, 64)]
-KERNELS = ["query_key_grad_kernel", "intra_scores_kernel", "state_forward_kernel", "query_key_inter_kernel",
-           "output_kernel", "value_grad_kernel", "state_backward_kernel", "gate_grad_kernel"]
+KERNELS = [
+    "query_key_grad_kernel",
+    "intra_scores_kernel",
+    "state_forward_kernel",
+    "query_key_inter_kernel",
+    "output_kernel",
+    "value_grad_kernel",
+    "state_backward_kernel",
+    "gate_grad_kernel",
+]
 OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (1, 2, 3))]
 
 
@@ -47,6 +57,7 @@ def make_step(B, T, H, D):
     def step():
         o = triton_regla(q, k, v, gate_logits=a, refine_logits=r, key_max="running", scale=scale).output
         torch.autograd.grad(o, (q, k, v, a, r), do)
+
     return step
 
 
@@ -62,8 +73,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--budget-s", type=float, default=400.0, help="stop tuning further kernels after this")
-    parser.add_argument("--kernels", default=",".join(KERNELS),
-                        help="comma-separated kernels to tune, in order; the others keep LAUNCH_OPTIONS")
+    parser.add_argument(
+        "--kernels",
+        default=",".join(KERNELS),
+        help="comma-separated kernels to tune, in order; the others keep LAUNCH_OPTIONS",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,8 +101,14 @@ def main():
                 rows.append(dict(kernel=name, **option, error=repr(error)[:200]))
                 continue
             score = sum(t / b for t, b in zip(times, baseline))
-            rows.append(dict(kernel=name, **option, score=score,
-                             **{f"ms_{'x'.join(map(str, s))}": t for s, t in zip(SHAPES, times)}))
+            rows.append(
+                dict(
+                    kernel=name,
+                    **option,
+                    score=score,
+                    **{f"ms_{'x'.join(map(str, s))}": t for s, t in zip(SHAPES, times)},
+                )
+            )
             print(f"{name} {option} score {score:.3f} {times}", flush=True)
             if best is None or score < best[0]:
                 best = (score, option)
@@ -98,12 +118,14 @@ def main():
         triton_gla_module.LAUNCH_OPTIONS[name] = best[1]
         chosen[name] = best[1]
         import pandas as pd
+
         pd.DataFrame(rows).to_parquet(out / "tune_kernels.parquet", index=False)
         (out / "tune_kernels.json").write_text(json.dumps(dict(chosen=chosen), indent=1))
     final = measure(steps)
     print(f"tuned: {final} (defaults {baseline})", flush=True)
-    (out / "tune_kernels.json").write_text(json.dumps(dict(chosen=chosen, shapes=SHAPES, default_ms=baseline,
-                                                           tuned_ms=final), indent=1))
+    (out / "tune_kernels.json").write_text(
+        json.dumps(dict(chosen=chosen, shapes=SHAPES, default_ms=baseline, tuned_ms=final), indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Atomic file writes: write a temp file in the target's folder, then rename it into place, so a
 reader (or a resumed run) never sees half a file. Used by every writer in the harness."""
+
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def _current_umask() -> int:

@@ -3,6 +3,7 @@
 The config is stored as plain JSON so a checkpoint can be inspected (and its model rebuilt with
 the strict `from_dict`) without unpickling anything; the weights are a plain state_dict.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,17 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write_bytes, atomic_write_text
 from .config import ModelConfig, from_dict, to_dict
 from .model import LanguageModel
-from .atomic import atomic_write_bytes, atomic_write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 
 
-def save_checkpoint(model: LanguageModel, tokenizer_name: str, directory: str | Path,
-                    tokenizer_source: str | None = None) -> Path:
+def save_checkpoint(
+    model: LanguageModel, tokenizer_name: str, directory: str | Path, tokenizer_source: str | None = None
+) -> Path:
     """`tokenizer_source`: the corpus a trained tokenizer (bpe-N) was fitted on, needed to rebuild it."""
     directory = Path(directory)
     config = {"model": to_dict(model.config), "tokenizer": tokenizer_name, "tokenizer_source": tokenizer_source}

@@ -1,4 +1,5 @@
 """Command line: run grids, list variants and grids, write reports, prepare data."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def resolve_grid_path(name_or_path: str) -> Path:
     for candidate in (GRIDS_DIR / f"{name_or_path}.yaml", GRIDS_DIR / "paper" / f"{name_or_path}.yaml"):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"unknown grid {name_or_path!r}; available: {', '.join(available_grids())} "
-                      f"(or give a path to a .yaml file)")
+    raise ConfigError(
+        f"unknown grid {name_or_path!r}; available: {', '.join(available_grids())} (or give a path to a .yaml file)"
+    )
 
 
 def available_grids() -> list[str]:
@@ -47,14 +49,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .grid import filter_runs, load_grid
     from .report import write_report
     from .runner import run_grid, stage_status
-
     from .stages import STAGES
 
     grid = load_grid(resolve_grid_path(args.grid), tuple(args.plugin))
     runs = filter_runs(grid.runs, args.where)
     if not runs:
-        raise ConfigError(f"--where {' '.join(args.where)} matches none of the {len(grid.runs)} runs of grid "
-                          f"{grid.name!r}; see them with --dry-run")
+        raise ConfigError(
+            f"--where {' '.join(args.where)} matches none of the {len(grid.runs)} runs of grid "
+            f"{grid.name!r}; see them with --dry-run"
+        )
     stages = args.stages.split(",") if args.stages else list(grid.stages)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -67,8 +70,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(" | ".join([spec.run_id, spec.name, *states]))
         print(f"{len(runs)} runs, stages: {', '.join(stages)}")
         return 0
-    results = run_grid(grid, runs, stages=stages, runs_dir=args.runs_dir, force=args.force,
-                       retry_failed=args.retry_failed, device=args.device, progress=not args.no_progress)
+    results = run_grid(
+        grid,
+        runs,
+        stages=stages,
+        runs_dir=args.runs_dir,
+        force=args.force,
+        retry_failed=args.retry_failed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     if not _finish_distributed():
         return 0  # under torchrun, rank 0 alone summarises and reports
     counts: dict[str, int] = {}
@@ -120,8 +131,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
     grid = load_grid(resolve_grid_path(args.grid))
-    out = write_report(grid.name, args.runs_dir, args.results_dir, f"python run_ablations.py run {args.grid}",
-                       grid.reference, grid.runs)
+    out = write_report(
+        grid.name,
+        args.runs_dir,
+        args.results_dir,
+        f"python run_ablations.py run {args.grid}",
+        grid.reference,
+        grid.runs,
+    )
     print(f"report: {out}/RESULTS.md")
     return 0
 
@@ -137,17 +154,30 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run_ablations.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="run_ablations.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
         description="Ablation and benchmark harness for gated linear attention (ReGLA). A grid file expands "
-                    "into small language models that are trained, scored and reported as Parquet + plots.")
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                        help="import a module that registers extra variants (repeatable)")
+        "into small language models that are trained, scored and reported as Parquet + plots.",
+    )
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module that registers extra variants (repeatable)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a grid (default: smoke); finished stages are skipped")
     run.add_argument("grid", nargs="?", default=DEFAULT_GRID, help="grid name or path to a .yaml file")
-    run.add_argument("--where", action="append", default=[], metavar="AXIS=LEVEL[,LEVEL]",
-                     help="only runs whose axis has one of these levels (repeatable)")
+    run.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="AXIS=LEVEL[,LEVEL]",
+        help="only runs whose axis has one of these levels (repeatable)",
+    )
     run.add_argument("--stages", help="comma-separated stages to run instead of the grid's own")
     run.add_argument("--force", action="store_true", help="re-run stages that already have results")
     run.add_argument("--retry-failed", action="store_true", help="re-run stages that failed before")

@@ -3,14 +3,16 @@
 `from_dict` builds a (nested) dataclass from plain data and refuses unknown keys, naming the key,
 where it was found and what is allowed — a typo in a grid file must never be silently ignored.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -40,8 +42,9 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key {key!r} in {where or cls.__name__}{hint}; "
-                              f"allowed keys: {', '.join(sorted(fields))}")
+            raise ConfigError(
+                f"unknown key {key!r} in {where or cls.__name__}{hint}; allowed keys: {', '.join(sorted(fields))}"
+            )
         nested = _dataclass_type(hints[key])
         if nested is not None and isinstance(value, Mapping):
             value = from_dict(nested, value, f"{where}.{key}" if where else key)
@@ -131,8 +134,10 @@ class ModelConfig:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model.{name} must be a positive integer; got {value!r}")
         if self.head_dim is None and self.d_model % self.n_heads:
-            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
-                              f"({self.n_heads}), or set model.head_dim explicitly")
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
+                f"({self.n_heads}), or set model.head_dim explicitly"
+            )
         if isinstance(self.attention, Mapping):
             object.__setattr__(self, "attention", from_dict(AttentionConfig, self.attention, "model.attention"))
         if isinstance(self.softmax_layers, list):
@@ -149,13 +154,18 @@ class ModelConfig:
         if isinstance(pattern, str):
             _choice("model.softmax_layers", pattern, HYBRID_PATTERNS)
             return {
-                "none": (), "all": tuple(range(n)),
-                "even": tuple(range(0, n, 2)), "odd": tuple(range(1, n, 2)),
-                "first_half": tuple(range(n // 2)), "last_half": tuple(range(n - n // 2, n)),
+                "none": (),
+                "all": tuple(range(n)),
+                "even": tuple(range(0, n, 2)),
+                "odd": tuple(range(1, n, 2)),
+                "first_half": tuple(range(n // 2)),
+                "last_half": tuple(range(n - n // 2, n)),
             }[pattern]
         indices = tuple(pattern)
         bad = [i for i in indices if not isinstance(i, int) or not -n <= i < n]
         if bad:
-            raise ConfigError(f"model.softmax_layers: indices {bad} out of range for {n} layers "
-                              f"(allowed 0..{n - 1}, or one of {', '.join(HYBRID_PATTERNS)})")
+            raise ConfigError(
+                f"model.softmax_layers: indices {bad} out of range for {n} layers "
+                f"(allowed 0..{n - 1}, or one of {', '.join(HYBRID_PATTERNS)})"
+            )
         return tuple(sorted({i % n for i in indices}))

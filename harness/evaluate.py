@@ -5,6 +5,7 @@
 Each (task, shots) pair is its own lm-eval run, so a task whose data cannot be loaded becomes one
 row with status "failed" -- naming the task and how to provide its data -- while the others go on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,16 @@ from lm_eval.tasks import TaskManager
 
 from .lm_eval_model import ReGLALM, Tokenizer
 from .model import LanguageModel
-from .tasks import (OFFLINE_TASKS, PAPER_TASKS, PERPLEXITY_TASKS, TABLE5_TASKS, data_layout, offline_suite_dir,
-                    write_offline_task_yaml, write_paper_task_yaml)
+from .tasks import (
+    OFFLINE_TASKS,
+    PAPER_TASKS,
+    PERPLEXITY_TASKS,
+    TABLE5_TASKS,
+    data_layout,
+    offline_suite_dir,
+    write_offline_task_yaml,
+    write_paper_task_yaml,
+)
 
 #: Names that stand for several tasks in EvalConfig.tasks.
 SUITES: dict[str, tuple[str, ...]] = {
@@ -59,8 +68,10 @@ class EvalConfig:
         for task in unknown:
             close = difflib.get_close_matches(task, [*KNOWN_TASKS, *SUITES], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown evaluation task {task!r}{hint}; known tasks: {', '.join(KNOWN_TASKS)}; "
-                             f"suites: {', '.join(SUITES)}")
+            raise ValueError(
+                f"unknown evaluation task {task!r}{hint}; known tasks: {', '.join(KNOWN_TASKS)}; "
+                f"suites: {', '.join(SUITES)}"
+            )
         if not self.tasks:
             raise ValueError("EvalConfig.tasks is empty")
         if not self.num_fewshot or any(not isinstance(n, int) or n < 0 for n in self.num_fewshot):
@@ -121,8 +132,10 @@ def write_task_yamls(config: EvalConfig, yaml_dir: Path) -> dict[str, str]:
 def describe_task_failure(task: str, exc: BaseException, config: EvalConfig) -> str:
     message = f"task {task}: {type(exc).__name__}: {exc}"
     if task in PAPER_TASKS and f"{PAPER_TASKS[task].folder}/" not in str(exc):
-        message += f". To score it from local files, set data_dir (the grid file's `eval: {{data_dir: ...}}`) and " \
-                   f"{data_layout(PAPER_TASKS[task], config.data_dir or '<data-dir>')}"
+        message += (
+            f". To score it from local files, set data_dir (the grid file's `eval: {{data_dir: ...}}`) and "
+            f"{data_layout(PAPER_TASKS[task], config.data_dir or '<data-dir>')}"
+        )
     return message
 
 
@@ -144,15 +157,28 @@ def _bootstrap_in_process() -> Iterator[None]:
 def run_lm_eval(lm: ReGLALM, manager: TaskManager, task: str, shots: int, config: EvalConfig) -> dict:
     with _bootstrap_in_process():
         return lm_eval.simple_evaluate(
-            model=lm, tasks=[task], task_manager=manager, num_fewshot=shots, limit=config.limit,
-            bootstrap_iters=config.bootstrap_iters, log_samples=False,
-            random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
-            fewshot_random_seed=config.seed)
+            model=lm,
+            tasks=[task],
+            task_manager=manager,
+            num_fewshot=shots,
+            limit=config.limit,
+            bootstrap_iters=config.bootstrap_iters,
+            log_samples=False,
+            random_seed=config.seed,
+            numpy_random_seed=config.seed,
+            torch_random_seed=config.seed,
+            fewshot_random_seed=config.seed,
+        )
 
 
 def _common(task: str, shots: int, config: EvalConfig) -> dict[str, Any]:
-    return {"task": task, "requested_shots": shots, "limit": config.limit, "seed": config.seed,
-            "lm_eval_version": lm_eval.__version__}
+    return {
+        "task": task,
+        "requested_shots": shots,
+        "limit": config.limit,
+        "seed": config.seed,
+        "lm_eval_version": lm_eval.__version__,
+    }
 
 
 def result_rows(results: dict, task: str, shots: int, config: EvalConfig) -> list[dict[str, Any]]:
@@ -174,12 +200,28 @@ def result_rows(results: dict, task: str, shots: int, config: EvalConfig) -> lis
             continue
         metric, filter_name = key.split(",", 1)
         stderr = metrics.get(f"{metric}_stderr,{filter_name}")
-        rows.append({**base, "metric": metric if filter_name == "none" else key, "value": float(value),
-                     "stderr": float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None})
+        rows.append(
+            {
+                **base,
+                "metric": metric if filter_name == "none" else key,
+                "value": float(value),
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None,
+            }
+        )
     return rows
 
 
 def failed_row(task: str, shots: int, error: str, config: EvalConfig) -> dict[str, Any]:
-    return {**_common(task, shots, config), "shots": shots, "task_version": None, "max_length": None,
-            "tokenizer": None, "samples": None, "status": "failed", "error": error,
-            "metric": None, "value": None, "stderr": None}
+    return {
+        **_common(task, shots, config),
+        "shots": shots,
+        "task_version": None,
+        "max_length": None,
+        "tokenizer": None,
+        "samples": None,
+        "status": "failed",
+        "error": error,
+        "metric": None,
+        "value": None,
+        "stderr": None,
+    }

@@ -17,14 +17,16 @@
 
 Overrides deep-merge into `base`; every key is then checked strictly against the dataclasses.
 """
+
 from __future__ import annotations
 
 import copy
 import itertools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -35,8 +37,21 @@ from .spec import RunSpec, spec_from_dict
 
 GRID_KEYS = ("name", "description", "plugins", "stages", "base", "axes", "zip", "exclude", "reference")
 REFERENCE_KEYS = ("source", "metric", "values")
-RESERVED_AXIS_NAMES = {"run_id", "run_name", "grid", "stage", "metric", "value", "stderr", "step",
-                       "status", "error", "split", "task", "shots"}
+RESERVED_AXIS_NAMES = {
+    "run_id",
+    "run_name",
+    "grid",
+    "stage",
+    "metric",
+    "value",
+    "stderr",
+    "step",
+    "status",
+    "error",
+    "split",
+    "task",
+    "shots",
+}
 
 
 @dataclass(frozen=True)
@@ -76,14 +91,18 @@ def _axis_levels(name: str, levels: Any) -> list[tuple[str, dict]]:
             if overrides is None:
                 overrides = {}
             if not isinstance(overrides, Mapping):
-                raise ConfigError(f"axis {name!r}: level {label!r} must map dotted keys to values, "
-                                  f"e.g. {{model.attention.gate: refined}}; got {overrides!r}")
+                raise ConfigError(
+                    f"axis {name!r}: level {label!r} must map dotted keys to values, "
+                    f"e.g. {{model.attention.gate: refined}}; got {overrides!r}"
+                )
             out.append((str(label), dict(overrides)))
         return out
     if isinstance(levels, list) and levels:
         return [(_label(v), {name: v}) for v in levels]
-    raise ConfigError(f"axis {name!r} must be a non-empty list of values for the dotted key {name!r}, "
-                      f"or a mapping of level names to overrides")
+    raise ConfigError(
+        f"axis {name!r} must be a non-empty list of values for the dotted key {name!r}, "
+        f"or a mapping of level names to overrides"
+    )
 
 
 def _label(value: Any) -> str:
@@ -117,8 +136,9 @@ def load_grid_data(path: str | Path) -> dict:
     return dict(data)
 
 
-def expand_grid(data: Mapping[str, Any], default_name: str = "grid", path: str = "",
-                extra_plugins: tuple[str, ...] = ()) -> Grid:
+def expand_grid(
+    data: Mapping[str, Any], default_name: str = "grid", path: str = "", extra_plugins: tuple[str, ...] = ()
+) -> Grid:
     """Expand a grid mapping (as read from YAML) into RunSpecs."""
     from .stages import STAGES
 
@@ -134,7 +154,8 @@ def expand_grid(data: Mapping[str, Any], default_name: str = "grid", path: str =
         raise ConfigError(f"unknown stage(s) {bad} in grid {name!r}; available stages: {', '.join(STAGES)}")
 
     axes: list[tuple[str, list[tuple[str, dict]]]] = [
-        (axis, _axis_levels(axis, levels)) for axis, levels in (data.get("axes") or {}).items()]
+        (axis, _axis_levels(axis, levels)) for axis, levels in (data.get("axes") or {}).items()
+    ]
     axes += [_zip_levels(i, group) for i, group in enumerate(data.get("zip") or [])]
     names = [a for a, _ in axes]
     clash = sorted(set(names) & RESERVED_AXIS_NAMES)
@@ -160,8 +181,10 @@ def expand_grid(data: Mapping[str, Any], default_name: str = "grid", path: str =
         run_name = "/".join(labels.values()) or name
         spec = spec_from_dict(merged, name=run_name, grid=name, axes=labels, plugins=plugins)
         if spec.run_id in seen:
-            raise ConfigError(f"runs {seen[spec.run_id]!r} and {run_name!r} of grid {name!r} are the same "
-                              f"run (identical settings); make the axes differ or exclude one")
+            raise ConfigError(
+                f"runs {seen[spec.run_id]!r} and {run_name!r} of grid {name!r} are the same "
+                f"run (identical settings); make the axes differ or exclude one"
+            )
         seen[spec.run_id] = run_name
         runs.append(spec)
     if not runs:
@@ -180,8 +203,10 @@ def _check_reference(reference: Any, run_names: set[str]) -> dict | None:
         raise ConfigError("reference.values must map run names to numbers")
     unknown = sorted(set(values) - run_names)
     if unknown:
-        raise ConfigError(f"reference.values names runs {unknown} that the grid does not have; "
-                          f"its runs: {', '.join(sorted(run_names))}")
+        raise ConfigError(
+            f"reference.values names runs {unknown} that the grid does not have; "
+            f"its runs: {', '.join(sorted(run_names))}"
+        )
     return dict(reference)
 
 

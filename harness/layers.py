@@ -1,5 +1,6 @@
 """Attention layers and blocks. Each layer is an ordinary nn.Module taking x [B, T, D], so it can
 be dropped into someone else's model (post-linearization), and returns its decoding state."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,15 +26,15 @@ Tensor = torch.Tensor
 class LinearState:
     """What a linear-attention layer carries between decoding steps."""
 
-    memory: Tensor          # [B, H, F, V] (V + 1 with the denominator)
-    key_feature: Any        # the feature map's key state (e.g. safe_exp's running max)
-    last_input: Tensor      # [B, 1, D], for gates fed with the previous token
+    memory: Tensor  # [B, H, F, V] (V + 1 with the denominator)
+    key_feature: Any  # the feature map's key state (e.g. safe_exp's running max)
+    last_input: Tensor  # [B, 1, D], for gates fed with the previous token
 
 
 @dataclass
 class KVCache:
-    keys: Tensor            # [B, H, T_cached, K]
-    values: Tensor          # [B, H, T_cached, K]
+    keys: Tensor  # [B, H, T_cached, K]
+    values: Tensor  # [B, H, T_cached, K]
 
     @property
     def length(self) -> int:
@@ -60,8 +61,9 @@ class LinearAttention(nn.Module):
         self.o_proj = nn.Linear(inner, d_model, bias=False)
         self.feature_map = FEATURE_MAPS.create(config.feature_map, head_dim, num_heads, **config.feature_map_options)
         self.norm = NORMS.create(config.norm, head_dim, num_heads, **config.norm_options)
-        self.gate = GATES.create(config.gate, d_model, num_heads, self.feature_map.feature_dim, head_dim,
-                                 **config.gate_options)
+        self.gate = GATES.create(
+            config.gate, d_model, num_heads, self.feature_map.feature_dim, head_dim, **config.gate_options
+        )
         self.output_gate = nn.Linear(d_model, inner, bias=False) if config.output_gate == "swish" else None
         self.uses_denominator = config.denominator or self.norm.uses_denominator
         if self.uses_denominator and not self.feature_map.positive_kernel:
@@ -69,13 +71,15 @@ class LinearAttention(nn.Module):
             raise ConfigError(
                 f"the denominator normalisation divides by phi(q)·z and needs a feature map whose kernel "
                 f"is positive; {config.feature_map!r} can give negative or zero values. Use one of "
-                f"{', '.join(positive)}, or a norm without the denominator.")
+                f"{', '.join(positive)}, or a norm without the denominator."
+            )
         #: set by gate-saturation probes: the last GateOutput is kept when True
         self.capture_gates = False
         self.captured: GateOutput | None = None
 
-    def forward(self, x: Tensor, state: LinearState | None = None,
-                use_cache: bool = False) -> tuple[Tensor, LinearState | None]:
+    def forward(
+        self, x: Tensor, state: LinearState | None = None, use_cache: bool = False
+    ) -> tuple[Tensor, LinearState | None]:
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, K)
@@ -96,9 +100,16 @@ class LinearAttention(nn.Module):
         """The fused ReGLA op (kernels.triton_regla) replaces feature map + gate + kernel when the
         layer is safe_exp features with a key-side refining gate, on CUDA, with impl "auto", over
         more than one token (a decoding step is a small recurrence), and no probe reading the gates."""
-        return (kernels.triton_regla is not None and q.is_cuda and q.shape[1] > 1 and self.config.impl == "auto"
-                and isinstance(self.feature_map, SafeExp) and isinstance(self.gate, RefinedGate)
-                and self.gate.axis == "key" and not self.capture_gates)
+        return (
+            kernels.triton_regla is not None
+            and q.is_cuda
+            and q.shape[1] > 1
+            and self.config.impl == "auto"
+            and isinstance(self.feature_map, SafeExp)
+            and isinstance(self.gate, RefinedGate)
+            and self.gate.axis == "key"
+            and not self.capture_gates
+        )
 
     def _composed_attention(self, x, q, k, v, state, use_cache):
         """Feature map, gate and kernel as separate steps: any combination of plugins."""
@@ -109,11 +120,18 @@ class LinearAttention(nn.Module):
             self.captured = gate
         keys = key.features if gate.input_scale is None else key.features * gate.input_scale
         o, memory = gated_linear_attention(
-            query.features, keys, v, _combine_log_decays(gate.log_k, key.log_decay), gate.log_v,
+            query.features,
+            keys,
+            v,
+            _combine_log_decays(gate.log_k, key.log_decay),
+            gate.log_v,
             scale=self.feature_map.kernel_scale,
             initial_state=state.memory if state is not None else None,
-            output_final_state=use_cache, denominator=self.uses_denominator,
-            denominator_eps=self.config.denominator_eps, impl=self.config.impl)
+            output_final_state=use_cache,
+            denominator=self.uses_denominator,
+            denominator_eps=self.config.denominator_eps,
+            impl=self.config.impl,
+        )
         return o, memory, key.state
 
     def _fused_attention(self, x, q, k, v, state, use_cache):
@@ -126,10 +144,20 @@ class LinearAttention(nn.Module):
         if self.uses_denominator:
             v, _ = with_denominator_column(v)
         o, memory, key_max = kernels.triton_regla(
-            q, k, v, gate_logits=gate_logits, refine_logits=refine_logits, tau=gate.tau, log_clamp=gate.log_clamp,
-            key_max=feature_map.key_max, chunk_size=feature_map.chunk_size, scale=scale,
+            q,
+            k,
+            v,
+            gate_logits=gate_logits,
+            refine_logits=refine_logits,
+            tau=gate.tau,
+            log_clamp=gate.log_clamp,
+            key_max=feature_map.key_max,
+            chunk_size=feature_map.chunk_size,
+            scale=scale,
             initial_state=state.memory if state is not None else None,
-            initial_key_max=state.key_feature if state is not None else None, output_final_state=use_cache)
+            initial_key_max=state.key_feature if state is not None else None,
+            output_final_state=use_cache,
+        )
         if self.uses_denominator:
             # eps scaled as the composed path scales it: by the op scale there, which leaves a
             # `query` variance factor out (it multiplies φ(q) instead).
@@ -144,9 +172,9 @@ def _rotate(x: Tensor, offset: int, base: float) -> Tensor:
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     angles = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # [T, K/2]
-    x1, x2 = x[..., :half], x[..., half:2 * half]
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return torch.cat([rotated, x[..., 2 * half:]], dim=-1) if K % 2 else rotated
+    return torch.cat([rotated, x[..., 2 * half :]], dim=-1) if K % 2 else rotated
 
 
 class SoftmaxAttention(nn.Module):
@@ -160,8 +188,9 @@ class SoftmaxAttention(nn.Module):
         self.qkv_proj = nn.Linear(d_model, 3 * inner, bias=False)
         self.o_proj = nn.Linear(inner, d_model, bias=False)
 
-    def forward(self, x: Tensor, state: KVCache | None = None,
-                use_cache: bool = False) -> tuple[Tensor, KVCache | None]:
+    def forward(
+        self, x: Tensor, state: KVCache | None = None, use_cache: bool = False
+    ) -> tuple[Tensor, KVCache | None]:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         offset = state.length if state is not None else 0
@@ -208,8 +237,11 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(D)
         self.mlp_norm = nn.RMSNorm(D)
         self.is_softmax = softmax
-        self.attn = (SoftmaxAttention(D, H, K, config.rotary, config.rotary_base) if softmax
-                     else LinearAttention(D, H, K, config.attention))
+        self.attn = (
+            SoftmaxAttention(D, H, K, config.rotary, config.rotary_base)
+            if softmax
+            else LinearAttention(D, H, K, config.attention)
+        )
         self.mlp = MLP(D, config.mlp, config.mlp_ratio)
         self.dropout = nn.Dropout(config.dropout)
 

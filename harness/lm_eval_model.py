@@ -4,6 +4,7 @@ The adapter holds references, never copies: scoring a model mid-training sees it
 Loglikelihoods are computed in batches with right padding -- the model is causal and has no
 attention mask, and padding *after* a sequence cannot change the logits at earlier positions.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,6 +33,7 @@ class Tokenizer(Protocol):
 
 def tokenizer_by_name(name: str, source: str | None = None) -> Tokenizer:
     from .data import get_tokenizer  # the data layer is optional for scoring a live model
+
     return get_tokenizer(name, source=source)
 
 
@@ -39,14 +41,21 @@ def tokenizer_by_name(name: str, source: str | None = None) -> Tokenizer:
 class ReGLALM(TemplateLM):
     """`model` and `tokenizer` are live objects; `checkpoint=<dir>` loads both instead (CLI-style)."""
 
-    def __init__(self, model: LanguageModel | None = None, tokenizer: Tokenizer | None = None,
-                 batch_size: int | str = 8, max_gen_toks: int | str = 256,
-                 checkpoint: str | Path | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        model: LanguageModel | None = None,
+        tokenizer: Tokenizer | None = None,
+        batch_size: int | str = 8,
+        max_gen_toks: int | str = 256,
+        checkpoint: str | Path | None = None,
+        **kwargs: Any,
+    ):
         super().__init__()
         if model is None:
             if checkpoint is None:
                 raise ValueError("ReGLALM needs a model and tokenizer, or checkpoint=<directory>")
             from .checkpoint_io import load_checkpoint, read_checkpoint_config
+
             model, tokenizer_name = load_checkpoint(checkpoint, map_location=kwargs.get("device") or "cpu")
             if tokenizer is None:
                 source = kwargs.get("tokenizer_source") or read_checkpoint_config(checkpoint).get("tokenizer_source")
@@ -60,7 +69,7 @@ class ReGLALM(TemplateLM):
         self.text_tokenizer = tokenizer
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, **kwargs: Any) -> "ReGLALM":
+    def from_checkpoint(cls, directory: str | Path, **kwargs: Any) -> ReGLALM:
         return cls(checkpoint=directory, **kwargs)
 
     # -- what lm-eval asks about the model ---------------------------------------------------
@@ -83,8 +92,11 @@ class ReGLALM(TemplateLM):
 
     def get_model_info(self) -> dict[str, Any]:
         """Merged by lm-eval into results["config"]: the context length every score depends on."""
-        return {"max_length": self.max_length, "tokenizer": self.tokenizer_name,
-                "parameters": self.model.num_parameters()}
+        return {
+            "max_length": self.max_length,
+            "tokenizer": self.tokenizer_name,
+            "parameters": self.model.num_parameters(),
+        }
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         return self.text_tokenizer.encode(string)
@@ -94,33 +106,40 @@ class ReGLALM(TemplateLM):
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
-                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         """Sum of log p(continuation | context) and whether greedy decoding yields the continuation.
 
         Contexts are cut from the left so that context + continuation[:-1] fits the model's window.
         """
-        for (_, context, continuation) in requests:
+        for _, _context, continuation in requests:
             if not continuation:
                 raise ValueError("a loglikelihood request needs a non-empty continuation")
             if len(continuation) > self.max_length:
-                raise ValueError(f"continuation of {len(continuation)} tokens exceeds the model's "
-                                 f"max_seq_len {self.max_length}")
+                raise ValueError(
+                    f"continuation of {len(continuation)} tokens exceeds the model's max_seq_len {self.max_length}"
+                )
         # Longest first: the batch with the longest rows runs first (memory errors surface early)
         # and rows of similar length share a batch, so little compute goes to padding. Requests
         # with the same context + continuation[:-1] (the choices of a multiple-choice question
         # that are one token long) share one row: the same logits score all of them.
-        collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
-                            group_by="contexts", group_fn=lambda r: r[1] + r[2][:-1])
+        collator = Collator(
+            requests,
+            sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+            group_by="contexts",
+            group_fn=lambda r: r[1] + r[2][:-1],
+        )
         results = []
         was_training = self.model.training
         self.model.eval()
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
         with torch.no_grad():
             for batch in collator.get_batched(n=self.batch_size):
-                for row, (request, context, continuation) in zip(self._logits_batch(batch), batch):
+                for row, (batch_request, context, batch_continuation) in zip(self._logits_batch(batch), batch):
                     for request, continuation, logits in collator.get_cache(
-                            req_str=request, cxt_toks=context, cont_toks=continuation, logits=row):
+                        req_str=batch_request, cxt_toks=context, cont_toks=batch_continuation, logits=row
+                    ):
                         results.append(self._score(request, continuation, logits[0]))
                         progress.update(1)
         progress.close()
@@ -131,21 +150,23 @@ class ReGLALM(TemplateLM):
         """Per request, the logits [1, n_cont, vocab] at the positions that predict its continuation."""
         inputs = []
         for _, context, continuation in batch:
-            whole = (context + continuation)[-(self.max_length + 1):]
+            whole = (context + continuation)[-(self.max_length + 1) :]
             inputs.append(whole[:-1])
         width = max(len(x) for x in inputs)
         padded = torch.zeros(len(inputs), width, dtype=torch.long)
         for row, ids in enumerate(inputs):
-            padded[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         logits, _ = self.model(padded.to(self.device))  # [B, T, vocab]
         # The logits at position t predict token t + 1: the continuation's predictors are the
         # last len(continuation) positions of the row's (unpadded) input.
-        return [logits[row, len(ids) - len(continuation):len(ids)][None]
-                for row, (ids, (_, _, continuation)) in enumerate(zip(inputs, batch))]
+        return [
+            logits[row, len(ids) - len(continuation) : len(ids)][None]
+            for row, (ids, (_, _, continuation)) in enumerate(zip(inputs, batch))
+        ]
 
     def _score(self, request: Any, continuation: list[int], logits: torch.Tensor) -> tuple[float, bool]:
         # A request sharing another's row may have a shorter continuation: its predictors are last.
-        logprobs = F.log_softmax(logits[-len(continuation):].float(), dim=-1)  # [n_cont, vocab]
+        logprobs = F.log_softmax(logits[-len(continuation) :].float(), dim=-1)  # [n_cont, vocab]
         target = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
         answer = (float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all()))
         if request is not None:
@@ -160,9 +181,15 @@ class ReGLALM(TemplateLM):
         """
         windows, owner = [], []
         for index, (text,) in enumerate(req.args for req in requests):
-            for context, target in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for context, target in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, context, target))
                 owner.append(index)
         # One pass over all windows of all documents, so short documents share batches.

@@ -1,11 +1,13 @@
 """Measurement primitives shared by the profilers and the kernel benchmarks: synchronised wall
 time with percentiles, peak allocator memory, and the bytes autograd keeps for the backward.
 Free of the stage machinery, so stand-alone scripts (benchmarks/) can import them."""
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -1,4 +1,5 @@
 """Decoder-only language model whose layers are softmax or linear attention (hybrids included)."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,10 @@ class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.vocab_size is None:
-            raise ValueError("model.vocab_size is not set: build the model with the tokenizer's vocabulary "
-                             "size (dataclasses.replace(config, vocab_size=tokenizer.vocab_size))")
+            raise ValueError(
+                "model.vocab_size is not set: build the model with the tokenizer's vocabulary "
+                "size (dataclasses.replace(config, vocab_size=tokenizer.vocab_size))"
+            )
         self.config = config
         softmax = set(config.softmax_layer_indices())
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
@@ -45,8 +48,9 @@ class LanguageModel(nn.Module):
                 residual = name.endswith(("o_proj", "mlp.down"))
                 nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.config.n_layers) if residual else std)
 
-    def forward(self, idx: Tensor, cache: list[Any] | None = None,
-                use_cache: bool = False) -> tuple[Tensor, list[Any] | None]:
+    def forward(
+        self, idx: Tensor, cache: list[Any] | None = None, use_cache: bool = False
+    ) -> tuple[Tensor, list[Any] | None]:
         if idx.dim() != 2:
             raise ValueError(f"idx must be [batch, time] token ids; got shape {tuple(idx.shape)}")
         x = self.embed(idx)

@@ -11,6 +11,7 @@ seed) and after training. Records:
   gate/grad_abs_mean   mean |∂loss/∂pre-activation| (the saturation symptom: vanishing gradients)
 with step 0 for "before" and train.steps for "after".
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ class ProbeConfig:
     saturation_eps: float = 0.01
 
 
-def gate_statistics(model: LanguageModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                    config: ProbeConfig, step: int) -> list[dict[str, Any]]:
+def gate_statistics(
+    model: LanguageModel, batches: list[tuple[torch.Tensor, torch.Tensor]], config: ProbeConfig, step: int
+) -> list[dict[str, Any]]:
     """Histogram and saturation records for every exposed gate activation of every linear layer."""
     layers = model.linear_attention_layers()
     values: dict[tuple[int, str], list[torch.Tensor]] = {}
@@ -70,15 +72,25 @@ def gate_statistics(model: LanguageModel, batches: list[tuple[torch.Tensor, torc
         counts = torch.histc(activations.clamp(0, 1), bins=config.bins, min=0.0, max=1.0)
         fractions = counts / activations.numel()
         for i, fraction in enumerate(fractions.tolist()):
-            records.append({"metric": "gate/hist", "value": fraction, "step": step,
-                            "extra": json.dumps({**tag, "bin_low": float(edges[i]), "bin_high": float(edges[i + 1])})})
-        summary = {"gate/saturated_high": (activations > 1 - config.saturation_eps).float().mean(),
-                   "gate/saturated_low": (activations < config.saturation_eps).float().mean(),
-                   "gate/mean": activations.mean()}
+            records.append(
+                {
+                    "metric": "gate/hist",
+                    "value": fraction,
+                    "step": step,
+                    "extra": json.dumps({**tag, "bin_low": float(edges[i]), "bin_high": float(edges[i + 1])}),
+                }
+            )
+        summary = {
+            "gate/saturated_high": (activations > 1 - config.saturation_eps).float().mean(),
+            "gate/saturated_low": (activations < config.saturation_eps).float().mean(),
+            "gate/mean": activations.mean(),
+        }
         if (layer, name) in grads:
             summary["gate/grad_abs_mean"] = torch.cat(grads[(layer, name)]).mean()
-        records += [{"metric": metric, "value": float(v), "step": step, "extra": json.dumps(tag)}
-                    for metric, v in summary.items()]
+        records += [
+            {"metric": metric, "value": float(v), "step": step, "extra": json.dumps(tag)}
+            for metric, v in summary.items()
+        ]
     return records
 
 
@@ -94,12 +106,15 @@ class ProbeStage(Stage):
         config: ProbeConfig = self.settings(spec)
         device = pick_device(distributed_context(), ctx.device)
         data = ctx.data_for(spec)
-        batches = [(x.to(device), y.to(device)) for x, y in
-                   data.validation.eval_batches(config.batch_size, spec.train.seq_len, config.batches)]
+        batches = [
+            (x.to(device), y.to(device))
+            for x, y in data.validation.eval_batches(config.batch_size, spec.train.seq_len, config.batches)
+        ]
         initial = build_model(spec, data.tokenizer.vocab_size).to(device).train()
         trained, _ = load_checkpoint(ctx.model_dir, map_location=device)
         trained.train()
         if not initial.linear_attention_layers():
             return [{"metric": "gate/none", "value": 0.0, "extra": json.dumps({"reason": "softmax-only model"})}]
-        return (gate_statistics(initial, batches, config, step=0)
-                + gate_statistics(trained, batches, config, step=spec.train.steps))
+        return gate_statistics(initial, batches, config, step=0) + gate_statistics(
+            trained, batches, config, step=spec.train.steps
+        )

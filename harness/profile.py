@@ -7,8 +7,10 @@ calls, reporting the median and the 20th/80th percentiles. On CUDA the device is
 around every timed call and peak memory is the allocator's high-water mark above the baseline,
 measured in a separate untimed call. On CPU, peak memory is not measured (NaN).
 """
+
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,8 +32,9 @@ class ProfileConfig:
     repeats: int = 5
 
 
-def profile_training_step(model: LanguageModel, seq_lens: list[int], batch_size: int, device: torch.device,
-                          warmup: int, repeats: int) -> list[dict[str, Any]]:
+def profile_training_step(
+    model: LanguageModel, seq_lens: list[int], batch_size: int, device: torch.device, warmup: int, repeats: int
+) -> list[dict[str, Any]]:
     """A full training step (forward, backward, AdamW update) on random tokens at each length."""
     records = []
     vocab = model.config.vocab_size
@@ -40,7 +43,7 @@ def profile_training_step(model: LanguageModel, seq_lens: list[int], batch_size:
     for seq_len in seq_lens:
         tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), device=device)
 
-        def forward() -> torch.Tensor:
+        def forward(tokens: torch.Tensor = tokens) -> torch.Tensor:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 return model.loss(tokens[:, :-1], tokens[:, 1:])
 
@@ -53,20 +56,27 @@ def profile_training_step(model: LanguageModel, seq_lens: list[int], batch_size:
         tag = {"seq_len": seq_len, "batch_size": batch_size}
         records += [
             {"metric": "profile/train_step_ms", "value": timing["median_ms"], "extra": _json(tag | timing)},
-            {"metric": "profile/train_tokens_per_second", "value": batch_size * seq_len / timing["median_ms"] * 1e3,
-             "extra": _json(tag)},
+            {
+                "metric": "profile/train_tokens_per_second",
+                "value": batch_size * seq_len / timing["median_ms"] * 1e3,
+                "extra": _json(tag),
+            },
             {"metric": "profile/train_peak_mib", "value": peak_memory_mib(step, device), "extra": _json(tag)},
             # What autograd holds between forward and backward (weights included): the activation
             # memory a fused kernel saves shows here, on any device.
-            {"metric": "profile/train_saved_for_backward_mib", "value": saved_for_backward_mib(forward),
-             "extra": _json(tag)},
+            {
+                "metric": "profile/train_saved_for_backward_mib",
+                "value": saved_for_backward_mib(forward),
+                "extra": _json(tag),
+            },
         ]
     return records
 
 
 @torch.no_grad()
-def profile_generation(model: LanguageModel, prompt_length: int, generation_lengths: list[int],
-                       device: torch.device, warmup: int) -> list[dict[str, Any]]:
+def profile_generation(
+    model: LanguageModel, prompt_length: int, generation_lengths: list[int], device: torch.device, warmup: int
+) -> list[dict[str, Any]]:
     """Greedy generation of n tokens after a short prompt: total (prefill + decode) time and peak
     memory, both from one call per length (decoding thousands of tokens is long enough to time
     once; a separate memory pass would double the cost). Warm-up runs a short generation."""
@@ -75,10 +85,12 @@ def profile_generation(model: LanguageModel, prompt_length: int, generation_leng
     for _ in range(warmup):
         model.generate(prompt, 8)
     for n in generation_lengths:
-        elapsed_ms, peak = time_and_peak_memory(lambda: model.generate(prompt, n), device)
+        elapsed_ms, peak = time_and_peak_memory(functools.partial(model.generate, prompt, n), device)
         tag = _json({"prompt_length": prompt_length, "generated": n})
-        records += [{"metric": "profile/generate_total_ms", "value": elapsed_ms, "extra": tag},
-                    {"metric": "profile/generate_peak_mib", "value": peak, "extra": tag}]
+        records += [
+            {"metric": "profile/generate_total_ms", "value": elapsed_ms, "extra": tag},
+            {"metric": "profile/generate_peak_mib", "value": peak, "extra": tag},
+        ]
     return records
 
 
@@ -103,8 +115,10 @@ class ProfileStage(Stage):
         longest = max([*config.seq_lens, config.prompt_length + max(config.generation_lengths, default=0)])
         model_spec = replace(spec, model=replace(spec.model, max_seq_len=max(spec.model.max_seq_len, longest)))
         model = build_model(model_spec, vocab).to(device)
-        records = profile_training_step(model.train(), list(config.seq_lens), config.batch_size, device,
-                                        config.warmup, config.repeats)
-        records += profile_generation(model.eval(), config.prompt_length, list(config.generation_lengths), device,
-                                      config.warmup)
+        records = profile_training_step(
+            model.train(), list(config.seq_lens), config.batch_size, device, config.warmup, config.repeats
+        )
+        records += profile_generation(
+            model.eval(), config.prompt_length, list(config.generation_lengths), device, config.warmup
+        )
         return records

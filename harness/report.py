@@ -1,5 +1,6 @@
 """Tables and plots from a grid's result rows: loss curves per variant, a final-metric bar chart,
 a markdown table (RESULTS.md) and a consolidated Parquet file under `results/<grid>/`."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,13 @@ import pandas as pd
 from . import results as results_io
 from .atomic import atomic_write_bytes, atomic_write_text
 
-FINAL_METRICS = [("final/val_loss", "val loss"), ("final/val_perplexity", "val ppl"),
-                 ("final/val_bits_per_byte", "val bpb"), ("params", "params"),
-                 ("train/tokens_per_second", "train tok/s")]
+FINAL_METRICS = [
+    ("final/val_loss", "val loss"),
+    ("final/val_perplexity", "val ppl"),
+    ("final/val_bits_per_byte", "val bpb"),
+    ("params", "params"),
+    ("train/tokens_per_second", "train tok/s"),
+]
 
 
 def axis_columns(frame: pd.DataFrame) -> list[str]:
@@ -72,8 +77,9 @@ def plot_loss_curves(frame: pd.DataFrame, path: Path) -> None:
         subset = frame[(frame["metric"] == metric) & (frame["status"] == "ok")]
         for name, group in subset.groupby("run_name"):
             group = group.sort_values("step")
-            ax.plot(group["step"], group["value"], label=name, marker="o" if metric == "val/loss" else None,
-                    markersize=3)
+            ax.plot(
+                group["step"], group["value"], label=name, marker="o" if metric == "val/loss" else None, markersize=3
+            )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
@@ -137,8 +143,15 @@ def plot_gate_saturation(frame: pd.DataFrame, path: Path) -> bool:
         rows = rows[rows["gate"] == gate]
         for (step, group), colour in zip(sorted(rows.groupby("step"), key=lambda item: item[0]), ("0.6", "tab:red")):
             label = "before training" if step == 0 else f"after {int(step)} steps"
-            ax.bar(group["bin_low"], group["value"], width=group["bin_high"] - group["bin_low"], align="edge",
-                   alpha=0.6, color=colour, label=label)
+            ax.bar(
+                group["bin_low"],
+                group["value"],
+                width=group["bin_high"] - group["bin_low"],
+                align="edge",
+                alpha=0.6,
+                color=colour,
+                label=label,
+            )
         ax.set_title(f"{run}: {gate}", fontsize=9)
         ax.set_xlabel("forget-gate activation")
         ax.set_xlim(0, 1)
@@ -150,10 +163,12 @@ def plot_gate_saturation(frame: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-PROFILE_PANELS = (("profile/train_tokens_per_second", "seq_len", "training tokens/s"),
-                  ("profile/train_peak_mib", "seq_len", "training peak memory (MiB)"),
-                  ("profile/generate_total_ms", "generated", "generation total time (ms)"),
-                  ("profile/generate_peak_mib", "generated", "generation peak memory (MiB)"))
+PROFILE_PANELS = (
+    ("profile/train_tokens_per_second", "seq_len", "training tokens/s"),
+    ("profile/train_peak_mib", "seq_len", "training peak memory (MiB)"),
+    ("profile/generate_total_ms", "generated", "generation total time (ms)"),
+    ("profile/generate_peak_mib", "generated", "generation peak memory (MiB)"),
+)
 
 
 def profile_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -186,23 +201,34 @@ def plot_profile(frame: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Path = "results",
-                 command: str | None = None, reference: dict | None = None, runs: Any = None) -> Path:
+def write_report(
+    grid: str,
+    runs_dir: str | Path = "runs",
+    results_dir: str | Path = "results",
+    command: str | None = None,
+    reference: dict | None = None,
+    runs: Any = None,
+) -> Path:
     """Write results/<grid>/: results.parquet, RESULTS.md and the plots that the grid's stages
     have data for (loss_curves, final_metrics, gate_saturation, profile)."""
     frame = results_io.load(grid, runs_dir)
     if runs is not None:
         frame = results_io.current_rows(frame, runs)
         if frame.empty:
-            raise FileNotFoundError(f"no results of grid {grid!r}'s current runs under {str(runs_dir)!r}; "
-                                    f"run `python run_ablations.py run {grid}` first")
+            raise FileNotFoundError(
+                f"no results of grid {grid!r}'s current runs under {str(runs_dir)!r}; "
+                f"run `python run_ablations.py run {grid}` first"
+            )
     out = Path(results_dir) / grid
     out.mkdir(parents=True, exist_ok=True)
     table = run_table(frame)
     if reference:
         label = dict(FINAL_METRICS).get(reference["metric"], reference["metric"])
-        table.insert(table.columns.get_loc(label) + 1 if label in table.columns else len(table.columns),
-                     f"paper {label}", pd.Series(reference["values"], dtype=float))
+        table.insert(
+            table.columns.get_loc(label) + 1 if label in table.columns else len(table.columns),
+            f"paper {label}",
+            pd.Series(reference["values"], dtype=float),
+        )
     atomic_write_bytes(out / "results.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
     has_training = bool((frame["stage"] == "train").any())
     if has_training:
@@ -213,12 +239,20 @@ def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Pa
     env = frame.iloc[0]
     lines = [f"# Results: grid `{grid}`", ""]
     if command:
-        lines += [f"Regenerate with `{command}` (stages already done are skipped; each stage's own "
-                  "command is in the grid file).", ""]
-    lines += [f"Machine: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
-              f"lm-eval {env['lm_eval']}; git {env['git_sha']}.", "",
-              "Validation metrics are on held-out documents; bpb = bits per UTF-8 byte (tokenizer-independent).",
-              "", markdown_table(table), ""]
+        lines += [
+            f"Regenerate with `{command}` (stages already done are skipped; each stage's own "
+            "command is in the grid file).",
+            "",
+        ]
+    lines += [
+        f"Machine: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
+        f"lm-eval {env['lm_eval']}; git {env['git_sha']}.",
+        "",
+        "Validation metrics are on held-out documents; bpb = bits per UTF-8 byte (tokenizer-independent).",
+        "",
+        markdown_table(table),
+        "",
+    ]
     if has_training:
         lines += ["![loss curves](loss_curves.png)", ""]
     if has_final:
@@ -229,11 +263,23 @@ def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Pa
         wide = profile.pivot_table(index=["metric", "x"], columns="run_name", values="value")
         wide.index = [f"{m.removeprefix('profile/')} @ {int(x)}" for m, x in wide.index]
         wide.index.name = "measurement"
-        lines += ["## Profile (random weights; time and memory do not depend on them)", "",
-                  "![profile](profile.png)", "", markdown_table(wide), ""]
+        lines += [
+            "## Profile (random weights; time and memory do not depend on them)",
+            "",
+            "![profile](profile.png)",
+            "",
+            markdown_table(wide),
+            "",
+        ]
     if has_probes:
-        lines += ["## Gate saturation (forget-gate activations before and after training)", "",
-                  "![gate saturation](gate_saturation.png)", "", markdown_table(saturation_table(frame)), ""]
+        lines += [
+            "## Gate saturation (forget-gate activations before and after training)",
+            "",
+            "![gate saturation](gate_saturation.png)",
+            "",
+            markdown_table(saturation_table(frame)),
+            "",
+        ]
     if reference:
         lines += [f"`paper` column: {reference['source']}.", ""]
     switches = _recorded_switches(frame)
@@ -245,8 +291,11 @@ def write_report(grid: str, runs_dir: str | Path = "runs", results_dir: str | Pa
 
 def saturation_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per run and gate activation: saturated fractions and mean, before -> after training."""
-    probe = frame[(frame["stage"] == "probe") & (frame["status"] == "ok")
-                  & frame["metric"].isin(["gate/saturated_high", "gate/saturated_low", "gate/mean", "gate/grad_abs_mean"])]
+    probe = frame[
+        (frame["stage"] == "probe")
+        & (frame["status"] == "ok")
+        & frame["metric"].isin(["gate/saturated_high", "gate/saturated_low", "gate/mean", "gate/grad_abs_mean"])
+    ]
     probe = with_extra_fields(probe, ["run_name", "step", "metric", "value"])
     pooled = probe.groupby(["run_name", "gate", "metric", "step"])["value"].mean().unstack("step")
     first, last = pooled.columns.min(), pooled.columns.max()
@@ -267,9 +316,11 @@ def _recorded_switches(frame: pd.DataFrame) -> str:
         if softmax == "all":
             lines.append(f"- **{name}**: softmax attention in every layer (rotary={model['rotary']})")
             continue
-        lines.append(f"- **{name}**: softmax_layers={softmax}; feature_map={attention['feature_map']} "
-                     f"{attention['feature_map_options'] or ''}; norm={attention['norm']} "
-                     f"{attention['norm_options'] or ''}; denominator={attention['denominator']}; "
-                     f"gate={attention['gate']} {attention['gate_options'] or ''}; "
-                     f"output_gate={attention['output_gate']}")
+        lines.append(
+            f"- **{name}**: softmax_layers={softmax}; feature_map={attention['feature_map']} "
+            f"{attention['feature_map_options'] or ''}; norm={attention['norm']} "
+            f"{attention['norm_options'] or ''}; denominator={attention['denominator']}; "
+            f"gate={attention['gate']} {attention['gate_options'] or ''}; "
+            f"output_gate={attention['output_gate']}"
+        )
     return "\n".join(lines)

@@ -3,15 +3,17 @@
 Long rows let a new stage add metrics without a schema change. Each row carries the run's
 identity, its grid axes (one column each), the full spec as JSON, and the environment it ran in.
 """
+
 from __future__ import annotations
 
 import functools
 import os
 import platform
 import subprocess
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -21,14 +23,34 @@ from .atomic import atomic_write_bytes
 from .spec import RunSpec
 
 #: fixed columns, in order; grid axes follow as extra string columns
-CORE_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("run_name", pa.string()), ("grid", pa.string()), ("stage", pa.string()),
-    ("stage_id", pa.string()), ("metric", pa.string()), ("value", pa.float64()), ("stderr", pa.float64()),
-    ("step", pa.int64()), ("split", pa.string()), ("task", pa.string()), ("shots", pa.int64()),
-    ("status", pa.string()), ("error", pa.string()), ("extra", pa.string()), ("spec_json", pa.string()),
-    ("git_sha", pa.string()), ("torch", pa.string()), ("triton", pa.string()), ("fla", pa.string()),
-    ("lm_eval", pa.string()), ("device", pa.string()), ("python", pa.string()), ("created", pa.string()),
-])
+CORE_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("run_name", pa.string()),
+        ("grid", pa.string()),
+        ("stage", pa.string()),
+        ("stage_id", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("stderr", pa.float64()),
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("task", pa.string()),
+        ("shots", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("extra", pa.string()),
+        ("spec_json", pa.string()),
+        ("git_sha", pa.string()),
+        ("torch", pa.string()),
+        ("triton", pa.string()),
+        ("fla", pa.string()),
+        ("lm_eval", pa.string()),
+        ("device", pa.string()),
+        ("python", pa.string()),
+        ("created", pa.string()),
+    ]
+)
 CORE_COLUMNS = tuple(CORE_SCHEMA.names)
 
 
@@ -42,11 +64,17 @@ def _version(package: str) -> str | None:
 @functools.lru_cache(maxsize=1)
 def _git_sha() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         sha = out.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) if sha else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -57,17 +85,36 @@ def environment(device: str | None = None) -> dict[str, str | None]:
     import torch
 
     if device is None:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {"git_sha": _git_sha(), "torch": torch.__version__, "triton": _version("triton"),
-            "fla": _version("fla-core") or _version("flash-linear-attention"), "lm_eval": _version("lm_eval") or _version("lm-eval"),
-            "device": device, "python": platform.python_version()}
+        device = (
+            torch.cuda.get_device_name()
+            if torch.cuda.is_available()
+            else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        )
+    return {
+        "git_sha": _git_sha(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "fla": _version("fla-core") or _version("flash-linear-attention"),
+        "lm_eval": _version("lm_eval") or _version("lm-eval"),
+        "device": device,
+        "python": platform.python_version(),
+    }
 
 
-def make_rows(spec: RunSpec, stage: str, records: Iterable[dict[str, Any]], env: dict[str, Any],
-              created: str) -> list[dict[str, Any]]:
+def make_rows(
+    spec: RunSpec, stage: str, records: Iterable[dict[str, Any]], env: dict[str, Any], created: str
+) -> list[dict[str, Any]]:
     """Complete metric records ({metric, value, step, ...}) into full result rows."""
-    base = {"run_id": spec.run_id, "run_name": spec.name, "grid": spec.grid, "stage": stage,
-            "stage_id": spec.stage_id(stage), "spec_json": spec.to_json(), "created": created, **env}
+    base = {
+        "run_id": spec.run_id,
+        "run_name": spec.name,
+        "grid": spec.grid,
+        "stage": stage,
+        "stage_id": spec.stage_id(stage),
+        "spec_json": spec.to_json(),
+        "created": created,
+        **env,
+    }
     rows = []
     for record in records:
         unknown = set(record) - set(CORE_COLUMNS)
@@ -115,7 +162,8 @@ def load(grid: str, runs_dir: str | Path = "runs") -> pd.DataFrame:
     root = Path(runs_dir) / grid
     files = sorted(root.glob("*/*.parquet"))
     if not files:
-        raise FileNotFoundError(f"no results for grid {grid!r} under {str(root)!r}; run "
-                                f"`python run_ablations.py run {grid}` first")
+        raise FileNotFoundError(
+            f"no results for grid {grid!r} under {str(root)!r}; run `python run_ablations.py run {grid}` first"
+        )
     frames = [read_rows(f) for f in files]
     return pd.concat(frames, ignore_index=True, sort=False)

@@ -7,19 +7,20 @@ Layout of a run directory (`<runs_dir>/<grid>/<run_id>/`):
     training_state.pt            the resume point while training is unfinished
     model/                       the trained model (config.json + model.pt)
 """
+
 from __future__ import annotations
 
 import datetime as dt
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from .grid import Grid
 from .atomic import atomic_write_text
+from .grid import Grid
 from .results import environment, make_rows, read_rows, stage_failures, write_rows
 from .spec import RunSpec
 from .stages import STAGES, StageContext
@@ -65,9 +66,17 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_grid(grid: Grid, runs: Iterable[RunSpec], *, stages: Iterable[str] | None = None,
-             runs_dir: str | Path = "runs", force: bool = False, retry_failed: bool = False,
-             device: str = "auto", progress: bool = True) -> list[StageResult]:
+def run_grid(
+    grid: Grid,
+    runs: Iterable[RunSpec],
+    *,
+    stages: Iterable[str] | None = None,
+    runs_dir: str | Path = "runs",
+    force: bool = False,
+    retry_failed: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> list[StageResult]:
     """Run each stage of each spec unless its result already exists."""
     runs = list(runs)
     stages = list(stages or grid.stages)
@@ -88,14 +97,25 @@ def run_grid(grid: Grid, runs: Iterable[RunSpec], *, stages: Iterable[str] | Non
             atomic_write_text(directory / "spec.json", spec.to_json())
         ctx = StageContext(directory, device, progress, data_cache, is_main=dist.is_main)
         for stage_name in stages:
-            result = _run_stage(STAGES[stage_name], spec, ctx, runs_dir, force, retry_failed, env, progress, dist.is_main)
+            result = _run_stage(
+                STAGES[stage_name], spec, ctx, runs_dir, force, retry_failed, env, progress, dist.is_main
+            )
             results.append(result)
             dist.barrier()
     return results
 
 
-def _run_stage(stage, spec: RunSpec, ctx: StageContext, runs_dir: Path, force: bool, retry_failed: bool,
-               env: dict, progress: bool, is_main: bool) -> StageResult:
+def _run_stage(
+    stage,
+    spec: RunSpec,
+    ctx: StageContext,
+    runs_dir: Path,
+    force: bool,
+    retry_failed: bool,
+    env: dict,
+    progress: bool,
+    is_main: bool,
+) -> StageResult:
     """One stage of one run: skipped when its result exists, else run and recorded (ok or failed)."""
     stage_name = stage.name
     status, error = stage_status(runs_dir, spec, stage_name)
@@ -108,7 +128,7 @@ def _run_stage(stage, spec: RunSpec, ctx: StageContext, runs_dir: Path, force: b
     if not is_main and not stage.distributed:
         return StageResult(spec, stage_name, "skipped-rank")
     missing = [r for r in stage.requires if stage_status(runs_dir, spec, r)[0] != "done"]
-    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     try:
         if missing:
             raise RuntimeError(f"stage {stage_name!r} needs {', '.join(missing)} to have succeeded first")
@@ -125,4 +145,3 @@ def _run_stage(stage, spec: RunSpec, ctx: StageContext, runs_dir: Path, force: b
     if is_main:
         write_rows(stage_path(runs_dir, spec, stage_name), make_rows(spec, stage_name, records, env, created))
     return result
-

@@ -6,12 +6,14 @@ weights — model, data, training settings and the versions of the plugins used 
 else: changing evaluation tasks or profiler shapes never retrains (those stages hash their own
 settings on top of the run id).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from variants import FEATURE_MAPS, GATES, NORMS
 
@@ -54,16 +56,25 @@ class TrainConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "log_every", "checkpoint_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "checkpoint_every",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"train.{name} must be a positive integer; got {value!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be one of auto, fp32, bf16; got {self.precision!r}")
         if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"train.warmup_steps must be between 0 and train.steps ({self.steps}); "
-                              f"got {self.warmup_steps}")
+            raise ConfigError(
+                f"train.warmup_steps must be between 0 and train.steps ({self.steps}); got {self.warmup_steps}"
+            )
 
 
 @dataclass(frozen=True)
@@ -86,9 +97,11 @@ class RunSpec:
         if len(self.model.softmax_layer_indices()) == self.model.n_layers:
             return {}
         attention = self.model.attention
-        return {f"feature_map:{attention.feature_map}": str(FEATURE_MAPS.version_of(attention.feature_map)),
-                f"norm:{attention.norm}": str(NORMS.version_of(attention.norm)),
-                f"gate:{attention.gate}": str(GATES.version_of(attention.gate))}
+        return {
+            f"feature_map:{attention.feature_map}": str(FEATURE_MAPS.version_of(attention.feature_map)),
+            f"norm:{attention.norm}": str(NORMS.version_of(attention.norm)),
+            f"gate:{attention.gate}": str(GATES.version_of(attention.gate)),
+        }
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the trained weights, normalised."""
@@ -97,8 +110,13 @@ class RunSpec:
             # A softmax-only model never builds the linear-attention plugins: their settings
             # must not make two identical softmax runs look different.
             model.pop("attention")
-        return {"format": SPEC_FORMAT, "model": model, "data": to_dict(self.data),
-                "train": to_dict(self.train), "plugins": self.plugin_versions()}
+        return {
+            "format": SPEC_FORMAT,
+            "model": model,
+            "data": to_dict(self.data),
+            "train": to_dict(self.train),
+            "plugins": self.plugin_versions(),
+        }
 
     @property
     def run_id(self) -> str:
@@ -118,16 +136,19 @@ def stable_hash(data: Any, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def spec_from_dict(data: Mapping[str, Any], *, name: str, grid: str = "", axes: Mapping | None = None,
-                   plugins: tuple = ()) -> RunSpec:
+def spec_from_dict(
+    data: Mapping[str, Any], *, name: str, grid: str = "", axes: Mapping | None = None, plugins: tuple = ()
+) -> RunSpec:
     """Strictly build a RunSpec from merged grid data (keys: model, data, train, and stage names)."""
     from .stages import STAGES  # stages import this module; resolve at call time
 
     allowed = {"model", "data", "train", *STAGES}
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {', '.join(map(repr, unknown))} in run {name!r}; "
-                          f"allowed: {', '.join(sorted(allowed))}")
+        raise ConfigError(
+            f"unknown top-level key(s) {', '.join(map(repr, unknown))} in run {name!r}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
     stages = {}
     for stage, settings in data.items():
         # The train stage's settings are the `train:` section itself, part of the run id.
@@ -135,10 +156,16 @@ def spec_from_dict(data: Mapping[str, Any], *, name: str, grid: str = "", axes: 
             # Validate now so a typo fails at grid load, not after an hour of training.
             config = from_dict(STAGES[stage].config_class, settings, stage)
             stages[stage] = to_dict(config)
-    spec = RunSpec(name=name, model=from_dict(ModelConfig, data.get("model"), "model"),
-                   data=from_dict(DataConfig, data.get("data"), "data"),
-                   train=from_dict(TrainConfig, data.get("train"), "train"),
-                   stages=stages, axes=dict(axes or {}), grid=grid, plugins=tuple(plugins))
+    spec = RunSpec(
+        name=name,
+        model=from_dict(ModelConfig, data.get("model"), "model"),
+        data=from_dict(DataConfig, data.get("data"), "data"),
+        train=from_dict(TrainConfig, data.get("train"), "train"),
+        stages=stages,
+        axes=dict(axes or {}),
+        grid=grid,
+        plugins=tuple(plugins),
+    )
     check_names(spec)
     return spec
 

@@ -5,6 +5,7 @@ Adding a stage: subclass `Stage`, give it a `config_class` (its settings in the 
 the stage's name, hashed into its own stage id), and `register_stage` an instance. It only adds
 rows; nothing else changes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ class EvalStage(LazyConfigStage):
     def run(self, spec: RunSpec, ctx: StageContext) -> list[dict[str, Any]]:
         from .checkpoint_io import load_checkpoint
         from .evaluate import evaluate_model
-        from .train import pick_device, distributed_context
+        from .train import distributed_context, pick_device
 
         device = pick_device(distributed_context(), ctx.device)
         model, _ = load_checkpoint(ctx.model_dir, map_location=device)

@@ -6,6 +6,7 @@ far) is checkpointed atomically every `checkpoint_every` steps. A NaN/inf loss s
 `Diverged`, which the runner records as a failed cell; under DDP an exception in one rank's
 forward or validation stops every rank at the same point (`agree_on_failure`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .model import LanguageModel
 from .atomic import atomic_write_bytes
+from .model import LanguageModel
 from .spec import RunSpec, TrainConfig
 
 
@@ -59,8 +60,9 @@ def distributed_context() -> DistributedContext:
     return DistributedContext(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def agree_on_failure(failure: Exception | None, ctx: DistributedContext, device: torch.device,
-                     loss: float | None = None) -> bool:
+def agree_on_failure(
+    failure: Exception | None, ctx: DistributedContext, device: torch.device, loss: float | None = None
+) -> bool:
     """Whether every rank may go on, decided by all ranks together at the same point.
 
     Under DDP a rank that stops alone leaves the others waiting forever in the next collective.
@@ -81,17 +83,19 @@ def agree_on_failure(failure: Exception | None, ctx: DistributedContext, device:
     if flag.item() < 2:
         return flag.item() == 0
     messages: list[str | None] = [None] * ctx.world_size
-    own = None if failure is None else f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+    own = (
+        None if failure is None else f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+    )
     dist.all_gather_object(messages, own)
     if failure is not None:
         raise failure
     raise PeerFailed("; ".join(f"rank {rank} failed: {m}" for rank, m in enumerate(messages) if m is not None))
 
 
-def _attempt(fn):
-    """(result, None) or (None, the exception), for `agree_on_failure`."""
+def _attempt(fn, *args):
+    """(fn(*args), None) or (None, the exception), for `agree_on_failure`."""
     try:
-        return fn(), None
+        return fn(*args), None
     except Exception as exc:  # handed to agree_on_failure, which re-raises it on this rank
         return None, exc
 
@@ -161,8 +165,10 @@ def build_model(spec: RunSpec, vocab_size: int) -> LanguageModel:
     if model_config.vocab_size is None:
         model_config = replace(model_config, vocab_size=vocab_size)
     elif model_config.vocab_size < vocab_size:
-        raise ValueError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's "
-                         f"vocabulary ({vocab_size}); leave it unset to take the tokenizer's")
+        raise ValueError(
+            f"model.vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's "
+            f"vocabulary ({vocab_size}); leave it unset to take the tokenizer's"
+        )
     torch.manual_seed(spec.train.seed)
     return LanguageModel(model_config)
 
@@ -171,8 +177,9 @@ def _save_training_state(path: Path, state: dict) -> None:
     atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
 
 
-def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
-          progress: bool = True) -> tuple[LanguageModel, list[dict[str, Any]]]:
+def train(
+    spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto", progress: bool = True
+) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """Train `spec` on prepared `data`; returns the model and metric records.
 
     `data` provides `.tokenizer`, `.train` / `.validation` datasets (sample_batch / eval_batches)
@@ -194,14 +201,24 @@ def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_step, records, trained_seconds = state["step"], state["records"], state["seconds"]
-    wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-               if ctx.world_size > 1 else model)
+    wrapped = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if ctx.world_size > 1
+        else model
+    )
 
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * ctx.world_size
     bits_per_nat = 1 / math.log(2)
     val_bytes_per_token = data.bytes_per_token["validation"]
-    bar = tqdm(total=config.steps, initial=start_step, desc=spec.name, unit="step", leave=False,
-               disable=not (progress and ctx.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=config.steps,
+        initial=start_step,
+        desc=spec.name,
+        unit="step",
+        leave=False,
+        disable=not (progress and ctx.is_main),
+        dynamic_ncols=True,
+    )
     model.train()
     for step in range(start_step, config.steps):
         started = time.perf_counter()
@@ -212,15 +229,16 @@ def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
         for micro in range(config.grad_accum):
             x, y = data.train.sample_batch(config.batch_size, config.seq_len, generator)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            sync = (wrapped.no_sync() if ctx.world_size > 1 and micro < config.grad_accum - 1 else nullcontext())
+            sync = wrapped.no_sync() if ctx.world_size > 1 and micro < config.grad_accum - 1 else nullcontext()
             with sync:
-                loss, failure = _attempt(lambda: micro_step_loss(wrapped, x, y, dev, config.precision))
+                loss, failure = _attempt(micro_step_loss, wrapped, x, y, dev, config.precision)
                 micro_loss = loss.item() if failure is None else None
                 # Before the backward: its gradient all-reduce is where a failed or diverged rank
                 # would leave the others waiting.
                 if not agree_on_failure(failure, ctx, dev, micro_loss):
-                    raise Diverged(f"non-finite training loss ({micro_loss} on rank {ctx.rank}; all ranks stop) "
-                                   f"at step {step}")
+                    raise Diverged(
+                        f"non-finite training loss ({micro_loss} on rank {ctx.rank}; all ranks stop) at step {step}"
+                    )
                 (loss / config.grad_accum).backward()
             step_loss += micro_loss / config.grad_accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
@@ -234,29 +252,54 @@ def train(spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto",
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            records += [{"metric": "train/loss", "value": step_loss, "step": done, "split": "train"},
-                        {"metric": "train/grad_norm", "value": grad_norm, "step": done, "split": "train"},
-                        {"metric": "train/lr", "value": learning_rate(step, config), "step": done, "split": "train"}]
+            records += [
+                {"metric": "train/loss", "value": step_loss, "step": done, "split": "train"},
+                {"metric": "train/grad_norm", "value": grad_norm, "step": done, "split": "train"},
+                {"metric": "train/lr", "value": learning_rate(step, config), "step": done, "split": "train"},
+            ]
         if done % config.eval_every == 0 or done == config.steps:
-            val, failure = _attempt(lambda: evaluate_loss(model, data.validation, config, dev))
+            val, failure = _attempt(evaluate_loss, model, data.validation, config, dev)
             agree_on_failure(failure, ctx, dev)
             if not math.isfinite(val):
                 raise Diverged(f"non-finite validation loss ({val}) at step {done}")
-            records += [{"metric": "val/loss", "value": val, "step": done, "split": "validation"},
-                        {"metric": "val/perplexity", "value": math.exp(min(val, 700)), "step": done, "split": "validation"},
-                        {"metric": "val/bits_per_byte", "value": val * bits_per_nat / val_bytes_per_token,
-                         "step": done, "split": "validation"}]
+            records += [
+                {"metric": "val/loss", "value": val, "step": done, "split": "validation"},
+                {"metric": "val/perplexity", "value": math.exp(min(val, 700)), "step": done, "split": "validation"},
+                {
+                    "metric": "val/bits_per_byte",
+                    "value": val * bits_per_nat / val_bytes_per_token,
+                    "step": done,
+                    "split": "validation",
+                },
+            ]
         if ctx.is_main and (done % config.checkpoint_every == 0) and done < config.steps:
-            _save_training_state(resume_path, {"run_id": spec.run_id, "model": model.state_dict(),
-                                               "optimizer": optimizer.state_dict(),
-                                               "step": done, "records": records, "seconds": trained_seconds})
+            _save_training_state(
+                resume_path,
+                {
+                    "run_id": spec.run_id,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": done,
+                    "records": records,
+                    "seconds": trained_seconds,
+                },
+            )
     bar.close()
     final_val = next(r["value"] for r in reversed(records) if r["metric"] == "val/loss")
     records += [
         {"metric": "final/val_loss", "value": final_val, "step": config.steps, "split": "validation"},
-        {"metric": "final/val_perplexity", "value": math.exp(min(final_val, 700)), "step": config.steps, "split": "validation"},
-        {"metric": "final/val_bits_per_byte", "value": final_val * bits_per_nat / val_bytes_per_token,
-         "step": config.steps, "split": "validation"},
+        {
+            "metric": "final/val_perplexity",
+            "value": math.exp(min(final_val, 700)),
+            "step": config.steps,
+            "split": "validation",
+        },
+        {
+            "metric": "final/val_bits_per_byte",
+            "value": final_val * bits_per_nat / val_bytes_per_token,
+            "step": config.steps,
+            "split": "validation",
+        },
         {"metric": "params", "value": float(model.num_parameters())},
         {"metric": "params_non_embedding", "value": float(model.num_parameters(exclude_embeddings=True))},
         {"metric": "train/tokens_per_second", "value": tokens_per_step * config.steps / max(trained_seconds, 1e-9)},

@@ -1,11 +1,19 @@
 """Gated linear attention ops: torch references (recurrent, chunked, parallel), Triton
 kernels for CUDA, one dispatch function that picks between them, and ReGLA's attention fused
 into the Triton kernels (`triton_regla`: safe-exp feature maps and refining gate inside)."""
+
 from .dispatch import IMPLEMENTATIONS, gated_linear_attention, register_implementation
 from .reference import chunked_gla, parallel_gla, recurrent_gla
 
-__all__ = ["IMPLEMENTATIONS", "gated_linear_attention", "register_implementation",
-           "chunked_gla", "parallel_gla", "recurrent_gla", "triton_regla"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "gated_linear_attention",
+    "register_implementation",
+    "chunked_gla",
+    "parallel_gla",
+    "recurrent_gla",
+    "triton_regla",
+]
 
 try:  # The Triton fast path registers itself wherever triton is importable (CPU runs use its interpreter).
     from .triton_gla import triton_gla

@@ -1,8 +1,9 @@
 """One entry point for gated linear attention: validates inputs, adds the denominator, picks
 an implementation (Triton on CUDA when available, the torch references otherwise)."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -23,21 +24,27 @@ def register_implementation(name: str, fn: GLAFn) -> None:
     IMPLEMENTATIONS[name] = fn
 
 
-def _check_shapes(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None, gv: Tensor | None,
-                  initial_state: Tensor | None) -> None:
+def _check_shapes(
+    q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None, gv: Tensor | None, initial_state: Tensor | None
+) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [batch, time, heads, dim]; got shapes "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be [batch, time, heads, dim]; got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape [B, T, H, K]; got {tuple(q.shape)} and {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, V] with the same B, T, H as q {tuple(q.shape[:3])}; got {tuple(v.shape)}")
+        raise ValueError(
+            f"v must be [B, T, H, V] with the same B, T, H as q {tuple(q.shape[:3])}; got {tuple(v.shape)}"
+        )
     if q.shape[1] == 0:
         raise ValueError("sequence length must be at least 1")
     for name, g, dim in (("gk", gk, q.shape[-1]), ("gv", gv, v.shape[-1])):
         if g is not None and (g.shape[:3] != q.shape[:3] or g.shape[-1] not in (1, dim)):
-            raise ValueError(f"{name} must be [B, T, H, {dim}] or [B, T, H, 1] (a per-head scalar gate); "
-                             f"got {tuple(g.shape)}")
+            raise ValueError(
+                f"{name} must be [B, T, H, {dim}] or [B, T, H, 1] (a per-head scalar gate); got {tuple(g.shape)}"
+            )
     B, _, H, K = q.shape
     expected = (B, H, K, v.shape[-1])
     if initial_state is not None and tuple(initial_state.shape) != expected:
@@ -55,11 +62,20 @@ def default_implementation(q: Tensor) -> str:
     return "chunked"
 
 
-def gated_linear_attention(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None,
-                           gv: Tensor | None = None, *, scale: float = 1.0,
-                           initial_state: Tensor | None = None, output_final_state: bool = False,
-                           denominator: bool = False, denominator_eps: float = 1e-6,
-                           impl: str = "auto") -> tuple[Tensor, Tensor | None]:
+def gated_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor | None = None,
+    gv: Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    denominator: bool = False,
+    denominator_eps: float = 1e-6,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
     """o_t = scale · S_tᵀ q_t with S_t = diag(e^{gk_t}) S_{t-1} diag(e^{gv_t}) + k_t v_tᵀ.
 
     With `denominator=True` the output is divided by scale · q_tᵀ z_t, z_t = e^{gk_t} ⊙ z_{t-1} + k_t
@@ -73,9 +89,12 @@ def gated_linear_attention(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = 
     _check_shapes(q, k, v, gk, gv, initial_state)
     name = default_implementation(q) if impl == "auto" else impl
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {name!r}; available: {', '.join(sorted(IMPLEMENTATIONS))} or 'auto'")
-    o, final_state = IMPLEMENTATIONS[name](q, k, v, gk, gv, scale=scale, initial_state=initial_state,
-                                           output_final_state=output_final_state)
+        raise ValueError(
+            f"unknown attention implementation {name!r}; available: {', '.join(sorted(IMPLEMENTATIONS))} or 'auto'"
+        )
+    o, final_state = IMPLEMENTATIONS[name](
+        q, k, v, gk, gv, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+    )
     if denominator:
         o = divide_by_denominator(o, denominator_eps * scale)
     return o, final_state

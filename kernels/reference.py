@@ -16,6 +16,7 @@ S_t: [B, H, K, V] follows
 The denominator of classic linear attention is handled by `kernels.dispatch` for every form
 alike (an extra value column of ones), so these functions only see plain value tensors.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,16 @@ def _expand_gate(g: Tensor | None, like: Tensor) -> Tensor | None:
     return g.expand(*like.shape[:-1], like.shape[-1]) if g.shape[-1] == 1 else g
 
 
-def recurrent_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Tensor | None = None,
-                  scale: float = 1.0, initial_state: Tensor | None = None,
-                  output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+def recurrent_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor | None = None,
+    gv: Tensor | None = None,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Step-by-step recurrence in the inputs' dtype: the ground truth (run it in fp64)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -116,9 +124,17 @@ def _intra_block_factorised(q: Tensor, k: Tensor, v: Tensor, bk: Tensor | None, 
     return out * shifted_v.exp() if bv is not None else out
 
 
-def chunked_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Tensor | None = None,
-                scale: float = 1.0, initial_state: Tensor | None = None,
-                output_final_state: bool = False, chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+def chunked_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor | None = None,
+    gv: Tensor | None = None,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Chunkwise-parallel form: exact decays inside a chunk, a state carried across chunks.
 
     `chunk_size=None` (the default) picks the largest chunk (<= 64) for which the factorised
@@ -135,8 +151,10 @@ def chunked_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: T
     if factorised:
         chunk_size = adaptive_chunk_size([gk, gv], q.dtype)
         if chunk_size is None:
-            raise ValueError("chunked_gla: log gates must be finite (a gate of exactly 0 has log −inf); "
-                             "clamp them from below (gate option log_clamp) or use the recurrent form")
+            raise ValueError(
+                "chunked_gla: log gates must be finite (a gate of exactly 0 has log −inf); "
+                "clamp them from below (gate option log_clamp) or use the recurrent form"
+            )
     C = min(chunk_size, T) if factorised else chunk_size
     n = -(-T // C)
     pad = n * C - T
@@ -177,9 +195,16 @@ def chunked_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: T
     return o, (state if output_final_state else None)
 
 
-def parallel_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Tensor | None = None,
-                 scale: float = 1.0, initial_state: Tensor | None = None,
-                 output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+def parallel_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor | None = None,
+    gv: Tensor | None = None,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Masked quadratic form over the whole sequence (one chunk of length T): short T only."""
     T = q.shape[1]
     return chunked_gla(q, k, v, gk, gv, scale, initial_state, output_final_state, chunk_size=max(T, 1))

@@ -12,6 +12,7 @@ Both the torch feature map (`variants.feature_maps.SafeExp`) and the fused Trito
 (`kernels.triton_regla`) take their shifts from here, so they cannot drift apart; gradients
 flow through the maxima as torch's amax/cummax define them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ def query_shift(q: Tensor) -> Tensor:
     return q.amax(-1)
 
 
-def key_shifts(token_max: Tensor, scope: str, chunk_size: int = 64,
-               previous: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def key_shifts(
+    token_max: Tensor, scope: str, chunk_size: int = 64, previous: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Key shifts m [B, T, H] from the keys' token maxima [B, T, H], and the log decay
     m_{s-1} − m_s [B, T, H] that keeps the state exact (None where m is constant over time).
 

@@ -17,6 +17,7 @@ Numerics: cumulative gates, states and every accumulation in fp32; matrix produc
 operands in the input dtype (bf16 on tensor cores; fp32 inputs use 3-pass tf32, close to fp32).
 The final state is returned in fp32 whatever the input dtype, as the state is kept in fp32.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,10 +31,21 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from . import reference
-from .triton_gla_kernels import (CHUNK, DIAG_FEATURES, SUB_CHUNK, gate_cumsum_kernel, gate_grad_kernel,
-                                 intra_score_grad_kernel, intra_scores_kernel, output_kernel,
-                                 query_key_grad_kernel, query_key_inter_kernel, state_backward_kernel,
-                                 state_forward_kernel, value_grad_kernel)
+from .triton_gla_kernels import (
+    CHUNK,
+    DIAG_FEATURES,
+    SUB_CHUNK,
+    gate_cumsum_kernel,
+    gate_grad_kernel,
+    intra_score_grad_kernel,
+    intra_scores_kernel,
+    output_kernel,
+    query_key_grad_kernel,
+    query_key_inter_kernel,
+    state_backward_kernel,
+    state_forward_kernel,
+    value_grad_kernel,
+)
 
 Tensor = torch.Tensor
 MAX_HEAD_DIM = 256
@@ -66,9 +78,11 @@ def check_supported(q: Tensor, v: Tensor) -> None:
     if max(K, V) > MAX_HEAD_DIM:
         raise ValueError(f"the Triton GLA kernels support head dims up to {MAX_HEAD_DIM}; got K={K}, V={V}")
     padded_T = triton.cdiv(T, CHUNK) * CHUNK
-    if padded_T * H * max(K, V, CHUNK) >= 2 ** 31:
-        raise ValueError(f"T * H * max(K, V, {CHUNK}) must stay below 2^31 per batch element for the Triton "
-                         f"GLA kernels; got T={T}, H={H}, K={K}, V={V}: split the sequence or the heads")
+    if padded_T * H * max(K, V, CHUNK) >= 2**31:
+        raise ValueError(
+            f"T * H * max(K, V, {CHUNK}) must stay below 2^31 per batch element for the Triton "
+            f"GLA kernels; got T={T}, H={H}, K={K}, V={V}: split the sequence or the heads"
+        )
 
 
 def on_device_of(t: Tensor):
@@ -88,8 +102,9 @@ def _block(dim: int) -> int:
 
 def _dot_options(dtype: torch.dtype) -> dict:
     """Operand dtype and fp32 precision of the kernels' matrix products."""
-    interpreted = triton.knobs.runtime.interpret if hasattr(triton, "knobs") else \
-        os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = (
+        triton.knobs.runtime.interpret if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET") == "1"
+    )
     # Triton's CPU interpreter evaluates bf16 products wrongly, so it gets fp32 operands.
     half_precision = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
     operand = tl.float32 if interpreted else half_precision.get(dtype, tl.float32)
@@ -118,9 +133,21 @@ def _launch_gate_cumsum(gk: Tensor, K: int, dims, row_decay: Tensor | None = Non
     B, T, H, _, V, NT, BK, BV, dot = dims
     gc = _empty((B, NT * CHUNK, H, K), torch.float32, gk.device)
     gate_cumsum_kernel[(triton.cdiv(K, BK), NT, B * H)](
-        gk, row_decay if row_decay is not None else gk, gc, T, NT * CHUNK, H, K, gk.shape[-1], _LOG2E,
-        C=CHUNK, BK=BK, SCALAR=gk.shape[-1] == 1, ROW_DECAY=row_decay is not None,
-        **_launch_options("gate_cumsum_kernel"))
+        gk,
+        row_decay if row_decay is not None else gk,
+        gc,
+        T,
+        NT * CHUNK,
+        H,
+        K,
+        gk.shape[-1],
+        _LOG2E,
+        C=CHUNK,
+        BK=BK,
+        SCALAR=gk.shape[-1] == 1,
+        ROW_DECAY=row_decay is not None,
+        **_launch_options("gate_cumsum_kernel"),
+    )
     return gc
 
 
@@ -131,11 +158,29 @@ def _launch_states_forward(k, v, gc, initial_state, output_final_state, dims, sh
     h0 = initial_state.contiguous() if initial_state is not None else None
     features = _feature_args(shifts, k)
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)
-    state_forward_kernel[grid](k, features["ks"], v, gc, h0 if h0 is not None else states, states,
-                               final if final is not None else states, T, gc.shape[1], H, K, V, NT,
-                               C=CHUNK, BK=BK, BV=BV, HAS_H0=h0 is not None,
-                               STORE_HT=final is not None, EXP=features["EXP"], **dot,
-                               **_launch_options("state_forward_kernel"))
+    state_forward_kernel[grid](
+        k,
+        features["ks"],
+        v,
+        gc,
+        h0 if h0 is not None else states,
+        states,
+        final if final is not None else states,
+        T,
+        gc.shape[1],
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        HAS_H0=h0 is not None,
+        STORE_HT=final is not None,
+        EXP=features["EXP"],
+        **dot,
+        **_launch_options("state_forward_kernel"),
+    )
     return states, final
 
 
@@ -143,10 +188,23 @@ def _launch_intra_scores(q, k, gc, dims, shifts=None):
     B, T, H, K, V, NT, BK, BV, dot = dims
     scores = _empty((B, gc.shape[1], H, CHUNK), torch.float32, q.device)  # [B, Tp, H, C]
     grid = (NT * (CHUNK // SUB_CHUNK), B * H)
-    intra_scores_kernel[grid](q, k, gc=gc, A=scores, T=T, Tp=gc.shape[1], H=H, K=K,
-                              C=CHUNK, S=SUB_CHUNK, BK=BK, BD=min(BK, DIAG_FEATURES),
-                              **_feature_args(shifts, q), **dot,
-                              **_launch_options("intra_scores_kernel"))
+    intra_scores_kernel[grid](
+        q,
+        k,
+        gc=gc,
+        A=scores,
+        T=T,
+        Tp=gc.shape[1],
+        H=H,
+        K=K,
+        C=CHUNK,
+        S=SUB_CHUNK,
+        BK=BK,
+        BD=min(BK, DIAG_FEATURES),
+        **_feature_args(shifts, q),
+        **dot,
+        **_launch_options("intra_scores_kernel"),
+    )
     return scores
 
 
@@ -163,10 +221,28 @@ def _forward_from_gate(q, k, v, gc, scale, initial_state, output_final_state, di
     scores = _launch_intra_scores(q, k, gc, dims, shifts)
     o = _empty((B, T, H, V), q.dtype, q.device)
     features = _feature_args(shifts, q)
-    output_kernel[(triton.cdiv(V, BV), NT, B * H)](q, features["qs"], v, gc, scores, states, o, scale, T,
-                                                   gc.shape[1], H, K, V, NT, C=CHUNK, BK=BK, BV=BV,
-                                                   EXP=features["EXP"], **dot,
-                                                   **_launch_options("output_kernel"))
+    output_kernel[(triton.cdiv(V, BV), NT, B * H)](
+        q,
+        features["qs"],
+        v,
+        gc,
+        scores,
+        states,
+        o,
+        scale,
+        T,
+        gc.shape[1],
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        EXP=features["EXP"],
+        **dot,
+        **_launch_options("output_kernel"),
+    )
     return o, final, scores
 
 
@@ -185,25 +261,82 @@ def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, d
     dstates = _empty((B, H, NT, K, V), torch.float32, q.device)
     dh0 = _empty((B, H, K, V), torch.float32, q.device) if initial_state is not None else None
     state_backward_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-        q, features["qs"], do, gc, dht if dht is not None else dstates, dstates, dh0 if dh0 is not None else dstates,
-        scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, EXP=features["EXP"], **dot,
-        **_launch_options("state_backward_kernel"))
+        q,
+        features["qs"],
+        do,
+        gc,
+        dht if dht is not None else dstates,
+        dstates,
+        dh0 if dh0 is not None else dstates,
+        scale,
+        T,
+        Tp,
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        HAS_DHT=dht is not None,
+        STORE_DH0=dh0 is not None,
+        EXP=features["EXP"],
+        **dot,
+        **_launch_options("state_backward_kernel"),
+    )
 
     score_grad = _empty((B, Tp, H, CHUNK), torch.float32, q.device)  # [B, Tp, H, C]
-    intra_score_grad_kernel[(NT, B * H)](do, v, score_grad, scale, T, Tp, H, V, C=CHUNK, BV=BV, **dot,
-                                         **_launch_options("intra_score_grad_kernel"))
+    intra_score_grad_kernel[(NT, B * H)](
+        do, v, score_grad, scale, T, Tp, H, V, C=CHUNK, BV=BV, **dot, **_launch_options("intra_score_grad_kernel")
+    )
 
     dv = _empty((B, T, H, V), v.dtype, q.device)
     value_grad_kernel[(triton.cdiv(V, BV), NT, B * H)](
-        k, features["ks"], gc, scores, do, dstates, dv, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV,
-        EXP=features["EXP"], **dot, **_launch_options("value_grad_kernel"))
+        k,
+        features["ks"],
+        gc,
+        scores,
+        do,
+        dstates,
+        dv,
+        scale,
+        T,
+        Tp,
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        EXP=features["EXP"],
+        **dot,
+        **_launch_options("value_grad_kernel"),
+    )
 
     dq_inter = _empty((B, T, H, K), torch.float32, q.device)  # through the chunk states
     dk_inter = _empty((B, T, H, K), torch.float32, q.device)
     query_key_inter_kernel[(triton.cdiv(K, BK), NT, B * H)](
-        v, gc, do, states, dstates, dq_inter, dk_inter, scale, T, Tp, H, K, V, NT, C=CHUNK, BK=BK, BV=BV, **dot,
-        **_launch_options("query_key_inter_kernel"))
+        v,
+        gc,
+        do,
+        states,
+        dstates,
+        dq_inter,
+        dk_inter,
+        scale,
+        T,
+        Tp,
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        **dot,
+        **_launch_options("query_key_inter_kernel"),
+    )
     # With safe-exp features, dq and dk still get the max shifts' terms (kernels.triton_regla):
     # they stay in fp32 until then, as those terms nearly cancel at the maxima.
     dq = _empty((B, T, H, K), q.dtype if shifts is None else torch.float32, q.device)
@@ -212,22 +345,57 @@ def _backward(q, k, v, gc, scores, initial_state, final, do, dht, scale, dims, d
     # Key blocks as narrow as the diagonal block's decay tensor, which spans a whole block here.
     BKD = min(BK, DIAG_FEATURES)
     # Per key block row sums of the raw dq, dk (safe-exp only): summed below, deterministically.
-    rowsums = [_empty((triton.cdiv(K, BKD), B, T, H), torch.float32, q.device) if shifts is not None else dG
-               for _ in range(2)]
+    rowsums = [
+        _empty((triton.cdiv(K, BKD), B, T, H), torch.float32, q.device) if shifts is not None else dG for _ in range(2)
+    ]
     query_key_grad_kernel[(triton.cdiv(K, BKD), NT * (CHUNK // SUB_CHUNK), B * H)](
-        q, k, features["qs"], features["ks"], gc, score_grad, dq_inter, dk_inter, dq, dk, dG, *rowsums,
-        T, Tp, H, K, B, C=CHUNK, S=SUB_CHUNK, BK=BKD, EXP=features["EXP"], **dot,
-        **_launch_options("query_key_grad_kernel"))
+        q,
+        k,
+        features["qs"],
+        features["ks"],
+        gc,
+        score_grad,
+        dq_inter,
+        dk_inter,
+        dq,
+        dk,
+        dG,
+        *rowsums,
+        T,
+        Tp,
+        H,
+        K,
+        B,
+        C=CHUNK,
+        S=SUB_CHUNK,
+        BK=BKD,
+        EXP=features["EXP"],
+        **dot,
+        **_launch_options("query_key_grad_kernel"),
+    )
 
     # Closed-form gate gradient (see gate_grad_kernel): within-chunk reverse sums of dG plus the
     # state-leaving-the-chunk term; the last chunk's leaving state is the final state, whose
     # gradient is zero (and the term absent) when no final state was asked for or used.
     dg = _empty((B, T, H, K), dg_dtype, q.device)
     has_final = final is not None and dht is not None
-    gate_grad_kernel[(triton.cdiv(K, BK), NT, B * H)](dG, states, final if has_final else states, dstates, dg,
-                                                      T, H, K, V, NT, C=CHUNK, BK=BK, BV=BV,
-                                                      HAS_FINAL=has_final,
-                                                      **_launch_options("gate_grad_kernel"))
+    gate_grad_kernel[(triton.cdiv(K, BK), NT, B * H)](
+        dG,
+        states,
+        final if has_final else states,
+        dstates,
+        dg,
+        T,
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        HAS_FINAL=has_final,
+        **_launch_options("gate_grad_kernel"),
+    )
     if shifts is None:
         return dq, dk, dv, dg, dh0, None, None
     # φ = exp(x − m): ∂L/∂m = −Σ_features φ ⊙ dφ, i.e. minus the row sums of dq, dk.
@@ -249,23 +417,42 @@ class ChunkedGLAFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, gk, gc, scores, initial_state, final = ctx.saved_tensors
         scalar_gate = gk.shape[-1] == 1
-        dq, dk, dv, dg, dh0, _, _ = _backward(q, k, v, gc, scores, initial_state, final, do.contiguous(),
-                                        dht.contiguous() if dht is not None else None, ctx.scale, ctx.dims,
-                                        torch.float32 if scalar_gate else gk.dtype)
+        dq, dk, dv, dg, dh0, _, _ = _backward(
+            q,
+            k,
+            v,
+            gc,
+            scores,
+            initial_state,
+            final,
+            do.contiguous(),
+            dht.contiguous() if dht is not None else None,
+            ctx.scale,
+            ctx.dims,
+            torch.float32 if scalar_gate else gk.dtype,
+        )
         if scalar_gate:
             dg = dg.sum(-1, keepdim=True).to(gk.dtype)
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
         return dq, dk, dv, dg, None, dh0, None
 
 
-def triton_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Tensor | None = None,
-               scale: float = 1.0, initial_state: Tensor | None = None,
-               output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+def triton_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor | None = None,
+    gv: Tensor | None = None,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Gated linear attention, key-side gate, on the Triton kernels (same contract as the references)."""
     if gv is not None:
         # A value-side gate (Fast Decay) is not in the kernels yet: the torch chunked form is exact.
-        return reference.chunked_gla(q, k, v, gk, gv, scale=scale, initial_state=initial_state,
-                                     output_final_state=output_final_state)
+        return reference.chunked_gla(
+            q, k, v, gk, gv, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        )
     check_supported(q, v)
     B, T, H, K = q.shape
     if gk is None:

@@ -20,6 +20,7 @@ launcher passes fp32 under Triton's CPU interpreter, which evaluates bf16 produc
 States between chunks are kept in fp32: [B, H, NT, K, V], written by one sequential pass over the
 chunks (forward) and one in reverse (backward); everything else is parallel over chunks.
 """
+
 from __future__ import annotations
 
 import triton
@@ -58,8 +59,19 @@ def _load_row(ptr, row, n_rows, col0, n_cols, BC: tl.constexpr):
 
 
 @triton.jit
-def _load_features(ptr, shift, row0, n_rows, row_stride, col0, n_cols, shift_stride,
-                   BR: tl.constexpr, BC: tl.constexpr, EXP: tl.constexpr):
+def _load_features(
+    ptr,
+    shift,
+    row0,
+    n_rows,
+    row_stride,
+    col0,
+    n_cols,
+    shift_stride,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    EXP: tl.constexpr,
+):
     """A [BR, BC] tile of q or k in fp32 (as `_load_rows`); with EXP, the safe-exp features
     exp(x − shift_row) instead, zero outside. `shift` points at this (batch, head)'s per-row
     shifts, `shift_stride` apart. Features are formed here, on load, so they never exist in memory."""
@@ -83,10 +95,29 @@ def _diagonal_decay(g_sub, S: tl.constexpr):
 
 
 @triton.jit
-def state_forward_kernel(k, ks, v, gc, h0, states, ht, T, Tp, H, K, V, NT,
-                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-                         EXP: tl.constexpr):
+def state_forward_kernel(
+    k,
+    ks,
+    v,
+    gc,
+    h0,
+    states,
+    ht,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
     """Sequential pass over chunks: states[c] is the state entering chunk c; ht the final one."""
     ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -114,9 +145,25 @@ def state_forward_kernel(k, ks, v, gc, h0, states, ht, T, Tp, H, K, V, NT,
 
 
 @triton.jit
-def intra_scores_kernel(q, k, qs, ks, gc, A, T, Tp, H, K,
-                        C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                        PREC: tl.constexpr, DOT: tl.constexpr, EXP: tl.constexpr):
+def intra_scores_kernel(
+    q,
+    k,
+    qs,
+    ks,
+    gc,
+    A,
+    T,
+    Tp,
+    H,
+    K,
+    C: tl.constexpr,
+    S: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
     """A[t, s] = sum_j q_tj k_sj exp2(b_tj - b_sj) for s <= t in the same chunk (zero above).
 
     One program per (sub-chunk of S rows, batch*head); A is [B, Tp, H, C] in fp32. Earlier
@@ -164,9 +211,28 @@ def intra_scores_kernel(q, k, qs, ks, gc, A, T, Tp, H, K,
 
 
 @triton.jit
-def output_kernel(q, qs, v, gc, A, states, o, scale, T, Tp, H, K, V, NT,
-                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-                  EXP: tl.constexpr):
+def output_kernel(
+    q,
+    qs,
+    v,
+    gc,
+    A,
+    states,
+    o,
+    scale,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
     """o = scale * ((q * exp2(b)) @ states[c] + A @ v) for one chunk and one block of value columns."""
     iv, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -191,10 +257,30 @@ def output_kernel(q, qs, v, gc, A, states, o, scale, T, Tp, H, K, V, NT,
 
 
 @triton.jit
-def state_backward_kernel(q, qs, do, gc, dht, dstates, dh0, scale, T, Tp, H, K, V, NT,
-                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-                          EXP: tl.constexpr):
+def state_backward_kernel(
+    q,
+    qs,
+    do,
+    gc,
+    dht,
+    dstates,
+    dh0,
+    scale,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
     """Reverse pass: dstates[c] is the gradient of the state leaving chunk c; dh0 of the initial one."""
     ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -217,15 +303,15 @@ def state_backward_kernel(q, qs, do, gc, dht, dstates, dh0, scale, T, Tp, H, K, 
         g_tile = _load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)
         g_last = _load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)
         q_from_start = (q_tile * tl.exp2(g_tile) * scale).to(dt)
-        grad = grad * tl.exp2(g_last)[:, None] + tl.dot(tl.trans(q_from_start), do_tile.to(dt),
-                                                         input_precision=PREC)
+        grad = grad * tl.exp2(g_last)[:, None] + tl.dot(tl.trans(q_from_start), do_tile.to(dt), input_precision=PREC)
     if STORE_DH0:
         _store_rows(dh0 + bh.to(tl.int64) * K * V, grad, ik * BK, K, V, iv * BV, V, BK, BV)
 
 
 @triton.jit
-def intra_score_grad_kernel(do, v, dA, scale, T, Tp, H, V,
-                            C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+def intra_score_grad_kernel(
+    do, v, dA, scale, T, Tp, H, V, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr
+):
     """dA = scale * do @ vᵀ within each chunk, zero above the diagonal: [B, Tp, H, C] fp32."""
     c, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -243,9 +329,28 @@ def intra_score_grad_kernel(do, v, dA, scale, T, Tp, H, V,
 
 
 @triton.jit
-def value_grad_kernel(k, ks, gc, A, do, dstates, dv, scale, T, Tp, H, K, V, NT,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-                      EXP: tl.constexpr):
+def value_grad_kernel(
+    k,
+    ks,
+    gc,
+    A,
+    do,
+    dstates,
+    dv,
+    scale,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
     """dv = scale * Aᵀ @ do + (k * exp2(b_last - b)) @ dstates[c]."""
     iv, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -269,9 +374,27 @@ def value_grad_kernel(k, ks, gc, A, do, dstates, dv, scale, T, Tp, H, K, V, NT,
 
 
 @triton.jit
-def query_key_inter_kernel(v, gc, do, states, dstates, dq, dk, scale, T, Tp, H, K, V, NT,
-                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           PREC: tl.constexpr, DOT: tl.constexpr):
+def query_key_inter_kernel(
+    v,
+    gc,
+    do,
+    states,
+    dstates,
+    dq,
+    dk,
+    scale,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+):
     """The parts of dq, dk that flow through the chunk-boundary states (fp32), one whole chunk at a time:
 
     dq_t = scale (do_t statesᵀ) ⊙ e^{b_t},  dk_s = (v_s dstatesᵀ) ⊙ e^{b_last - b_s}.
@@ -300,10 +423,32 @@ def query_key_inter_kernel(v, gc, do, states, dstates, dq, dk, scale, T, Tp, H, 
 
 
 @triton.jit
-def query_key_grad_kernel(q, k, qs, ks, gc, dA, dq_inter, dk_inter, dq, dk, dG, q_rowsum, k_rowsum,
-                          T, Tp, H, K, NB,
-                          C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr,
-                          PREC: tl.constexpr, DOT: tl.constexpr, EXP: tl.constexpr):
+def query_key_grad_kernel(
+    q,
+    k,
+    qs,
+    ks,
+    gc,
+    dA,
+    dq_inter,
+    dk_inter,
+    dq,
+    dk,
+    dG,
+    q_rowsum,
+    k_rowsum,
+    T,
+    Tp,
+    H,
+    K,
+    NB,
+    C: tl.constexpr,
+    S: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
     """dq, dk and dG = q ⊙ dq − k ⊙ dk (fp32) for one sub-chunk of S rows and one block of key columns:
     the within-chunk parts added to the state parts from `query_key_inter_kernel`.
 
@@ -376,8 +521,21 @@ def _add_row_decay(log_gate, row_decay, b, h, rows, T, H, ROW_DECAY: tl.constexp
 
 
 @triton.jit
-def gate_cumsum_kernel(g, row_decay, gc, T, Tp, H, K, G_DIM, log2e,
-                       C: tl.constexpr, BK: tl.constexpr, SCALAR: tl.constexpr, ROW_DECAY: tl.constexpr):
+def gate_cumsum_kernel(
+    g,
+    row_decay,
+    gc,
+    T,
+    Tp,
+    H,
+    K,
+    G_DIM,
+    log2e,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    SCALAR: tl.constexpr,
+    ROW_DECAY: tl.constexpr,
+):
     """gc = within-chunk cumulative sum of the log gate, fp32, in log2 units, on the padded time axis.
 
     g is [B, T, H, G_DIM] with G_DIM = K, or 1 for a per-head scalar gate (then broadcast over K).
@@ -400,8 +558,22 @@ def gate_cumsum_kernel(g, row_decay, gc, T, Tp, H, K, G_DIM, log2e,
 
 
 @triton.jit
-def gate_grad_kernel(dG, states, final, dstates, dg, T, H, K, V, NT,
-                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_FINAL: tl.constexpr):
+def gate_grad_kernel(
+    dG,
+    states,
+    final,
+    dstates,
+    dg,
+    T,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_FINAL: tl.constexpr,
+):
     """dg_t = Σ_{u >= t, u in t's chunk} dG_u + rowsum(S_end ⊙ dS_end), S_end the state leaving the chunk.
 
     The cumulative log gates inside a chunk feed the outputs and the state update; the state
@@ -420,8 +592,9 @@ def gate_grad_kernel(dG, states, final, dstates, dg, T, H, K, V, NT,
         inside = (k_idx[:, None] < K) & (v_idx[None, :] < V)
         offsets = k_idx[:, None] * V + v_idx[None, :]
         grad_end = tl.load(dstates + (bh.to(tl.int64) * NT + c) * K * V + offsets, mask=inside, other=0.0)
-        state_end = tl.load(states + (bh.to(tl.int64) * NT + c + 1) * K * V + offsets,
-                            mask=inside & (chunk + 1 < NT), other=0.0)
+        state_end = tl.load(
+            states + (bh.to(tl.int64) * NT + c + 1) * K * V + offsets, mask=inside & (chunk + 1 < NT), other=0.0
+        )
         if HAS_FINAL:
             state_end += tl.load(final + bh.to(tl.int64) * K * V + offsets, mask=inside & (chunk == NT - 1), other=0.0)
         carry += tl.sum(state_end * grad_end, axis=1)

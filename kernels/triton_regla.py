@@ -19,6 +19,7 @@ The gate is either ReGLA's refining gate (`gate_logits`, `refine_logits`, tau, l
 formula of `variants.gates.RefinedGate`, in fp32) or any given log gate (`log_gate`, e.g. GLA's).
 The output norm stays outside: it is one fused torch op (F.rms_norm) over o.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -29,17 +30,25 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from . import safe_exp
-from .triton_gla import (SafeExpShifts, _backward, _dims, _empty, _forward_from_gate, _launch_gate_cumsum,
-                         check_supported, on_device_of)
+from .triton_gla import (
+    SafeExpShifts,
+    _backward,
+    _dims,
+    _empty,
+    _forward_from_gate,
+    _launch_gate_cumsum,
+    check_supported,
+    on_device_of,
+)
 from .triton_gla_refined import refined_gate_cumsum, refined_gate_grads
 
 Tensor = torch.Tensor
 
 
 class ReGLAOutput(NamedTuple):
-    output: Tensor                  # [B, T, H, V], the input dtype
-    final_state: Tensor | None      # [B, H, K, V] fp32 when asked for
-    key_max: Tensor                 # [B, H] fp32: the last key shift, the decoding state of safe_exp
+    output: Tensor  # [B, T, H, V], the input dtype
+    final_state: Tensor | None  # [B, H, K, V] fp32 when asked for
+    key_max: Tensor  # [B, H] fp32: the last key shift, the decoding state of safe_exp
 
 
 class _RefinedGate(NamedTuple):
@@ -48,7 +57,7 @@ class _RefinedGate(NamedTuple):
 
 
 class _Options(NamedTuple):
-    refined: _RefinedGate | None    # None: the gate is a given log gate
+    refined: _RefinedGate | None  # None: the gate is a given log gate
     key_max: str
     chunk_size: int
     scale: float
@@ -76,8 +85,9 @@ def _add_max_gradient(x: Tensor, grad: Tensor, d_max: Tensor) -> Tensor:
     out = _empty(x.shape, x.dtype, x.device)
     n, K = x.numel() // x.shape[-1], x.shape[-1]
     rows = 16
-    max_shift_grad_kernel[(triton.cdiv(n, rows),)](x, grad, d_max.contiguous(), out, n, K, R=rows,
-                                                    BK=triton.next_power_of_2(K))
+    max_shift_grad_kernel[(triton.cdiv(n, rows),)](
+        x, grad, d_max.contiguous(), out, n, K, R=rows, BK=triton.next_power_of_2(K)
+    )
     return out
 
 
@@ -105,8 +115,9 @@ def _key_shifts_backward(token_max, initial_key_max, options, d_shift, d_log_dec
         leaves = [token_max.detach().requires_grad_(True)]
         if initial_key_max is not None:
             leaves.append(initial_key_max.detach().float().requires_grad_(True))
-        shift, log_decay = safe_exp.key_shifts(leaves[0], options.key_max, options.chunk_size,
-                                               leaves[1] if len(leaves) > 1 else None)
+        shift, log_decay = safe_exp.key_shifts(
+            leaves[0], options.key_max, options.chunk_size, leaves[1] if len(leaves) > 1 else None
+        )
         outputs, grads = [shift], [d_shift]
         if log_decay is not None:
             outputs.append(log_decay)
@@ -127,35 +138,53 @@ class FusedReGLAFunction(torch.autograd.Function):
         query_shift = safe_exp.query_shift(q).float().contiguous()
         token_max = k.amax(-1).float()
         key_shift, log_decay = safe_exp.key_shifts(
-            token_max, options.key_max, options.chunk_size,
-            initial_key_max.float() if initial_key_max is not None else None)
+            token_max,
+            options.key_max,
+            options.chunk_size,
+            initial_key_max.float() if initial_key_max is not None else None,
+        )
         key_shift = key_shift.contiguous()
         log_decay = log_decay.contiguous() if log_decay is not None else None
         shifts = SafeExpShifts(query_shift, key_shift)
         gc = _gate_cumsum(gate, options.refined, log_decay, dims)
-        o, final, scores = _forward_from_gate(q, k, v, gc, options.scale, initial_state, output_final_state,
-                                              dims, shifts)
-        ctx.save_for_backward(q, k, v, query_shift, key_shift, token_max, gc, scores, initial_state,
-                              initial_key_max, final, *gate)
+        o, final, scores = _forward_from_gate(
+            q, k, v, gc, options.scale, initial_state, output_final_state, dims, shifts
+        )
+        ctx.save_for_backward(
+            q, k, v, query_shift, key_shift, token_max, gc, scores, initial_state, initial_key_max, final, *gate
+        )
         ctx.options, ctx.dims, ctx.has_log_decay = options, dims, log_decay is not None
         return o, final, key_shift[:, -1].clone()  # not a view of a tensor saved for backward
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht, d_key_max):
-        (q, k, v, query_shift, key_shift, token_max, gc, scores, initial_state, initial_key_max, final,
-         *gate) = ctx.saved_tensors
+        (q, k, v, query_shift, key_shift, token_max, gc, scores, initial_state, initial_key_max, final, *gate) = (
+            ctx.saved_tensors
+        )
         options = ctx.options
         dq, dk, dv, d_log_gate, dh0, d_query_shift, d_key_shift = _backward(
-            q, k, v, gc, scores, initial_state, final, do.contiguous(),
-            dht.contiguous() if dht is not None else None, options.scale, ctx.dims, torch.float32,
-            SafeExpShifts(query_shift, key_shift))
+            q,
+            k,
+            v,
+            gc,
+            scores,
+            initial_state,
+            final,
+            do.contiguous(),
+            dht.contiguous() if dht is not None else None,
+            options.scale,
+            ctx.dims,
+            torch.float32,
+            SafeExpShifts(query_shift, key_shift),
+        )
         # The key-max decay is added to every feature's log gate: its gradient is the feature sum.
         d_log_decay = d_log_gate.sum(-1) if ctx.has_log_decay else None
         if d_key_max is not None:
             d_key_shift[:, -1] += d_key_max
-        d_token_max, d_initial_key_max = _key_shifts_backward(token_max, initial_key_max, options,
-                                                              d_key_shift, d_log_decay)
+        d_token_max, d_initial_key_max = _key_shifts_backward(
+            token_max, initial_key_max, options, d_key_shift, d_log_decay
+        )
         dq = _add_max_gradient(q, dq, d_query_shift)
         dk = _add_max_gradient(k, dk, d_token_max)
         d_gate = _gate_grads(tuple(gate), options.refined, d_log_gate)
@@ -163,11 +192,23 @@ class FusedReGLAFunction(torch.autograd.Function):
         return dq, dk, dv, dh0, d_initial_key_max, None, None, *d_gate
 
 
-def triton_regla(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Tensor | None = None,
-                 refine_logits: Tensor | None = None, log_gate: Tensor | None = None, tau: float = 1.0,
-                 log_clamp: float | None = -8.0, key_max: str = "running", chunk_size: int = 64,
-                 scale: float = 1.0, initial_state: Tensor | None = None, initial_key_max: Tensor | None = None,
-                 output_final_state: bool = False) -> ReGLAOutput:
+def triton_regla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    gate_logits: Tensor | None = None,
+    refine_logits: Tensor | None = None,
+    log_gate: Tensor | None = None,
+    tau: float = 1.0,
+    log_clamp: float | None = -8.0,
+    key_max: str = "running",
+    chunk_size: int = 64,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    initial_key_max: Tensor | None = None,
+    output_final_state: bool = False,
+) -> ReGLAOutput:
     """Gated linear attention with safe-exp features of the raw q, k: [B, T, H, K], and a key-side gate.
 
     The gate is ReGLA's refining gate of (gate_logits, refine_logits), both [B, T, H, K] (then tau
@@ -180,8 +221,10 @@ def triton_regla(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Tensor | None 
         raise ValueError(f"q must be [B, T, H, K]; got shape {tuple(q.shape)}")
     refined = gate_logits is not None or refine_logits is not None
     if refined == (log_gate is not None) or (refined and (gate_logits is None or refine_logits is None)):
-        raise ValueError("triton_regla takes either gate_logits and refine_logits (the refining gate) or "
-                         "log_gate, not both and not neither")
+        raise ValueError(
+            "triton_regla takes either gate_logits and refine_logits (the refining gate) or "
+            "log_gate, not both and not neither"
+        )
     for name, t in (("k", k), ("gate_logits", gate_logits), ("refine_logits", refine_logits)):
         if t is not None and t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape [B, T, H, K] = {tuple(q.shape)}; got {tuple(t.shape)}")
@@ -195,7 +238,9 @@ def triton_regla(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Tensor | None 
         raise ValueError("initial_state and initial_key_max go together: the state is scaled by the key max")
     B, T, H, K = q.shape
     if initial_state is not None and tuple(initial_state.shape) != (B, H, K, v.shape[-1]):
-        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}; got {tuple(initial_state.shape)}")
+        raise ValueError(
+            f"initial_state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}; got {tuple(initial_state.shape)}"
+        )
     if initial_key_max is not None and tuple(initial_key_max.shape) != (B, H):
         raise ValueError(f"initial_key_max must be [B, H] = {(B, H)}; got {tuple(initial_key_max.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -204,11 +249,11 @@ def triton_regla(q: Tensor, k: Tensor, v: Tensor, *, gate_logits: Tensor | None 
         raise ValueError(f"chunk_size (of the `chunk` key-max scope) must be >= 1; got {chunk_size}")
     check_supported(q, v)
     gate = (gate_logits, refine_logits) if refined else (log_gate,)
-    options = _Options(_RefinedGate(float(tau), log_clamp) if refined else None, key_max, int(chunk_size),
-                       float(scale))
+    options = _Options(_RefinedGate(float(tau), log_clamp) if refined else None, key_max, int(chunk_size), float(scale))
     if key_max not in safe_exp.KEY_MAX_SCOPES:
         raise ValueError(f"key_max must be one of {', '.join(safe_exp.KEY_MAX_SCOPES)}; got {key_max!r}")
     q, k, v, *gate = (t.contiguous() for t in (q, k, v, *gate))
     with on_device_of(q):
-        return ReGLAOutput(*FusedReGLAFunction.apply(q, k, v, initial_state, initial_key_max, options,
-                                                     output_final_state, *gate))
+        return ReGLAOutput(
+            *FusedReGLAFunction.apply(q, k, v, initial_state, initial_key_max, options, output_final_state, *gate)
+        )

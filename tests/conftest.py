@@ -1,4 +1,5 @@
 """Test-session setup shared by all test files."""
+
 import os
 
 import torch
@@ -22,8 +23,10 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-PSEUDO_ENGLISH = ("the cat dog bird sees eats likes a small big red green quickly slowly runs jumps "
-                  "over under house tree garden and then").split()
+PSEUDO_ENGLISH = (
+    "the cat dog bird sees eats likes a small big red green quickly slowly runs jumps "
+    "over under house tree garden and then"
+).split()
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +56,7 @@ def bf16_products_as_on_gpu(monkeypatch):
     import importlib
 
     import triton.language as tl
+
     triton_gla_module = importlib.import_module("kernels.triton_gla")
     exact_dot = tl.dot
 
@@ -62,5 +66,8 @@ def bf16_products_as_on_gpu(monkeypatch):
 
     dot_of_rounded_operands.__triton_builtin__ = True
     monkeypatch.setattr(tl, "dot", dot_of_rounded_operands)
-    monkeypatch.setattr(triton_gla_module, "_dot_options",
-                        lambda dtype: dict(PREC="tf32", DOT=tl.bfloat16 if dtype == torch.bfloat16 else tl.float32))
+    monkeypatch.setattr(
+        triton_gla_module,
+        "_dot_options",
+        lambda dtype: dict(PREC="tf32", DOT=tl.bfloat16 if dtype == torch.bfloat16 else tl.float32),
+    )

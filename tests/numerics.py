@@ -1,4 +1,5 @@
 """Error measures shared by the kernel tests."""
+
 from __future__ import annotations
 
 import math

@@ -1,6 +1,7 @@
 """Which plugin configurations the parametrized tests cover: every registered plugin with its
 defaults, then each option that selects a different code path, one non-default value at a time.
 A newly registered plugin (built-in or third-party) is picked up with no new test code."""
+
 from __future__ import annotations
 
 from variants import Registry

@@ -1,6 +1,7 @@
 """The default (factorised, adaptive-chunk) chunked form against the fp64 recurrence: outputs,
 final state and every gradient, at odd lengths and at gates from near 1 to near 0 (where the
 chunk must shrink to keep exponents in range), and in fp32 at extreme gates."""
+
 from __future__ import annotations
 
 import pytest

@@ -20,9 +20,10 @@ from harness.data import (
     iter_documents,
     prepare_data,
     split_by_hash,
+    token_cache,
     token_dtype,
+    tokenization,
 )
-from harness.data import tokenization, token_cache
 from harness.data.sources.brown import parse_brown_text
 from harness.data.sources.gcide import DICTD_BASE64, clean_entry, iter_entries, parse_index
 from harness.data.sources.offline_english import headword_key
@@ -33,17 +34,24 @@ from harness.data.sources.wordnet import parse_data_file
 
 GCIDE_ENTRIES = [
     ("00-database-info", "00-database-info\n   This file was converted from the original database on:\n"),
-    ("Abandon", 'Abandon \\A*ban"don\\ ([.a]*b[a^]n"d[u^]n), v. t. [imp. & p. p.\n'
-                "   {Abandoned}; p. pr. & vb. n. {Abandoning}.]\n"
-                "   1. To give up wholly; to desert. --Shak.\n"
-                "      [1913 Webster]\n\n"
-                "            Caf[e\x92] and Antenn[ae] are seen.   --Locke.\n"
-                "      [1913 Webster]\n"),
-    ("Expediently", 'Expediently \\Ex*pe"di*ent*ly\\adv.\n'
-                    "   1. In an expedient manner; fitly. [Obs.]\n"
-                    "      [1913 Webster]\n"),
-    ("Zebra", "   A dictionary requires too many hands.   --Locke.\nZebra \\Ze\"bra\\, n.\n   A striped animal related to the horse. Caf['e] [=e]lan.\n"
-              "   [WordNet 1.5 +PJC] Zebu\n"),
+    (
+        "Abandon",
+        'Abandon \\A*ban"don\\ ([.a]*b[a^]n"d[u^]n), v. t. [imp. & p. p.\n'
+        "   {Abandoned}; p. pr. & vb. n. {Abandoning}.]\n"
+        "   1. To give up wholly; to desert. --Shak.\n"
+        "      [1913 Webster]\n\n"
+        "            Caf[e\x92] and Antenn[ae] are seen.   --Locke.\n"
+        "      [1913 Webster]\n",
+    ),
+    (
+        "Expediently",
+        'Expediently \\Ex*pe"di*ent*ly\\adv.\n   1. In an expedient manner; fitly. [Obs.]\n      [1913 Webster]\n',
+    ),
+    (
+        "Zebra",
+        "   A dictionary requires too many hands.   --Locke.\nZebra \\Ze\"bra\\, n.\n   A striped animal related to the horse. Caf['e] [=e]lan.\n"  # noqa: E501
+        "   [WordNet 1.5 +PJC] Zebu\n",
+    ),
 ]
 
 
@@ -76,9 +84,12 @@ WORDNET_HEADER = "  1 This software and database is being provided to you, the L
 WORDNET_NOUN = (
     WORDNET_HEADER
     + "00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived or known to have its own existence  \n"
-    + "02121808 05 n 02 zebra 0 zebra_crossing 0 001 @ 02120997 n 0000 | any of several fleet black-and-white striped African equines  \n"
+    + "02121808 05 n 02 zebra 0 zebra_crossing 0 001 @ 02120997 n 0000 | any of several fleet black-and-white striped African equines  \n"  # noqa: E501
 )
-WORDNET_VERB = WORDNET_HEADER + "02228031 40 v 02 abandon 0 give_up 0 000 01 + 08 00 | forsake, leave behind; \"We abandoned the old car\"  \n"
+WORDNET_VERB = (
+    WORDNET_HEADER
+    + '02228031 40 v 02 abandon 0 give_up 0 000 01 + 08 00 | forsake, leave behind; "We abandoned the old car"  \n'
+)
 WORDNET_ADJ = WORDNET_HEADER + "00001740 00 a 01 able(a) 0 000 | having the necessary means or skill  \n"
 WORDNET_ADV = WORDNET_HEADER
 
@@ -109,8 +120,11 @@ def offline_dirs(tmp_path: Path) -> dict:
     write_gcide(tmp_path / "dictd")
     write_wordnet(tmp_path / "wordnet")
     write_brown(tmp_path / "brown")
-    return {"gcide_dir": str(tmp_path / "dictd"), "wordnet_dir": str(tmp_path / "wordnet"),
-            "brown_dir": str(tmp_path / "brown")}
+    return {
+        "gcide_dir": str(tmp_path / "dictd"),
+        "wordnet_dir": str(tmp_path / "wordnet"),
+        "brown_dir": str(tmp_path / "brown"),
+    }
 
 
 @pytest.fixture
@@ -164,8 +178,10 @@ def test_wordnet_parser_reads_lemmas_and_glosses():
 
 def test_brown_parser_strips_tags_and_rebuilds_prose():
     text = parse_brown_text(BROWN_SAMPLE)
-    assert text == ('The jury said "it did find" that, in fact, many laws are outmoded; '
-                    "It wasn't clear (to them).\nAtlanta's mayor spoke?")
+    assert text == (
+        'The jury said "it did find" that, in fact, many laws are outmoded; '
+        "It wasn't clear (to them).\nAtlanta's mayor spoke?"
+    )
 
 
 def test_wikitext_lines_group_into_articles():
@@ -181,7 +197,9 @@ def test_wikitext_lines_group_into_articles():
 
 def test_offline_english_on_fixture_files(offline_dirs):
     options = {**offline_dirs, "validation_fraction": 0.4, "test_fraction": 0.3}
-    docs = {split: list(iter_documents("offline-english", split, **options)) for split in ("train", "validation", "test")}
+    docs = {
+        split: list(iter_documents("offline-english", split, **options)) for split in ("train", "validation", "test")
+    }
     all_docs = [d for split_docs in docs.values() for d in split_docs]
     assert len({d.doc_id for d in all_docs}) == len(all_docs) == 3 + 4 + 6
     for split, split_docs in docs.items():
@@ -194,7 +212,12 @@ def test_offline_english_on_fixture_files(offline_dirs):
                 expected = split_by_hash(headword_key(doc.meta["headword"]), 0.4, 0.3)
             assert split == expected, doc.doc_id
     # One key for both dictionaries: "Abandon" (GCIDE) and "abandon" (WordNet) share a split.
-    abandon = {split for split, split_docs in docs.items() for d in split_docs if d.meta.get("headword", "").lower() == "abandon"}
+    abandon = {
+        split
+        for split, split_docs in docs.items()
+        for d in split_docs
+        if d.meta.get("headword", "").lower() == "abandon"
+    }
     assert len(abandon) == 1
     # Deterministic.
     again = [d.doc_id for d in iter_documents("offline-english", "train", **options)]
@@ -218,14 +241,20 @@ def _real_corpora_installed() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _real_corpora_installed(), reason="offline corpora not installed (bash scripts/prepare_corpora.sh)")
+@pytest.mark.skipif(
+    not _real_corpora_installed(), reason="offline corpora not installed (bash scripts/prepare_corpora.sh)"
+)
 def test_real_offline_english_has_disjoint_splits():
     units: dict[str, set] = {}
     counts: dict[str, int] = {}
     for split in ("train", "validation", "test"):
         keys = set()
         for doc in iter_documents("offline-english", split):
-            keys.add(("brown", doc.meta["category"]) if doc.meta["corpus"] == "brown" else ("dict", headword_key(doc.meta["headword"])))
+            keys.add(
+                ("brown", doc.meta["category"])
+                if doc.meta["corpus"] == "brown"
+                else ("dict", headword_key(doc.meta["headword"]))
+            )
         units[split], counts[split] = keys, len(keys)
     assert units["train"].isdisjoint(units["validation"])
     assert units["train"].isdisjoint(units["test"])
@@ -243,8 +272,16 @@ def test_wikitext_loader_on_local_parquet(hf_offline):
     root = hf_offline / "wikitext" / "wikitext-103-raw-v1"
     root.mkdir(parents=True)
     rows = {
-        "train": ["", " = Alpha = \n", "", " Alpha is a letter . \n", " = = Use = = \n", " It is used . \n",
-                  " = Beta = \n", " Beta follows alpha . \n"],
+        "train": [
+            "",
+            " = Alpha = \n",
+            "",
+            " Alpha is a letter . \n",
+            " = = Use = = \n",
+            " It is used . \n",
+            " = Beta = \n",
+            " Beta follows alpha . \n",
+        ],
         "validation": ["", " = Gamma = \n", " Gamma is third . \n"],
         "test": ["", " = Delta = \n", " Delta is fourth . \n"],
     }
@@ -255,7 +292,9 @@ def test_wikitext_loader_on_local_parquet(hf_offline):
     by_files = list(iter_documents("wikitext-103", "train", data_files=str(root / "{split}-*.parquet")))
     assert [d.meta["title"] for d in by_dir] == [d.meta["title"] for d in by_files] == ["Alpha", "Beta"]
     assert by_dir[0].text == "= Alpha =\nAlpha is a letter .\n= = Use = =\nIt is used ."
-    validation = list(iter_documents("wikitext-2", "validation", data_files={"validation": str(root / "validation-*.parquet")}))
+    validation = list(
+        iter_documents("wikitext-2", "validation", data_files={"validation": str(root / "validation-*.parquet")})
+    )
     assert [d.meta["title"] for d in validation] == ["Gamma"]
 
 
@@ -295,7 +334,9 @@ def test_text_files_split_by_path_hash(tmp_path):
     ids = [d.doc_id for s in docs.values() for d in s]
     assert len(ids) == len(set(ids)) == 8
     assert len(docs["validation"]) >= 1 and len(docs["test"]) >= 1
-    assert [d.doc_id for d in iter_documents("text-files", "validation", pattern=pattern)] == [d.doc_id for d in docs["validation"]]
+    assert [d.doc_id for d in iter_documents("text-files", "validation", pattern=pattern)] == [
+        d.doc_id for d in docs["validation"]
+    ]
 
 
 def test_text_files_errors_name_the_path(tmp_path):

@@ -1,5 +1,6 @@
 """The training loop under torchrun: two CPU processes (gloo) train one run with DDP; rank 0 alone
 writes results, once."""
+
 from __future__ import annotations
 
 import os
@@ -22,9 +23,24 @@ def run_under_torchrun(grid: dict, corpus: Path, tmp_path: Path, env: dict, time
     grid_path = tmp_path / "tiny.yaml"
     grid_path.write_text(yaml.safe_dump(grid))
     prepare_data("text-files", "byte", {"pattern": str(corpus / "*.txt")}, cache_dir=tmp_path / "cache", progress=False)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "run_ablations.py"), "run", str(grid_path), "--runs-dir", str(tmp_path / "runs"),
-               "--results-dir", str(tmp_path / "results"), "--no-progress", "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "run_ablations.py"),
+        "run",
+        str(grid_path),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -71,8 +87,12 @@ def test_a_failure_on_one_rank_stops_every_rank_and_the_grid_goes_on(corpus, tmp
     # until the process group's timeout. Both ranks must stop that run at the same point, rank 0
     # record it as failed naming rank 1, and the next run train normally on the same process group.
     (tmp_path / "failing_plugin.py").write_text(FAILING_PLUGIN)
-    env = {**os.environ, "REGLA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "REGLA_CACHE_DIR": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     data = tiny_grid(corpus, steps=4, eval_every=2, checkpoint_every=2, log_every=2)
     data["plugins"] = ["failing_plugin"]
     data["axes"]["variant"] = {

@@ -1,4 +1,5 @@
 """Scoring with lm-eval: the adapter's numbers against the model's own, and every task offline."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ def tokenizer():
 
 def tiny_model(vocab_size: int, softmax_layers: str = "none", seed: int = 0) -> LanguageModel:
     torch.manual_seed(seed)
-    config = dict(vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=2, max_seq_len=MAX_SEQ_LEN,
-                  softmax_layers=softmax_layers)
+    config = dict(
+        vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=2, max_seq_len=MAX_SEQ_LEN, softmax_layers=softmax_layers
+    )
     return LanguageModel(from_dict(ModelConfig, config)).eval()
 
 
@@ -76,32 +78,42 @@ def direct_logprobs(model: LanguageModel, tokens: list[int]) -> torch.Tensor:
 
 # -- the adapter ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("softmax_layers", ["none", "all"])
 def test_loglikelihood_equals_direct_computation(tokenizer, softmax_layers):
     model = tiny_model(tokenizer.vocab_size, softmax_layers)
     lm = ReGLALM(model=model, tokenizer=tokenizer, batch_size=3)
     long_context = ("The quick brown fox jumps over the lazy dog. " * 4).rstrip()  # > MAX_SEQ_LEN bytes
-    pairs = [("The cat sat on the", " mat"), ("Hello", " world, again"), ("", "Start of text"),
-             (long_context, " and then it slept."), ("a", "b"), ("Question: why?\nAnswer:", " because"),
-             ("x" * 10, " y" * 20),
-             # One-token choices after one context, and a request whose context + continuation[:-1]
-             # is the same text: lm-eval's Collator scores these from one shared row.
-             ("Pick one", "!"), ("Pick one", "?"), ("Pick on", "e!"), ("Pick one", ".")]
+    pairs = [
+        ("The cat sat on the", " mat"),
+        ("Hello", " world, again"),
+        ("", "Start of text"),
+        (long_context, " and then it slept."),
+        ("a", "b"),
+        ("Question: why?\nAnswer:", " because"),
+        ("x" * 10, " y" * 20),
+        # One-token choices after one context, and a request whose context + continuation[:-1]
+        # is the same text: lm-eval's Collator scores these from one shared row.
+        ("Pick one", "!"),
+        ("Pick one", "?"),
+        ("Pick on", "e!"),
+        ("Pick one", "."),
+    ]
     got = lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
     assert len(got) == len(pairs)
     for (context, continuation), (logprob, _) in zip(pairs, got):
         context_ids = tokenizer.encode(context) or [tokenizer.eot_id]
         continuation_ids = tokenizer.encode(continuation)
         # Left truncation: the last max_seq_len + 1 tokens, of which the model reads all but the last.
-        tokens = (context_ids + continuation_ids)[-(MAX_SEQ_LEN + 1):]
-        expected = float(direct_logprobs(model, tokens)[-len(continuation_ids):].sum())
+        tokens = (context_ids + continuation_ids)[-(MAX_SEQ_LEN + 1) :]
+        expected = float(direct_logprobs(model, tokens)[-len(continuation_ids) :].sum())
         assert logprob == pytest.approx(expected, abs=1e-3, rel=1e-4)
 
 
 def test_is_greedy_tells_the_argmax_continuation_apart(model, tokenizer):
     lm = ReGLALM(model=model, tokenizer=tokenizer, batch_size=4)
     context = tokenizer.encode("Once upon a time")
-    greedy = model.generate(torch.tensor([context]), max_new_tokens=3)[0, len(context):].tolist()
+    greedy = model.generate(torch.tensor([context]), max_new_tokens=3)[0, len(context) :].tolist()
     changed = greedy[:2] + [(greedy[2] + 1) % 256]
     answers = lm._loglikelihood_tokens([(None, context, greedy), (None, context, changed)], disable_tqdm=True)
     assert [is_greedy for _, is_greedy in answers] == [True, False]
@@ -129,9 +141,9 @@ def rolling_reference(model: LanguageModel, tokens: list[int], prefix: int, wind
     while start < len(tokens):
         end = min(start + window, len(tokens))
         if start == 0:
-            inputs, targets = [prefix] + tokens[:end - 1], tokens[:end]
+            inputs, targets = [prefix] + tokens[: end - 1], tokens[:end]
         else:
-            inputs, targets = tokens[end - window - 1:end - 1], tokens[end - window:end]
+            inputs, targets = tokens[end - window - 1 : end - 1], tokens[end - window : end]
         idx, tgt = torch.tensor([inputs]), torch.tensor([targets])
         with torch.no_grad():
             if end - start == window:
@@ -139,7 +151,7 @@ def rolling_reference(model: LanguageModel, tokens: list[int], prefix: int, wind
             else:  # the last, partial window: full context, only its new tokens scored
                 logits, _ = model(idx)
                 losses = F.cross_entropy(logits[0].float(), tgt[0], reduction="none")
-                total -= float(losses[-(end - start):].sum())
+                total -= float(losses[-(end - start) :].sum())
         start = end
     return total
 
@@ -172,20 +184,23 @@ def test_generate_until_matches_model_generate(model, tokenizer):
     context = "Once upon a time, there was"
     prompt = tokenizer.encode(context)
     out = model.generate(torch.tensor([prompt]), max_new_tokens=12, eos_id=tokenizer.eot_id)[0].tolist()
-    generated = [t for t in out[len(prompt):] if t != tokenizer.eot_id]
+    generated = [t for t in out[len(prompt) :] if t != tokenizer.eot_id]
     expected = tokenizer.decode(generated)
-    [text] = lm.generate_until(requests("generate_until", [(context, {"until": [], "max_gen_toks": 12})]),
-                               disable_tqdm=True)
+    [text] = lm.generate_until(
+        requests("generate_until", [(context, {"until": [], "max_gen_toks": 12})]), disable_tqdm=True
+    )
     assert text == expected
 
     # A stop string cuts the text at its first occurrence (and ends decoding there).
     stop = [c for c in expected[1:] if c.isascii() and c.isprintable()][-1]
-    [stopped] = lm.generate_until(requests("generate_until", [(context, {"until": [stop], "max_gen_toks": 12})]),
-                                  disable_tqdm=True)
+    [stopped] = lm.generate_until(
+        requests("generate_until", [(context, {"until": [stop], "max_gen_toks": 12})]), disable_tqdm=True
+    )
     assert stopped == expected.split(stop)[0] and len(stopped) < len(expected)
     # max_gen_toks bounds the number of generated tokens.
-    [short] = lm.generate_until(requests("generate_until", [(context, {"until": [], "max_gen_toks": 3})]),
-                                disable_tqdm=True)
+    [short] = lm.generate_until(
+        requests("generate_until", [(context, {"until": [], "max_gen_toks": 3})]), disable_tqdm=True
+    )
     assert short == tokenizer.decode(generated[:3])
 
 
@@ -208,6 +223,7 @@ def test_checkpoint_round_trip_and_registry(model, tokenizer, tmp_path):
 
 # -- the paper's tasks, through lm-eval's own definitions -----------------------------------------
 
+
 def eval_rows(split: str, task) -> int:
     return sum(1 for _ in open(PAPER_DATA / task.folder / f"{split}.jsonl"))
 
@@ -223,16 +239,23 @@ def installed_version(task) -> float:
 
 
 EXPECTED_METRICS = {
-    "boolq": {"acc"}, "piqa": {"acc", "acc_norm"}, "hellaswag": {"acc", "acc_norm"}, "winogrande": {"acc"},
-    "truthfulqa_mc1": {"acc"}, "truthfulqa_mc2": {"acc"}, "arc_easy": {"acc", "acc_norm"},
-    "arc_challenge": {"acc", "acc_norm"}, "lambada_openai": {"acc", "perplexity"},
+    "boolq": {"acc"},
+    "piqa": {"acc", "acc_norm"},
+    "hellaswag": {"acc", "acc_norm"},
+    "winogrande": {"acc"},
+    "truthfulqa_mc1": {"acc"},
+    "truthfulqa_mc2": {"acc"},
+    "arc_easy": {"acc", "acc_norm"},
+    "arc_challenge": {"acc", "acc_norm"},
+    "lambada_openai": {"acc", "perplexity"},
     "wikitext": {"word_perplexity", "byte_perplexity", "bits_per_byte"},
 }
 
 
 def test_every_paper_task_runs_zero_shot_on_its_fixture(fast_model, tokenizer):
-    rows = evaluate_model(fast_model, tokenizer, EvalConfig(tasks=["paper"], num_fewshot=[0],
-                                                            data_dir=str(PAPER_DATA), bootstrap_iters=0))
+    rows = evaluate_model(
+        fast_model, tokenizer, EvalConfig(tasks=["paper"], num_fewshot=[0], data_dir=str(PAPER_DATA), bootstrap_iters=0)
+    )
     failed = [r for r in rows if r["status"] != "ok"]
     assert not failed, failed
     assert {r["task"] for r in rows} == set(PAPER_TASKS)
@@ -266,8 +289,9 @@ def test_five_shot_prompts_carry_five_examples(fast_model, tokenizer, monkeypatc
 
     monkeypatch.setattr(ReGLALM, "loglikelihood", spy)
     tasks = ["hellaswag", "winogrande", "arc_easy", "truthfulqa_mc1"]
-    rows = evaluate_model(fast_model, tokenizer, EvalConfig(tasks=tasks, num_fewshot=[5], data_dir=str(PAPER_DATA),
-                                                            bootstrap_iters=0))
+    rows = evaluate_model(
+        fast_model, tokenizer, EvalConfig(tasks=tasks, num_fewshot=[5], data_dir=str(PAPER_DATA), bootstrap_iters=0)
+    )
     assert all(r["status"] == "ok" for r in rows), rows
     shots = {r["task"]: (r["shots"], r["requested_shots"]) for r in rows}
     assert shots["hellaswag"] == shots["winogrande"] == shots["arc_easy"] == (5, 5)
@@ -283,8 +307,11 @@ def test_missing_task_data_gives_a_failed_row_and_the_rest_run(fast_model, token
     data_dir = tmp_path / "data"
     shutil.copytree(PAPER_DATA, data_dir)
     shutil.rmtree(data_dir / "piqa")
-    rows = evaluate_model(fast_model, tokenizer, EvalConfig(tasks=["piqa", "boolq"], num_fewshot=[0, 1],
-                                                            data_dir=str(data_dir), bootstrap_iters=0))
+    rows = evaluate_model(
+        fast_model,
+        tokenizer,
+        EvalConfig(tasks=["piqa", "boolq"], num_fewshot=[0, 1], data_dir=str(data_dir), bootstrap_iters=0),
+    )
     failed = [r for r in rows if r["status"] == "failed"]
     assert [(r["task"], r["requested_shots"]) for r in failed] == [("piqa", 0), ("piqa", 1)]
     for row in failed:
@@ -309,17 +336,26 @@ def test_without_data_dir_tasks_keep_their_hub_datasets(tmp_path):
     assert set(local["dataset_kwargs"]["data_files"]) == {"train", "validation"}
     # Indexed under their real names (plus tags such as "truthfulqa" from the included files).
     assert {"piqa", "truthfulqa_mc2", "winogrande"} <= set(
-        TaskManager(include_path=str(tmp_path), include_defaults=False).all_tasks)
+        TaskManager(include_path=str(tmp_path), include_defaults=False).all_tasks
+    )
 
 
 def test_eval_config_rejects_unknown_tasks():
     with pytest.raises(ValueError, match="did you mean 'hellaswag'"):
         EvalConfig(tasks=["helaswag"])
     assert EvalConfig(tasks=["table5", "piqa", "offline"]).resolved_tasks() == (
-        "boolq", "piqa", "hellaswag", "winogrande", "truthfulqa_mc1", "truthfulqa_mc2", *OFFLINE_TASKS)
+        "boolq",
+        "piqa",
+        "hellaswag",
+        "winogrande",
+        "truthfulqa_mc1",
+        "truthfulqa_mc2",
+        *OFFLINE_TASKS,
+    )
 
 
 # -- the offline suite -------------------------------------------------------------------------------
+
 
 def fixture_corpus() -> list[Document]:
     return [Document(**json.loads(line)) for line in open(FIXTURES / "offline_english_test.jsonl")]
@@ -363,12 +399,16 @@ def test_offline_suite_cache_follows_the_corpus_version(tmp_path, monkeypatch):
     # The cached suite is rebuilt when the installed corpus changes, and reused while it does not.
     import harness.data
     from harness.tasks import offline_suite
+
     monkeypatch.setattr(harness.data, "cache_dir", lambda: tmp_path)
     monkeypatch.setattr(offline_suite, "_installed_test_documents", fixture_corpus)
     builds = []
     real_build = offline_suite.build_offline_suite
-    monkeypatch.setattr(offline_suite, "build_offline_suite",
-                        lambda out_dir, *a, **k: builds.append(out_dir) or real_build(out_dir, *a, **k))
+    monkeypatch.setattr(
+        offline_suite,
+        "build_offline_suite",
+        lambda out_dir, *a, **k: builds.append(out_dir) or real_build(out_dir, *a, **k),
+    )
     version = {"now": "corpus-1"}
     monkeypatch.setattr(offline_suite, "installed_corpus_version", lambda: version["now"])
     suite = offline_suite.offline_suite_dir(None)
@@ -378,8 +418,9 @@ def test_offline_suite_cache_follows_the_corpus_version(tmp_path, monkeypatch):
     stale = suite / "regla_define" / "test.jsonl"
     assert stale.is_file()
     version["now"] = "corpus-2"  # a corpus without dictionary entries: no regla_define items any more
-    monkeypatch.setattr(offline_suite, "_installed_test_documents",
-                        lambda: [d for d in fixture_corpus() if "headword" not in d.meta])
+    monkeypatch.setattr(
+        offline_suite, "_installed_test_documents", lambda: [d for d in fixture_corpus() if "headword" not in d.meta]
+    )
     offline_suite.offline_suite_dir(None)
     assert len(builds) == 2 and json.loads((suite / MANIFEST).read_text())["source_version"] == "corpus-2"
     assert not stale.exists()  # swapped in whole: no task file of the old corpus is left behind
@@ -393,17 +434,26 @@ def test_offline_suite_builds_and_scores_a_tiny_model(fast_model, tokenizer, tmp
     suite = build_offline_suite(tmp_path / "suite", suite_documents())
     manifest = json.loads((suite / MANIFEST).read_text())
     assert all(manifest["items"][task] > 0 for task in OFFLINE_TASKS)
-    rows = evaluate_model(fast_model, tokenizer, EvalConfig(tasks=["offline"], num_fewshot=[0], limit=8,
-                                                            data_dir=str(suite)))
+    rows = evaluate_model(
+        fast_model, tokenizer, EvalConfig(tasks=["offline"], num_fewshot=[0], limit=8, data_dir=str(suite))
+    )
     assert all(r["status"] == "ok" for r in rows), rows
     metrics = {(r["task"], r["metric"]): r for r in rows}
-    assert set(metrics) == {("regla_define", "acc"), ("regla_define", "acc_norm"), ("regla_lastword", "acc"),
-                            ("regla_lastword", "acc_norm"), ("regla_mqar", "acc"), ("regla_ppl", "word_perplexity"),
-                            ("regla_ppl", "byte_perplexity"), ("regla_ppl", "bits_per_byte")}
+    assert set(metrics) == {
+        ("regla_define", "acc"),
+        ("regla_define", "acc_norm"),
+        ("regla_lastword", "acc"),
+        ("regla_lastword", "acc_norm"),
+        ("regla_mqar", "acc"),
+        ("regla_ppl", "word_perplexity"),
+        ("regla_ppl", "byte_perplexity"),
+        ("regla_ppl", "bits_per_byte"),
+    }
     for row in rows:
         assert row["samples"] == min(8, manifest["items"][row["task"]])
     assert metrics[("regla_define", "acc")]["stderr"] is not None  # bootstrap_iters > 0 gives stderr
     # An untrained byte-level model is close to uniform over 257 symbols: ~8 bits per byte.
     assert 7.0 < metrics[("regla_ppl", "bits_per_byte")]["value"] < 9.0
     assert metrics[("regla_ppl", "byte_perplexity")]["value"] == pytest.approx(
-        2 ** metrics[("regla_ppl", "bits_per_byte")]["value"], rel=1e-6)
+        2 ** metrics[("regla_ppl", "bits_per_byte")]["value"], rel=1e-6
+    )

@@ -1,6 +1,7 @@
 """Layers and the language model built from every plugin: shapes, finite gradients, causality,
 the measured leak of safe_exp's non-causal key-max scopes, incremental decoding (linear, softmax
 and hybrid), and configuration errors that say what is allowed. All numerics in fp64."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,12 +29,13 @@ REGLA = dict(feature_map="safe_exp", norm="rmsnorm", gate="refined")
 
 def plugin_cases(registry, axis: str) -> list:
     """AttentionConfig overrides: each plugin with its defaults, then each non-default mode."""
-    return [pytest.param({axis: name, f"{axis}_options": options}, id=f"{axis}={case_id}")
-            for name, options, case_id in plugin_modes(registry, skip=("affine",))]
+    return [
+        pytest.param({axis: name, f"{axis}_options": options}, id=f"{axis}={case_id}")
+        for name, options, case_id in plugin_modes(registry, skip=("affine",))
+    ]
 
 
-EVERY_PLUGIN = (plugin_cases(FEATURE_MAPS, "feature_map") + plugin_cases(NORMS, "norm")
-                + plugin_cases(GATES, "gate"))
+EVERY_PLUGIN = plugin_cases(FEATURE_MAPS, "feature_map") + plugin_cases(NORMS, "norm") + plugin_cases(GATES, "gate")
 
 
 def attention_config(**overrides) -> AttentionConfig:
@@ -46,8 +48,15 @@ def attention_config(**overrides) -> AttentionConfig:
 
 def tiny_model(attention: AttentionConfig | None = None, seed: int = 0, **model_fields) -> LanguageModel:
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=H, mlp_ratio=2.0,
-                         attention=attention or attention_config(), **model_fields)
+    config = ModelConfig(
+        vocab_size=VOCAB,
+        d_model=D,
+        n_layers=2,
+        n_heads=H,
+        mlp_ratio=2.0,
+        attention=attention or attention_config(),
+        **model_fields,
+    )
     return LanguageModel(config).to(DTYPE).eval()
 
 
@@ -61,6 +70,7 @@ def is_causal(attention: AttentionConfig) -> bool:
 
 
 # -- every plugin inside the model ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("overrides", EVERY_PLUGIN)
 def test_model_with_every_plugin_gives_finite_logits_and_gradients(overrides):
@@ -87,9 +97,9 @@ def test_model_with_every_plugin_is_causal(overrides):
     idx = tokens(2, 40, seed=2)
     cut = 22
     changed = idx.clone()
-    changed[:, cut + 1:] = tokens(2, 40 - cut - 1, seed=3)
+    changed[:, cut + 1 :] = tokens(2, 40 - cut - 1, seed=3)
     with torch.no_grad():
-        before, after = model(idx)[0][:, :cut + 1], model(changed)[0][:, :cut + 1]
+        before, after = model(idx)[0][:, : cut + 1], model(changed)[0][:, : cut + 1]
     if is_causal(attention):
         torch.testing.assert_close(after, before, rtol=0, atol=1e-12)
     else:
@@ -132,8 +142,13 @@ def test_safe_exp_leak_of_the_non_causal_key_max_scopes(scope):
 
     def measure(norm: str, eps: float | None):
         torch.manual_seed(0)
-        config = AttentionConfig(feature_map="safe_exp", feature_map_options={"key_max": scope, "chunk_size": 16},
-                                 norm=norm, norm_options={} if eps is None else {"eps": eps}, gate="refined")
+        config = AttentionConfig(
+            feature_map="safe_exp",
+            feature_map_options={"key_max": scope, "chunk_size": 16},
+            norm=norm,
+            norm_options={} if eps is None else {"eps": eps},
+            gate="refined",
+        )
         layer = LinearAttention(D, H, K, config).to(DTYPE)
         normalised, mean_squares = [], []
 
@@ -178,6 +193,7 @@ def test_model_is_the_same_through_every_attention_implementation(impl):
 
 # -- incremental decoding ---------------------------------------------------------------------------
 
+
 def assert_decoding_reproduces_the_full_pass(model: LanguageModel, tolerance: float = 1e-10) -> None:
     """Prefill a prompt, then feed the rest in pieces of 1 and several tokens with the cache: the
     logits of every position equal the full forward pass."""
@@ -188,7 +204,7 @@ def assert_decoding_reproduces_the_full_pass(model: LanguageModel, tolerance: fl
         pieces = [logits]
         position = 7
         for size in (1, 3, 1, 1, 5, 1, 2, 1, 1, 7):
-            logits, cache = model(idx[:, position:position + size], cache, use_cache=True)
+            logits, cache = model(idx[:, position : position + size], cache, use_cache=True)
             pieces.append(logits)
             position += size
     assert position == idx.shape[1]
@@ -201,22 +217,34 @@ TINY_EPS = {"eps": 1e-14}  # the norm then cancels a key-max rescaling to ~1e-10
 
 DECODING_CASES = {
     "safe_exp running, rmsnorm, refined": dict(attention=attention_config()),
-    "safe_exp chunk, rmsnorm": dict(attention=attention_config(
-        feature_map_options={"key_max": "chunk", "chunk_size": 4}, norm_options=TINY_EPS), tolerance=1e-8),
-    "safe_exp sequence, rmsnorm": dict(attention=attention_config(
-        feature_map_options={"key_max": "sequence"}, norm_options=TINY_EPS), tolerance=1e-8),
-    "safe_exp sequence, groupnorm, variance factor on q": dict(attention=attention_config(
-        feature_map_options={"key_max": "sequence", "variance_factor": "query"}, norm="groupnorm",
-        norm_options=TINY_EPS), tolerance=1e-8),
-    "scalar gate with denominator": dict(attention=attention_config(
-        feature_map="elu_plus_one", norm="denominator", gate="scalar")),
+    "safe_exp chunk, rmsnorm": dict(
+        attention=attention_config(feature_map_options={"key_max": "chunk", "chunk_size": 4}, norm_options=TINY_EPS),
+        tolerance=1e-8,
+    ),
+    "safe_exp sequence, rmsnorm": dict(
+        attention=attention_config(feature_map_options={"key_max": "sequence"}, norm_options=TINY_EPS), tolerance=1e-8
+    ),
+    "safe_exp sequence, groupnorm, variance factor on q": dict(
+        attention=attention_config(
+            feature_map_options={"key_max": "sequence", "variance_factor": "query"},
+            norm="groupnorm",
+            norm_options=TINY_EPS,
+        ),
+        tolerance=1e-8,
+    ),
+    "scalar gate with denominator": dict(
+        attention=attention_config(feature_map="elu_plus_one", norm="denominator", gate="scalar")
+    ),
     "safe_exp running, rmsnorm + denominator": dict(attention=attention_config(denominator=True)),
     "fast_decay, identity map": dict(attention=attention_config(feature_map="identity", gate="fast_decay")),
-    "refined gate on x_shift, value axis": dict(attention=attention_config(
-        gate_options={"input": "x_shift", "axis": "value"})),
-    "gla gate on x_shift, hedgehog, layernorm, swish output gate": dict(attention=attention_config(
-        feature_map="hedgehog", norm="layernorm", gate="gla", gate_options={"input": "x_shift"},
-        output_gate="swish")),
+    "refined gate on x_shift, value axis": dict(
+        attention=attention_config(gate_options={"input": "x_shift", "axis": "value"})
+    ),
+    "gla gate on x_shift, hedgehog, layernorm, swish output gate": dict(
+        attention=attention_config(
+            feature_map="hedgehog", norm="layernorm", gate="gla", gate_options={"input": "x_shift"}, output_gate="swish"
+        )
+    ),
     "no gate, relu": dict(attention=attention_config(feature_map="relu", gate="none")),
     "softmax": dict(softmax_layers="all"),
     "hybrid even": dict(softmax_layers="even"),
@@ -231,8 +259,13 @@ def test_incremental_decoding_reproduces_the_full_forward_pass(case):
     if "n_layers" in fields:
         torch.manual_seed(0)
         attention = fields.pop("attention", attention_config())
-        model = LanguageModel(ModelConfig(vocab_size=VOCAB, d_model=D, n_heads=H, mlp_ratio=2.0,
-                                          attention=attention, **fields)).to(DTYPE).eval()
+        model = (
+            LanguageModel(
+                ModelConfig(vocab_size=VOCAB, d_model=D, n_heads=H, mlp_ratio=2.0, attention=attention, **fields)
+            )
+            .to(DTYPE)
+            .eval()
+        )
     else:
         model = tiny_model(**fields)
     assert_decoding_reproduces_the_full_pass(model, tolerance)
@@ -258,6 +291,7 @@ def test_generate_is_greedy_decoding_of_the_full_model():
 
 # -- configuration errors ---------------------------------------------------------------------------
 
+
 def test_unknown_config_key_is_named_with_the_allowed_keys():
     with pytest.raises(ConfigError) as info:
         from_dict(ModelConfig, {"d_modle": 64})
@@ -276,41 +310,63 @@ def test_unknown_nested_config_key_names_where_it_was_found():
 
 
 def test_config_round_trips_through_plain_data():
-    config = ModelConfig(vocab_size=VOCAB, d_model=D, n_heads=H, softmax_layers=[1, 3],
-                         attention=AttentionConfig(feature_map="safe_exp", feature_map_options={"key_max": "chunk"}))
+    config = ModelConfig(
+        vocab_size=VOCAB,
+        d_model=D,
+        n_heads=H,
+        softmax_layers=[1, 3],
+        attention=AttentionConfig(feature_map="safe_exp", feature_map_options={"key_max": "chunk"}),
+    )
     data = to_dict(config)
     assert data["softmax_layers"] == [1, 3]
     assert from_dict(ModelConfig, data) == config
 
 
-@pytest.mark.parametrize("softmax_layers, expected_message", [
-    ([4], "model.softmax_layers: indices [4] out of range for 4 layers (allowed 0..3, or one of none, all, "
-          "even, odd, first_half, last_half)"),
-    ([0, -5, "1"], "indices [-5, '1'] out of range for 4 layers"),
-    ("middle", "model.softmax_layers must be one of none, all, even, odd, first_half, last_half; got 'middle'"),
-])
+@pytest.mark.parametrize(
+    "softmax_layers, expected_message",
+    [
+        (
+            [4],
+            "model.softmax_layers: indices [4] out of range for 4 layers (allowed 0..3, or one of none, all, "
+            "even, odd, first_half, last_half)",
+        ),
+        ([0, -5, "1"], "indices [-5, '1'] out of range for 4 layers"),
+        ("middle", "model.softmax_layers must be one of none, all, even, odd, first_half, last_half; got 'middle'"),
+    ],
+)
 def test_bad_softmax_layers_say_what_is_allowed(softmax_layers, expected_message):
     with pytest.raises(ConfigError) as info:
         ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=4, n_heads=H, softmax_layers=softmax_layers)
     assert expected_message in str(info.value)
 
 
-@pytest.mark.parametrize("pattern, expected", [
-    ("none", ()), ("all", (0, 1, 2, 3, 4)), ("even", (0, 2, 4)), ("odd", (1, 3)),
-    ("first_half", (0, 1)), ("last_half", (3, 4)), ([4, -1, 0], (0, 4)),
-])
+@pytest.mark.parametrize(
+    "pattern, expected",
+    [
+        ("none", ()),
+        ("all", (0, 1, 2, 3, 4)),
+        ("even", (0, 2, 4)),
+        ("odd", (1, 3)),
+        ("first_half", (0, 1)),
+        ("last_half", (3, 4)),
+        ([4, -1, 0], (0, 4)),
+    ],
+)
 def test_softmax_layer_patterns(pattern, expected):
     config = ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=5, n_heads=H, softmax_layers=pattern)
     assert config.softmax_layer_indices() == expected
 
 
-@pytest.mark.parametrize("fields, expected_message", [
-    (dict(mlp="relu"), "model.mlp must be one of swiglu, gelu; got 'relu'"),
-    (dict(d_model=15), "model.d_model (15) must be divisible by model.n_heads (2)"),
-    (dict(n_layers=0), "model.n_layers must be a positive integer; got 0"),
-    (dict(attention={"output_gate": "sigmoid"}), "attention.output_gate must be one of none, swish; got 'sigmoid'"),
-    (dict(attention={"normm": "rmsnorm"}), "unknown key 'normm' in model.attention"),
-])
+@pytest.mark.parametrize(
+    "fields, expected_message",
+    [
+        (dict(mlp="relu"), "model.mlp must be one of swiglu, gelu; got 'relu'"),
+        (dict(d_model=15), "model.d_model (15) must be divisible by model.n_heads (2)"),
+        (dict(n_layers=0), "model.n_layers must be a positive integer; got 0"),
+        (dict(attention={"output_gate": "sigmoid"}), "attention.output_gate must be one of none, swish; got 'sigmoid'"),
+        (dict(attention={"normm": "rmsnorm"}), "unknown key 'normm' in model.attention"),
+    ],
+)
 def test_bad_model_fields_say_what_is_allowed(fields, expected_message):
     base = dict(vocab_size=VOCAB, d_model=D, n_heads=H)
     with pytest.raises(ConfigError) as info:
@@ -318,10 +374,13 @@ def test_bad_model_fields_say_what_is_allowed(fields, expected_message):
     assert expected_message in str(info.value)
 
 
-@pytest.mark.parametrize("attention", [
-    AttentionConfig(feature_map="identity", norm="denominator"),
-    AttentionConfig(feature_map="identity", norm="rmsnorm", denominator=True),
-])
+@pytest.mark.parametrize(
+    "attention",
+    [
+        AttentionConfig(feature_map="identity", norm="denominator"),
+        AttentionConfig(feature_map="identity", norm="rmsnorm", denominator=True),
+    ],
+)
 def test_denominator_with_a_non_positive_feature_map_is_refused(attention):
     with pytest.raises(ConfigError) as info:
         LinearAttention(D, H, K, attention)

@@ -1,4 +1,5 @@
 """The analysis notebook executes on a grid's results (made here by a tiny run)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,10 +25,15 @@ def test_analysis_notebook_executes_on_grid_results(corpus, tmp_path, monkeypatc
     monkeypatch.setenv("REGLA_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("REGLA_FIGURES_DIR", str(tmp_path / "figures"))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    outputs = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
-                      for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
+    outputs = "".join(
+        str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.outputs
+    )
     assert "2 runs" in outputs and "| softmax |" in outputs
     assert "| A1 / fused (time) |" in outputs and "| 4x4096x64x128 |" in outputs  # the committed kernel benchmark
     assert (tmp_path / "figures" / "loss_curves.png").stat().st_size > 0

@@ -1,5 +1,6 @@
 """The pipeline end to end on a tiny local corpus: grid files -> specs -> training -> Parquet ->
 report, with resume, skipping, failure recording and the errors a user sees."""
+
 from __future__ import annotations
 
 import math
@@ -29,6 +30,7 @@ def isolated_cache(tmp_path, monkeypatch):
 
 # --- grids and ids --------------------------------------------------------------------------
 
+
 def test_grid_expands_axes_zip_and_exclude(corpus):
     data = tiny_grid(corpus)
     data["axes"]["train.seed"] = [0, 1]
@@ -42,22 +44,51 @@ def test_grid_expands_axes_zip_and_exclude(corpus):
     regla = next(r for r in grid.runs if r.name == "regla/0/0.001,1")
     assert regla.model.attention.gate == "refined" and regla.train.lr == 1e-3 and regla.train.warmup_steps == 1
     assert len(set(r.run_id for r in grid.runs)) == len(grid.runs)
-    assert [r.name for r in filter_runs(grid.runs, ["variant=regla", "train.seed=1"])] == ["regla/1/0.001,1", "regla/1/0.002,2"]
+    assert [r.name for r in filter_runs(grid.runs, ["variant=regla", "train.seed=1"])] == [
+        "regla/1/0.001,1",
+        "regla/1/0.002,2",
+    ]
 
 
 def test_run_id_is_stable_and_ignores_what_does_not_change_weights():
-    spec = spec_from_dict({"model": {"d_model": 64, "attention": {"feature_map": "safe_exp", "gate": "refined"}},
-                           "train": {"steps": 10, "warmup_steps": 1}}, name="a")
+    spec = spec_from_dict(
+        {
+            "model": {"d_model": 64, "attention": {"feature_map": "safe_exp", "gate": "refined"}},
+            "train": {"steps": 10, "warmup_steps": 1},
+        },
+        name="a",
+    )
     # Golden id: changing it means every stored result is invalidated; do so only on purpose.
     assert spec.run_id == GOLDEN_RUN_ID
-    renamed = spec_from_dict({"model": {"d_model": 64, "attention": {"feature_map": "safe_exp", "gate": "refined"}},
-                              "train": {"steps": 10, "warmup_steps": 1}}, name="b", axes={"x": "y"}, grid="other")
+    renamed = spec_from_dict(
+        {
+            "model": {"d_model": 64, "attention": {"feature_map": "safe_exp", "gate": "refined"}},
+            "train": {"steps": 10, "warmup_steps": 1},
+        },
+        name="b",
+        axes={"x": "y"},
+        grid="other",
+    )
     assert renamed.run_id == spec.run_id
-    explicit_defaults = spec_from_dict({"model": {"d_model": 64, "n_layers": 4, "attention": {
-        "feature_map": "safe_exp", "gate": "refined", "norm": "rmsnorm"}}, "train": {"steps": 10, "warmup_steps": 1}}, name="c")
+    explicit_defaults = spec_from_dict(
+        {
+            "model": {
+                "d_model": 64,
+                "n_layers": 4,
+                "attention": {"feature_map": "safe_exp", "gate": "refined", "norm": "rmsnorm"},
+            },
+            "train": {"steps": 10, "warmup_steps": 1},
+        },
+        name="c",
+    )
     assert explicit_defaults.run_id == spec.run_id
-    other = spec_from_dict({"model": {"d_model": 64, "attention": {"feature_map": "safe_exp", "gate": "gla"}},
-                            "train": {"steps": 10, "warmup_steps": 1}}, name="d")
+    other = spec_from_dict(
+        {
+            "model": {"d_model": 64, "attention": {"feature_map": "safe_exp", "gate": "gla"}},
+            "train": {"steps": 10, "warmup_steps": 1},
+        },
+        name="d",
+    )
     assert other.run_id != spec.run_id
     # Softmax-only models ignore the linear-attention settings entirely.
     s1 = spec_from_dict({"model": {"softmax_layers": "all", "attention": {"gate": "gla"}}}, name="s1")
@@ -86,25 +117,36 @@ def test_plugin_version_enters_the_run_id():
         FEATURE_MAPS.unregister("versioned_test_map")
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda g: g.update(axes={"variant": {"x": {"model.attention.feature_map": "saf_exp"}}}), "Did you mean 'safe_exp'?"),
-    (lambda g: g["base"]["train"].update(stepz=3), "unknown key 'stepz' in train (did you mean 'steps'?)"),
-    (lambda g: g.update(colour="red"), "unknown grid key(s) 'colour'; allowed: name"),
-    (lambda g: g.update(stages=["train", "evaluate"]), "unknown stage(s) ['evaluate']"),
-    (lambda g: g["base"].update(modle={}), "unknown top-level key(s) 'modle'"),
-    (lambda g: g.update(axes={"variant": "regla"}), "must be a non-empty list of values"),
-    (lambda g: g.update(zip=[{"train.lr": [1, 2], "train.seed": [1]}]), "all of the same length"),
-    (lambda g: g.update(exclude=[{"nope": 1}]), "must map axis names"),
-    (lambda g: g["base"]["model"].update(softmax_layers=[7]), "out of range for 2 layers"),
-    (lambda g: g.update(axes={"metric": [1, 2]}), "clash with result columns"),
-    (lambda g: g.update(reference={"source": "s", "metric": "m", "values": {"regal": 1.0}}), "names runs ['regal']"),
-    (lambda g: g.update(reference={"values": {}}), "must have exactly the keys source, metric, values"),
-    (lambda g: g["axes"]["variant"]["regla"]["model.attention"].update(gate_options={"rnak": 4}),
-     "gate 'refined' got unknown option(s) rnak; allowed options"),
-    (lambda g: g["base"]["data"].update(tokenizer="bpe4096"), "unknown tokenizer 'bpe4096'; allowed: gpt2, byte"),
-    (lambda g: g["base"]["data"].update(source="text-filez"), "unknown data source 'text-filez'; available:"),
-    (lambda g: g["base"]["data"]["options"].update(patern="x"), "got unknown option(s) ['patern']; allowed:"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda g: g.update(axes={"variant": {"x": {"model.attention.feature_map": "saf_exp"}}}),
+            "Did you mean 'safe_exp'?",
+        ),
+        (lambda g: g["base"]["train"].update(stepz=3), "unknown key 'stepz' in train (did you mean 'steps'?)"),
+        (lambda g: g.update(colour="red"), "unknown grid key(s) 'colour'; allowed: name"),
+        (lambda g: g.update(stages=["train", "evaluate"]), "unknown stage(s) ['evaluate']"),
+        (lambda g: g["base"].update(modle={}), "unknown top-level key(s) 'modle'"),
+        (lambda g: g.update(axes={"variant": "regla"}), "must be a non-empty list of values"),
+        (lambda g: g.update(zip=[{"train.lr": [1, 2], "train.seed": [1]}]), "all of the same length"),
+        (lambda g: g.update(exclude=[{"nope": 1}]), "must map axis names"),
+        (lambda g: g["base"]["model"].update(softmax_layers=[7]), "out of range for 2 layers"),
+        (lambda g: g.update(axes={"metric": [1, 2]}), "clash with result columns"),
+        (
+            lambda g: g.update(reference={"source": "s", "metric": "m", "values": {"regal": 1.0}}),
+            "names runs ['regal']",
+        ),
+        (lambda g: g.update(reference={"values": {}}), "must have exactly the keys source, metric, values"),
+        (
+            lambda g: g["axes"]["variant"]["regla"]["model.attention"].update(gate_options={"rnak": 4}),
+            "gate 'refined' got unknown option(s) rnak; allowed options",
+        ),
+        (lambda g: g["base"]["data"].update(tokenizer="bpe4096"), "unknown tokenizer 'bpe4096'; allowed: gpt2, byte"),
+        (lambda g: g["base"]["data"].update(source="text-filez"), "unknown data source 'text-filez'; available:"),
+        (lambda g: g["base"]["data"]["options"].update(patern="x"), "got unknown option(s) ['patern']; allowed:"),
+    ],
+)
 def test_malformed_grids_raise_errors_naming_the_problem(corpus, mutate, message):
     data = tiny_grid(corpus)
     mutate(data)
@@ -126,6 +168,7 @@ def test_grid_file_errors(tmp_path):
 
 
 # --- training, results, resume ---------------------------------------------------------------
+
 
 def run_tiny(corpus: Path, runs_dir: Path, **kwargs):
     grid = expand_grid(tiny_grid(corpus, **kwargs.pop("train", {})))
@@ -151,9 +194,11 @@ def test_training_lowers_the_loss_and_writes_parquet_rows(corpus, tmp_path):
 
 def test_parquet_schema_round_trip(tmp_path):
     spec = spec_from_dict({}, name="r", grid="g", axes={"variant": "x"})
-    records = [{"metric": "val/loss", "value": 1.5, "step": 3, "split": "validation"},
-               {"metric": "acc", "value": 0.25, "stderr": 0.01, "task": "piqa", "shots": 5},
-               {"metric": "error", "status": "failed", "error": "boom"}]
+    records = [
+        {"metric": "val/loss", "value": 1.5, "step": 3, "split": "validation"},
+        {"metric": "acc", "value": 0.25, "stderr": 0.01, "task": "piqa", "shots": 5},
+        {"metric": "error", "status": "failed", "error": "boom"},
+    ]
     rows = results_io.make_rows(spec, "train", records, results_io.environment(), "2026-01-01T00:00:00+00:00")
     path = tmp_path / "rows.parquet"
     results_io.write_rows(path, rows)
@@ -219,7 +264,10 @@ def test_interrupted_training_resumes_to_the_same_result(corpus, tmp_path, monke
     assert [r.status for r in resumed] == ["ok", "ok"]
     got = results_io.load("tiny", tmp_path / "runs")
     key = ["run_name", "metric", "step"]
-    losses = lambda f: f[f.metric.isin(["train/loss", "val/loss"])].set_index(key)["value"].sort_index()
+
+    def losses(frame):
+        return frame[frame.metric.isin(["train/loss", "val/loss"])].set_index(key)["value"].sort_index()
+
     pd.testing.assert_series_equal(losses(got), losses(expected), rtol=1e-5)
     assert not (tmp_path / "runs" / "tiny" / first.run_id / "training_state.pt").exists()
 
@@ -303,8 +351,11 @@ def test_missing_corpus_and_unreadable_paths_name_the_fix(tmp_path):
     with pytest.raises(UnreadablePathError, match="no file matches"):
         prepare_data("text-files", "byte", {"pattern": str(tmp_path / "none" / "*.txt")})
     with pytest.raises(CorpusNotFoundError, match="prepare_corpora.sh|make data"):
-        prepare_data("offline-english", "byte", {"gcide_dir": str(tmp_path), "wordnet_dir": str(tmp_path),
-                                                 "brown_dir": str(tmp_path)})
+        prepare_data(
+            "offline-english",
+            "byte",
+            {"gcide_dir": str(tmp_path), "wordnet_dir": str(tmp_path), "brown_dir": str(tmp_path)},
+        )
 
 
 def test_smoke_grid_file_is_valid():

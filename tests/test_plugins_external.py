@@ -6,6 +6,7 @@ target directory, and announced through the entry-point groups `regla.feature_ma
 up by the repository's own parametrized tests. Modules named by `--plugin` / `plugins:` are
 imported with `import_plugin_modules`.
 """
+
 from __future__ import annotations
 
 import os
@@ -114,9 +115,24 @@ def installed_package(tmp_path_factory) -> Path:
     (source / PACKAGE / "gates.py").write_text(textwrap.dedent(GATE_MODULE))
     target = root / "site"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert any(target.glob("regla_user_plugins-0.1.0.dist-info/entry_points.txt"))
     return target
@@ -140,8 +156,12 @@ def test_installed_package_plugins_appear_and_build_into_a_model(installed_packa
     assert FEATURE_MAPS.options_of("squared_relu_external") == {"power": 2.0}
 
     # Its positive kernel admits the denominator; its option goes through the config.
-    attention = AttentionConfig(feature_map="squared_relu_external", feature_map_options={"power": 1.5},
-                                norm="denominator", gate="learned_constant_external")
+    attention = AttentionConfig(
+        feature_map="squared_relu_external",
+        feature_map_options={"power": 1.5},
+        norm="denominator",
+        gate="learned_constant_external",
+    )
     model = tiny_model(attention)
     layer = model.linear_attention_layers()[0]
     assert type(layer.feature_map).__module__ == f"{PACKAGE}.maps" and layer.feature_map.power == 1.5
@@ -158,12 +178,26 @@ def test_installed_package_plugins_appear_and_build_into_a_model(installed_packa
 
 def test_parametrized_tests_pick_up_an_installed_plugin_with_no_new_test_code(installed_package):
     """The repository's plugin tests, run with the package importable, include its plugins."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(installed_package), str(REPO_ROOT)]),
-               OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(installed_package), str(REPO_ROOT)]), OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "external",
-         str(REPO_ROOT / "tests" / "test_variants.py"), str(REPO_ROOT / "tests" / "test_model.py")],
-        capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "external",
+            str(REPO_ROOT / "tests" / "test_variants.py"),
+            str(REPO_ROOT / "tests" / "test_model.py"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]
     passed = int(summary.split(" passed")[0].split()[-1])
@@ -175,7 +209,8 @@ def test_parametrized_tests_pick_up_an_installed_plugin_with_no_new_test_code(in
 
 def test_entry_point_from_a_dist_info_on_sys_path(tmp_path, isolated_registries, monkeypatch):
     """Without pip: a module plus a hand-written .dist-info with entry_points.txt on sys.path."""
-    (tmp_path / "handmade_norm_plugin.py").write_text(textwrap.dedent('''
+    (tmp_path / "handmade_norm_plugin.py").write_text(
+        textwrap.dedent('''
         from variants import OutputNorm, norm
 
         @norm("max_abs_external")
@@ -186,7 +221,8 @@ def test_entry_point_from_a_dist_info_on_sys_path(tmp_path, isolated_registries,
 
             def forward(self, o):
                 return o / o.abs().amax(-1, keepdim=True).clamp_min(1e-12)
-    '''))
+    ''')
+    )
     dist_info = tmp_path / "handmade_norm_plugin-1.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: handmade-norm-plugin\nVersion: 1.0\n")
@@ -214,7 +250,8 @@ def test_broken_entry_point_is_reported_by_name_every_time(tmp_path, isolated_re
 
 
 def test_import_plugin_modules_registers_a_module_from_a_path(tmp_path, isolated_registries, monkeypatch):
-    (tmp_path / "my_lab_feature_maps.py").write_text(textwrap.dedent('''
+    (tmp_path / "my_lab_feature_maps.py").write_text(
+        textwrap.dedent('''
         import torch
         from variants import FeatureMap, FeatureOutput, feature_map
 
@@ -228,13 +265,13 @@ def test_import_plugin_modules_registers_a_module_from_a_path(tmp_path, isolated
 
             def forward(self, x, role, state=None):
                 return FeatureOutput(torch.nn.functional.softplus(x))
-    '''))
+    ''')
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "softplus_external" not in FEATURE_MAPS.names()
     import_plugin_modules(["my_lab_feature_maps"])
     assert FEATURE_MAPS.names("softplus*") == ["softplus_external"]
-    model = tiny_model(AttentionConfig(feature_map="softplus_external", norm="rmsnorm", gate="gla",
-                                       denominator=True))
+    model = tiny_model(AttentionConfig(feature_map="softplus_external", norm="rmsnorm", gate="gla", denominator=True))
     logits, _ = model(torch.randint(0, 29, (2, 9)))
     assert logits.shape == (2, 9, 29) and torch.isfinite(logits).all()
     # Importing again is harmless: the module is cached, nothing registers twice.

@@ -4,8 +4,10 @@ recurrent (the ground truth) ≡ chunked ≡ parallel in fp64, forward and every
 lengths and at extreme gates, for every gate layout the kernels accept; the denominator,
 initial and final states, and the input checks of `kernels.gated_linear_attention`.
 """
+
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -25,10 +27,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # Which sides of the state are gated, and with how many channels: [.., K] / [.., V] per channel,
 # [.., 1] a per-head scalar.
 GATE_LAYOUTS = {
-    "key": (K, None),          # GLA, the refining gate
-    "value": (None, V),        # the refining gate on its literal (value) axis
-    "both": (K, V),            # Fast Decay's outer product
-    "scalar_key": (1, None),   # gated RFA's scalar gate
+    "key": (K, None),  # GLA, the refining gate
+    "value": (None, V),  # the refining gate on its literal (value) axis
+    "both": (K, V),  # Fast Decay's outer product
+    "scalar_key": (1, None),  # gated RFA's scalar gate
     "scalar_value": (None, 1),
     "none": (None, None),
 }
@@ -40,9 +42,9 @@ def log_gates(shape: tuple[int, ...], regime: str, generator: torch.Generator) -
     if regime == "typical":
         return torch.nn.functional.logsigmoid(2 * torch.randn(shape, generator=generator, dtype=DTYPE) + 1)
     if regime == "near_one":
-        return -1e-4 * u                       # g in (0.9999, 1]: almost no decay
+        return -1e-4 * u  # g in (0.9999, 1]: almost no decay
     if regime == "near_zero":
-        return -(30.0 + 20.0 * u)              # g ~ 1e-13 .. 1e-22: the state is all but erased
+        return -(30.0 + 20.0 * u)  # g ~ 1e-13 .. 1e-22: the state is all but erased
     if regime == "mixed":
         near_zero = torch.rand(shape, generator=generator, dtype=DTYPE) < 0.2
         return torch.where(near_zero, -(30.0 + 20.0 * u), -1e-4 * u)
@@ -51,8 +53,11 @@ def log_gates(shape: tuple[int, ...], regime: str, generator: torch.Generator) -
 
 def make_inputs(T: int, layout: str, regime: str, seed: int = 0, positive: bool = False):
     generator = torch.Generator().manual_seed(seed)
-    draw = (lambda *s: torch.rand(s, generator=generator, dtype=DTYPE)) if positive else \
-           (lambda *s: torch.randn(s, generator=generator, dtype=DTYPE))
+    draw = (
+        (lambda *s: torch.rand(s, generator=generator, dtype=DTYPE))
+        if positive
+        else (lambda *s: torch.randn(s, generator=generator, dtype=DTYPE))
+    )
     q, k, v = draw(B, T, H, K), draw(B, T, H, K), torch.randn(B, T, H, V, generator=generator, dtype=DTYPE)
     gk_dim, gv_dim = GATE_LAYOUTS[layout]
     gk = log_gates((B, T, H, gk_dim), regime, generator) if gk_dim else None
@@ -75,8 +80,9 @@ def outputs_and_grads(fn, inputs, **kwargs):
     leaves = [None if x is None else x.clone().requires_grad_(True) for x in inputs]
     o, final = fn(*leaves[:5], initial_state=leaves[5], output_final_state=True, **kwargs)
     generator = torch.Generator().manual_seed(1234)
-    loss = (o * torch.randn(o.shape, generator=generator, dtype=DTYPE)).sum() + \
-           (final * torch.randn(final.shape, generator=generator, dtype=DTYPE)).sum()
+    loss = (o * torch.randn(o.shape, generator=generator, dtype=DTYPE)).sum() + (
+        final * torch.randn(final.shape, generator=generator, dtype=DTYPE)
+    ).sum()
     differentiable = [x for x in leaves if x is not None]
     grads = torch.autograd.grad(loss, differentiable)
     it = iter(grads)
@@ -102,7 +108,7 @@ def assert_same_function(reference, candidate, label: str) -> None:
 @pytest.mark.parametrize("T", LENGTHS)
 def test_recurrent_chunked_parallel_agree(T, layout, regime):
     inputs = make_inputs(T, layout, regime, seed=T)
-    scale = K ** -0.5
+    scale = K**-0.5
     reference = outputs_and_grads(recurrent_gla, inputs, scale=scale)
     # Chunks of 16 put several chunk boundaries inside every length above 16; the default chunk
     # is what `gated_linear_attention` uses on CPU.
@@ -121,7 +127,7 @@ def test_denominator_same_through_every_implementation(T, layout):
     inputs = (*inputs[:5], h0)
     results = {}
     for impl in IMPLS:
-        fn = lambda *a, **kw: gated_linear_attention(*a, denominator=True, impl=impl, **kw)  # noqa: E731
+        fn = functools.partial(gated_linear_attention, denominator=True, impl=impl)
         results[impl] = outputs_and_grads(fn, inputs, scale=0.3)
     for impl in ("chunked", "parallel"):
         assert_same_function(results["recurrent"], results[impl], f"{impl} with denominator")
@@ -155,11 +161,15 @@ def test_denominator_is_gated_rfa():
     h_t = S_t φ(q) / (c_tᵀ φ(q)); the op gets log g and keys pre-scaled by 1 − g."""
     T = 11
     generator = torch.Generator().manual_seed(5)
-    q, k = torch.rand(B, T, H, K, generator=generator, dtype=DTYPE), torch.rand(B, T, H, K, generator=generator, dtype=DTYPE)
+    q, k = (
+        torch.rand(B, T, H, K, generator=generator, dtype=DTYPE),
+        torch.rand(B, T, H, K, generator=generator, dtype=DTYPE),
+    )
     v = torch.randn(B, T, H, V, generator=generator, dtype=DTYPE)
     g = torch.rand(B, T, H, 1, generator=generator, dtype=DTYPE)
-    o, _ = gated_linear_attention(q, k * (1 - g), v, g.log(), scale=0.5, denominator=True,
-                                  denominator_eps=0.0, impl="recurrent")
+    o, _ = gated_linear_attention(
+        q, k * (1 - g), v, g.log(), scale=0.5, denominator=True, denominator_eps=0.0, impl="recurrent"
+    )
     S, c = torch.zeros(B, H, V, K, dtype=DTYPE), torch.zeros(B, H, K, dtype=DTYPE)
     for t in range(T):
         gt = g[:, t]  # [B, H, 1]
@@ -207,21 +217,29 @@ def test_default_implementation_on_cpu():
 
 # -- input checks -----------------------------------------------------------------------------------
 
+
 def _ok_inputs(T: int = 4):
     return make_inputs(T, "both", "typical")
 
 
-@pytest.mark.parametrize("broken, expected_message", [
-    (lambda q, k, v, gk, gv, h0: dict(q=q[0]), "must be [batch, time, heads, dim]"),
-    (lambda q, k, v, gk, gv, h0: dict(k=k[..., :-1]), "q and k must have the same shape [B, T, H, K]"),
-    (lambda q, k, v, gk, gv, h0: dict(v=v[:, :-1]), "v must be [B, T, H, V] with the same B, T, H as q"),
-    (lambda q, k, v, gk, gv, h0: dict(gk=gk[..., :2]), f"gk must be [B, T, H, {K}] or [B, T, H, 1]"),
-    (lambda q, k, v, gk, gv, h0: dict(gv=gv[:, :, :1]), f"gv must be [B, T, H, {V}] or [B, T, H, 1]"),
-    (lambda q, k, v, gk, gv, h0: dict(initial_state=h0[..., :-1]),
-     f"initial_state must be [B, H, K, V] = {(B, H, K, V)}"),
-    (lambda q, k, v, gk, gv, h0: dict(q=q[:, :0], k=k[:, :0], v=v[:, :0], gk=gk[:, :0], gv=gv[:, :0]),
-     "sequence length must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "broken, expected_message",
+    [
+        (lambda q, k, v, gk, gv, h0: dict(q=q[0]), "must be [batch, time, heads, dim]"),
+        (lambda q, k, v, gk, gv, h0: dict(k=k[..., :-1]), "q and k must have the same shape [B, T, H, K]"),
+        (lambda q, k, v, gk, gv, h0: dict(v=v[:, :-1]), "v must be [B, T, H, V] with the same B, T, H as q"),
+        (lambda q, k, v, gk, gv, h0: dict(gk=gk[..., :2]), f"gk must be [B, T, H, {K}] or [B, T, H, 1]"),
+        (lambda q, k, v, gk, gv, h0: dict(gv=gv[:, :, :1]), f"gv must be [B, T, H, {V}] or [B, T, H, 1]"),
+        (
+            lambda q, k, v, gk, gv, h0: dict(initial_state=h0[..., :-1]),
+            f"initial_state must be [B, H, K, V] = {(B, H, K, V)}",
+        ),
+        (
+            lambda q, k, v, gk, gv, h0: dict(q=q[:, :0], k=k[:, :0], v=v[:, :0], gk=gk[:, :0], gv=gv[:, :0]),
+            "sequence length must be at least 1",
+        ),
+    ],
+)
 def test_wrong_shapes_say_what_is_expected(broken, expected_message):
     q, k, v, gk, gv, h0 = _ok_inputs()
     args = dict(q=q, k=k, v=v, gk=gk, gv=gv, initial_state=h0)

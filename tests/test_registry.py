@@ -1,11 +1,11 @@
 """The plugin registry: lookup, wildcard listing, and errors that say what is allowed."""
+
 from __future__ import annotations
 
 import pytest
 from torch import nn
 
-from variants import FEATURE_MAPS, GATES, NORMS, REGISTRIES, FeatureMap, Registry, RegistryError
-from variants import import_plugin_modules
+from variants import FEATURE_MAPS, GATES, NORMS, REGISTRIES, FeatureMap, Registry, RegistryError, import_plugin_modules
 
 
 def test_one_registry_per_axis_with_its_entry_point_group():
@@ -42,11 +42,14 @@ def test_every_plugin_carries_its_name_version_and_source():
             assert name in registry
 
 
-@pytest.mark.parametrize("axis, registry, typo, suggestion", [
-    ("feature map", FEATURE_MAPS, "safe_exq", "safe_exp"),
-    ("norm", NORMS, "rmsnrom", "rmsnorm"),
-    ("gate", GATES, "refine", "refined"),
-])
+@pytest.mark.parametrize(
+    "axis, registry, typo, suggestion",
+    [
+        ("feature map", FEATURE_MAPS, "safe_exq", "safe_exp"),
+        ("norm", NORMS, "rmsnrom", "rmsnorm"),
+        ("gate", GATES, "refine", "refined"),
+    ],
+)
 def test_unknown_name_names_the_axis_suggests_and_lists(axis, registry, typo, suggestion):
     with pytest.raises(RegistryError) as info:
         registry.get(typo)
@@ -76,9 +79,11 @@ def test_duplicate_registration_is_refused():
         pass
 
     with pytest.raises(RegistryError) as info:
+
         @registry.register("alpha")
         class OtherAlpha(nn.Module):
             pass
+
     message = str(info.value)
     assert "duplicate widget name 'alpha'" in message
     assert f"{Alpha.__module__}.{Alpha.__qualname__}" in message
@@ -91,9 +96,11 @@ def test_duplicate_registration_is_refused():
 def test_duplicate_of_a_built_in_is_refused_and_leaves_the_built_in():
     builtin = FEATURE_MAPS.get("relu")
     with pytest.raises(RegistryError, match="duplicate feature map name 'relu'"):
+
         @FEATURE_MAPS.register("relu")
         class MyRelu(FeatureMap):
             pass
+
     assert FEATURE_MAPS.get("relu") is builtin
 
 

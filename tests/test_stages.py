@@ -1,4 +1,5 @@
 """The probe and profile stages on a tiny grid: rows land in Parquet, plots in the report."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,13 @@ def test_probe_and_profile_stages(corpus, tmp_path, monkeypatch):
     data = tiny_grid(corpus, steps=10, eval_every=5)
     data["stages"] = ["train", "probe", "profile"]
     data["base"]["probe"] = {"batches": 1, "batch_size": 4, "bins": 10}
-    data["base"]["profile"] = {"seq_lens": [16, 32], "batch_size": 2, "generation_lengths": [4, 8],
-                               "warmup": 1, "repeats": 2}
+    data["base"]["profile"] = {
+        "seq_lens": [16, 32],
+        "batch_size": 2,
+        "generation_lengths": [4, 8],
+        "warmup": 1,
+        "repeats": 2,
+    }
     grid = expand_grid(data)
     outcome = run_grid(grid, grid.runs, runs_dir=tmp_path / "runs", progress=False)
     assert {r.status for r in outcome} == {"ok"}
@@ -25,7 +31,9 @@ def test_probe_and_profile_stages(corpus, tmp_path, monkeypatch):
 
     probe = frame[(frame.stage == "probe") & (frame.run_name == "regla")]
     hist = probe[probe.metric == "gate/hist"]
-    for (step, gate), group in hist.groupby([hist.step, hist.extra.map(lambda e: (json.loads(e)["layer"], json.loads(e)["gate"]))]):
+    for (step, gate), group in hist.groupby(
+        [hist.step, hist.extra.map(lambda e: (json.loads(e)["layer"], json.loads(e)["gate"]))]
+    ):
         assert abs(group.value.sum() - 1.0) < 1e-5, (step, gate)  # fractions of all activations
     assert set(hist.step) == {0, 10}
     gates = {json.loads(e)["gate"] for e in probe.extra}
@@ -67,8 +75,12 @@ def test_eval_stage_scores_the_trained_model_and_reports_per_task(corpus, tmp_pa
         shutil.copytree(fixtures / task, data_dir / task)
     data = tiny_grid(corpus, steps=10, eval_every=5)
     data["stages"] = ["train", "eval"]
-    data["base"]["eval"] = {"tasks": ["piqa", "boolq", "arc_eazy"], "limit": 4, "batch_size": 4,
-                            "data_dir": str(data_dir)}
+    data["base"]["eval"] = {
+        "tasks": ["piqa", "boolq", "arc_eazy"],
+        "limit": 4,
+        "batch_size": 4,
+        "data_dir": str(data_dir),
+    }
     with pytest.raises(ConfigError, match="unknown evaluation task 'arc_eazy'"):
         expand_grid(data)
     data["base"]["eval"]["tasks"] = ["piqa", "boolq", "arc_easy"]

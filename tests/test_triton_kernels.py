@@ -4,6 +4,7 @@ Without CUDA the same kernels run under Triton's interpreter (tests/conftest.py 
 on tiny shapes; the `gpu` tests cover long sequences and real head dims on a CUDA device.
 Every buffer a kernel writes is pre-filled with NaN, so an unwritten element fails the check.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,6 +20,7 @@ import kernels  # noqa: E402
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
 from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
+
 from .numerics import rel_rms, worst  # noqa: E402
 
 # By module path: the package re-exports the function under the module's own name.
@@ -34,10 +36,9 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def nan_filled_buffers(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
     for name in ("kernels.triton_gla", "kernels.triton_gla_refined"):
         monkeypatch.setattr(importlib.import_module(name), "_empty", nan_empty)
-
-
 
 
 def make_inputs(B, T, H, K, V, *, dtype, gate="vector", gate_min=-8.0, gate_spread=2.0, seed=0):
@@ -47,16 +48,23 @@ def make_inputs(B, T, H, K, V, *, dtype, gate="vector", gate_min=-8.0, gate_spre
     gate_dim = 1 if gate == "scalar" else K
     gk = F.logsigmoid(randn(B, T, H, gate_dim) * gate_spread + (4.0 if gate == "near_zero" else 0.0))
     gk = gk.clamp_min(gate_min)
-    tensors = dict(q=randn(B, T, H, K), k=randn(B, T, H, K), v=randn(B, T, H, V), gk=gk,
-                   h0=randn(B, H, K, V))
+    tensors = dict(q=randn(B, T, H, K), k=randn(B, T, H, K), v=randn(B, T, H, V), gk=gk, h0=randn(B, H, K, V))
     return {name: t.to(DEVICE, dtype) for name, t in tensors.items()}
 
 
 def run_with_grads(fn, inputs, do, dht, scale):
     """Output, final state and the gradients of <o, do> + <S_T, dS_T> w.r.t. q, k, v, gk, h0."""
     leaves = {name: t.detach().clone().requires_grad_(True) for name, t in inputs.items()}
-    o, final = fn(leaves["q"], leaves["k"], leaves["v"], leaves["gk"], None, scale=scale,
-                  initial_state=leaves["h0"], output_final_state=True)
+    o, final = fn(
+        leaves["q"],
+        leaves["k"],
+        leaves["v"],
+        leaves["gk"],
+        None,
+        scale=scale,
+        initial_state=leaves["h0"],
+        output_final_state=True,
+    )
     loss = (o.double() * do.double()).sum() + (final.double() * dht.double()).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return {"o": o, "final_state": final, **{f"d{name}": g for name, g in zip(leaves, grads)}}
@@ -64,7 +72,7 @@ def run_with_grads(fn, inputs, do, dht, scale):
 
 def compare_to_recurrence(B, T, H, K, V, *, dtype, **gate_options):
     inputs = make_inputs(B, T, H, K, V, dtype=dtype, **gate_options)
-    scale = K ** -0.5
+    scale = K**-0.5
     do = torch.randn(B, T, H, V, device=DEVICE, dtype=dtype)
     dht = torch.randn(B, H, K, V, device=DEVICE, dtype=torch.float32)
     got = run_with_grads(triton_gla, inputs, do, dht, scale)
@@ -95,8 +103,7 @@ def test_head_dims_not_powers_of_two():
 @pytest.mark.parametrize("T, gate_min, gate", [(64, -5.0, "vector"), (65, -8.0, "vector"), (64, -8.0, "near_zero")])
 def test_extreme_gates(T, gate_min, gate):
     # gate_spread 6 puts much of the mass on the clamp (very negative) or near log 1 = 0.
-    errors = compare_to_recurrence(1, T, 1, 16, 16, dtype=torch.float32, gate=gate, gate_min=gate_min,
-                                   gate_spread=6.0)
+    errors = compare_to_recurrence(1, T, 1, 16, 16, dtype=torch.float32, gate=gate, gate_min=gate_min, gate_spread=6.0)
     assert worst(errors) <= 1e-4, errors
 
 
@@ -122,8 +129,9 @@ def test_gradients_without_final_state_gradient(final_state):
     results = []
     for fn, dtype in ((triton_gla, torch.float32), (recurrent_gla, torch.float64)):
         leaves = [inputs[n].to(dtype).requires_grad_(True) for n in ("q", "k", "v", "gk", "h0")]
-        o, _ = fn(*leaves[:4], None, scale=0.25, initial_state=leaves[4],
-                  output_final_state=final_state != "not returned")
+        o, _ = fn(
+            *leaves[:4], None, scale=0.25, initial_state=leaves[4], output_final_state=final_state != "not returned"
+        )
         results.append(torch.autograd.grad((o * do.to(dtype)).sum(), leaves))
     errors = [rel_rms(got, want) for got, want in zip(*results)]
     assert worst(errors) <= 1e-4, errors
@@ -143,18 +151,33 @@ def test_fused_refined_gate_matches_torch_formula(tau, log_clamp):
     B, T, H, K, V = 1, 65, 1, 16, 16
     gen = torch.Generator().manual_seed(4)
     randn = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
-    inputs = [randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V), randn(B, T, H, K) * 4 - 1,
-              randn(B, T, H, K) * 2, randn(B, H, K, V)]
+    inputs = [
+        randn(B, T, H, K),
+        randn(B, T, H, K),
+        randn(B, T, H, V),
+        randn(B, T, H, K) * 4 - 1,
+        randn(B, T, H, K) * 2,
+        randn(B, H, K, V),
+    ]
     do, dht = randn(B, T, H, V), randn(B, H, K, V)
 
     def run(dtype, fused):
         q, k, v, a, b, h0 = leaves = [x.to(dtype).requires_grad_(True) for x in inputs]
         if fused:
-            o, final = triton_gla_refined_gate(q, k, v, a, b, tau=tau, log_clamp=log_clamp, scale=0.25,
-                                               initial_state=h0, output_final_state=True)
+            o, final = triton_gla_refined_gate(
+                q, k, v, a, b, tau=tau, log_clamp=log_clamp, scale=0.25, initial_state=h0, output_final_state=True
+            )
         else:
-            o, final = recurrent_gla(q, k, v, refined_log_gate(a, b, tau, log_clamp), None, scale=0.25,
-                                     initial_state=h0, output_final_state=True)
+            o, final = recurrent_gla(
+                q,
+                k,
+                v,
+                refined_log_gate(a, b, tau, log_clamp),
+                None,
+                scale=0.25,
+                initial_state=h0,
+                output_final_state=True,
+            )
         loss = (o * do.to(dtype)).sum() + (final * dht.to(dtype)).sum()
         return [o, final, *torch.autograd.grad(loss, leaves)]
 
@@ -168,8 +191,9 @@ def test_through_dispatch_with_denominator():
     q, k, v, gk = (inputs[n] for n in ("q", "k", "v", "gk"))
     q, k = q.abs(), k.abs()  # positive features keep the denominator away from zero
     got, _ = kernels.gated_linear_attention(q, k, v, gk, scale=0.25, denominator=True, impl="triton")
-    want, _ = kernels.gated_linear_attention(q.double(), k.double(), v.double(), gk.double(), scale=0.25,
-                                             denominator=True, impl="recurrent")
+    want, _ = kernels.gated_linear_attention(
+        q.double(), k.double(), v.double(), gk.double(), scale=0.25, denominator=True, impl="recurrent"
+    )
     assert rel_rms(got, want) <= 1e-4
 
 

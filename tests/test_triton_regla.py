@@ -6,6 +6,7 @@ gate), the initial state and the initial key max.
 Without CUDA the kernels run under Triton's interpreter (tests/conftest.py) on tiny shapes; the
 `gpu` tests cover T up to 4096 and head dims 64 and 128 in fp32 and bf16.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,6 +21,7 @@ from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.safe_exp import KEY_MAX_SCOPES  # noqa: E402
 from kernels.triton_regla import triton_regla  # noqa: E402
 from variants.feature_maps import SafeExp  # noqa: E402
+
 from .numerics import rel_rms, worst  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -32,12 +34,12 @@ KERNEL_MODULES = ("kernels.triton_gla", "kernels.triton_gla_refined", "kernels.t
 @pytest.fixture(autouse=True)
 def nan_filled_buffers(monkeypatch):
     """Every buffer the kernels write starts as NaN, so an element left unwritten fails the check."""
+
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
     for name in KERNEL_MODULES:
         monkeypatch.setattr(importlib.import_module(name), "_empty", nan_empty)
-
-
 
 
 def refined_log_gate(a, b, tau, log_clamp):
@@ -58,19 +60,32 @@ def composed(q, k, v, gate, *, key_max, tau, log_clamp, scale, h0=None, m0=None)
         log_gate = log_gate + key.log_decay
     # The fp64 chunked form equals the recurrence (tests/test_reference_ops.py); it keeps long GPU cases fast.
     reference = recurrent_gla if q.shape[1] <= 256 else chunked_gla
-    o, final = reference(query.features, key.features, v, log_gate, None, scale=scale, initial_state=h0,
-                         output_final_state=True)
+    o, final = reference(
+        query.features, key.features, v, log_gate, None, scale=scale, initial_state=h0, output_final_state=True
+    )
     return o, final, key.state
 
 
 def fused(q, k, v, gate, *, key_max, tau, log_clamp, scale, h0=None, m0=None):
     kwargs = dict(gate_logits=gate[0], refine_logits=gate[1]) if len(gate) == 2 else dict(log_gate=gate[0])
-    return triton_regla(q, k, v, **kwargs, tau=tau, log_clamp=log_clamp, key_max=key_max, scale=scale,
-                        initial_state=h0, initial_key_max=m0, output_final_state=True)
+    return triton_regla(
+        q,
+        k,
+        v,
+        **kwargs,
+        tau=tau,
+        log_clamp=log_clamp,
+        key_max=key_max,
+        scale=scale,
+        initial_state=h0,
+        initial_key_max=m0,
+        output_final_state=True,
+    )
 
 
-def make_inputs(B, T, H, K, V, *, gate="refined", gate_shift=0.0, gate_spread=3.0, key_spread=1.0,
-                with_state=False, seed=0):
+def make_inputs(
+    B, T, H, K, V, *, gate="refined", gate_shift=0.0, gate_spread=3.0, key_spread=1.0, with_state=False, seed=0
+):
     gen = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     x = dict(q=randn(B, T, H, K) * 2, k=randn(B, T, H, K) * key_spread, v=randn(B, T, H, V))
@@ -94,18 +109,21 @@ def compare(B, T, H, K, V, *, dtype, key_max="running", tau=1.0, log_clamp=-8.0,
     do = torch.randn(B, T, H, V, generator=gen)
     dht = torch.randn(B, H, K, V, generator=gen)
     dm = torch.randn(B, H, generator=gen)
-    options = dict(key_max=key_max, tau=tau, log_clamp=log_clamp, scale=K ** -0.5)
+    options = dict(key_max=key_max, tau=tau, log_clamp=log_clamp, scale=K**-0.5)
 
     def run(fn, dtype, device):
         leaves = {n: t.to(device, dtype).requires_grad_(True) for n, t in inputs.items()}
         gate = (leaves["a"], leaves["b"]) if "a" in leaves else (leaves["g"],)
-        o, final, key_state = fn(leaves["q"], leaves["k"], leaves["v"], gate, h0=leaves.get("h0"),
-                                 m0=leaves.get("m0"), **options)
-        loss = (o.double() * do.to(device).double()).sum() + (final.double() * dht.to(device).double()).sum() \
+        o, final, key_state = fn(
+            leaves["q"], leaves["k"], leaves["v"], gate, h0=leaves.get("h0"), m0=leaves.get("m0"), **options
+        )
+        loss = (
+            (o.double() * do.to(device).double()).sum()
+            + (final.double() * dht.to(device).double()).sum()
             + (key_state.double() * dm.to(device).double()).sum()
+        )
         grads = torch.autograd.grad(loss, list(leaves.values()))
-        return {"o": o, "final_state": final, "key_max": key_state,
-                **{f"d{n}": g for n, g in zip(leaves, grads)}}
+        return {"o": o, "final_state": final, "key_max": key_state, **{f"d{n}": g for n, g in zip(leaves, grads)}}
 
     got = run(fused, dtype, DEVICE)
     want = run(composed, torch.float64, DEVICE)
@@ -134,13 +152,15 @@ def test_given_log_gate(gate):
     assert worst(errors) <= 1e-4, errors
 
 
-@pytest.mark.parametrize("gate_shift, tau, log_clamp", [(8.0, 1.0, -8.0), (-8.0, 1.0, -8.0), (-8.0, 16.0, None),
-                                                        (0.0, 2.0, -0.5)])
+@pytest.mark.parametrize(
+    "gate_shift, tau, log_clamp", [(8.0, 1.0, -8.0), (-8.0, 1.0, -8.0), (-8.0, 16.0, None), (0.0, 2.0, -0.5)]
+)
 def test_extreme_gates(gate_shift, tau, log_clamp):
     # Logits far positive (gates near 1), far negative (near 0, on the clamp or past it), and a
     # clamp that bites on most elements.
-    errors = compare(1, 64, 1, 16, 16, dtype=torch.float32, gate_shift=gate_shift, gate_spread=6.0, tau=tau,
-                     log_clamp=log_clamp)
+    errors = compare(
+        1, 64, 1, 16, 16, dtype=torch.float32, gate_shift=gate_shift, gate_spread=6.0, tau=tau, log_clamp=log_clamp
+    )
     assert worst(errors) <= 1e-4, errors
 
 
@@ -159,12 +179,28 @@ def test_ties_in_the_max_share_the_gradient():
         x[..., 1] = x.amax(-1)
         x[..., 5] = x[..., 1]
     leaves = {n: t.to(DEVICE).requires_grad_(True) for n, t in inputs.items()}
-    o, _, _ = fused(leaves["q"], leaves["k"], leaves["v"], (leaves["a"], leaves["b"]), key_max="running",
-                    tau=1.0, log_clamp=-8.0, scale=0.25)
+    o, _, _ = fused(
+        leaves["q"],
+        leaves["k"],
+        leaves["v"],
+        (leaves["a"], leaves["b"]),
+        key_max="running",
+        tau=1.0,
+        log_clamp=-8.0,
+        scale=0.25,
+    )
     got = torch.autograd.grad(o.sum(), [leaves["q"], leaves["k"]])
     exact = {n: t.to(DEVICE, torch.float64).requires_grad_(True) for n, t in inputs.items()}
-    o, _, _ = composed(exact["q"], exact["k"], exact["v"], (exact["a"], exact["b"]), key_max="running",
-                       tau=1.0, log_clamp=-8.0, scale=0.25)
+    o, _, _ = composed(
+        exact["q"],
+        exact["k"],
+        exact["v"],
+        (exact["a"], exact["b"]),
+        key_max="running",
+        tau=1.0,
+        log_clamp=-8.0,
+        scale=0.25,
+    )
     want = torch.autograd.grad(o.sum(), [exact["q"], exact["k"]])
     assert worst(rel_rms(g, w) for g, w in zip(got, want)) <= 1e-4
 
@@ -195,11 +231,25 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"q must be \[B, T, H, K\]"):
         triton_regla(q[0], k, v, gate_logits=a, refine_logits=b)
     with pytest.raises(ValueError, match=r"initial_state must be \[B, H, K, V\] = \(1, 1, 16, 16\)"):
-        triton_regla(q, k, v, gate_logits=a, refine_logits=b, initial_state=torch.zeros(1, 1, 16, 8),
-                     initial_key_max=torch.zeros(1, 1))
+        triton_regla(
+            q,
+            k,
+            v,
+            gate_logits=a,
+            refine_logits=b,
+            initial_state=torch.zeros(1, 1, 16, 8),
+            initial_key_max=torch.zeros(1, 1),
+        )
     with pytest.raises(ValueError, match=r"initial_key_max must be \[B, H\]"):
-        triton_regla(q, k, v, gate_logits=a, refine_logits=b, initial_state=torch.zeros(1, 1, 16, 16),
-                     initial_key_max=torch.zeros(1))
+        triton_regla(
+            q,
+            k,
+            v,
+            gate_logits=a,
+            refine_logits=b,
+            initial_state=torch.zeros(1, 1, 16, 16),
+            initial_key_max=torch.zeros(1),
+        )
     with pytest.raises(ValueError, match="must share one dtype"):
         triton_regla(q, k, v.double(), gate_logits=a, refine_logits=b)
     with pytest.raises(ValueError, match="chunk_size"):
@@ -239,22 +289,32 @@ def test_gpu_fused_regla(T, D, dtype):
 @pytest.mark.parametrize("gate_shift", [8.0, -8.0], ids=["near_one", "near_zero"])
 def test_gpu_fused_regla_extreme_gates(gate_shift, dtype):
     errors = compare(1, 1000, 2, 128, 128, dtype=dtype, gate_shift=gate_shift, gate_spread=6.0, key_spread=2.0)
-    print(f"\nfused regla {dtype} T=1000 D=128 gates {gate_shift:+} rel-RMS "
-          + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
+    print(
+        f"\nfused regla {dtype} T=1000 D=128 gates {gate_shift:+} rel-RMS "
+        + " ".join(f"{n}={e:.2e}" for n, e in errors.items())
+    )
     check_gpu_errors(errors, dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # The layer: the fused path is the composed one, for every switch it covers.
 
+
 def make_layer(feature_options, norm="rmsnorm", denominator=False, gate_options=None):
     from harness.config import AttentionConfig
     from harness.layers import LinearAttention
+
     torch.manual_seed(0)
     # A large denominator eps makes any difference in how the two paths scale it visible.
-    config = AttentionConfig(feature_map="safe_exp", feature_map_options=feature_options, norm=norm,
-                             gate="refined", gate_options=gate_options or {}, denominator=denominator,
-                             denominator_eps=1e-2)
+    config = AttentionConfig(
+        feature_map="safe_exp",
+        feature_map_options=feature_options,
+        norm=norm,
+        gate="refined",
+        gate_options=gate_options or {},
+        denominator=denominator,
+        denominator_eps=1e-2,
+    )
     return LinearAttention(32, 2, 16, config).to(DEVICE)
 
 
@@ -267,12 +327,16 @@ def layer_outputs(layer, x, fused, monkeypatch):
     return [y.detach()] + [p.grad.detach().clone() for p in layer.parameters()]
 
 
-@pytest.mark.parametrize("feature_options, norm, denominator, gate_options", [
-    ({}, "rmsnorm", False, {}),
-    ({"key_max": "sequence", "variance_factor": "query"}, "layernorm", False, {"tau": 4.0}),
-    ({"key_max": "chunk", "chunk_size": 16}, "none", True, {"log_clamp": None, "rank": 4}),
-    ({"variance_factor": "query"}, "none", True, {"input": "x_shift"}),
-], ids=["default", "sequence_query_factor", "chunk_denominator_lowrank", "query_factor_denominator_shifted_input"])
+@pytest.mark.parametrize(
+    "feature_options, norm, denominator, gate_options",
+    [
+        ({}, "rmsnorm", False, {}),
+        ({"key_max": "sequence", "variance_factor": "query"}, "layernorm", False, {"tau": 4.0}),
+        ({"key_max": "chunk", "chunk_size": 16}, "none", True, {"log_clamp": None, "rank": 4}),
+        ({"variance_factor": "query"}, "none", True, {"input": "x_shift"}),
+    ],
+    ids=["default", "sequence_query_factor", "chunk_denominator_lowrank", "query_factor_denominator_shifted_input"],
+)
 def test_layer_fused_path_matches_composed(feature_options, norm, denominator, gate_options, monkeypatch):
     layer = make_layer(feature_options, norm, denominator, gate_options)
     x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -293,7 +357,7 @@ def test_layer_decodes_after_a_fused_prefill(monkeypatch):
         y, state = layer(x[:, :20], use_cache=True)
         steps = [y]
         for t in range(20, 24):
-            y, state = layer(x[:, t:t + 1], state, use_cache=True)
+            y, state = layer(x[:, t : t + 1], state, use_cache=True)
             steps.append(y)
     assert rel_rms(torch.cat(steps, dim=1), full) <= 1e-5
 
@@ -313,6 +377,7 @@ def test_fused_path_keeps_less_for_the_backward(monkeypatch):
     # What autograd keeps between forward and backward decides training memory; the fused op
     # keeps the raw inputs, [B, T, H] shifts and the cumulative gates, not φ(q), φ(k) and the gate.
     from harness.measure import saved_for_backward_mib
+
     layer = make_layer({})
     x = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     saved = {}
@@ -324,6 +389,7 @@ def test_fused_path_keeps_less_for_the_backward(monkeypatch):
 
 def test_saved_for_backward_counts_each_storage_once():
     from harness.measure import saved_for_backward_mib
+
     a = torch.randn(1024, 256, requires_grad=True)
     b = torch.randn(1024, 256, requires_grad=True)
     assert saved_for_backward_mib(lambda: (a * b).sum()) == pytest.approx(2.0)  # a and b, 1 MiB each
@@ -335,8 +401,19 @@ def test_benchmark_plots_committed_rows(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_kernels.py"), "--out", str(tmp_path), "--replot",
-                    str(root / "results/kernels/run5/kernels_timing.parquet"), "--anchors",
-                    str(root / "results/kernels/anchors/h200-fla-sdpa-2026-11-28.json")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "bench_kernels.py"),
+            "--out",
+            str(tmp_path),
+            "--replot",
+            str(root / "results/kernels/run5/kernels_timing.parquet"),
+            "--anchors",
+            str(root / "results/kernels/anchors/h200-fla-sdpa-2026-11-28.json"),
+        ],
+        check=True,
+    )
     assert (tmp_path / "kernels_timing.png").stat().st_size > 10_000

@@ -5,6 +5,7 @@ Plugin tests are parametrized from the registries at collection time, so a newly
 plugin (built in, or from an entry point) is tested with no new test code. Each plugin is tested
 with its defaults and with every value of the mode switches it exposes (`MODE_SWITCHES`).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,6 +50,7 @@ def assert_finite_grads(outputs: list[torch.Tensor], inputs: list[torch.Tensor])
 
 # -- feature maps -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name, options", plugin_cases(FEATURE_MAPS))
 def test_feature_map_contract(name, options):
     phi = FEATURE_MAPS.create(name, K, H, **options).to(DTYPE)
@@ -67,8 +69,9 @@ def test_feature_map_contract(name, options):
     assert_finite_grads(outputs, [x, *phi.parameters()])
 
 
-@pytest.mark.parametrize("name, options", [case for case in plugin_cases(FEATURE_MAPS)
-                                           if FEATURE_MAPS.get(case.values[0]).positive_kernel])
+@pytest.mark.parametrize(
+    "name, options", [case for case in plugin_cases(FEATURE_MAPS) if FEATURE_MAPS.get(case.values[0]).positive_kernel]
+)
 def test_feature_map_positive_kernel_flag_is_true(name, options):
     """`positive_kernel` promises phi(q)·phi(k) >= 0 (the denominator relies on it)."""
     phi = FEATURE_MAPS.create(name, K, H, **options).to(DTYPE)
@@ -85,13 +88,13 @@ def test_feature_map_causal_flag_is_true(name, options):
     x = randn(B, T, H, K, seed=4)
     cut = 5
     changed = x.clone()
-    changed[:, cut + 1:] = 4 * randn(B, T - cut - 1, H, K, seed=5) + 3
+    changed[:, cut + 1 :] = 4 * randn(B, T - cut - 1, H, K, seed=5) + 3
     reads_future = False
     for role in ("q", "k"):
         a, b = phi(x, role), phi(changed, role)
         for first, second in ((a.features, b.features), (a.log_decay, b.log_decay)):
             if first is not None:
-                reads_future |= not torch.equal(first[:, :cut + 1], second[:, :cut + 1])
+                reads_future |= not torch.equal(first[:, : cut + 1], second[:, : cut + 1])
     assert reads_future == (not phi.causal)
 
 
@@ -111,10 +114,10 @@ def test_safe_exp_running_decoding_state_matches_the_full_pass():
     full = phi(x, "k")
     state = None
     for t in range(T):
-        step = phi(x[:, t:t + 1], "k", state)
-        torch.testing.assert_close(step.features, full.features[:, t:t + 1], rtol=0, atol=0)
+        step = phi(x[:, t : t + 1], "k", state)
+        torch.testing.assert_close(step.features, full.features[:, t : t + 1], rtol=0, atol=0)
         if t:
-            torch.testing.assert_close(step.log_decay, full.log_decay[:, t:t + 1], rtol=0, atol=0)
+            torch.testing.assert_close(step.log_decay, full.log_decay[:, t : t + 1], rtol=0, atol=0)
         state = step.state
 
 
@@ -162,6 +165,7 @@ def test_variance_factor_placement():
 
 # -- norms ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name, options", plugin_cases(NORMS))
 def test_norm_contract(name, options):
     norm = NORMS.create(name, K, H, **options).to(DTYPE)
@@ -206,6 +210,7 @@ def test_denominator_norm_asks_for_the_denominator_only():
 
 
 # -- gates ------------------------------------------------------------------------------------------
+
 
 def gate_bias_options(name: str) -> list[dict]:
     """Extreme biases as well as the default: the paper's saturation experiment starts there."""
@@ -284,8 +289,9 @@ def test_gate_axis_puts_the_decay_on_that_side(axis):
 
 def test_refined_gate_log_form_equals_the_literal_formula():
     """log F from the gate equals log((1 − r) g² + r (1 − (1 − g)²)) wherever it is not clamped."""
-    gate = GATES.create("refined", D, H, K, K, log_clamp=None, bias_init=[-9.0, 9.0],
-                        refine_bias_init=[-9.0, 9.0]).to(DTYPE)
+    gate = GATES.create("refined", D, H, K, K, log_clamp=None, bias_init=[-9.0, 9.0], refine_bias_init=[-9.0, 9.0]).to(
+        DTYPE
+    )
     out = gate(randn(B, T, D, seed=20))
     g, r = out.activations["g"], out.activations["r"]
     literal = refined_gate_value(g, r)
@@ -347,14 +353,23 @@ def test_bias_init_errors_say_what_is_allowed():
 
 # -- safe_exp under the output norm: the max shifts cancel (the paper's claim) ---------------------
 
-def linear_attention(feature_options: dict, norm: str, denominator: bool = False, seed: int = 0,
-                     gate: str = "refined") -> LinearAttention:
+
+def linear_attention(
+    feature_options: dict, norm: str, denominator: bool = False, seed: int = 0, gate: str = "refined"
+) -> LinearAttention:
     torch.manual_seed(seed)
     # eps = 0: a norm cancels a constant factor exactly, so only round-off separates the scopes.
     norm_options = {"eps": 0.0} if "eps" in NORMS.options_of(norm) else {}
-    config = AttentionConfig(feature_map="safe_exp", feature_map_options=feature_options, norm=norm,
-                             norm_options=norm_options, gate=gate, denominator=denominator,
-                             denominator_eps=0.0, impl="chunked")
+    config = AttentionConfig(
+        feature_map="safe_exp",
+        feature_map_options=feature_options,
+        norm=norm,
+        norm_options=norm_options,
+        gate=gate,
+        denominator=denominator,
+        denominator_eps=0.0,
+        impl="chunked",
+    )
     layer = LinearAttention(D, H, K, config).to(DTYPE)
     with torch.no_grad():
         for p in layer.parameters():
@@ -389,9 +404,17 @@ def test_safe_exp_equals_the_unshifted_exponential_under_the_norm(norm, denomina
         k = layer.k_proj(x).view(Bx, Tx, H, K)
         v = layer.v_proj(x).view(Bx, Tx, H, K)
         gate = layer.gate(x)
-        o, _ = gated_linear_attention(q.exp(), k.exp(), v, gate.log_k, gate.log_v,
-                                      scale=layer.feature_map.kernel_scale, denominator=denominator,
-                                      denominator_eps=0.0, impl="recurrent")
+        o, _ = gated_linear_attention(
+            q.exp(),
+            k.exp(),
+            v,
+            gate.log_k,
+            gate.log_v,
+            scale=layer.feature_map.kernel_scale,
+            denominator=denominator,
+            denominator_eps=0.0,
+            impl="recurrent",
+        )
         expected = layer.o_proj(layer.norm(o).reshape(Bx, Tx, H * K))
         torch.testing.assert_close(layer(x)[0], expected, rtol=1e-10, atol=1e-10)
 

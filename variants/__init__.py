@@ -9,6 +9,7 @@
 Third-party packages announce modules under the entry-point groups `regla.feature_maps`,
 `regla.norms` and `regla.gates`; `import_plugin_modules` imports modules named by `--plugin`.
 """
+
 from .base import FeatureMap, FeatureOutput, Gate, GateOutput, OutputNorm
 from .feature_maps import FEATURE_MAPS, feature_map, variance_reduction_factor
 from .gates import GATES, gate
@@ -17,6 +18,21 @@ from .registry import Registry, RegistryError, import_plugin_modules
 
 REGISTRIES = {"feature_map": FEATURE_MAPS, "norm": NORMS, "gate": GATES}
 
-__all__ = ["FeatureMap", "FeatureOutput", "Gate", "GateOutput", "OutputNorm", "FEATURE_MAPS", "GATES",
-           "NORMS", "REGISTRIES", "Registry", "RegistryError", "feature_map", "gate", "norm",
-           "import_plugin_modules", "variance_reduction_factor"]
+__all__ = [
+    "FeatureMap",
+    "FeatureOutput",
+    "Gate",
+    "GateOutput",
+    "OutputNorm",
+    "FEATURE_MAPS",
+    "GATES",
+    "NORMS",
+    "REGISTRIES",
+    "Registry",
+    "RegistryError",
+    "feature_map",
+    "gate",
+    "norm",
+    "import_plugin_modules",
+    "variance_reduction_factor",
+]

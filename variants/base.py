@@ -13,6 +13,7 @@ Gate         `Gate(d_model, num_heads, key_dim, value_dim, **options)`
 Options are keyword-only constructor arguments; the registry validates them and lists them
 in its errors. Each plugin class gets `registry_name` and `version` from its decorator.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,17 +27,17 @@ Tensor = torch.Tensor
 
 @dataclass
 class FeatureOutput:
-    features: Tensor                      # [B, T, H, F]
-    log_decay: Tensor | None = None       # [B, T, H, 1]: extra key-side decay (max rescaling), <= 0
-    state: Any = None                     # carried between decoding steps (e.g. a running max)
+    features: Tensor  # [B, T, H, F]
+    log_decay: Tensor | None = None  # [B, T, H, 1]: extra key-side decay (max rescaling), <= 0
+    state: Any = None  # carried between decoding steps (e.g. a running max)
 
 
 @dataclass
 class GateOutput:
-    log_k: Tensor | None = None           # [B, T, H, K] or [B, T, H, 1], <= 0
-    log_v: Tensor | None = None           # [B, T, H, V] or [B, T, H, 1], <= 0
-    input_scale: Tensor | None = None     # [B, T, H, 1]: multiplies the keys (gated RFA's 1 - g)
-    activations: dict[str, Tensor] = field(default_factory=dict)   # values in (0, 1], for probes
+    log_k: Tensor | None = None  # [B, T, H, K] or [B, T, H, 1], <= 0
+    log_v: Tensor | None = None  # [B, T, H, V] or [B, T, H, 1], <= 0
+    input_scale: Tensor | None = None  # [B, T, H, 1]: multiplies the keys (gated RFA's 1 - g)
+    activations: dict[str, Tensor] = field(default_factory=dict)  # values in (0, 1], for probes
     preactivations: dict[str, Tensor] = field(default_factory=dict)  # logits, for gradient probes
 
 

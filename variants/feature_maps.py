@@ -1,4 +1,5 @@
 """Built-in feature maps phi applied per head to queries and keys (REGLA.md §1–2)."""
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,7 @@ class Identity(FeatureMap):
 
     @property
     def kernel_scale(self) -> float:
-        return self.head_dim ** -0.5
+        return self.head_dim**-0.5
 
     def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
         return FeatureOutput(x)
@@ -110,13 +111,13 @@ class Performer(FeatureMap):
         self.register_buffer("projection", torch.cat(blocks)[:m].T.contiguous(), persistent=True)  # [K, m]
 
     def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
-        x = x * self.head_dim ** -0.25
+        x = x * self.head_dim**-0.25
         logits = x @ self.projection.to(x.dtype) - 0.5 * x.pow(2).sum(-1, keepdim=True)
         if role == "q":
             # Not detached: without an output norm the shift changes the function, and the
             # gradient must be that of the function computed.
             logits = logits - logits.amax(-1, keepdim=True)
-        return FeatureOutput(logits.exp() * self.feature_dim ** -0.5)
+        return FeatureOutput(logits.exp() * self.feature_dim**-0.5)
 
 
 @feature_map("dpfp")
@@ -152,7 +153,7 @@ class Taylor(FeatureMap):
 
     def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
         d = self.head_dim
-        first = x * d ** -0.25
+        first = x * d**-0.25
         second = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / math.sqrt(2.0 * d)
         return FeatureOutput(torch.cat([torch.ones_like(x[..., :1]), first, second], dim=-1))
 
@@ -178,14 +179,22 @@ class SafeExp(FeatureMap):
 
     positive_kernel = True
 
-    def __init__(self, head_dim: int, num_heads: int, *, key_max: str = "running",
-                 variance_factor: str = "kernel", chunk_size: int = 64):
+    def __init__(
+        self,
+        head_dim: int,
+        num_heads: int,
+        *,
+        key_max: str = "running",
+        variance_factor: str = "kernel",
+        chunk_size: int = 64,
+    ):
         super().__init__(head_dim, num_heads)
         if key_max not in KEY_MAX_SCOPES:
             raise ValueError(f"safe_exp: key_max must be one of {', '.join(KEY_MAX_SCOPES)}; got {key_max!r}")
         if variance_factor not in VARIANCE_PLACEMENTS:
-            raise ValueError(f"safe_exp: variance_factor must be one of {', '.join(VARIANCE_PLACEMENTS)}; "
-                             f"got {variance_factor!r}")
+            raise ValueError(
+                f"safe_exp: variance_factor must be one of {', '.join(VARIANCE_PLACEMENTS)}; got {variance_factor!r}"
+            )
         if chunk_size < 1:
             raise ValueError(f"safe_exp: chunk_size must be >= 1, got {chunk_size}")
         self.key_max = key_max
@@ -206,5 +215,6 @@ class SafeExp(FeatureMap):
                 features = features * variance_reduction_factor(self.head_dim)
             return FeatureOutput(features)
         shift, log_decay = key_shifts(x.amax(-1), self.key_max, self.chunk_size, state)
-        return FeatureOutput(torch.exp(x - shift.unsqueeze(-1)),
-                             log_decay.unsqueeze(-1) if log_decay is not None else None, shift[:, -1])
+        return FeatureOutput(
+            torch.exp(x - shift.unsqueeze(-1)), log_decay.unsqueeze(-1) if log_decay is not None else None, shift[:, -1]
+        )

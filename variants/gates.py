@@ -10,9 +10,10 @@ Shared switches of the learnable gates (recorded with every result):
 - `input`: "x" (the layer input x_t) or "x_shift" (the previous token's x_{t-1});
 - `log_clamp`: lower bound on the log decay (None: none); keeps the kernels' exponents bounded.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,9 @@ def initialise_bias(bias: Tensor, spec: BiasInit) -> None:
         elif len(spec) == 2 and spec[0] <= spec[1]:
             bias.uniform_(float(spec[0]), float(spec[1]))
         else:
-            raise ValueError(f"bias_init must be a number, [low, high] with low <= high, or 'uniform_gate'; got {spec!r}")
+            raise ValueError(
+                f"bias_init must be a number, [low, high] with low <= high, or 'uniform_gate'; got {spec!r}"
+            )
 
 
 class GateProjection(nn.Module):
@@ -69,8 +72,19 @@ class GateProjection(nn.Module):
 class ProjectedGate(Gate):
     """Common machinery of the learnable gates: options, input selection, clamping."""
 
-    def __init__(self, d_model: int, num_heads: int, key_dim: int, value_dim: int, *, axis: str,
-                 rank: int | None, input: str, log_clamp: float | None, tau: float = 1.0):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        key_dim: int,
+        value_dim: int,
+        *,
+        axis: str,
+        rank: int | None,
+        input: str,
+        log_clamp: float | None,
+        tau: float = 1.0,
+    ):
         super().__init__(d_model, num_heads, key_dim, value_dim)
         name = type(self).registry_name
         if tau <= 0:
@@ -115,17 +129,31 @@ class ScalarGate(ProjectedGate):
     """Gated RFA (Peng et al. 2021): g_t = σ(w_gᵀ x_t + b) per head,
     S_t = g_t S_{t-1} + (1 − g_t) v_t phi(k_t)ᵀ, c_t = g_t c_{t-1} + (1 − g_t) phi(k_t)."""
 
-    def __init__(self, d_model: int, num_heads: int, key_dim: int, value_dim: int, *,
-                 bias_init: BiasInit = 0.0, input: str = "x", log_clamp: float | None = None):
-        super().__init__(d_model, num_heads, key_dim, value_dim, axis="key", rank=None, input=input,
-                         log_clamp=log_clamp)
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        key_dim: int,
+        value_dim: int,
+        *,
+        bias_init: BiasInit = 0.0,
+        input: str = "x",
+        log_clamp: float | None = None,
+    ):
+        super().__init__(
+            d_model, num_heads, key_dim, value_dim, axis="key", rank=None, input=input, log_clamp=log_clamp
+        )
         self.proj = GateProjection(d_model, num_heads, 1, None, bias_init)
 
     def forward(self, x: Tensor, x_prev: Tensor | None = None) -> GateOutput:
         logits = self.proj(self.select_input(x, x_prev))  # [B, T, H, 1]
         log_g = self.clamp(F.logsigmoid(logits))
-        return GateOutput(log_k=log_g, input_scale=torch.sigmoid(-logits),
-                          activations={"g": log_g.exp()}, preactivations={"g": logits})
+        return GateOutput(
+            log_k=log_g,
+            input_scale=torch.sigmoid(-logits),
+            activations={"g": log_g.exp()},
+            preactivations={"g": logits},
+        )
 
 
 @gate("fixed_decay")
@@ -148,11 +176,21 @@ class FastDecay(ProjectedGate):
     """Mao (2022): G_t = σ(W_z x_t + b_z) σ(W_f x_t + b_f)ᵀ, an outer product of a value-side and a
     key-side sigmoid: S_t = G_t ⊙ S_{t-1} + v_t k_tᵀ. Both sides are returned as log decays."""
 
-    def __init__(self, d_model: int, num_heads: int, key_dim: int, value_dim: int, *,
-                 rank: int | None = None, bias_init: BiasInit = 0.0, input: str = "x",
-                 log_clamp: float | None = None):
-        super().__init__(d_model, num_heads, key_dim, value_dim, axis="key", rank=rank, input=input,
-                         log_clamp=log_clamp)
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        key_dim: int,
+        value_dim: int,
+        *,
+        rank: int | None = None,
+        bias_init: BiasInit = 0.0,
+        input: str = "x",
+        log_clamp: float | None = None,
+    ):
+        super().__init__(
+            d_model, num_heads, key_dim, value_dim, axis="key", rank=rank, input=input, log_clamp=log_clamp
+        )
         self.key_proj = GateProjection(d_model, num_heads, key_dim, rank, bias_init)
         self.value_proj = GateProjection(d_model, num_heads, value_dim, rank, bias_init)
 
@@ -160,20 +198,35 @@ class FastDecay(ProjectedGate):
         h = self.select_input(x, x_prev)
         f_logits, z_logits = self.key_proj(h), self.value_proj(h)
         log_f, log_z = self.clamp(F.logsigmoid(f_logits)), self.clamp(F.logsigmoid(z_logits))
-        return GateOutput(log_k=log_f, log_v=log_z,
-                          activations={"f": log_f.exp(), "z": log_z.exp()},
-                          preactivations={"f": f_logits, "z": z_logits})
+        return GateOutput(
+            log_k=log_f,
+            log_v=log_z,
+            activations={"f": log_f.exp(), "z": log_z.exp()},
+            preactivations={"f": f_logits, "z": z_logits},
+        )
 
 
 @gate("gla")
 class GLAGate(ProjectedGate):
     """GLA (Yang et al. 2024, fla's layer): α_t = σ(W₂W₁x_t + b)^(1/τ), τ = 16, rank 16, key dim."""
 
-    def __init__(self, d_model: int, num_heads: int, key_dim: int, value_dim: int, *,
-                 rank: int | None = 16, tau: float = 16.0, bias_init: BiasInit = 0.0, axis: str = "key",
-                 input: str = "x", log_clamp: float | None = None):
-        super().__init__(d_model, num_heads, key_dim, value_dim, axis=axis, rank=rank, input=input,
-                         log_clamp=log_clamp, tau=tau)
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        key_dim: int,
+        value_dim: int,
+        *,
+        rank: int | None = 16,
+        tau: float = 16.0,
+        bias_init: BiasInit = 0.0,
+        axis: str = "key",
+        input: str = "x",
+        log_clamp: float | None = None,
+    ):
+        super().__init__(
+            d_model, num_heads, key_dim, value_dim, axis=axis, rank=rank, input=input, log_clamp=log_clamp, tau=tau
+        )
         self.proj = GateProjection(d_model, num_heads, self.width, rank, bias_init)
 
     def forward(self, x: Tensor, x_prev: Tensor | None = None) -> GateOutput:
@@ -190,12 +243,24 @@ class RefinedGate(ProjectedGate):
     Computed in log space as log F = log g + log(g + 2r(1 − g)) (the same F, factored), then / τ,
     clamped at `log_clamp` from below."""
 
-    def __init__(self, d_model: int, num_heads: int, key_dim: int, value_dim: int, *,
-                 rank: int | None = None, tau: float = 1.0, bias_init: BiasInit = "uniform_gate",
-                 refine_bias_init: BiasInit = 0.0, axis: str = "key", input: str = "x",
-                 log_clamp: float | None = -8.0):
-        super().__init__(d_model, num_heads, key_dim, value_dim, axis=axis, rank=rank, input=input,
-                         log_clamp=log_clamp, tau=tau)
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        key_dim: int,
+        value_dim: int,
+        *,
+        rank: int | None = None,
+        tau: float = 1.0,
+        bias_init: BiasInit = "uniform_gate",
+        refine_bias_init: BiasInit = 0.0,
+        axis: str = "key",
+        input: str = "x",
+        log_clamp: float | None = -8.0,
+    ):
+        super().__init__(
+            d_model, num_heads, key_dim, value_dim, axis=axis, rank=rank, input=input, log_clamp=log_clamp, tau=tau
+        )
         self.gate_proj = GateProjection(d_model, num_heads, self.width, rank, bias_init)
         self.refine_proj = GateProjection(d_model, num_heads, self.width, rank, refine_bias_init)
 
@@ -214,9 +279,11 @@ class RefinedGate(ProjectedGate):
         log_f = F.logsigmoid(a) + torch.log((g + 2 * r * (1 - g)).clamp_min(tiny))
         # F <= 1 exactly, but round-off near g = 1 can leave log F a hair above 0.
         log_f = self.clamp(log_f.clamp_max(0.0) / self.tau).to(g_logits.dtype)
-        return self.on_axis(log_f, activations={"g": g.to(g_logits.dtype), "r": r.to(g_logits.dtype),
-                                                "F": log_f.exp()},
-                            preactivations={"g": g_logits, "r": r_logits})
+        return self.on_axis(
+            log_f,
+            activations={"g": g.to(g_logits.dtype), "r": r.to(g_logits.dtype), "F": log_f.exp()},
+            preactivations={"g": g_logits, "r": r_logits},
+        )
 
 
 def refined_gate_value(g: Tensor, r: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ denominator of classic linear attention; which norm, per head or full width, is 
 All are offered; `denominator` can also be combined with any other norm through the attention
 config's `denominator: true` switch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,8 +66,7 @@ class _PerHeadOrFullWidth(OutputNorm):
 class RMSNorm(_PerHeadOrFullWidth):
     """o / rms(o) · w, per head by default (fla GLA's per-head RMSNorm)."""
 
-    def __init__(self, head_dim: int, num_heads: int, *, per_head: bool = True, eps: float = 1e-5,
-                 affine: bool = True):
+    def __init__(self, head_dim: int, num_heads: int, *, per_head: bool = True, eps: float = 1e-5, affine: bool = True):
         super().__init__(head_dim, num_heads, per_head, eps, affine)
 
     def forward(self, o: Tensor) -> Tensor:
@@ -77,8 +77,7 @@ class RMSNorm(_PerHeadOrFullWidth):
 class LayerNorm(_PerHeadOrFullWidth):
     """(o − mean) / std · w + b, per head by default."""
 
-    def __init__(self, head_dim: int, num_heads: int, *, per_head: bool = True, eps: float = 1e-5,
-                 affine: bool = True):
+    def __init__(self, head_dim: int, num_heads: int, *, per_head: bool = True, eps: float = 1e-5, affine: bool = True):
         super().__init__(head_dim, num_heads, per_head, eps, affine)
         self.bias = nn.Parameter(torch.zeros(self.normalized_shape)) if affine else None
 

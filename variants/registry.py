@@ -5,14 +5,16 @@ wildcards. Third-party plugins arrive through Python entry points (one group per
 importing a module named on the command line / in a grid file; either way no file of this
 repository needs editing.
 """
+
 from __future__ import annotations
 
 import difflib
 import fnmatch
 import importlib
 import inspect
+from collections.abc import Callable, Iterable
 from importlib import metadata
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -49,7 +51,8 @@ class Registry(Generic[T]):
             if name in self._plugins and self._plugins[name] is not cls:
                 raise RegistryError(
                     f"duplicate {self.axis} name {name!r}: already registered by "
-                    f"{self._sources[name]}; choose another name")
+                    f"{self._sources[name]}; choose another name"
+                )
             cls.registry_name = name  # type: ignore[attr-defined]
             cls.version = version  # type: ignore[attr-defined]
             self._plugins[name] = cls
@@ -80,7 +83,8 @@ class Registry(Generic[T]):
                 self._entry_points_loaded = False
                 raise RegistryError(
                     f"{self.axis} plugin entry point {entry_point.name!r} = {entry_point.value!r} "
-                    f"(group '{self.entry_point_group}') failed to load: {type(exc).__name__}: {exc}") from exc
+                    f"(group '{self.entry_point_group}') failed to load: {type(exc).__name__}: {exc}"
+                ) from exc
 
     def names(self, pattern: str | Iterable[str] = "*") -> list[str]:
         """Registered names matching a wildcard pattern (or any of several), sorted."""
@@ -97,7 +101,8 @@ class Registry(Generic[T]):
             raise RegistryError(
                 f"unknown {self.axis} {name!r}.{hint} Registered {self.axis}s: {', '.join(known)}. "
                 f"Third-party plugins register through the entry-point group "
-                f"'{self.entry_point_group}' or `--plugin module.path`.")
+                f"'{self.entry_point_group}' or `--plugin module.path`."
+            )
         return self._plugins[name]
 
     def __contains__(self, name: object) -> bool:
@@ -119,14 +124,16 @@ class Registry(Generic[T]):
         """Raise if `options` has names plugin `name` does not accept, listing the allowed ones."""
         cls = self.get(name)
         allowed = _keyword_options(cls)
-        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD
-                          for p in inspect.signature(cls.__init__).parameters.values())
+        accepts_any = any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()
+        )
         unknown = sorted(set(options) - set(allowed))
         if unknown and not accepts_any:
             allowed_text = ", ".join(f"{k}={v!r}" for k, v in allowed.items()) or "none"
             raise RegistryError(
                 f"{self.axis} {name!r} got unknown option(s) {', '.join(unknown)}; "
-                f"allowed options (with defaults): {allowed_text}")
+                f"allowed options (with defaults): {allowed_text}"
+            )
 
     def create(self, name: str, /, *args: Any, **options: Any) -> T:
         """Instantiate plugin `name`; unknown options raise an error listing the allowed ones."""
@@ -139,8 +146,11 @@ class Registry(Generic[T]):
 
 def _keyword_options(cls: type) -> dict[str, Any]:
     params = inspect.signature(cls.__init__).parameters.values()
-    return {p.name: (None if p.default is inspect.Parameter.empty else p.default)
-            for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {
+        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
 
 
 def import_plugin_modules(modules: Iterable[str]) -> None:
@@ -152,4 +162,5 @@ def import_plugin_modules(modules: Iterable[str]) -> None:
             raise RegistryError(
                 f"could not import plugin module {module!r}: {exc}. A plugin module must be "
                 f"importable (installed, or on PYTHONPATH) and register its classes with the "
-                f"@feature_map / @norm / @gate decorators from `variants`.") from exc
+                f"@feature_map / @norm / @gate decorators from `variants`."
+            ) from exc

@@ -18,14 +18,15 @@ class TokenDataset:
         return len(self.tokens)
 
     def _window(self, start: int, seq_len: int) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.tokens[start:start + seq_len + 1], dtype=np.int64))
+        return torch.from_numpy(np.asarray(self.tokens[start : start + seq_len + 1], dtype=np.int64))
 
     def _check(self, seq_len: int) -> None:
         if len(self.tokens) < seq_len + 1:
             raise ValueError(f"{len(self.tokens)} tokens cannot fill one window of seq_len + 1 = {seq_len + 1}")
 
-    def sample_batch(self, batch_size: int, seq_len: int,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_batch(
+        self, batch_size: int, seq_len: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows; the same generator state gives the same batch."""
         self._check(seq_len)
         starts = torch.randint(0, len(self.tokens) - seq_len, (batch_size,), generator=generator)
@@ -36,8 +37,9 @@ class TokenDataset:
         # Consecutive windows share one boundary token, so every token is a target exactly once.
         return max(0, (len(self.tokens) - 1) // seq_len)
 
-    def eval_batches(self, batch_size: int, seq_len: int,
-                     max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(
+        self, batch_size: int, seq_len: int, max_batches: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Contiguous, non-overlapping windows in a fixed order; the last batch may be smaller.
 
         When ``max_batches`` cannot cover the split, the windows are spread evenly over it
@@ -52,6 +54,6 @@ class TokenDataset:
         else:
             indices = np.unique(np.linspace(0, total - 1, wanted).round().astype(np.int64))
         for first in range(0, len(indices), batch_size):
-            chunk = indices[first:first + batch_size]
+            chunk = indices[first : first + batch_size]
             windows = torch.stack([self._window(int(i) * seq_len, seq_len) for i in chunk])  # [b, T + 1]
             yield windows[:, :-1], windows[:, 1:]

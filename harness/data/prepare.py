@@ -47,8 +47,13 @@ def _resolve_source(source: str | Source, source_options: dict | None) -> Source
     return get_source(source, **(source_options or {}))
 
 
-def prepare_data(source: str | Source, tokenizer: str, source_options: dict[str, Any] | None = None,
-                 cache_dir: str | Path | None = None, progress: bool = True) -> PreparedData:
+def prepare_data(
+    source: str | Source,
+    tokenizer: str,
+    source_options: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> PreparedData:
     """Tokenize (or reuse the cached tokens of) every split of ``source`` with ``tokenizer``."""
     cache = Path(cache_dir or default_cache_dir())
     resolved = _resolve_source(source, source_options)

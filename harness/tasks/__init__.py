@@ -1,13 +1,27 @@
 """lm-eval task definitions: the paper's suite (lm-eval's own tasks on hub or local data) and the
 offline suite built from held-out `offline-english` text (regla_define, regla_lastword, regla_ppl,
 regla_mqar)."""
-from .offline_suite import (OFFLINE_TASKS, OfflineSuiteUnavailable, build_offline_suite, offline_suite_dir,
-                            write_offline_task_yaml)
+
+from .offline_suite import (
+    OFFLINE_TASKS,
+    OfflineSuiteUnavailable,
+    build_offline_suite,
+    offline_suite_dir,
+    write_offline_task_yaml,
+)
 from .paper import PAPER_TASKS, TABLE5_TASKS, TaskDataMissing, data_layout, write_paper_task_yaml
 
 __all__ = [
-    "OFFLINE_TASKS", "OfflineSuiteUnavailable", "PAPER_TASKS", "TABLE5_TASKS", "TaskDataMissing",
-    "build_offline_suite", "data_layout", "offline_suite_dir", "write_offline_task_yaml", "write_paper_task_yaml",
+    "OFFLINE_TASKS",
+    "OfflineSuiteUnavailable",
+    "PAPER_TASKS",
+    "TABLE5_TASKS",
+    "TaskDataMissing",
+    "build_offline_suite",
+    "data_layout",
+    "offline_suite_dir",
+    "write_offline_task_yaml",
+    "write_paper_task_yaml",
 ]
 
 #: Perplexity tasks (loglikelihood_rolling): few-shot examples have no meaning there, so they run once, at 0 shots.

@@ -10,6 +10,7 @@ Everything is derived deterministically (sorted inputs, stable hashes, seeded RN
 corpus always yields byte-identical jsonl files. The task definitions are the YAML files next to
 this module; at run time a generated YAML includes one and points it at the built data.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,9 @@ _WORD = re.compile(r"^[a-z]{3,14}$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _LAST_WORD = re.compile(r"^(?P<context>.*\S)\s+(?P<word>[A-Za-z]{3,14})(?P<punct>[.!?]['\"]?)$", re.S)
 # GCIDE entries open with "Headword, n. [etymology] 1. (Domain) definition": markers to peel off.
-_POS_MARKERS = re.compile(r"^(?:(?:n|a|adj|adv|v|t|i|prep|conj|interj|pron|pl|p|pr|imp|vb|sing|fem|masc)\.\s*|&\s*|,\s*)+")
+_POS_MARKERS = re.compile(
+    r"^(?:(?:n|a|adj|adv|v|t|i|prep|conj|interj|pron|pl|p|pr|imp|vb|sing|fem|masc)\.\s*|&\s*|,\s*)+"
+)
 _LEADING_NOISE = re.compile(r"^(?:\[[^\]]*\]\s*|\d+\.\s*|\([^)]*\)\s*|[a-z]\)\s*)+")
 _BRACKETS = re.compile(r"\s*\[[^\]]*\]")
 
@@ -68,6 +71,7 @@ def _is_dictionary(doc: Any) -> bool:
 
 # -- regla_define ----------------------------------------------------------------------------------
 
+
 def definition_of(doc: Any) -> str | None:
     """The first sense of a dictionary entry as one clause, without the headword, or None."""
     meta = _meta(doc)
@@ -78,14 +82,14 @@ def definition_of(doc: Any) -> str | None:
     else:
         text = doc.text.split("\n", 1)[0]
         if text.lower().startswith(headword.lower()):
-            text = text[len(headword):]
+            text = text[len(headword) :]
         text = _POS_MARKERS.sub("", text.lstrip(" ,"))
         text = _LEADING_NOISE.sub("", text)
     text = _BRACKETS.sub("", text).strip()
     # Keep the definition proper: quoted usage examples and "--Author" citations follow it.
     text = re.split(r';|\n|"|--', text)[0].strip().rstrip(".,:")
     # The headword, or a word sharing its stem ("educational" for "educationally"), gives it away.
-    stem = headword[:max(4, len(headword) - 4)]
+    stem = headword[: max(4, len(headword) - 4)]
     text = re.sub(rf"\b{re.escape(stem)}\w*", "___", text, flags=re.I)
     if len(text) < 12 or len(text) > DEFINITION_MAX_CHARS or not re.search(r"[a-z]{3}", text):
         return None
@@ -136,6 +140,7 @@ def define_items(documents: list[Any]) -> list[dict]:
 
 
 # -- passages (regla_lastword, regla_ppl) ----------------------------------------------------------
+
 
 def _prose_documents(documents: list[Any]) -> list[Any]:
     prose = [d for d in documents if not _is_dictionary(d)]
@@ -190,6 +195,7 @@ def ppl_items(documents: list[Any]) -> list[dict]:
 
 # -- regla_mqar ------------------------------------------------------------------------------------
 
+
 def mqar_vocabulary(documents: list[Any]) -> list[str]:
     """Short lower-case words; those seen more than once when there are enough (fewer typos)."""
     counts: dict[str, int] = {}
@@ -219,8 +225,14 @@ def mqar_items(documents: list[Any], seed: int = 0) -> list[dict]:
         answered: list[str] = []
         for query in queried:
             recall = ", ".join([*answered, keys[query]])
-            items.append({"context": f"Pairs: {pairs}.\nRecall: {recall}", "choices": values, "label": query,
-                          "sequence": sequence})
+            items.append(
+                {
+                    "context": f"Pairs: {pairs}.\nRecall: {recall}",
+                    "choices": values,
+                    "label": query,
+                    "sequence": sequence,
+                }
+            )
             answered.append(f"{keys[query]} {values[query]}")
     return items
 
@@ -239,8 +251,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
-def build_offline_suite(out_dir: str | Path, documents: Iterable[Any] | None = None,
-                        source_version: str | None = None) -> Path:
+def build_offline_suite(
+    out_dir: str | Path, documents: Iterable[Any] | None = None, source_version: str | None = None
+) -> Path:
     """Write `<out_dir>/<task>/test.jsonl` for every offline task, then `manifest.json`.
 
     `documents`: objects with doc_id, text and meta (harness.data.Document); by default the test
@@ -259,8 +272,12 @@ def build_offline_suite(out_dir: str | Path, documents: Iterable[Any] | None = N
         counts[task] = len(rows)
         if rows:
             _write_jsonl(out_dir / task / "test.jsonl", rows)
-    manifest = {"suite_version": SUITE_VERSION, "source_version": source_version, "documents": len(documents),
-                "items": counts}
+    manifest = {
+        "suite_version": SUITE_VERSION,
+        "source_version": source_version,
+        "documents": len(documents),
+        "items": counts,
+    }
     # Written last and atomically: its presence is what marks the suite complete.
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return out_dir
@@ -268,6 +285,7 @@ def build_offline_suite(out_dir: str | Path, documents: Iterable[Any] | None = N
 
 def _installed_test_documents() -> list[Any]:
     from ..data import DataError, iter_documents
+
     try:
         return list(iter_documents("offline-english", "test"))
     except DataError as exc:
@@ -277,6 +295,7 @@ def _installed_test_documents() -> list[Any]:
 def installed_corpus_version() -> str | None:
     """The installed offline-english corpus's version, or None when it cannot be read here."""
     from ..data import DataError, get_source
+
     try:
         return get_source("offline-english").version()
     except DataError:
@@ -292,6 +311,7 @@ def _built_for(suite_dir: Path) -> str | None:
 
 def default_suite_dir() -> Path:
     from ..data import cache_dir
+
     return cache_dir() / "lm_eval" / f"offline-suite-v{SUITE_VERSION}"
 
 
@@ -314,6 +334,7 @@ def _rebuild(suite_dir: Path, source_version: str | None) -> None:
     import os
     import shutil
     import tempfile
+
     suite_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{suite_dir.name}-", dir=suite_dir.parent))
     try:
@@ -333,6 +354,8 @@ def write_offline_task_yaml(name: str, yaml_dir: Path, suite_dir: Path) -> Path:
         raise OfflineSuiteUnavailable(
             f"task {name}: no items in {data} (the corpus the suite was built from had no text this task "
             f"needs); rebuild it with harness.tasks.build_offline_suite(<dir>) from offline-english "
-            f"(install: bash scripts/prepare_corpora.sh) and set that directory as data_dir (the grid file's `eval: {{data_dir: ...}}`)")
+            f"(install: bash scripts/prepare_corpora.sh) and set that directory as data_dir "
+            f"(the grid file's `eval: {{data_dir: ...}}`)"
+        )
     overrides = local_data_overrides({"test": data}, ("test",))
     return write_task_yaml(yaml_dir, name, TASK_YAML_DIR / f"{name}.yaml", overrides)

@@ -4,6 +4,7 @@ Each task runs through lm-eval's own installed definition. With a data directory
 is pointed at local jsonl files in the dataset's exact schema (see `DATA_LAYOUT`); without one, the
 dataset comes from the Hugging Face hub or its local cache, as lm-eval would load it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,31 +28,93 @@ class PaperTask:
     schema: str
 
 
-PAPER_TASKS: dict[str, PaperTask] = {t.name: t for t in (
-    PaperTask("boolq", "super_glue/boolq/default.yaml", "boolq", ("train", "validation"), "validation",
-              "question, passage, idx, label (0 = no, 1 = yes)  [aps/super_glue boolq]"),
-    PaperTask("piqa", "piqa/piqa.yaml", "piqa", ("train", "validation"), "validation",
-              "goal, sol1, sol2, label (0/1)  [baber/piqa]"),
-    PaperTask("hellaswag", "hellaswag/hellaswag.yaml", "hellaswag", ("train", "validation"), "validation",
-              "activity_label, ctx_a, ctx_b, ctx, endings (4 strings), label (a string: \"0\"..\"3\")  "
-              "[Rowan/hellaswag]"),
-    PaperTask("winogrande", "winogrande/default.yaml", "winogrande", ("train", "validation"), "validation",
-              "sentence (with one _), option1, option2, answer (\"1\"/\"2\")  [allenai/winogrande winogrande_xl]"),
-    PaperTask("truthfulqa_mc1", "truthfulqa/truthfulqa_mc1.yaml", "truthfulqa", ("validation",), "validation",
-              "question, mc1_targets {choices, labels}, mc2_targets {choices, labels}  "
-              "[truthfulqa/truthful_qa multiple_choice]"),
-    PaperTask("truthfulqa_mc2", "truthfulqa/truthfulqa_mc2.yaml", "truthfulqa", ("validation",), "validation",
-              "question, mc1_targets {choices, labels}, mc2_targets {choices, labels}  "
-              "[truthfulqa/truthful_qa multiple_choice]"),
-    PaperTask("arc_easy", "arc/arc_easy.yaml", "arc_easy", ("train", "validation", "test"), "test",
-              "id, question, choices {text, label}, answerKey  [allenai/ai2_arc ARC-Easy]"),
-    PaperTask("arc_challenge", "arc/arc_challenge.yaml", "arc_challenge", ("train", "validation", "test"), "test",
-              "id, question, choices {text, label}, answerKey  [allenai/ai2_arc ARC-Challenge]"),
-    PaperTask("lambada_openai", "lambada/lambada_openai.yaml", "lambada_openai", ("test",), "test",
-              "text  [EleutherAI/lambada_openai default]"),
-    PaperTask("wikitext", "wikitext/wikitext.yaml", "wikitext", ("train", "validation", "test"), "test",
-              "page  [EleutherAI/wikitext_document_level wikitext-2-raw-v1]"),
-)}
+PAPER_TASKS: dict[str, PaperTask] = {
+    t.name: t
+    for t in (
+        PaperTask(
+            "boolq",
+            "super_glue/boolq/default.yaml",
+            "boolq",
+            ("train", "validation"),
+            "validation",
+            "question, passage, idx, label (0 = no, 1 = yes)  [aps/super_glue boolq]",
+        ),
+        PaperTask(
+            "piqa",
+            "piqa/piqa.yaml",
+            "piqa",
+            ("train", "validation"),
+            "validation",
+            "goal, sol1, sol2, label (0/1)  [baber/piqa]",
+        ),
+        PaperTask(
+            "hellaswag",
+            "hellaswag/hellaswag.yaml",
+            "hellaswag",
+            ("train", "validation"),
+            "validation",
+            'activity_label, ctx_a, ctx_b, ctx, endings (4 strings), label (a string: "0".."3")  [Rowan/hellaswag]',
+        ),
+        PaperTask(
+            "winogrande",
+            "winogrande/default.yaml",
+            "winogrande",
+            ("train", "validation"),
+            "validation",
+            'sentence (with one _), option1, option2, answer ("1"/"2")  [allenai/winogrande winogrande_xl]',
+        ),
+        PaperTask(
+            "truthfulqa_mc1",
+            "truthfulqa/truthfulqa_mc1.yaml",
+            "truthfulqa",
+            ("validation",),
+            "validation",
+            "question, mc1_targets {choices, labels}, mc2_targets {choices, labels}  "
+            "[truthfulqa/truthful_qa multiple_choice]",
+        ),
+        PaperTask(
+            "truthfulqa_mc2",
+            "truthfulqa/truthfulqa_mc2.yaml",
+            "truthfulqa",
+            ("validation",),
+            "validation",
+            "question, mc1_targets {choices, labels}, mc2_targets {choices, labels}  "
+            "[truthfulqa/truthful_qa multiple_choice]",
+        ),
+        PaperTask(
+            "arc_easy",
+            "arc/arc_easy.yaml",
+            "arc_easy",
+            ("train", "validation", "test"),
+            "test",
+            "id, question, choices {text, label}, answerKey  [allenai/ai2_arc ARC-Easy]",
+        ),
+        PaperTask(
+            "arc_challenge",
+            "arc/arc_challenge.yaml",
+            "arc_challenge",
+            ("train", "validation", "test"),
+            "test",
+            "id, question, choices {text, label}, answerKey  [allenai/ai2_arc ARC-Challenge]",
+        ),
+        PaperTask(
+            "lambada_openai",
+            "lambada/lambada_openai.yaml",
+            "lambada_openai",
+            ("test",),
+            "test",
+            "text  [EleutherAI/lambada_openai default]",
+        ),
+        PaperTask(
+            "wikitext",
+            "wikitext/wikitext.yaml",
+            "wikitext",
+            ("train", "validation", "test"),
+            "test",
+            "page  [EleutherAI/wikitext_document_level wikitext-2-raw-v1]",
+        ),
+    )
+}
 
 #: The six tasks of the paper's Table 5 (0- and 5-shot).
 TABLE5_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "truthfulqa_mc1", "truthfulqa_mc2")
@@ -64,16 +127,20 @@ class TaskDataMissing(FileNotFoundError):
 def data_layout(task: PaperTask, data_dir: Path | str = "<data-dir>") -> str:
     optional = [f"{split}.jsonl" for split in task.splits if split != task.scored_split]
     also = f" (optionally also {', '.join(optional)}; train holds few-shot examples)" if optional else ""
-    return (f"put {task.scored_split}.jsonl{also} in {Path(data_dir) / task.folder}/, "
-            f"one JSON object per line with fields {task.schema}")
+    return (
+        f"put {task.scored_split}.jsonl{also} in {Path(data_dir) / task.folder}/, "
+        f"one JSON object per line with fields {task.schema}"
+    )
 
 
 def local_split_files(task: PaperTask, data_dir: Path) -> dict[str, Path]:
     folder = Path(data_dir) / task.folder
     files = {split: folder / f"{split}.jsonl" for split in task.splits if (folder / f"{split}.jsonl").is_file()}
     if task.scored_split not in files:
-        raise TaskDataMissing(f"task {task.name}: no local data at {folder / (task.scored_split + '.jsonl')}; "
-                              f"{data_layout(task, data_dir)}")
+        raise TaskDataMissing(
+            f"task {task.name}: no local data at {folder / (task.scored_split + '.jsonl')}; "
+            f"{data_layout(task, data_dir)}"
+        )
     return files
 
 

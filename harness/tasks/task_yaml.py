@@ -4,6 +4,7 @@ lm-eval resolves `include:` (and the `!function` helpers of the included file) r
 included file, so the generated file can live anywhere -- in a temporary directory -- while the
 prompt, metrics and preprocessing stay exactly those of the original definition.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,9 @@ def installed_task_yaml(relative_path: str) -> Path:
     """Absolute path of a task YAML shipped inside the installed lm_eval package."""
     path = LM_EVAL_TASKS_DIR / relative_path
     if not path.is_file():
-        raise FileNotFoundError(f"lm-eval {lm_eval.__version__} has no task file {relative_path} "
-                                f"under {LM_EVAL_TASKS_DIR}")
+        raise FileNotFoundError(
+            f"lm-eval {lm_eval.__version__} has no task file {relative_path} under {LM_EVAL_TASKS_DIR}"
+        )
     return path
 
 

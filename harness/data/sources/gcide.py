@@ -31,11 +31,36 @@ _ACCENT_BEFORE = re.compile(r"\[[=\-.~'`\",^]{1,2}([A-Za-z]{1,2})\]")
 _ACCENT_AFTER = re.compile(r"\[([A-Za-z]{1,2})\^\]")
 # Named characters; unknown names are left as written.
 _NAMED = {
-    "ae": "ae", "oe": "oe", "AE": "AE", "OE": "OE", "eth": "th", "thorn": "th", "th": "th",
-    "imac": "i", "aum": "a", "asl": "a", "add": "a", "udd": "u", "ng": "ng", "yogh": "y",
-    "root": "√", "deg": "°", "sect": "§", "pounds": "£", "times": "×", "bar": "|",
-    "alpha": "α", "beta": "β", "gamma": "γ", "theta": "θ", "iota": "ι", "kappa": "κ",
-    "pi": "π", "rho": "ρ", "tau": "τ", "phi": "φ",
+    "ae": "ae",
+    "oe": "oe",
+    "AE": "AE",
+    "OE": "OE",
+    "eth": "th",
+    "thorn": "th",
+    "th": "th",
+    "imac": "i",
+    "aum": "a",
+    "asl": "a",
+    "add": "a",
+    "udd": "u",
+    "ng": "ng",
+    "yogh": "y",
+    "root": "√",
+    "deg": "°",
+    "sect": "§",
+    "pounds": "£",
+    "times": "×",
+    "bar": "|",
+    "alpha": "α",
+    "beta": "β",
+    "gamma": "γ",
+    "theta": "θ",
+    "iota": "ι",
+    "kappa": "κ",
+    "pi": "π",
+    "rho": "ρ",
+    "tau": "τ",
+    "phi": "φ",
 }
 _NAMED_RE = re.compile(r"\[(" + "|".join(sorted(_NAMED, key=len, reverse=True)) + r")\]")
 # Cross references "{Appended}" are plain words once the braces go.
@@ -65,7 +90,7 @@ def parse_index(index_text: str) -> list[tuple[str, int, int]]:
 
 def _gap_after(match: re.Match) -> str:
     """Removed markup sometimes glued two words ("\\Ex*pe"di*ent*ly\\adv."): keep them apart."""
-    following = match.string[match.end():match.end() + 1]
+    following = match.string[match.end() : match.end() + 1]
     return " " if following.isalnum() else ""
 
 
@@ -77,8 +102,10 @@ def clean_entry(raw: str) -> str:
     text = _ACCENT_AFTER.sub(r"\1", text)
     text = _NAMED_RE.sub(lambda m: _NAMED[m.group(1)], text)
     text = _BRACES.sub("", text)
-    paragraphs = (_SPACE_RUNS.sub(" ", " ".join(line.strip() for line in block.splitlines() if line.strip()))
-                  for block in _BLANK_LINES.split(text))
+    paragraphs = (
+        _SPACE_RUNS.sub(" ", " ".join(line.strip() for line in block.splitlines() if line.strip()))
+        for block in _BLANK_LINES.split(text)
+    )
     return "\n".join(p for p in paragraphs if p)
 
 
@@ -119,7 +146,7 @@ def iter_entries(data: bytes, index: list[tuple[str, int, int]]) -> Iterator[tup
             continue
         end_of_previous = offset + length
         # The data is Latin-1/cp1252 debris in a few places, not valid UTF-8.
-        raw = _drop_preamble(data[offset:offset + length].decode("utf-8", errors="replace"), names)
+        raw = _drop_preamble(data[offset : offset + length].decode("utf-8", errors="replace"), names)
         text = clean_entry(raw)
         if text:
             yield _headword(raw, names), text

@@ -63,8 +63,16 @@ def _data_dir_files(data_dir: str) -> list[str]:
     return [str(p) for p in Path(data_dir).rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
-def load_split(hf_path: str, hf_name: str | None, split: str, *, data_files: Any = None,
-               data_dir: str | None = None, revision: str | None = None, streaming: bool = False):
+def load_split(
+    hf_path: str,
+    hf_name: str | None,
+    split: str,
+    *,
+    data_files: Any = None,
+    data_dir: str | None = None,
+    revision: str | None = None,
+    streaming: bool = False,
+):
     """One split as a datasets ``Dataset`` (or ``IterableDataset`` when streaming)."""
     import datasets
 
@@ -87,8 +95,14 @@ def load_split(hf_path: str, hf_name: str | None, split: str, *, data_files: Any
         ) from error
 
 
-def version_of(hf_path: str, hf_name: str | None, *, data_files: Any = None, data_dir: str | None = None,
-               revision: str | None = None) -> str:
+def version_of(
+    hf_path: str,
+    hf_name: str | None,
+    *,
+    data_files: Any = None,
+    data_dir: str | None = None,
+    revision: str | None = None,
+) -> str:
     if data_files is not None:
         keys = list(data_files) if isinstance(data_files, dict) else ["train", "validation", "test"]
         files = [f for split in keys for f in files_for_split(data_files, split)]

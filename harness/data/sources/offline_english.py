@@ -57,7 +57,9 @@ class OfflineEnglish(Source):
         super().__init__(**options)
         unknown = sorted(set(self.options["corpora"]) - set(CORPORA))
         if unknown or not self.options["corpora"]:
-            raise ValueError(f"offline-english corpora must be a non-empty subset of {CORPORA}, got {self.options['corpora']}")
+            raise ValueError(
+                f"offline-english corpora must be a non-empty subset of {CORPORA}, got {self.options['corpora']}"
+            )
 
     # -- locations ---------------------------------------------------------------------------
 
@@ -68,14 +70,16 @@ class OfflineEnglish(Source):
             if data.is_file() and index.is_file():
                 return data, index
         raise CorpusNotFoundError(
-            f"GCIDE dictionary (Debian package dict-gcide) not found in {directory}: {INSTALL_HINT}")
+            f"GCIDE dictionary (Debian package dict-gcide) not found in {directory}: {INSTALL_HINT}"
+        )
 
     def _wordnet_dir(self) -> Path:
         directory = Path(self.options["wordnet_dir"])
         missing = [pos for pos in PARTS_OF_SPEECH if not (directory / f"data.{pos}").is_file()]
         if missing:
             raise CorpusNotFoundError(
-                f"WordNet data files (Debian package wordnet-base) not found in {directory}: {INSTALL_HINT}")
+                f"WordNet data files (Debian package wordnet-base) not found in {directory}: {INSTALL_HINT}"
+            )
         return directory
 
     def _brown_dir(self) -> Path:
@@ -92,7 +96,9 @@ class OfflineEnglish(Source):
             parts.append(f"gcide:{data.stat().st_size}:{index.stat().st_size}")
         if "wordnet" in corpora:
             directory = self._wordnet_dir()
-            parts.append("wordnet:" + ":".join(str((directory / f"data.{pos}").stat().st_size) for pos in PARTS_OF_SPEECH))
+            parts.append(
+                "wordnet:" + ":".join(str((directory / f"data.{pos}").stat().st_size) for pos in PARTS_OF_SPEECH)
+            )
         if "brown" in corpora:
             files = brown_files(self._brown_dir())
             parts.append(f"brown:{len(files)}:{sum(f.stat().st_size for f in files)}")
@@ -123,8 +129,13 @@ class OfflineEnglish(Source):
     def _wordnet(self, split: str) -> Iterator[Document]:
         for synset in read_wordnet(self._wordnet_dir()):
             if synset.lemmas and self._dictionary_split(synset.lemmas[0]) == split:
-                meta = {"headword": synset.lemmas[0], "corpus": "wordnet", "lemmas": list(synset.lemmas),
-                        "pos": synset.pos, "gloss": synset.gloss}
+                meta = {
+                    "headword": synset.lemmas[0],
+                    "corpus": "wordnet",
+                    "lemmas": list(synset.lemmas),
+                    "pos": synset.pos,
+                    "gloss": synset.gloss,
+                }
                 yield Document(f"wordnet/{synset.pos}/{synset.offset}", synset.text, meta)
 
     def _brown_split(self, category: str) -> str:

@@ -30,15 +30,23 @@ class SlimPajama(Source):
 
     def version(self) -> str:
         o = self.options
-        return version_of(o["hf_path"], None, data_files=o["data_files"], data_dir=o["data_dir"], revision=o["revision"])
+        return version_of(
+            o["hf_path"], None, data_files=o["data_files"], data_dir=o["data_dir"], revision=o["revision"]
+        )
 
     def _documents(self, split: str) -> Iterator[Document]:
         o = self.options
-        rows = load_split(o["hf_path"], None, split, data_files=o["data_files"], data_dir=o["data_dir"],
-                          revision=o["revision"], streaming=True)
+        rows = load_split(
+            o["hf_path"],
+            None,
+            split,
+            data_files=o["data_files"],
+            data_dir=o["data_dir"],
+            revision=o["revision"],
+            streaming=True,
+        )
         subsets = set(o["subsets"]) if o["subsets"] else None
-        kept = (row for row in rows
-                if subsets is None or (row.get("meta") or {}).get("redpajama_set_name") in subsets)
+        kept = (row for row in rows if subsets is None or (row.get("meta") or {}).get("redpajama_set_name") in subsets)
         for number, row in enumerate(islice(kept, o["max_documents"])):
             meta = {**(row.get("meta") or {}), "corpus": "slimpajama"}
             yield Document(f"slimpajama/{split}/{number}", row["text"], meta)

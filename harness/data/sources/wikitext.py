@@ -39,13 +39,20 @@ class _WikiText(Source):
 
     def _load(self, split: str):
         o = self.options
-        return load_split(o["hf_path"], self.hf_name, split, data_files=o["data_files"], data_dir=o["data_dir"],
-                          revision=o["revision"])
+        return load_split(
+            o["hf_path"],
+            self.hf_name,
+            split,
+            data_files=o["data_files"],
+            data_dir=o["data_dir"],
+            revision=o["revision"],
+        )
 
     def version(self) -> str:
         o = self.options
-        return version_of(o["hf_path"], self.hf_name, data_files=o["data_files"], data_dir=o["data_dir"],
-                          revision=o["revision"])
+        return version_of(
+            o["hf_path"], self.hf_name, data_files=o["data_files"], data_dir=o["data_dir"], revision=o["revision"]
+        )
 
     def _documents(self, split: str) -> Iterator[Document]:
         dataset = self._load(split)

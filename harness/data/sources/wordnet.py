@@ -35,7 +35,7 @@ def parse_data_line(line: str, pos: str) -> Synset | None:
     fields_part, gloss = line.split(" | ", 1)
     fields = fields_part.split()
     word_count = int(fields[3], 16)
-    words = fields[4:4 + 2 * word_count:2]
+    words = fields[4 : 4 + 2 * word_count : 2]
     lemmas = tuple(_ADJECTIVE_MARKER.sub("", w).replace("_", " ") for w in words)
     return Synset(offset=fields[0], pos=pos, lemmas=lemmas, gloss=gloss.strip())
 
