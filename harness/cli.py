@@ -9,7 +9,12 @@ from pathlib import Path
 from variants import REGISTRIES, import_plugin_modules
 
 from .config import ConfigError
-from .data.errors import DataError
+from .data import DataError, prepare_data
+from .distributed import finish_distributed
+from .grid import filter_runs, load_grid
+from .report import write_report
+from .runner import run_grid, stage_status
+from .stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 GRIDS_DIR = ROOT / "grids"
@@ -46,11 +51,6 @@ def available_grids() -> list[str]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .grid import filter_runs, load_grid
-    from .report import write_report
-    from .runner import run_grid, stage_status
-    from .stages import STAGES
-
     grid = load_grid(resolve_grid_path(args.grid), tuple(args.plugin))
     runs = filter_runs(grid.runs, args.where)
     if not runs:
@@ -59,9 +59,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"{grid.name!r}; see them with --dry-run"
         )
     stages = args.stages.split(",") if args.stages else list(grid.stages)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; available: {', '.join(STAGES)}")
+    for stage in stages:
+        if stage not in STAGES:
+            raise ConfigError(f"--stages: {STAGES.unknown(stage)}")
     if args.dry_run:
         header = ["run_id", "run_name", *stages]
         print(" | ".join(header))
@@ -80,7 +80,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    if not _finish_distributed():
+    if not finish_distributed():
         return 0  # under torchrun, rank 0 alone summarises and reports
     counts: dict[str, int] = {}
     for r in results:
@@ -93,18 +93,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = write_report(grid.name, args.runs_dir, args.results_dir, command, grid.reference, grid.runs)
     print(f"report: {out}/RESULTS.md (with results.parquet and plots beside it)")
     return 0
-
-
-def _finish_distributed() -> bool:
-    """Close a torchrun process group once the grid is done; True on the rank that reports."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return True
-    is_main = dist.get_rank() == 0
-    dist.barrier()
-    dist.destroy_process_group()
-    return is_main
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -127,9 +115,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .grid import load_grid
-    from .report import write_report
-
     grid = load_grid(resolve_grid_path(args.grid))
     out = write_report(
         grid.name,
@@ -144,8 +129,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
-    from .data import prepare_data
-
     data = prepare_data(args.source, args.tokenizer)
     for split in ("train", "validation", "test"):
         print(f"{split}: {len(data.split(split)):,} tokens, {data.bytes_per_token[split]:.3f} bytes/token")

@@ -1,4 +1,5 @@
-"""Frozen, strictly-loaded configuration dataclasses for models (and the helpers every spec uses).
+"""Frozen, strictly-loaded configuration dataclasses: the model (and its attention), data, training,
+and each stage's settings (eval, probe, profile), with the helpers every spec uses.
 
 `from_dict` builds a (nested) dataclass from plain data and refuses unknown keys, naming the key,
 where it was found and what is allowed — a typo in a grid file must never be silently ignored.
@@ -13,6 +14,8 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .tasks import KNOWN_TASKS, PERPLEXITY_TASKS, SUITES
 
 
 class ConfigError(ValueError):
@@ -169,3 +172,122 @@ class ModelConfig:
                 f"(allowed 0..{n - 1}, or one of {', '.join(HYBRID_PATTERNS)})"
             )
         return tuple(sorted({i % n for i in indices}))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which corpus and tokenizer; `options` go to the source (e.g. data_dir, glob)."""
+
+    source: str = "offline-english"
+    tokenizer: str = "bpe-4096"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """nanoGPT-style training: AdamW, linear warm-up then cosine decay, clipping, accumulation."""
+
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 50
+    seed: int = 0
+    #: "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "checkpoint_every",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"train.{name} must be a positive integer; got {value!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be one of auto, fp32, bf16; got {self.precision!r}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(
+                f"train.warmup_steps must be between 0 and train.steps ({self.steps}); got {self.warmup_steps}"
+            )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to score. `tasks` takes task names and suite names (table5, paper, offline).
+
+    `data_dir`: local data, laid out as `<data_dir>/<dataset>/<split>.jsonl` for the paper's tasks
+    (see harness.tasks.data_layout) and/or a built offline suite (harness.tasks.build_offline_suite).
+    """
+
+    tasks: tuple[str, ...] = ("offline",)
+    num_fewshot: tuple[int, ...] = (0,)
+    limit: int | None = None
+    batch_size: int = 8
+    data_dir: str | None = None
+    seed: int = 1234
+    #: >0 gives stderr columns (closed form for means, resampling for perplexities)
+    bootstrap_iters: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "num_fewshot"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, (str, int)) else tuple(value))
+        unknown = [t for t in self.tasks if t not in KNOWN_TASKS and t not in SUITES]
+        for task in unknown:
+            close = difflib.get_close_matches(task, [*KNOWN_TASKS, *SUITES], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown evaluation task {task!r}{hint}; known tasks: {', '.join(KNOWN_TASKS)}; "
+                f"suites: {', '.join(SUITES)}"
+            )
+        if not self.tasks:
+            raise ValueError("EvalConfig.tasks is empty")
+        if not self.num_fewshot or any(not isinstance(n, int) or n < 0 for n in self.num_fewshot):
+            raise ValueError(f"EvalConfig.num_fewshot must be non-negative integers, got {self.num_fewshot!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"EvalConfig.limit must be a positive integer or None, got {self.limit!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"EvalConfig.batch_size must be >= 1, got {self.batch_size!r}")
+
+    def resolved_tasks(self) -> tuple[str, ...]:
+        """Task names with suites expanded, in order, without repeats."""
+        names = (n for t in self.tasks for n in SUITES.get(t, (t,)))
+        return tuple(dict.fromkeys(names))
+
+    def shots_for(self, task: str) -> tuple[int, ...]:
+        return (0,) if task in PERPLEXITY_TASKS else self.num_fewshot
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    batches: int = 2
+    batch_size: int = 8
+    bins: int = 40
+    saturation_eps: float = 0.01
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    seq_lens: list = field(default_factory=lambda: [128, 256, 512])
+    batch_size: int = 4
+    generation_lengths: list = field(default_factory=lambda: [64, 128, 256])
+    prompt_length: int = 5
+    warmup: int = 2
+    repeats: int = 5

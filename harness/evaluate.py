@@ -9,85 +9,27 @@ row with status "failed" -- naming the task and how to provide its data -- while
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lm_eval
 from lm_eval.tasks import TaskManager
 
-from .lm_eval_model import ReGLALM, Tokenizer
+from .config import EvalConfig
+from .data.tokenization import Tokenizer
+from .lm_eval_model import ReGLALM
 from .model import LanguageModel
 from .tasks import (
-    OFFLINE_TASKS,
     PAPER_TASKS,
-    PERPLEXITY_TASKS,
-    TABLE5_TASKS,
     data_layout,
     offline_suite_dir,
     write_offline_task_yaml,
     write_paper_task_yaml,
 )
-
-#: Names that stand for several tasks in EvalConfig.tasks.
-SUITES: dict[str, tuple[str, ...]] = {
-    "table5": TABLE5_TASKS,
-    "paper": tuple(PAPER_TASKS),
-    "offline": OFFLINE_TASKS,
-}
-KNOWN_TASKS = (*PAPER_TASKS, *OFFLINE_TASKS)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What to score. `tasks` takes task names and suite names (table5, paper, offline).
-
-    `data_dir`: local data, laid out as `<data_dir>/<dataset>/<split>.jsonl` for the paper's tasks
-    (see harness.tasks.data_layout) and/or a built offline suite (harness.tasks.build_offline_suite).
-    """
-
-    tasks: tuple[str, ...] = ("offline",)
-    num_fewshot: tuple[int, ...] = (0,)
-    limit: int | None = None
-    batch_size: int = 8
-    data_dir: str | None = None
-    seed: int = 1234
-    #: >0 gives stderr columns (closed form for means, resampling for perplexities)
-    bootstrap_iters: int = 100
-
-    def __post_init__(self) -> None:
-        for name in ("tasks", "num_fewshot"):
-            value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, (str, int)) else tuple(value))
-        unknown = [t for t in self.tasks if t not in KNOWN_TASKS and t not in SUITES]
-        for task in unknown:
-            close = difflib.get_close_matches(task, [*KNOWN_TASKS, *SUITES], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
-                f"unknown evaluation task {task!r}{hint}; known tasks: {', '.join(KNOWN_TASKS)}; "
-                f"suites: {', '.join(SUITES)}"
-            )
-        if not self.tasks:
-            raise ValueError("EvalConfig.tasks is empty")
-        if not self.num_fewshot or any(not isinstance(n, int) or n < 0 for n in self.num_fewshot):
-            raise ValueError(f"EvalConfig.num_fewshot must be non-negative integers, got {self.num_fewshot!r}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"EvalConfig.limit must be a positive integer or None, got {self.limit!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"EvalConfig.batch_size must be >= 1, got {self.batch_size!r}")
-
-    def resolved_tasks(self) -> tuple[str, ...]:
-        """Task names with suites expanded, in order, without repeats."""
-        names = (n for t in self.tasks for n in SUITES.get(t, (t,)))
-        return tuple(dict.fromkeys(names))
-
-    def shots_for(self, task: str) -> tuple[int, ...]:
-        return (0,) if task in PERPLEXITY_TASKS else self.num_fewshot
 
 
 def evaluate_model(model: LanguageModel, tokenizer: Tokenizer, config: EvalConfig) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from variants import import_plugin_modules
 
 from .config import ConfigError
 from .spec import RunSpec, spec_from_dict
+from .stages import STAGES
 
 GRID_KEYS = ("name", "description", "plugins", "stages", "base", "axes", "zip", "exclude", "reference")
 REFERENCE_KEYS = ("source", "metric", "values")
@@ -136,12 +137,30 @@ def load_grid_data(path: str | Path) -> dict:
     return dict(data)
 
 
+def split_sections(merged: Mapping[str, Any], run_name: str) -> tuple[dict, dict[str, Any]]:
+    """Merged grid data as (the run's model/data/train sections, each stage's normalised settings).
+
+    Stage settings are checked here, strictly, against each stage's settings class, so a typo
+    fails when the grid loads, not after an hour of training. The train stage's settings are the
+    `train:` section itself (part of the run id)."""
+    run_keys = {"model", "data", "train"}
+    allowed = run_keys | set(STAGES)
+    unknown = sorted(set(merged) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level key(s) {', '.join(map(repr, unknown))} in run {run_name!r}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+    stage_settings = {
+        stage: STAGES[stage].validate(settings) for stage, settings in merged.items() if stage not in run_keys
+    }
+    return {k: v for k, v in merged.items() if k in run_keys}, stage_settings
+
+
 def expand_grid(
     data: Mapping[str, Any], default_name: str = "grid", path: str = "", extra_plugins: tuple[str, ...] = ()
 ) -> Grid:
     """Expand a grid mapping (as read from YAML) into RunSpecs."""
-    from .stages import STAGES
-
     unknown = sorted(set(data) - set(GRID_KEYS))
     if unknown:
         raise ConfigError(f"unknown grid key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(GRID_KEYS)}")
@@ -149,9 +168,9 @@ def expand_grid(
     plugins = tuple(data.get("plugins") or ()) + tuple(extra_plugins)
     import_plugin_modules(plugins)
     stages = tuple(data.get("stages") or ("train",))
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        raise ConfigError(f"unknown stage(s) {bad} in grid {name!r}; available stages: {', '.join(STAGES)}")
+    for stage in stages:
+        if stage not in STAGES:
+            raise ConfigError(f"grid {name!r}: {STAGES.unknown(stage)}")
 
     axes: list[tuple[str, list[tuple[str, dict]]]] = [
         (axis, _axis_levels(axis, levels)) for axis, levels in (data.get("axes") or {}).items()
@@ -179,7 +198,8 @@ def expand_grid(
             for dotted, value in overrides.items():
                 set_dotted(merged, dotted, value)
         run_name = "/".join(labels.values()) or name
-        spec = spec_from_dict(merged, name=run_name, grid=name, axes=labels, plugins=plugins)
+        sections, stage_settings = split_sections(merged, run_name)
+        spec = spec_from_dict(sections, name=run_name, grid=name, axes=labels, plugins=plugins, stages=stage_settings)
         if spec.run_id in seen:
             raise ConfigError(
                 f"runs {seen[spec.run_id]!r} and {run_name!r} of grid {name!r} are the same "

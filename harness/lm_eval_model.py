@@ -8,7 +8,7 @@ attention mask, and padding *after* a sequence cannot change the logits at earli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,22 +18,12 @@ from lm_eval.models.utils import Collator, normalize_gen_kwargs, postprocess_gen
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from .checkpoint_io import load_checkpoint, read_checkpoint_config
+from .data.tokenization import Tokenizer, get_tokenizer
 from .model import LanguageModel
 
 
-class Tokenizer(Protocol):
-    name: str
-    vocab_size: int
-    eot_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-
 def tokenizer_by_name(name: str, source: str | None = None) -> Tokenizer:
-    from .data import get_tokenizer  # the data layer is optional for scoring a live model
-
     return get_tokenizer(name, source=source)
 
 
@@ -54,8 +44,6 @@ class ReGLALM(TemplateLM):
         if model is None:
             if checkpoint is None:
                 raise ValueError("ReGLALM needs a model and tokenizer, or checkpoint=<directory>")
-            from .checkpoint_io import load_checkpoint, read_checkpoint_config
-
             model, tokenizer_name = load_checkpoint(checkpoint, map_location=kwargs.get("device") or "cpu")
             if tokenizer is None:
                 source = kwargs.get("tokenizer_source") or read_checkpoint_config(checkpoint).get("tokenizer_source")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -89,3 +90,17 @@ class LanguageModel(nn.Module):
 
     def linear_attention_layers(self) -> list[LinearAttention]:
         return [b.attn for b in self.blocks if isinstance(b.attn, LinearAttention)]
+
+
+def build_model(config: ModelConfig, vocab_size: int, seed: int) -> LanguageModel:
+    """A freshly initialised model for a tokenizer of `vocab_size` tokens, seeded by `seed` (the
+    run's `train.seed`, so that a rebuilt model equals the one a run started from)."""
+    if config.vocab_size is None:
+        config = replace(config, vocab_size=vocab_size)
+    elif config.vocab_size < vocab_size:
+        raise ValueError(
+            f"model.vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
+            f"vocabulary ({vocab_size}); leave it unset to take the tokenizer's"
+        )
+    torch.manual_seed(seed)
+    return LanguageModel(config)

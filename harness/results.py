@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_write_bytes
 from .spec import RunSpec
+from .stages import STAGES
 
 #: fixed columns, in order; grid axes follow as extra string columns
 CORE_SCHEMA = pa.schema(
@@ -150,8 +151,6 @@ def stage_failures(frame: pd.DataFrame) -> pd.DataFrame:
 def current_rows(frame: pd.DataFrame, runs: Iterable[RunSpec]) -> pd.DataFrame:
     """Only the rows of these specs' runs and of their stages' current settings: results left in
     the runs folder by older versions of a grid do not leak into its report."""
-    from .stages import STAGES
-
     keys = {(spec.run_id, spec.stage_id(stage)) for spec in runs for stage in STAGES}
     mask = [(run_id, stage_id) in keys for run_id, stage_id in zip(frame["run_id"], frame["stage_id"])]
     return frame[mask]

@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
+from .distributed import distributed_context
 from .grid import Grid
 from .results import environment, make_rows, read_rows, stage_failures, write_rows
 from .spec import RunSpec
 from .stages import STAGES, StageContext
-from .train import distributed_context
 
 
 @dataclass(frozen=True)

@@ -17,64 +17,12 @@ from typing import Any
 
 from variants import FEATURE_MAPS, GATES, NORMS
 
-from .config import ConfigError, ModelConfig, from_dict, to_dict
+from .config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from .data import get_source
+from .data.tokenization import check_tokenizer_name
 
 #: bump when the meaning of a spec field changes in a way that invalidates old runs
 SPEC_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which corpus and tokenizer; `options` go to the source (e.g. data_dir, glob)."""
-
-    source: str = "offline-english"
-    tokenizer: str = "bpe-4096"
-    options: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """nanoGPT-style training: AdamW, linear warm-up then cosine decay, clipping, accumulation."""
-
-    steps: int = 200
-    batch_size: int = 16
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 8
-    log_every: int = 10
-    checkpoint_every: int = 50
-    seed: int = 0
-    #: "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
-    precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "seq_len",
-            "grad_accum",
-            "eval_every",
-            "eval_batches",
-            "log_every",
-            "checkpoint_every",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"train.{name} must be a positive integer; got {value!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision must be one of auto, fp32, bf16; got {self.precision!r}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(
-                f"train.warmup_steps must be between 0 and train.steps ({self.steps}); got {self.warmup_steps}"
-            )
 
 
 @dataclass(frozen=True)
@@ -137,31 +85,30 @@ def stable_hash(data: Any, length: int = 12) -> str:
 
 
 def spec_from_dict(
-    data: Mapping[str, Any], *, name: str, grid: str = "", axes: Mapping | None = None, plugins: tuple = ()
+    data: Mapping[str, Any],
+    *,
+    name: str,
+    grid: str = "",
+    axes: Mapping | None = None,
+    plugins: tuple = (),
+    stages: Mapping[str, Any] | None = None,
 ) -> RunSpec:
-    """Strictly build a RunSpec from merged grid data (keys: model, data, train, and stage names)."""
-    from .stages import STAGES  # stages import this module; resolve at call time
+    """Strictly build a RunSpec from the `model`, `data` and `train` sections of merged grid data.
 
-    allowed = {"model", "data", "train", *STAGES}
-    unknown = sorted(set(data) - allowed)
+    `stages`: each stage's settings, already validated and normalised (the grid does that, as it
+    knows the registered stages); they are not part of the run id.
+    """
+    unknown = sorted(set(data) - {"model", "data", "train"})
     if unknown:
         raise ConfigError(
-            f"unknown top-level key(s) {', '.join(map(repr, unknown))} in run {name!r}; "
-            f"allowed: {', '.join(sorted(allowed))}"
+            f"unknown top-level key(s) {', '.join(map(repr, unknown))} in run {name!r}; allowed: data, model, train"
         )
-    stages = {}
-    for stage, settings in data.items():
-        # The train stage's settings are the `train:` section itself, part of the run id.
-        if stage in STAGES and stage != "train":
-            # Validate now so a typo fails at grid load, not after an hour of training.
-            config = from_dict(STAGES[stage].config_class, settings, stage)
-            stages[stage] = to_dict(config)
     spec = RunSpec(
         name=name,
         model=from_dict(ModelConfig, data.get("model"), "model"),
         data=from_dict(DataConfig, data.get("data"), "data"),
         train=from_dict(TrainConfig, data.get("train"), "train"),
-        stages=stages,
+        stages=dict(stages or {}),
         axes=dict(axes or {}),
         grid=grid,
         plugins=tuple(plugins),
@@ -173,9 +120,6 @@ def spec_from_dict(
 def check_names(spec: RunSpec) -> None:
     """Plugin options, data source (and its options) and tokenizer, checked when the grid loads
     rather than after data preparation in every run."""
-    from .data import get_source
-    from .data.tokenization import check_tokenizer_name
-
     where = f"run {spec.name!r}"
     if spec.plugin_versions():
         attention = spec.model.attention

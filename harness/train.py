@@ -11,101 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_bytes
-from .model import LanguageModel
-from .spec import RunSpec, TrainConfig
+from .config import TrainConfig
+from .distributed import agree_on_failure, attempt, distributed_context, pick_device
+from .model import LanguageModel, build_model
+from .spec import RunSpec
 
 
 class Diverged(RuntimeError):
     """Training produced a non-finite loss."""
-
-
-class PeerFailed(RuntimeError):
-    """Another rank's training step raised; this rank stops at the same point."""
-
-
-@dataclass
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def distributed_context() -> DistributedContext:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; start the process group once if it did."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return DistributedContext()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return DistributedContext(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def agree_on_failure(
-    failure: Exception | None, ctx: DistributedContext, device: torch.device, loss: float | None = None
-) -> bool:
-    """Whether every rank may go on, decided by all ranks together at the same point.
-
-    Under DDP a rank that stops alone leaves the others waiting forever in the next collective.
-    So every rank calls this at the same point: if any rank failed (an exception in its forward
-    or validation), all raise — the failed one its own exception, the others `PeerFailed` naming
-    it — and the process group stays usable for the rest of the grid. Otherwise the result says
-    whether `loss` (when given) is finite on every rank; the caller stops on False. A failure
-    inside the backward's gradient all-reduce cannot be caught this way; the process group's
-    timeout is the backstop there."""
-    finite = loss is None or math.isfinite(loss)
-    if ctx.world_size == 1:
-        if failure is not None:
-            raise failure
-        return finite
-    # 0: go on; 1: a non-finite loss somewhere; 2: an exception somewhere (it wins).
-    flag = torch.tensor([2.0 if failure is not None else 0.0 if finite else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() < 2:
-        return flag.item() == 0
-    messages: list[str | None] = [None] * ctx.world_size
-    own = (
-        None if failure is None else f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
-    )
-    dist.all_gather_object(messages, own)
-    if failure is not None:
-        raise failure
-    raise PeerFailed("; ".join(f"rank {rank} failed: {m}" for rank, m in enumerate(messages) if m is not None))
-
-
-def _attempt(fn, *args):
-    """(fn(*args), None) or (None, the exception), for `agree_on_failure`."""
-    try:
-        return fn(*args), None
-    except Exception as exc:  # handed to agree_on_failure, which re-raises it on this rank
-        return None, exc
-
-
-def pick_device(ctx: DistributedContext, requested: str = "auto") -> torch.device:
-    if requested != "auto":
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", ctx.local_rank)
-    return torch.device("cpu")
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -160,19 +82,6 @@ def batch_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def build_model(spec: RunSpec, vocab_size: int) -> LanguageModel:
-    model_config = spec.model
-    if model_config.vocab_size is None:
-        model_config = replace(model_config, vocab_size=vocab_size)
-    elif model_config.vocab_size < vocab_size:
-        raise ValueError(
-            f"model.vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's "
-            f"vocabulary ({vocab_size}); leave it unset to take the tokenizer's"
-        )
-    torch.manual_seed(spec.train.seed)
-    return LanguageModel(model_config)
-
-
 def _save_training_state(path: Path, state: dict) -> None:
     atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
 
@@ -190,7 +99,7 @@ def train(
     dev = pick_device(ctx, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    model = build_model(spec, data.tokenizer.vocab_size).to(dev)
+    model = build_model(spec.model, data.tokenizer.vocab_size, spec.train.seed).to(dev)
     optimizer = make_optimizer(model, config)
     records: list[dict[str, Any]] = []
     start_step, trained_seconds = 0, 0.0
@@ -231,7 +140,7 @@ def train(
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             sync = wrapped.no_sync() if ctx.world_size > 1 and micro < config.grad_accum - 1 else nullcontext()
             with sync:
-                loss, failure = _attempt(micro_step_loss, wrapped, x, y, dev, config.precision)
+                loss, failure = attempt(micro_step_loss, wrapped, x, y, dev, config.precision)
                 micro_loss = loss.item() if failure is None else None
                 # Before the backward: its gradient all-reduce is where a failed or diverged rank
                 # would leave the others waiting.
@@ -258,7 +167,7 @@ def train(
                 {"metric": "train/lr", "value": learning_rate(step, config), "step": done, "split": "train"},
             ]
         if done % config.eval_every == 0 or done == config.steps:
-            val, failure = _attempt(evaluate_loss, model, data.validation, config, dev)
+            val, failure = attempt(evaluate_loss, model, data.validation, config, dev)
             agree_on_failure(failure, ctx, dev)
             if not math.isfinite(val):
                 raise Diverged(f"non-finite validation loss ({val}) at step {done}")

@@ -7,21 +7,32 @@ from collections.abc import Callable
 
 import torch
 
+from registry import Registry
+
 from . import reference
 
 Tensor = torch.Tensor
 GLAFn = Callable[..., tuple[Tensor, Tensor | None]]
 
-IMPLEMENTATIONS: dict[str, GLAFn] = {
-    "recurrent": reference.recurrent_gla,
-    "chunked": reference.chunked_gla,
-    "parallel": reference.parallel_gla,
-}
+#: Attention implementations by name; `impl=` of `gated_linear_attention` and of a model's
+#: attention config picks one. The Triton kernel registers lazily (kernels/__init__.py) where
+#: triton is installed, so importing the package never compiles or imports it before use.
+IMPLEMENTATIONS: Registry[GLAFn] = Registry(
+    "attention implementation",
+    hint="Or impl='auto': picked by device and length. Add one with kernels.register_implementation(name, fn).",
+)
+IMPLEMENTATIONS.register("recurrent", reference.recurrent_gla)
+IMPLEMENTATIONS.register("chunked", reference.chunked_gla)
+IMPLEMENTATIONS.register("parallel", reference.parallel_gla)
 
 
-def register_implementation(name: str, fn: GLAFn) -> None:
-    """Kernels that live elsewhere (Triton) add themselves here when importable."""
-    IMPLEMENTATIONS[name] = fn
+def register_implementation(name: str, fn: GLAFn | str) -> None:
+    """Add an implementation: a function with the signature of `kernels.reference.recurrent_gla`,
+    or "package.module:function" to import it on first use."""
+    if isinstance(fn, str):
+        IMPLEMENTATIONS.register_lazy(name, fn)
+    else:
+        IMPLEMENTATIONS.register(name, fn)
 
 
 def _check_shapes(
@@ -89,9 +100,7 @@ def gated_linear_attention(
     _check_shapes(q, k, v, gk, gv, initial_state)
     name = default_implementation(q) if impl == "auto" else impl
     if name not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown attention implementation {name!r}; available: {', '.join(sorted(IMPLEMENTATIONS))} or 'auto'"
-        )
+        raise IMPLEMENTATIONS.unknown(name)
     o, final_state = IMPLEMENTATIONS[name](
         q, k, v, gk, gv, scale=scale, initial_state=initial_state, output_final_state=output_final_state
     )

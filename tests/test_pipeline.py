@@ -126,7 +126,7 @@ def test_plugin_version_enters_the_run_id():
         ),
         (lambda g: g["base"]["train"].update(stepz=3), "unknown key 'stepz' in train (did you mean 'steps'?)"),
         (lambda g: g.update(colour="red"), "unknown grid key(s) 'colour'; allowed: name"),
-        (lambda g: g.update(stages=["train", "evaluate"]), "unknown stage(s) ['evaluate']"),
+        (lambda g: g.update(stages=["train", "evaluate"]), "unknown stage 'evaluate'. Did you mean 'eval'?"),
         (lambda g: g["base"].update(modle={}), "unknown top-level key(s) 'modle'"),
         (lambda g: g.update(axes={"variant": "regla"}), "must be a non-empty list of values"),
         (lambda g: g.update(zip=[{"train.lr": [1, 2], "train.seed": [1]}]), "all of the same length"),
@@ -143,7 +143,10 @@ def test_plugin_version_enters_the_run_id():
             "gate 'refined' got unknown option(s) rnak; allowed options",
         ),
         (lambda g: g["base"]["data"].update(tokenizer="bpe4096"), "unknown tokenizer 'bpe4096'; allowed: gpt2, byte"),
-        (lambda g: g["base"]["data"].update(source="text-filez"), "unknown data source 'text-filez'; available:"),
+        (
+            lambda g: g["base"]["data"].update(source="text-filez"),
+            "unknown data source 'text-filez'. Did you mean 'text-files'? Registered data sources:",
+        ),
         (lambda g: g["base"]["data"]["options"].update(patern="x"), "got unknown option(s) ['patern']; allowed:"),
     ],
 )
@@ -339,7 +342,10 @@ def test_cli_run_dry_run_and_list(corpus, tmp_path, capsys):
     assert cli_main(["list", "colour"]) == 2
     assert "unknown axis 'colour'" in capsys.readouterr().err
     assert cli_main(["run", str(path), "--stages", "train,evaluate", "--runs-dir", str(tmp_path / "runs")]) == 2
-    assert "unknown stage(s) evaluate; available: train, eval, probe, profile" in capsys.readouterr().err
+    assert (
+        "unknown stage 'evaluate'. Did you mean 'eval'? Registered stages: eval, probe, profile, train"
+        in capsys.readouterr().err
+    )
     assert cli_main(["run", str(path), "--where", "variant=gla", "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "matches none of the 2 runs" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists(), "a refused command writes nothing"

@@ -93,7 +93,8 @@ def isolated_registries(monkeypatch):
     """Plugins registered by a test leave the registries (and sys.modules) as they were."""
     for registry in (FEATURE_MAPS, NORMS, GATES):
         registry.load_entry_points()
-        monkeypatch.setattr(registry, "_plugins", dict(registry._plugins))
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+        monkeypatch.setattr(registry, "_lazy", dict(registry._lazy))
         monkeypatch.setattr(registry, "_sources", dict(registry._sources))
         # The registry reads entry points once; make it look again.
         monkeypatch.setattr(registry, "_entry_points_loaded", False)
@@ -145,7 +146,7 @@ def tiny_model(attention: AttentionConfig) -> LanguageModel:
 
 
 def test_installed_package_plugins_appear_and_build_into_a_model(installed_package, isolated_registries, monkeypatch):
-    assert "squared_relu_external" not in FEATURE_MAPS._plugins
+    assert "squared_relu_external" not in FEATURE_MAPS._entries
     monkeypatch.syspath_prepend(str(installed_package))
 
     assert "squared_relu_external" in FEATURE_MAPS.names()

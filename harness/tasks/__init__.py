@@ -15,6 +15,9 @@ __all__ = [
     "OFFLINE_TASKS",
     "OfflineSuiteUnavailable",
     "PAPER_TASKS",
+    "PERPLEXITY_TASKS",
+    "KNOWN_TASKS",
+    "SUITES",
     "TABLE5_TASKS",
     "TaskDataMissing",
     "build_offline_suite",
@@ -26,4 +29,10 @@ __all__ = [
 
 #: Perplexity tasks (loglikelihood_rolling): few-shot examples have no meaning there, so they run once, at 0 shots.
 PERPLEXITY_TASKS = frozenset({"wikitext", "regla_ppl"})
-__all__.append("PERPLEXITY_TASKS")
+#: Names that stand for several tasks in EvalConfig.tasks.
+SUITES: dict[str, tuple[str, ...]] = {
+    "table5": TABLE5_TASKS,
+    "paper": tuple(PAPER_TASKS),
+    "offline": OFFLINE_TASKS,
+}
+KNOWN_TASKS = (*PAPER_TASKS, *OFFLINE_TASKS)

@@ -8,6 +8,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+from registry import Registry
+
 from ..documents import Document, check_split
 
 
@@ -48,23 +50,21 @@ class Source(ABC):
         return f"{self.name}-{digest}"
 
 
-SOURCES: dict[str, type[Source]] = {}
+#: Corpora by name; `data.source` in a grid file picks one.
+SOURCES: Registry[type[Source]] = Registry(
+    "data source", hint="Add one by subclassing harness.data.Source and decorating it with @register_source."
+)
 
 
 def register_source(cls: type[Source]) -> type[Source]:
-    if cls.name in SOURCES:
-        raise ValueError(f"source {cls.name!r} is registered twice")
-    SOURCES[cls.name] = cls
-    return cls
+    """Class decorator: registers a Source subclass under its `name`."""
+    return SOURCES.register(cls.name, cls)
 
 
 def available_sources() -> list[str]:
-    return sorted(SOURCES)
+    return SOURCES.names()
 
 
 def get_source(name: str, **options: Any) -> Source:
-    try:
-        cls = SOURCES[name]
-    except KeyError:
-        raise ValueError(f"unknown data source {name!r}; available: {', '.join(available_sources())}") from None
-    return cls(**options)
+    """An instance of source `name`; unknown names and options raise, saying what is allowed."""
+    return SOURCES.get(name)(**options)

@@ -1,4 +1,4 @@
-"""Gate-saturation probes (the paper's §5.1, Fig. 4).
+"""The probe stage: gate-saturation probes (the paper's §5.1, Fig. 4).
 
 For each linear-attention layer, read every gate activation the gate plugin exposes (its
 `activations`, values in (0, 1]) and the gradient of the loss at each pre-activation (its
@@ -15,22 +15,16 @@ with step 0 for "before" and train.steps for "after".
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .model import LanguageModel
-from .spec import RunSpec
-from .stages import Stage, StageContext
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    batches: int = 2
-    batch_size: int = 8
-    bins: int = 40
-    saturation_eps: float = 0.01
+from ..checkpoint_io import load_checkpoint
+from ..config import ProbeConfig
+from ..distributed import distributed_context, pick_device
+from ..model import LanguageModel, build_model
+from ..spec import RunSpec
+from .base import Stage, StageContext
 
 
 def gate_statistics(
@@ -100,9 +94,6 @@ class ProbeStage(Stage):
     config_class = ProbeConfig
 
     def run(self, spec: RunSpec, ctx: StageContext) -> list[dict[str, Any]]:
-        from .checkpoint_io import load_checkpoint
-        from .train import build_model, distributed_context, pick_device
-
         config: ProbeConfig = self.settings(spec)
         device = pick_device(distributed_context(), ctx.device)
         data = ctx.data_for(spec)
@@ -110,7 +101,7 @@ class ProbeStage(Stage):
             (x.to(device), y.to(device))
             for x, y in data.validation.eval_batches(config.batch_size, spec.train.seq_len, config.batches)
         ]
-        initial = build_model(spec, data.tokenizer.vocab_size).to(device).train()
+        initial = build_model(spec.model, data.tokenizer.vocab_size, spec.train.seed).to(device).train()
         trained, _ = load_checkpoint(ctx.model_dir, map_location=device)
         trained.train()
         if not initial.linear_attention_layers():

@@ -1,4 +1,4 @@
-"""Model-level profilers: training-step throughput and peak memory across sequence lengths, and
+"""The profile stage, model-level profilers: training-step throughput and peak memory across sequence lengths, and
 the paper's generation benchmark (§5.2, Fig. 5: prompt of 5 tokens, generate 2^6 … 2^13 tokens,
 peak memory and total prefill + decode time; linear state vs softmax KV cache).
 
@@ -11,25 +11,18 @@ measured in a separate untimed call. On CPU, peak memory is not measured (NaN).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .measure import peak_memory_mib, saved_for_backward_mib, time_and_peak_memory, time_call
-from .model import LanguageModel
-from .spec import RunSpec
-from .stages import Stage, StageContext
-
-
-@dataclass(frozen=True)
-class ProfileConfig:
-    seq_lens: list = field(default_factory=lambda: [128, 256, 512])
-    batch_size: int = 4
-    generation_lengths: list = field(default_factory=lambda: [64, 128, 256])
-    prompt_length: int = 5
-    warmup: int = 2
-    repeats: int = 5
+from ..config import ProfileConfig
+from ..distributed import distributed_context, pick_device
+from ..measure import peak_memory_mib, saved_for_backward_mib, time_and_peak_memory, time_call
+from ..model import LanguageModel, build_model
+from ..spec import RunSpec
+from .base import Stage, StageContext
 
 
 def profile_training_step(
@@ -95,8 +88,6 @@ def profile_generation(
 
 
 def _json(data: dict) -> str:
-    import json
-
     return json.dumps(data, sort_keys=True)
 
 
@@ -107,14 +98,12 @@ class ProfileStage(Stage):
     config_class = ProfileConfig
 
     def run(self, spec: RunSpec, ctx: StageContext) -> list[dict[str, Any]]:
-        from .train import build_model, distributed_context, pick_device
-
         config: ProfileConfig = self.settings(spec)
         device = pick_device(distributed_context(), ctx.device)
         vocab = spec.model.vocab_size or ctx.data_for(spec).tokenizer.vocab_size
         longest = max([*config.seq_lens, config.prompt_length + max(config.generation_lengths, default=0)])
-        model_spec = replace(spec, model=replace(spec.model, max_seq_len=max(spec.model.max_seq_len, longest)))
-        model = build_model(model_spec, vocab).to(device)
+        model_config = replace(spec.model, max_seq_len=max(spec.model.max_seq_len, longest))
+        model = build_model(model_config, vocab, spec.train.seed).to(device)
         records = profile_training_step(
             model.train(), list(config.seq_lens), config.batch_size, device, config.warmup, config.repeats
         )

@@ -1,0 +1,27 @@
+"""The stages a grid can run on each RunSpec, in the order they usually run:
+
+    train    trains the model (validation loss, perplexity, bits per byte)
+    probe    gate-saturation histograms before and after training
+    eval     lm-eval tasks
+    profile  training-step throughput and memory, generation time and memory
+
+`STAGES` is the registry the grid file's `stages:` and the CLI's `--stages` name them from. One
+module per stage over `base`; a new stage is a module like them plus one line here.
+"""
+
+from __future__ import annotations
+
+from registry import Registry
+
+from .base import Stage, StageContext
+from .probing import ProbeStage
+from .profiling import ProfileStage
+from .scoring import EvalStage
+from .training import TrainStage
+
+__all__ = ["STAGES", "EvalStage", "ProbeStage", "ProfileStage", "Stage", "StageContext", "TrainStage"]
+
+#: Stage instances by name, in registration order (which `list` and error messages show).
+STAGES: Registry[Stage] = Registry("stage", hint="A stage is a harness.stages.Stage registered in harness.stages.")
+for _stage in (TrainStage(), EvalStage(), ProbeStage(), ProfileStage()):
+    STAGES.register(_stage.name, _stage)

@@ -1,0 +1,30 @@
+"""The train stage: trains the model (harness.train) and saves it for the stages after it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..checkpoint_io import save_checkpoint
+from ..config import TrainConfig
+from ..spec import RunSpec
+from ..train import train
+from .base import Stage, StageContext
+
+
+class TrainStage(Stage):
+    """Its settings are the spec's `train:` section (part of the run id, not a stage id)."""
+
+    name = "train"
+    config_class = TrainConfig
+    distributed = True
+
+    def settings(self, spec: RunSpec) -> TrainConfig:
+        return spec.train
+
+    def run(self, spec: RunSpec, ctx: StageContext) -> list[dict[str, Any]]:
+        data = ctx.data_for(spec)
+        model, records = train(spec, data, ctx.run_dir, device=ctx.device, progress=ctx.progress)
+        if ctx.is_main:
+            save_checkpoint(model, spec.data.tokenizer, ctx.model_dir, tokenizer_source=spec.data.source)
+            (ctx.run_dir / "training_state.pt").unlink(missing_ok=True)
+        return records
