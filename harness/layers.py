@@ -4,7 +4,7 @@ be dropped into someone else's model (post-linearization), and returns its decod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,8 @@ from torch import nn
 import kernels
 from kernels import gated_linear_attention
 from kernels.dispatch import divide_by_denominator, with_denominator_column
+from kernels.fusion import RefiningGateKernel, SafeExpKernel
 from variants import FEATURE_MAPS, GATES, NORMS, GateOutput
-from variants.feature_maps import SafeExp, variance_reduction_factor
-from variants.gates import RefinedGate
 
 from .config import AttentionConfig, ConfigError, ModelConfig
 
@@ -29,6 +28,13 @@ class LinearState:
     memory: Tensor  # [B, H, F, V] (V + 1 with the denominator)
     key_feature: Any  # the feature map's key state (e.g. safe_exp's running max)
     last_input: Tensor  # [B, 1, D], for gates fed with the previous token
+
+
+class FusedPlan(NamedTuple):
+    """What the fused op computes in place of the feature map and the gate."""
+
+    features: SafeExpKernel
+    gate: RefiningGateKernel
 
 
 @dataclass
@@ -96,19 +102,25 @@ class LinearAttention(nn.Module):
         new_state = LinearState(memory, key_state, x[:, -1:]) if use_cache else None
         return y, new_state
 
+    def fused_plan(self) -> FusedPlan | None:
+        """The feature map's and the gate's descriptions for the fused op, when both plugins
+        declare one (`fused_kernel()`); None when either cannot run inside it."""
+        features, gate = self.feature_map.fused_kernel(), self.gate.fused_kernel()
+        if isinstance(features, SafeExpKernel) and isinstance(gate, RefiningGateKernel):
+            return FusedPlan(features, gate)
+        return None
+
     def takes_fused_path(self, q: Tensor) -> bool:
-        """The fused ReGLA op (kernels.triton_regla) replaces feature map + gate + kernel when the
-        layer is safe_exp features with a key-side refining gate, on CUDA, with impl "auto", over
-        more than one token (a decoding step is a small recurrence), and no probe reading the gates."""
+        """The fused ReGLA op (kernels.triton_regla) replaces feature map + gate + kernel when both
+        plugins declare a fused form, on CUDA, with impl "auto", over more than one token (a
+        decoding step is a small recurrence), and no probe reading the gates."""
         return (
             kernels.triton_regla is not None
             and q.is_cuda
             and q.shape[1] > 1
             and self.config.impl == "auto"
-            and isinstance(self.feature_map, SafeExp)
-            and isinstance(self.gate, RefinedGate)
-            and self.gate.axis == "key"
             and not self.capture_gates
+            and self.fused_plan() is not None
         )
 
     def _composed_attention(self, x, q, k, v, state, use_cache):
@@ -135,11 +147,16 @@ class LinearAttention(nn.Module):
         return o, memory, key.state
 
     def _fused_attention(self, x, q, k, v, state, use_cache):
-        """The same computation as `_composed_attention` for safe_exp + refined, in one Triton op."""
-        feature_map, gate = self.feature_map, self.gate
-        scale = feature_map.kernel_scale
-        if feature_map.variance_factor == "query":  # φ(q) · c inside the kernel is the scale c outside
-            scale *= variance_reduction_factor(self.head_dim)
+        """The same computation as `_composed_attention`, in one Triton op, for plugins that
+        declare a fused form (`fused_plan`)."""
+        plan = self.fused_plan()
+        if plan is None:
+            raise RuntimeError(
+                f"the fused path needs a feature map and a gate that declare a fused form; "
+                f"{self.config.feature_map!r} / {self.config.gate!r} do not"
+            )
+        features, gate = plan
+        kernel_scale = self.feature_map.kernel_scale
         gate_logits, refine_logits = gate.logits(x, state.last_input if state is not None else None)
         if self.uses_denominator:
             v, _ = with_denominator_column(v)
@@ -151,17 +168,18 @@ class LinearAttention(nn.Module):
             refine_logits=refine_logits,
             tau=gate.tau,
             log_clamp=gate.log_clamp,
-            key_max=feature_map.key_max,
-            chunk_size=feature_map.chunk_size,
-            scale=scale,
+            key_max=features.key_max,
+            chunk_size=features.chunk_size,
+            # A constant factor on φ(q) inside the kernel is the same factor on the op's scale.
+            scale=kernel_scale * features.query_factor,
             initial_state=state.memory if state is not None else None,
             initial_key_max=state.key_feature if state is not None else None,
             output_final_state=use_cache,
         )
         if self.uses_denominator:
             # eps scaled as the composed path scales it: by the op scale there, which leaves a
-            # `query` variance factor out (it multiplies φ(q) instead).
-            o = divide_by_denominator(o, self.config.denominator_eps * feature_map.kernel_scale)
+            # query-side factor out (it multiplies φ(q) instead).
+            o = divide_by_denominator(o, self.config.denominator_eps * kernel_scale)
         return o, memory, key_max.to(k.dtype)
 
 

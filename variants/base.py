@@ -2,13 +2,15 @@
 
 Feature map  `FeatureMap(head_dim, num_heads, **options)`
     forward(x [B, T, H, K], role "q" | "k", state=None) -> FeatureOutput
-    `feature_dim` is the output size F; `kernel_scale` the scale handed to the attention op.
+    `feature_dim` is the output size F; `kernel_scale` the scale handed to the attention op;
+    `fused_kernel()` a `kernels.fusion` description when the fused op can form the features.
 Norm         `OutputNorm(head_dim, num_heads, **options)`
     forward(o [B, T, H, V]) -> [B, T, H, V]; `uses_denominator` asks the op to divide by q·z.
 Gate         `Gate(d_model, num_heads, key_dim, value_dim, **options)`
     forward(x [B, T, D], x_prev [B, 1, D] | None) -> GateOutput with log-space decays <= 0
     on the key side [B, T, H, K or 1] and/or the value side [B, T, H, V or 1], an optional
-    input scale for the keys [B, T, H, 1], and the raw activations for the saturation probes.
+    input scale for the keys [B, T, H, 1], and the raw activations for the saturation probes;
+    `fused_kernel()` a `kernels.fusion` description when the fused op can compute the gate.
 
 Options are keyword-only constructor arguments; the registry validates them and lists them
 in its errors. Each plugin class gets `registry_name` and `version` from its decorator.
@@ -21,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kernels.fusion import RefiningGateKernel, SafeExpKernel
 
 Tensor = torch.Tensor
 
@@ -59,6 +63,11 @@ class FeatureMap(nn.Module):
     def kernel_scale(self) -> float:
         return 1.0
 
+    def fused_kernel(self) -> SafeExpKernel | None:
+        """How the fused attention op forms these features inside its kernels (a description from
+        `kernels.fusion`), or None when it cannot: the layer then takes the composed path."""
+        return None
+
     def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:  # pragma: no cover
         raise NotImplementedError
 
@@ -83,6 +92,11 @@ class Gate(nn.Module):
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.value_dim = value_dim
+
+    def fused_kernel(self) -> RefiningGateKernel | None:
+        """How the fused attention op computes this gate inside its kernels (a description from
+        `kernels.fusion`), or None when it cannot: the layer then takes the composed path."""
+        return None
 
     def forward(self, x: Tensor, x_prev: Tensor | None = None) -> GateOutput:  # pragma: no cover
         raise NotImplementedError

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.fusion import SafeExpKernel
 from kernels.safe_exp import KEY_MAX_SCOPES, key_shifts, query_shift
 
 from .base import FeatureMap, FeatureOutput
@@ -207,6 +208,10 @@ class SafeExp(FeatureMap):
     @property
     def kernel_scale(self) -> float:
         return variance_reduction_factor(self.head_dim) if self.variance_factor == "kernel" else 1.0
+
+    def fused_kernel(self) -> SafeExpKernel:
+        query_factor = variance_reduction_factor(self.head_dim) if self.variance_factor == "query" else 1.0
+        return SafeExpKernel(key_max=self.key_max, chunk_size=self.chunk_size, query_factor=query_factor)
 
     def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
         if role == "q":

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.fusion import RefiningGateKernel
+
 from .base import Gate, GateOutput
 from .registry import Registry
 
@@ -263,6 +265,12 @@ class RefinedGate(ProjectedGate):
         )
         self.gate_proj = GateProjection(d_model, num_heads, self.width, rank, bias_init)
         self.refine_proj = GateProjection(d_model, num_heads, self.width, rank, refine_bias_init)
+
+    def fused_kernel(self) -> RefiningGateKernel | None:
+        """The fused op computes this gate from its two logits when it acts on the keys."""
+        if self.axis != "key":
+            return None
+        return RefiningGateKernel(self.logits, tau=self.tau, log_clamp=self.log_clamp)
 
     def logits(self, x: Tensor, x_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The gate and refine logits [B, T, H, width]: what a fused kernel takes instead of log F."""

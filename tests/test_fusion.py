@@ -1,0 +1,126 @@
+"""Fusion is declared by plugins: a layer takes the fused ReGLA op when its feature map and gate
+both return a `kernels.fusion` description from `fused_kernel()`, whatever their classes.
+
+A third-party refining gate with τ = 2 (not a subclass of the built-in) opts in and gets the
+fused path, which must equal its own composed path, output and every parameter gradient (the
+kernels run under Triton's interpreter without CUDA). A third-party feature map that does not
+opt in keeps the composed path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from harness.config import AttentionConfig  # noqa: E402
+from harness.layers import LinearAttention  # noqa: E402
+from kernels.fusion import RefiningGateKernel, SafeExpKernel  # noqa: E402
+from variants import FEATURE_MAPS, GATES, FeatureMap, FeatureOutput, Gate, GateOutput, feature_map, gate  # noqa: E402
+
+from .numerics import rel_rms, worst  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TAU = 2.0
+
+
+class WarmRefiningGate(Gate):
+    """A refining gate written from scratch with a fixed temperature τ = 2, declaring its fused form."""
+
+    def __init__(self, d_model, num_heads, key_dim, value_dim):
+        super().__init__(d_model, num_heads, key_dim, value_dim)
+        self.gate_proj = torch.nn.Linear(d_model, num_heads * key_dim)
+        self.refine_proj = torch.nn.Linear(d_model, num_heads * key_dim)
+
+    def logits(self, x, x_prev=None):
+        B, T, _ = x.shape
+        shape = (B, T, self.num_heads, self.key_dim)
+        return self.gate_proj(x).view(shape), self.refine_proj(x).view(shape)
+
+    def fused_kernel(self):
+        return RefiningGateKernel(self.logits, tau=TAU, log_clamp=None)
+
+    def forward(self, x, x_prev=None):
+        a, b = (t.float() for t in self.logits(x, x_prev))
+        g, r = torch.sigmoid(a), torch.sigmoid(b)
+        log_f = (F.logsigmoid(a) + torch.log(g + 2 * r * (1 - g))).clamp_max(0.0) / TAU
+        return GateOutput(log_k=log_f.to(x.dtype), activations={"F": log_f.exp()})
+
+
+class ShiftFreeExp(FeatureMap):
+    """exp(x) without a max shift: positive, but not a form the fused kernel computes."""
+
+    positive_kernel = True
+
+    def forward(self, x, role, state=None):
+        return FeatureOutput(torch.exp(x.clamp_max(20.0)))
+
+
+@pytest.fixture
+def external_plugins():
+    gate("warm_refining_external", version=1)(WarmRefiningGate)
+    feature_map("shift_free_exp_external", version=1)(ShiftFreeExp)
+    yield
+    GATES.unregister("warm_refining_external")
+    FEATURE_MAPS.unregister("shift_free_exp_external")
+
+
+def make_layer(feature_map_name, gate_name, **gate_options):
+    torch.manual_seed(0)
+    config = AttentionConfig(feature_map=feature_map_name, gate=gate_name, gate_options=gate_options)
+    return LinearAttention(32, 2, 16, config).to(DEVICE)
+
+
+def outputs_and_grads(layer, x, fused, monkeypatch):
+    monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q: fused)
+    layer.zero_grad()
+    y, _ = layer(x)
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
+    return [y.detach()] + [p.grad.detach().clone() for p in layer.parameters()]
+
+
+def test_a_third_party_gate_that_declares_a_fused_form_gets_the_fused_path(external_plugins, monkeypatch):
+    layer = make_layer("safe_exp", "warm_refining_external")
+    plan = layer.fused_plan()
+    assert plan is not None
+    assert plan.gate.tau == TAU and plan.features == SafeExpKernel("running", 64, 1.0)
+    x = torch.randn(2, 29, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    fused = outputs_and_grads(layer, x, True, monkeypatch)
+    composed = outputs_and_grads(layer, x, False, monkeypatch)
+    errors = [rel_rms(a, b) for a, b in zip(fused, composed)]
+    assert worst(errors) <= 1e-4, errors
+    # The gradients reach the plugin's own projections through the fused op.
+    assert all(g.abs().sum() > 0 for g in fused[1:])
+
+
+def test_a_plugin_that_declares_nothing_keeps_the_composed_path(external_plugins):
+    layer = make_layer("shift_free_exp_external", "refined")
+    assert layer.gate.fused_kernel() is not None
+    assert layer.feature_map.fused_kernel() is None
+    assert layer.fused_plan() is None
+    q = torch.zeros(1, 8, 2, 16, device=DEVICE)
+    assert not layer.takes_fused_path(q)
+    with pytest.raises(RuntimeError, match="'shift_free_exp_external' / 'refined' do not"):
+        layer._fused_attention(torch.zeros(1, 8, 32), q, q, q, None, False)
+
+
+def test_built_in_plugins_declare_their_fused_forms():
+    layer = make_layer("safe_exp", "refined", tau=3.0, log_clamp=-5.0)
+    plan = layer.fused_plan()
+    assert plan.gate.tau == 3.0 and plan.gate.log_clamp == -5.0
+    # A value-side refining gate is not what the kernel computes; neither is a GLA gate.
+    assert make_layer("safe_exp", "refined", axis="value").fused_plan() is None
+    assert make_layer("safe_exp", "gla").fused_plan() is None
+    assert make_layer("identity", "refined").fused_plan() is None
+    for name in FEATURE_MAPS.names():
+        if name != "safe_exp":
+            assert FEATURE_MAPS.create(name, 16, 2).fused_kernel() is None, name
+
+
+def test_fusion_descriptions_reject_values_the_kernel_cannot_take():
+    with pytest.raises(ValueError, match="key_max must be one of sequence, chunk, running"):
+        SafeExpKernel(key_max="global")
+    with pytest.raises(ValueError, match="tau must be positive"):
+        RefiningGateKernel(lambda x, p: (x, x), tau=0.0)
