@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from .atomic import atomic_write_bytes
 from .spec import RunSpec
@@ -83,8 +84,6 @@ def _git_sha() -> str | None:
 
 def environment(device: str | None = None) -> dict[str, str | None]:
     """Versions and device recorded with every row."""
-    import torch
-
     if device is None:
         device = (
             torch.cuda.get_device_name()

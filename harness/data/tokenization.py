@@ -16,6 +16,7 @@ from ..atomic import atomic_write_text
 from .errors import DataError
 from .locking import build_lock
 from .paths import cache_dir as default_cache_dir
+from .sources import Source, get_source
 
 EOT_TEXT = "<|endoftext|>"
 _BPE_NAME = re.compile(r"^bpe-(\d+)$")
@@ -150,8 +151,6 @@ def bpe_tokenizer(vocab_size: int, source, cache_dir: Path) -> HFTokenizer:
     A cached file is retrained only when the source is readable here and its version changed, so
     a machine that got the cache without the corpus (e.g. a GPU machine without the corpora) still loads it.
     """
-    from .sources import Source, get_source
-
     if source is None:
         raise ValueError(f"tokenizer 'bpe-{vocab_size}' is trained on a source: pass source=...")
     if not isinstance(source, Source):

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
+from ..data import DataError, cache_dir, get_source, iter_documents
 from .task_yaml import local_data_overrides, write_task_yaml
 
 #: Bump whenever the items change for the same corpus: the cache directory is keyed by it.
@@ -284,8 +288,6 @@ def build_offline_suite(
 
 
 def _installed_test_documents() -> list[Any]:
-    from ..data import DataError, iter_documents
-
     try:
         return list(iter_documents("offline-english", "test"))
     except DataError as exc:
@@ -294,8 +296,6 @@ def _installed_test_documents() -> list[Any]:
 
 def installed_corpus_version() -> str | None:
     """The installed offline-english corpus's version, or None when it cannot be read here."""
-    from ..data import DataError, get_source
-
     try:
         return get_source("offline-english").version()
     except DataError:
@@ -310,8 +310,6 @@ def _built_for(suite_dir: Path) -> str | None:
 
 
 def default_suite_dir() -> Path:
-    from ..data import cache_dir
-
     return cache_dir() / "lm_eval" / f"offline-suite-v{SUITE_VERSION}"
 
 
@@ -331,10 +329,6 @@ def offline_suite_dir(data_dir: str | Path | None) -> Path:
 def _rebuild(suite_dir: Path, source_version: str | None) -> None:
     """Build beside `suite_dir`, then swap the new suite in: readers never see a mix of old and new
     task files, and tasks the new corpus cannot feed leave no stale file behind."""
-    import os
-    import shutil
-    import tempfile
-
     suite_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{suite_dir.name}-", dir=suite_dir.parent))
     try:

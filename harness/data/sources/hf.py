@@ -74,6 +74,7 @@ def load_split(
     streaming: bool = False,
 ):
     """One split as a datasets ``Dataset`` (or ``IterableDataset`` when streaming)."""
+    # `datasets` takes seconds to import and only the hub-backed sources need it.
     import datasets
 
     if data_files is not None:
