@@ -1,12 +1,12 @@
 # The two commands a newcomer needs:
 #   make run    the default ablation grid (grids/smoke.yaml) on CPU: Parquet + plots in results/smoke/
-#   make test   the test suite (what CI runs)
+#   make test   ruff (lint + format check), then the test suite (what CI runs)
 # Both create .venv, install the dependencies and the offline corpora when missing; re-running is safe.
 PY := .venv/bin/python
 GRID ?= smoke
 ARGS ?=
 
-.PHONY: run test setup data report bench-gpu clean-runs
+.PHONY: run test lint format setup data report bench-gpu clean-runs
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -20,8 +20,17 @@ run: data
 report: setup
 	$(PY) run_ablations.py report $(GRID)
 
+# Lint and format check first (seconds), then the tests.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
 # pytest exits 5 when it collects no tests (e.g. a -k filter matching nothing): not a failure here.
-test: data
+test: data lint
 	$(PY) -m pytest -q $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 clean-runs:
