@@ -7,24 +7,33 @@ prompt, metrics and preprocessing stay exactly those of the original definition.
 
 from __future__ import annotations
 
+import importlib.util
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import lm_eval
 import yaml
 
-LM_EVAL_TASKS_DIR = Path(lm_eval.__file__).resolve().parent / "tasks"
 SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
 
 
 def installed_task_yaml(relative_path: str) -> Path:
     """Absolute path of a task YAML shipped inside the installed lm_eval package."""
-    path = LM_EVAL_TASKS_DIR / relative_path
+    path = lm_eval_tasks_dir() / relative_path
     if not path.is_file():
         raise FileNotFoundError(
-            f"lm-eval {lm_eval.__version__} has no task file {relative_path} under {LM_EVAL_TASKS_DIR}"
+            f"lm-eval {metadata.version('lm_eval')} has no task file {relative_path} under {lm_eval_tasks_dir()}"
         )
     return path
+
+
+def lm_eval_tasks_dir() -> Path:
+    """lm-eval's own task tree, found without importing lm-eval: the task names and settings of
+    this package stay importable where lm-eval is not installed (a GPU machine running kernels)."""
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("lm-eval is not installed: `pip install lm-eval` (make setup installs it)")
+    return Path(spec.origin).resolve().parent / "tasks"
 
 
 def local_data_overrides(split_files: dict[str, Path], declared_splits: tuple[str, ...]) -> dict[str, Any]:
