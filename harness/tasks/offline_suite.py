@@ -24,8 +24,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .. import data as data_layer
 from ..atomic import atomic_write_text
-from ..data import DataError, cache_dir, get_source, iter_documents
+from ..data import DataError, get_source, iter_documents
 from .task_yaml import local_data_overrides, write_task_yaml
 
 #: Bump whenever the items change for the same corpus: the cache directory is keyed by it.
@@ -310,7 +311,8 @@ def _built_for(suite_dir: Path) -> str | None:
 
 
 def default_suite_dir() -> Path:
-    return cache_dir() / "lm_eval" / f"offline-suite-v{SUITE_VERSION}"
+    # Looked up on the data layer at call time: its cache directory is configurable (and patched in tests).
+    return data_layer.cache_dir() / "lm_eval" / f"offline-suite-v{SUITE_VERSION}"
 
 
 def offline_suite_dir(data_dir: str | Path | None) -> Path:
