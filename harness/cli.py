@@ -13,10 +13,14 @@ from .data import DataError, prepare_data
 from .distributed import finish_distributed
 from .grid import filter_runs, load_grid
 from .report import write_report
-from .runner import run_grid, stage_status
+from .runner import StageResult, preflight, run_grid, stage_status
 from .stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: exit codes of `run`: every stage ok; some stage failed or was partial; the grid or the
+#: command line itself is invalid (nothing ran)
+EXIT_OK, EXIT_RUNS_FAILED, EXIT_INVALID = 0, 1, 2
 GRIDS_DIR = ROOT / "grids"
 DEFAULT_GRID = "smoke"
 
@@ -62,6 +66,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for stage in stages:
         if stage not in STAGES:
             raise ConfigError(f"--stages: {STAGES.unknown(stage)}")
+    # Checked before compute, the dry run included: output directories, device, data sizes.
+    data_cache: dict = {}
+    preflight(
+        runs,
+        stages,
+        runs_dir=args.runs_dir,
+        results_dir=None if args.dry_run else args.results_dir,
+        device=args.device,
+        data_cache=data_cache,
+    )
     if args.dry_run:
         header = ["run_id", "run_name", *stages]
         print(" | ".join(header))
@@ -79,20 +93,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed,
         device=args.device,
         progress=not args.no_progress,
+        data_cache=data_cache,
     )
     if not finish_distributed():
-        return 0  # under torchrun, rank 0 alone summarises and reports
+        return EXIT_OK  # under torchrun, rank 0 alone summarises and reports
+    command = f"python run_ablations.py run {args.grid}" + (f" --stages {args.stages}" if args.stages else "")
+    out = write_report(grid.name, args.runs_dir, args.results_dir, command, grid.reference, grid.runs)
+    print(f"report: {out}/RESULTS.md (with results.parquet and plots beside it)")
+    return print_summary(results)
+
+
+def print_summary(results: list[StageResult]) -> int:
+    """Counts per status, then every failed or partial stage with its reason and what to do;
+    returns the exit code (EXIT_RUNS_FAILED when any stage failed or was partial)."""
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     print("stages: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    for r in results:
-        if r.status in ("failed", "skipped-failed", "skipped-partial"):
-            print(f"  failed: {r.run.name} [{r.stage}] {r.error}  (re-run with --retry-failed)")
-    command = f"python run_ablations.py run {args.grid}" + (f" --stages {args.stages}" if args.stages else "")
-    out = write_report(grid.name, args.runs_dir, args.results_dir, command, grid.reference, grid.runs)
-    print(f"report: {out}/RESULTS.md (with results.parquet and plots beside it)")
-    return 0
+    attention = [r for r in results if r.needs_attention]
+    for r in attention:
+        when = " (in an earlier run)" if r.status.startswith("skipped-") else ""
+        status = r.status.removeprefix("skipped-")
+        print(f"  {status}{when}: {r.run.name} [{r.stage}] {r.error}")
+        if r.advice:
+            print(f"      -> {r.advice}")
+    busy = counts.get("skipped-busy", 0)
+    if busy:
+        print(f"  {busy} stage(s) skipped: another process holds their run (run again once it is done)")
+    if attention:
+        print(f"{len(attention)} stage(s) failed or partial: exit code {EXIT_RUNS_FAILED}")
+        return EXIT_RUNS_FAILED
+    return EXIT_OK
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -201,4 +232,4 @@ def main(argv: list[str] | None = None) -> int:
     # ConfigError and the registries' and sources' errors are ValueErrors: bad input, not a crash.
     except (ValueError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INVALID

@@ -84,11 +84,20 @@ def attempt(fn, *args):
 
 
 def pick_device(ctx: DistributedContext, requested: str = "auto") -> torch.device:
-    if requested != "auto":
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", ctx.local_rank)
-    return torch.device("cpu")
+    """The device this process computes on: `auto` is this rank's GPU where there is one, else the
+    CPU; `cuda` without an index is this rank's GPU too (DDP needs an indexed device)."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {requested!r} is not a device: {exc}; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested!r}: no CUDA device is available here; use auto or cpu")
+        if device.index is None:
+            device = torch.device("cuda", ctx.local_rank)
+    return device
 
 
 def finish_distributed() -> bool:

@@ -66,7 +66,9 @@ def markdown_table(table: pd.DataFrame, float_format: str = "{:.4g}") -> str:
             if isinstance(value, float):
                 cells.append("" if pd.isna(value) else float_format.format(value))
             else:
-                cells.append("" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value))
+                text = "" if value is None else str(value)
+                # A cell is one line, and a | inside it would end the cell.
+                cells.append(" ".join(text.split()).replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -282,11 +284,41 @@ def write_report(
         ]
     if reference:
         lines += [f"`paper` column: {reference['source']}.", ""]
+    failures = failure_table(frame)
+    if len(failures):
+        lines += [
+            f"## Failures ({len(failures)})",
+            "",
+            "Every stage that failed and every evaluation task that could not run, with the reason "
+            "and what to do about it. Their runs' other results are in the tables above.",
+            "",
+            markdown_table(failures),
+            "",
+        ]
     switches = _recorded_switches(frame)
     if switches:
         lines += ["## Switches recorded with each run", "", switches, ""]
     atomic_write_text(out / "RESULTS.md", "\n".join(lines))
     return out
+
+
+def failure_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per failed stage or failed evaluation task: run, stage, task, reason, advice."""
+    failed = frame[frame["status"] == "failed"]
+    rows = []
+    for row in failed.itertuples():
+        advice = ""
+        if isinstance(row.extra, str):
+            try:
+                advice = str(json.loads(row.extra).get("advice", ""))
+            except ValueError:
+                advice = ""
+        task = "" if pd.isna(row.task) else str(row.task)
+        if task and not pd.isna(row.shots):
+            task += f" ({int(row.shots)}-shot)"
+        rows.append({"run": row.run_name, "stage": row.stage, "task": task, "reason": row.error, "what to do": advice})
+    columns = ["run", "stage", "task", "reason", "what to do"]
+    return pd.DataFrame(rows, columns=columns).drop_duplicates().set_index("run")
 
 
 def saturation_table(frame: pd.DataFrame) -> pd.DataFrame:

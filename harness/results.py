@@ -6,10 +6,12 @@ identity, its grid axes (one column each), the full spec as JSON, and the enviro
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import os
 import platform
 import subprocess
+import warnings
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
@@ -142,6 +144,30 @@ def read_rows(path: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename an unreadable file beside itself (kept for inspection, out of the way of a re-run)
+    and say so on stderr. Returns the new path."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    path.replace(target)
+    warnings.warn(f"{path} could not be read ({reason}); set aside as {target.name}", stacklevel=2)
+    return target
+
+
+def read_rows_or_set_aside(path: Path) -> pd.DataFrame | None:
+    """The rows of a per-stage result file, or None after setting aside a file that cannot be read
+    (truncated, not Parquet, wrong schema): its stage then runs again."""
+    try:
+        frame = read_rows(path)
+        missing = [c for c in ("run_id", "stage_id", "status", "task", "error") if c not in frame.columns]
+        if missing:
+            raise ValueError(f"missing columns {missing}")
+        return frame
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        set_aside(path, f"{type(exc).__name__}: {exc}")
+        return None
+
+
 def stage_failures(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows recording that a whole stage failed (a failed row not tied to an evaluation task)."""
     return frame[(frame["status"] == "failed") & frame["task"].isna()]
@@ -163,5 +189,7 @@ def load(grid: str, runs_dir: str | Path = "runs") -> pd.DataFrame:
         raise FileNotFoundError(
             f"no results for grid {grid!r} under {str(root)!r}; run `python run_ablations.py run {grid}` first"
         )
-    frames = [read_rows(f) for f in files]
+    frames = [frame for frame in map(read_rows_or_set_aside, files) if frame is not None]
+    if not frames:
+        raise FileNotFoundError(f"no readable results for grid {grid!r} under {str(root)!r}")
     return pd.concat(frames, ignore_index=True, sort=False)

@@ -10,29 +10,47 @@ Layout of a run directory (`<runs_dir>/<grid>/<run_id>/`):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import json
+import os
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from registry import RegistryError
+
 from .atomic import atomic_write_text
-from .distributed import distributed_context
+from .config import ConfigError
+from .data import DataError
+from .distributed import DistributedContext, distributed_context, pick_device
 from .grid import Grid
-from .results import environment, make_rows, read_rows, stage_failures, write_rows
+from .results import environment, make_rows, read_rows_or_set_aside, stage_failures, write_rows
 from .spec import RunSpec
 from .stages import STAGES, StageContext
+from .train import Diverged
 
 
 @dataclass(frozen=True)
 class StageResult:
     run: RunSpec
     stage: str
-    status: str  # ok | failed | skipped-done | skipped-partial | skipped-failed | skipped-rank
+    #: ok | partial | failed | skipped-done | skipped-partial | skipped-failed | skipped-rank | skipped-busy
+    status: str
     error: str = ""
+    #: what to do about a failure (fits its cause: fix the grid, provide data, or retry)
+    advice: str = ""
+
+    @property
+    def needs_attention(self) -> bool:
+        """Failed or partial, now or in an earlier invocation: what makes `run` exit non-zero."""
+        return self.status in ("failed", "partial", "skipped-failed", "skipped-partial")
 
 
 def run_dir(runs_dir: Path, spec: RunSpec) -> Path:
@@ -45,11 +63,14 @@ def stage_path(runs_dir: Path, spec: RunSpec, stage: str) -> Path:
 
 def stage_status(runs_dir: Path, spec: RunSpec, stage: str) -> tuple[str, str]:
     """("done" | "partial" | "failed" | "pending", error text) from the stage's result file;
-    "partial": the stage ran but some of its tasks failed (e.g. an evaluation task without data)."""
+    "partial": the stage ran but some of its tasks failed (e.g. an evaluation task without data).
+    A result file that cannot be read is set aside (renamed, kept) and the stage is pending again."""
     path = stage_path(runs_dir, spec, stage)
     if not path.is_file():
         return "pending", ""
-    frame = read_rows(path)
+    frame = read_rows_or_set_aside(path)
+    if frame is None:
+        return "pending", ""
     failed = stage_failures(frame)
     if len(failed):
         return "failed", str(failed["error"].iloc[0])
@@ -59,11 +80,132 @@ def stage_status(runs_dir: Path, spec: RunSpec, stage: str) -> tuple[str, str]:
     return "done", ""
 
 
+def recorded_advice(runs_dir: Path, spec: RunSpec, stage: str) -> str:
+    """The advice stored with a stage's failure row (empty for rows written without one)."""
+    frame = read_rows_or_set_aside(stage_path(runs_dir, spec, stage))
+    if frame is None:
+        return ""
+    for extra in stage_failures(frame)["extra"].dropna():
+        with contextlib.suppress(ValueError):
+            return str(json.loads(extra).get("advice", ""))
+    return ""
+
+
 def describe_failure(exc: BaseException) -> str:
     """One line a researcher can act on: divergence, out-of-memory, or the exception."""
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+    if is_out_of_memory(exc):
         return f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def failure_advice(exc: BaseException, log: Path) -> tuple[str, str]:
+    """(kind, advice) for a failed stage: what to do about it depends on its cause, since
+    `--retry-failed` only helps where the same settings can succeed on a second try."""
+    if isinstance(exc, (ConfigError, RegistryError)) or type(exc) is ValueError:
+        return "configuration", "fix the grid file (the error names the setting), then run again"
+    if isinstance(exc, DataError):
+        return "data", "provide the data the error names (make data, or the source's options), then --retry-failed"
+    if isinstance(exc, Diverged):
+        return "diverged", (
+            "the loss became non-finite: lower train.lr or raise train.warmup_steps in the grid "
+            "(the same settings diverge again)"
+        )
+    if is_out_of_memory(exc):
+        return "out of memory", (
+            "lower train.batch_size (raise train.grad_accum to keep the batch) or use a larger device, "
+            "then --retry-failed"
+        )
+    if isinstance(exc, MissingPrerequisite):
+        return "prerequisite", "run the stages it needs first (they failed or have not run)"
+    return "error", f"--retry-failed runs it again; the traceback is in {log}"
+
+
+class MissingPrerequisite(RuntimeError):
+    """A stage whose required stages have not succeeded."""
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path, dist: DistributedContext) -> Iterator[bool]:
+    """Hold `<run dir>/.lock` while this process works on the run; yields False when another
+    process holds it (two `run`s of one grid then share the runs instead of training each twice).
+    Under torchrun rank 0 takes the lock and tells the other ranks whether it got it."""
+    handle = None
+    held = True
+    if dist.is_main:
+        handle = open(directory / ".lock", "w")  # closed in the finally below
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = False
+    if dist.world_size > 1:
+        decision = [held]
+        torch.distributed.broadcast_object_list(decision, src=0)
+        held = decision[0]
+    try:
+        yield held
+    finally:
+        if handle is not None:
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+def check_writable(directory: str | Path, what: str) -> None:
+    """An output directory (or, before it exists, the nearest existing folder above it) must be
+    writable: found before anything trains, not after the whole grid has. Writes nothing."""
+    directory = Path(directory).absolute()
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == directory else f" ({str(existing)!r}, where it would be created)"
+        raise ConfigError(
+            f"{what} {str(directory)!r} is not writable{where}; choose another with --{what.split()[0]}-dir"
+        )
+
+
+def check_data_fits(spec: RunSpec, data: Any, stages: Iterable[str]) -> None:
+    """Every split a stage reads holds at least one window of `train.seq_len + 1` tokens, checked
+    before anything trains, naming the split, its size and the fix."""
+    window = spec.train.seq_len + 1
+    needed = {"train": "training batches", "validation": "validation loss"}
+    if "probe" in stages:
+        needed["validation"] += " and gate probes"
+    for split, use in needed.items():
+        tokens = len(data.split(split))
+        if tokens < window:
+            raise DataError(
+                f"run {spec.name!r}: the {split} split of data source {spec.data.source!r} "
+                f"{dict(spec.data.options) or ''} has {tokens} tokens, but {use} need one window of "
+                f"train.seq_len + 1 = {window} tokens. Give the source more text (`text-files` holds out "
+                f"about 1 file in 10 for validation and test, so it needs at least 3 files) or lower train.seq_len."
+            )
+
+
+def preflight(
+    runs: Iterable[RunSpec],
+    stages: Iterable[str],
+    *,
+    runs_dir: str | Path,
+    results_dir: str | Path | None,
+    device: str,
+    data_cache: dict,
+) -> None:
+    """Everything that can be checked before compute: output directories, the device, and that
+    every run's data fills the windows its stages read. Data prepared here is kept in
+    `data_cache` for the run itself. Raises ConfigError / DataError naming the problem."""
+    stages = list(stages)
+    check_writable(runs_dir, "runs directory")
+    if results_dir is not None:
+        check_writable(results_dir, "results directory")
+    pick_device(distributed_context(), device)
+    if not {"train", "probe"} & set(stages):
+        return
+    for spec in runs:
+        context = StageContext(Path(runs_dir), device, False, data_cache)
+        check_data_fits(spec, context.data_for(spec), stages)
 
 
 def run_grid(
@@ -76,8 +218,11 @@ def run_grid(
     retry_failed: bool = False,
     device: str = "auto",
     progress: bool = True,
+    data_cache: dict | None = None,
 ) -> list[StageResult]:
-    """Run each stage of each spec unless its result already exists."""
+    """Run each stage of each spec unless its result already exists.
+
+    `data_cache`: prepared data by source and tokenizer, shared with `preflight`."""
     runs = list(runs)
     stages = list(stages or grid.stages)
     runs_dir = Path(runs_dir)
@@ -86,7 +231,7 @@ def run_grid(
     dist = distributed_context()
     progress = progress and dist.is_main
     env = environment()
-    data_cache: dict = {}
+    data_cache = {} if data_cache is None else data_cache
     results: list[StageResult] = []
     bar = tqdm(runs, desc=f"grid {grid.name}", unit="run", disable=not progress, dynamic_ncols=True)
     for spec in bar:
@@ -94,14 +239,22 @@ def run_grid(
         directory = run_dir(runs_dir, spec)
         if dist.is_main:
             directory.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(directory / "spec.json", spec.to_json())
-        ctx = StageContext(directory, device, progress, data_cache, is_main=dist.is_main)
-        for stage_name in stages:
-            result = _run_stage(
-                STAGES[stage_name], spec, ctx, runs_dir, force, retry_failed, env, progress, dist.is_main
-            )
-            results.append(result)
-            dist.barrier()
+        with run_lock(directory, dist) as held:
+            if not held:
+                # Another process (another `run` of this grid) is on this run: leave it to it.
+                results += [StageResult(spec, s, "skipped-busy") for s in stages]
+                if progress:
+                    tqdm.write(f"[busy] {spec.name}: another process is running it; skipped here")
+                continue
+            if dist.is_main:
+                atomic_write_text(directory / "spec.json", spec.to_json())
+            ctx = StageContext(directory, device, progress, data_cache, is_main=dist.is_main)
+            for stage_name in stages:
+                result = _run_stage(
+                    STAGES[stage_name], spec, ctx, runs_dir, force, retry_failed, env, progress, dist.is_main
+                )
+                results.append(result)
+                dist.barrier()
     return results
 
 
@@ -122,26 +275,34 @@ def _run_stage(
     if status == "done" and not force:
         return StageResult(spec, stage_name, "skipped-done")
     if status == "partial" and not (force or retry_failed):
-        return StageResult(spec, stage_name, "skipped-partial", error)
+        return StageResult(spec, stage_name, "skipped-partial", error, "--retry-failed runs its failed tasks again")
     if status == "failed" and not (force or retry_failed):
-        return StageResult(spec, stage_name, "skipped-failed", error)
+        return StageResult(spec, stage_name, "skipped-failed", error, recorded_advice(runs_dir, spec, stage_name))
     if not is_main and not stage.distributed:
         return StageResult(spec, stage_name, "skipped-rank")
     missing = [r for r in stage.requires if stage_status(runs_dir, spec, r)[0] != "done"]
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     try:
         if missing:
-            raise RuntimeError(f"stage {stage_name!r} needs {', '.join(missing)} to have succeeded first")
+            raise MissingPrerequisite(f"stage {stage_name!r} needs {', '.join(missing)} to have succeeded first")
         records = stage.run(spec, ctx)
-        result = StageResult(spec, stage_name, "ok")
+        failed_tasks = sorted({str(r.get("error")) for r in records if r.get("status") == "failed"})
+        result = (
+            StageResult(spec, stage_name, "partial", "; ".join(failed_tasks), "see each task's error")
+            if failed_tasks
+            else StageResult(spec, stage_name, "ok")
+        )
     except Exception as exc:  # a failed cell is recorded and the grid goes on
         error = describe_failure(exc)
+        log = stage_path(runs_dir, spec, stage_name).with_suffix(".log")
+        kind, advice = failure_advice(exc, log)
         if is_main:
-            atomic_write_text(stage_path(runs_dir, spec, stage_name).with_suffix(".log"), traceback.format_exc())
-        records = [{"metric": "error", "status": "failed", "error": error}]
-        result = StageResult(spec, stage_name, "failed", error)
+            atomic_write_text(log, traceback.format_exc())
+        extra = json.dumps({"failure_kind": kind, "advice": advice})
+        records = [{"metric": "error", "status": "failed", "error": error, "extra": extra}]
+        result = StageResult(spec, stage_name, "failed", error, advice)
         if progress:
-            tqdm.write(f"[failed] {spec.name} {stage_name}: {error}")
+            tqdm.write(f"[failed] {spec.name} {stage_name}: {error} ({kind}: {advice})")
     if is_main:
         write_rows(stage_path(runs_dir, spec, stage_name), make_rows(spec, stage_name, records, env, created))
     return result

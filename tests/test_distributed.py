@@ -18,8 +18,11 @@ from .pipeline_helpers import tiny_grid
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_under_torchrun(grid: dict, corpus: Path, tmp_path: Path, env: dict, timeout: float) -> None:
-    """`run_ablations.py run` of `grid` on two CPU processes (gloo); the data is prepared first."""
+def run_under_torchrun(
+    grid: dict, corpus: Path, tmp_path: Path, env: dict, timeout: float, returncode: int = 0
+) -> subprocess.CompletedProcess:
+    """`run_ablations.py run` of `grid` on two CPU processes (gloo); the data is prepared first.
+    `returncode`: the expected exit code (1 when a stage fails: `run` says so)."""
     grid_path = tmp_path / "tiny.yaml"
     grid_path.write_text(yaml.safe_dump(grid))
     prepare_data("text-files", "byte", {"pattern": str(corpus / "*.txt")}, cache_dir=tmp_path / "cache", progress=False)
@@ -42,7 +45,8 @@ def run_under_torchrun(grid: dict, corpus: Path, tmp_path: Path, env: dict, time
         "cpu",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == returncode, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 def test_grid_runs_under_torchrun_with_two_processes(corpus, tmp_path):
@@ -99,7 +103,8 @@ def test_a_failure_on_one_rank_stops_every_rank_and_the_grid_goes_on(corpus, tmp
         "broken": {"model.attention": {"feature_map": "fails_on_rank_1", "norm": "rmsnorm", "gate": "gla"}},
         "softmax": {"model.softmax_layers": "all"},
     }
-    run_under_torchrun(data, corpus, tmp_path, env, timeout=300)
+    done = run_under_torchrun(data, corpus, tmp_path, env, timeout=300, returncode=1)
+    assert "failed: broken [train] PeerFailed: rank 1 failed" in done.stdout
     frame = results_io.load("tiny", tmp_path / "runs")
     broken = frame[(frame.run_name == "broken") & (frame.stage == "train")]
     assert set(broken.status) == {"failed"}
