@@ -3,8 +3,11 @@ reader (or a resumed run) never sees half a file. Used by every writer in the ha
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,3 +41,26 @@ def atomic_write_bytes(path: str | Path, write: Callable[[str], object]) -> None
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def set_aside(path: Path, reason: str) -> Path | None:
+    """Rename an unreadable file beside itself (kept for inspection, out of the way of a re-run)
+    and warn, naming it and why. Returns the new path (None if another process moved it first)."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    try:
+        path.replace(target)
+    except FileNotFoundError:
+        return None
+    warnings.warn(f"{path} could not be read ({reason}); set aside as {target.name}", stacklevel=2)
+    return target
+
+
+def file_digest(path: Path) -> str:
+    """ "<size>:<sha256>" of a file, recorded beside files whose truncation must be detected before
+    they are loaded."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path.stat().st_size}:{digest.hexdigest()}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +200,16 @@ def expand_grid(
                 set_dotted(merged, dotted, value)
         run_name = "/".join(labels.values()) or name
         sections, stage_settings = split_sections(merged, run_name)
-        spec = spec_from_dict(sections, name=run_name, grid=name, axes=labels, plugins=plugins, stages=stage_settings)
+        spec = spec_from_dict(
+            sections,
+            name=run_name,
+            grid=name,
+            axes=labels,
+            plugins=plugins,
+            stages=stage_settings,
+            # torchrun's world size: a run trained by N processes has N times the batch
+            processes=int(os.environ.get("WORLD_SIZE", "1")),
+        )
         if spec.run_id in seen:
             raise ConfigError(
                 f"runs {seen[spec.run_id]!r} and {run_name!r} of grid {name!r} are the same "

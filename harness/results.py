@@ -6,12 +6,10 @@ identity, its grid axes (one column each), the full spec as JSON, and the enviro
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import os
 import platform
 import subprocess
-import warnings
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, set_aside
 from .spec import RunSpec
 from .stages import STAGES
 
@@ -142,16 +140,6 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def read_rows(path: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
-
-
-def set_aside(path: Path, reason: str) -> Path:
-    """Rename an unreadable file beside itself (kept for inspection, out of the way of a re-run)
-    and say so on stderr. Returns the new path."""
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    path.replace(target)
-    warnings.warn(f"{path} could not be read ({reason}); set aside as {target.name}", stacklevel=2)
-    return target
 
 
 def read_rows_or_set_aside(path: Path) -> pd.DataFrame | None:

@@ -9,20 +9,26 @@ settings on top of the run id).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib import metadata
 from typing import Any
+
+import torch
 
 from variants import FEATURE_MAPS, GATES, NORMS
 
+from . import __version__
 from .config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
 from .data import get_source
 from .data.tokenization import check_tokenizer_name
+from .model import LanguageModel
 
 #: bump when the meaning of a spec field changes in a way that invalidates old runs
-SPEC_FORMAT = 1
+SPEC_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -39,16 +45,29 @@ class RunSpec:
     axes: dict = field(default_factory=dict)
     grid: str = ""
     plugins: tuple = ()
+    #: processes that train it together (torchrun's WORLD_SIZE): `train.batch_size` is per
+    #: process, so the global batch, and with it the run, depends on it
+    processes: int = 1
 
-    def plugin_versions(self) -> dict[str, str]:
-        """The plugins this run uses with their versions (softmax-only models use none)."""
+    def plugin_versions(self) -> dict[str, dict[str, Any]]:
+        """The plugins this run uses (softmax-only models use none), each with what changes its
+        math: the decorator's version, the version of the package that ships it, and its option
+        values with the defaults filled in (a changed default changes the run)."""
         if len(self.model.softmax_layer_indices()) == self.model.n_layers:
             return {}
         attention = self.model.attention
+        used = (
+            ("feature_map", FEATURE_MAPS, attention.feature_map, attention.feature_map_options),
+            ("norm", NORMS, attention.norm, attention.norm_options),
+            ("gate", GATES, attention.gate, attention.gate_options),
+        )
         return {
-            f"feature_map:{attention.feature_map}": str(FEATURE_MAPS.version_of(attention.feature_map)),
-            f"norm:{attention.norm}": str(NORMS.version_of(attention.norm)),
-            f"gate:{attention.gate}": str(GATES.version_of(attention.gate)),
+            f"{axis}:{name}": {
+                "version": str(registry.version_of(name)),
+                "package": package_of(registry.get(name)),
+                "options": to_dict({**registry.options_of(name), **options}),
+            }
+            for axis, registry, name, options in used
         }
 
     def identity(self) -> dict[str, Any]:
@@ -64,6 +83,7 @@ class RunSpec:
             "data": to_dict(self.data),
             "train": to_dict(self.train),
             "plugins": self.plugin_versions(),
+            "processes": self.processes,
         }
 
     @property
@@ -76,6 +96,31 @@ class RunSpec:
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), sort_keys=True)
+
+
+#: top-level packages of this project
+PROJECT_PACKAGES = frozenset({"harness", "variants", "kernels", "registry"})
+
+
+def package_of(cls: type) -> str | None:
+    """ "distribution==version" of the installed package a class comes from, or None for a module
+    that is not part of an installed distribution (e.g. a plugin file on PYTHONPATH)."""
+    top_level = cls.__module__.split(".")[0]
+    if top_level in PROJECT_PACKAGES:
+        # The project's own plugins: the same identity whether it is installed or run from a
+        # checkout (the GPU machine runs the working tree without installing it).
+        return f"regla-harness=={__version__}"
+    distributions = _distributions().get(top_level)
+    if not distributions:
+        return None
+    name = sorted(set(distributions))[0]
+    return f"{name}=={metadata.version(name)}"
+
+
+@functools.lru_cache(maxsize=1)
+def _distributions() -> dict[str, list[str]]:
+    # Scanning every installed distribution takes ~0.1 s: once per process.
+    return metadata.packages_distributions()
 
 
 def stable_hash(data: Any, length: int = 12) -> str:
@@ -92,6 +137,7 @@ def spec_from_dict(
     axes: Mapping | None = None,
     plugins: tuple = (),
     stages: Mapping[str, Any] | None = None,
+    processes: int = 1,
 ) -> RunSpec:
     """Strictly build a RunSpec from the `model`, `data` and `train` sections of merged grid data.
 
@@ -112,6 +158,7 @@ def spec_from_dict(
         axes=dict(axes or {}),
         grid=grid,
         plugins=tuple(plugins),
+        processes=processes,
     )
     check_names(spec)
     return spec
@@ -131,3 +178,22 @@ def check_names(spec: RunSpec) -> None:
         check_tokenizer_name(spec.data.tokenizer)
     except ValueError as exc:
         raise ConfigError(f"{where}: data: {exc}") from exc
+    if spec.train.seq_len > spec.model.max_seq_len:
+        raise ConfigError(
+            f"{where}: train.seq_len ({spec.train.seq_len}) is longer than model.max_seq_len "
+            f"({spec.model.max_seq_len}), the longest input the model is scored on; raise model.max_seq_len "
+            f"or lower train.seq_len"
+        )
+    check_model_builds(spec)
+
+
+def check_model_builds(spec: RunSpec) -> None:
+    """Build the run's model on the meta device (no memory, no compute): every plugin checks its
+    option values and every layer its constraints now, when the grid loads, not when the run
+    starts training. The vocabulary, unknown before the tokenizer exists, does not matter here."""
+    config = spec.model if spec.model.vocab_size is not None else replace(spec.model, vocab_size=256)
+    try:
+        with torch.device("meta"):
+            LanguageModel(config)
+    except (ValueError, TypeError) as exc:  # ConfigError and RegistryError are ValueErrors
+        raise ConfigError(f"run {spec.name!r}: the model cannot be built: {exc}") from exc

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, atomic_write_text, file_digest, set_aside
 from .config import TrainConfig
 from .distributed import agree_on_failure, attempt, distributed_context, pick_device
 from .model import LanguageModel, build_model
@@ -82,8 +82,39 @@ def batch_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def _save_training_state(path: Path, state: dict) -> None:
+def digest_path(state_path: Path) -> Path:
+    return state_path.with_name(state_path.name + ".digest")
+
+
+def save_training_state(path: Path, state: dict) -> None:
+    """The resume point, written atomically, then its size and checksum beside it. (A crash between
+    the two writes leaves a digest that does not match: the run then restarts rather than trust
+    a file it cannot check.)"""
     atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+    atomic_write_text(digest_path(path), file_digest(path))
+
+
+def load_training_state(path: Path, device: torch.device) -> dict | None:
+    """The resume point, or None when there is none or it cannot be used: a file whose size and
+    checksum differ from the recorded ones (checked before loading), or that does not load, is set
+    aside (renamed, kept) and training starts again from step 0 instead of failing on every
+    attempt. Loaded with weights_only=True: the state holds tensors and plain data only, so a
+    shared runs folder cannot carry code that runs on resume."""
+    if not path.is_file():
+        return None
+    try:
+        recorded = digest_path(path).read_text().strip() if digest_path(path).is_file() else None
+        if recorded is not None and recorded != file_digest(path):
+            raise ValueError(
+                f"size and checksum {file_digest(path)[:24]}... differ from the recorded {recorded[:24]}..."
+            )
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not {"run_id", "model", "optimizer", "step"} <= set(state):
+            raise ValueError("not a training state (missing keys)")
+        return state
+    except Exception as exc:  # any unreadable state is set aside: the run restarts, the file is kept
+        set_aside(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return None
 
 
 def train(
@@ -104,8 +135,8 @@ def train(
     records: list[dict[str, Any]] = []
     start_step, trained_seconds = 0, 0.0
     resume_path = Path(run_dir) / "training_state.pt"
-    if resume_path.is_file():
-        state = torch.load(resume_path, map_location=dev, weights_only=False)
+    state = load_training_state(resume_path, dev)
+    if state is not None:
         if state.get("run_id") == spec.run_id:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -182,7 +213,7 @@ def train(
                 },
             ]
         if ctx.is_main and (done % config.checkpoint_every == 0) and done < config.steps:
-            _save_training_state(
+            save_training_state(
                 resume_path,
                 {
                     "run_id": spec.run_id,

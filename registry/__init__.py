@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from typing import Any, Generic, TypeVar
@@ -69,6 +70,8 @@ class Registry(Mapping[str, T], Generic[T]):
         self._lazy: dict[str, str] = {}
         self._sources: dict[str, str] = {}
         self._entry_points_loaded = entry_point_group is None
+        #: entry-point name -> why it failed to load
+        self._broken: dict[str, str] = {}
 
     # -- registration -----------------------------------------------------------------------
     def register(self, name: str, obj: Any = None, /) -> Any:
@@ -118,7 +121,11 @@ class Registry(Mapping[str, T], Generic[T]):
 
     # -- lookup -----------------------------------------------------------------------------
     def load_entry_points(self) -> None:
-        """Import every module announced under this registry's entry-point group (once)."""
+        """Import every module announced under this registry's entry-point group (once).
+
+        A module that fails to import is recorded and warned about, not raised: it disables only
+        the names it would have registered (looking one of those up names the broken entry point),
+        so one broken third-party package does not stop everything that does not use it."""
         if self._entry_points_loaded:
             return
         # Set first: a module that lists the registry while it is imported must not recurse.
@@ -127,13 +134,13 @@ class Registry(Mapping[str, T], Generic[T]):
             try:
                 entry_point.load()  # importing the module runs its registration decorators
             except Exception as exc:
-                # Retry (and fail the same way) on the next lookup instead of silently going on
-                # without the broken package's entries.
-                self._entry_points_loaded = False
-                raise RegistryError(
+                message = (
                     f"{self.kind} plugin entry point {entry_point.name!r} = {entry_point.value!r} "
                     f"(group '{self.entry_point_group}') failed to load: {type(exc).__name__}: {exc}"
-                ) from exc
+                )
+                if entry_point.name not in self._broken:
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
+                self._broken[entry_point.name] = message
 
     def get(self, name: str, default: Any = _REQUIRED) -> T:
         """The entry registered as `name` (a lazy one is imported now). An unknown name raises the
@@ -170,6 +177,10 @@ class Registry(Mapping[str, T], Generic[T]):
             )
         if self.hint:
             message += f" {self.hint}"
+        if self._broken:
+            message += " Plugin entry points that failed to load (one of them may provide it): " + "; ".join(
+                self._broken.values()
+            )
         return RegistryError(message)
 
     def __getitem__(self, name: str) -> T:

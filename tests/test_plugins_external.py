@@ -98,6 +98,7 @@ def isolated_registries(monkeypatch):
         monkeypatch.setattr(registry, "_sources", dict(registry._sources))
         # The registry reads entry points once; make it look again.
         monkeypatch.setattr(registry, "_entry_points_loaded", False)
+        monkeypatch.setattr(registry, "_broken", {})
     modules_before = set(sys.modules)
     yield
     for name in set(sys.modules) - modules_before:
@@ -242,10 +243,16 @@ def test_broken_entry_point_is_reported_by_name_every_time(tmp_path, isolated_re
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
     (dist_info / "entry_points.txt").write_text("[regla.gates]\nbroken = module_that_does_not_exist_anywhere\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    # Everything that does not need the broken package still works, with a warning...
+    with pytest.warns(RuntimeWarning, match="gate plugin entry point 'broken'"):
+        assert "refined" in GATES.names()
+    assert GATES.get("gla") is not None
+    # ...and a name it might have provided fails, naming the broken entry point, every time.
     for _ in range(2):
         with pytest.raises(RegistryError) as info:
-            GATES.names()
+            GATES.get("gate_from_the_broken_package")
         message = str(info.value)
+        assert "unknown gate 'gate_from_the_broken_package'" in message
         assert "gate plugin entry point 'broken' = 'module_that_does_not_exist_anywhere'" in message
         assert "(group 'regla.gates') failed to load: ModuleNotFoundError" in message
 

@@ -213,10 +213,9 @@ def test_denominator_norm_asks_for_the_denominator_only():
 
 
 def gate_bias_options(name: str) -> list[dict]:
-    """Extreme biases as well as the default: the paper's saturation experiment starts there."""
-    if "bias_init" not in GATES.options_of(name):
-        return [{}]
-    return [{}, {"bias_init": 6.0}, {"bias_init": -6.0}, {"bias_init": [-3.0, 3.0]}]
+    """The defaults, and the extreme starting points the gate declares (`Gate.extreme_options`:
+    for the built-ins, saturated biases, where the paper's saturation experiment starts)."""
+    return [{}, *GATES.get(name).extreme_options]
 
 
 @pytest.mark.parametrize("name, options", plugin_cases(GATES))

@@ -86,6 +86,11 @@ class OutputNorm(nn.Module):
 class Gate(nn.Module):
     """Base class: produces log-space decays from the layer input."""
 
+    #: Option sets that start the gate far from its default, e.g. saturated open and closed. The
+    #: shared contract tests (tests/test_variants.py) build the gate with each of them as well as
+    #: with its defaults; a gate that declares none is tested with its defaults only.
+    extreme_options: tuple[dict[str, Any], ...] = ()
+
     def __init__(self, d_model: int, num_heads: int, key_dim: int, value_dim: int):
         super().__init__()
         self.d_model = d_model

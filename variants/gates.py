@@ -74,6 +74,10 @@ class GateProjection(nn.Module):
 class ProjectedGate(Gate):
     """Common machinery of the learnable gates: options, input selection, clamping."""
 
+    #: Biases that start the gate saturated open, closed, and spread over both (the paper's
+    #: saturation experiment starts there).
+    extreme_options = ({"bias_init": 6.0}, {"bias_init": -6.0}, {"bias_init": [-3.0, 3.0]})
+
     def __init__(
         self,
         d_model: int,

@@ -7,7 +7,7 @@ from typing import Any
 from ..checkpoint_io import save_checkpoint
 from ..config import TrainConfig
 from ..spec import RunSpec
-from ..train import train
+from ..train import digest_path, train
 from .base import Stage, StageContext
 
 
@@ -26,5 +26,7 @@ class TrainStage(Stage):
         model, records = train(spec, data, ctx.run_dir, device=ctx.device, progress=ctx.progress)
         if ctx.is_main:
             save_checkpoint(model, spec.data.tokenizer, ctx.model_dir, tokenizer_source=spec.data.source)
-            (ctx.run_dir / "training_state.pt").unlink(missing_ok=True)
+            state = ctx.run_dir / "training_state.pt"
+            state.unlink(missing_ok=True)
+            digest_path(state).unlink(missing_ok=True)
         return records
