@@ -109,7 +109,7 @@ def failure_advice(exc: BaseException, log: Path) -> tuple[str, str]:
         return "configuration", "fix the grid file (the error names the setting), then run again"
     if isinstance(exc, DataError):
         return "data", "provide the data the error names (make data, or the source's options), then --retry-failed"
-    if isinstance(exc, Diverged):
+    if isinstance(exc, (Diverged, FloatingPointError)):
         return "diverged", (
             "the loss became non-finite: lower train.lr or raise train.warmup_steps in the grid "
             "(the same settings diverge again)"

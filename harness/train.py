@@ -173,6 +173,8 @@ def train(
             with sync:
                 loss, failure = attempt(micro_step_loss, wrapped, x, y, dev, config.precision)
                 micro_loss = loss.item() if failure is None else None
+                if isinstance(failure, FloatingPointError):  # an op met NaN activations: divergence
+                    failure = Diverged(f"non-finite values in the forward at step {step}: {failure}")
                 # Before the backward: its gradient all-reduce is where a failed or diverged rank
                 # would leave the others waiting.
                 if not agree_on_failure(failure, ctx, dev, micro_loss):

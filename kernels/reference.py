@@ -150,6 +150,11 @@ def chunked_gla(
     factorised = chunk_size is None
     if factorised:
         chunk_size = adaptive_chunk_size([gk, gv], q.dtype)
+        if chunk_size is None and any(g is not None and bool(torch.isnan(g).any()) for g in (gk, gv)):
+            # NaN gates come from NaN activations: the model has diverged, no setting fixes the call.
+            raise FloatingPointError(
+                "chunked_gla: the log gates contain NaN (the values they are computed from are not finite)"
+            )
         if chunk_size is None:
             raise ValueError(
                 "chunked_gla: log gates must be finite (a gate of exactly 0 has log −inf); "
