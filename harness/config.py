@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -226,6 +227,19 @@ class TrainConfig:
             raise ConfigError(
                 f"train.warmup_steps must be between 0 and train.steps ({self.steps}); got {self.warmup_steps}"
             )
+        # The ranges the optimizer and the schedule need (NaN fails every comparison).
+        checks = (
+            ("lr", lambda v: 0 < v < math.inf, "a positive number"),
+            ("min_lr_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
+            ("weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0"),
+            ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("grad_clip", lambda v: 0 < v < math.inf, "a positive number"),
+        )
+        for name, inside, allowed in checks:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not inside(value):
+                raise ConfigError(f"train.{name} must be {allowed}; got {value!r}")
 
 
 @dataclass(frozen=True)
