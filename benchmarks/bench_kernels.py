@@ -47,6 +47,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from harness.measure import peak_memory_mib, saved_for_backward_mib  # noqa: E402
+from kernels.blocks.common import LAUNCH_OPTIONS  # noqa: E402
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
 from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
@@ -424,11 +425,10 @@ def main():
     device = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.launch_options:
-        import importlib
         import json
 
         chosen = json.loads(Path(args.launch_options).read_text())["chosen"]
-        importlib.import_module("kernels.triton_gla").LAUNCH_OPTIONS.update(chosen)
+        LAUNCH_OPTIONS.update(chosen)
         log(f"launch options from {args.launch_options}: {chosen}")
     chunk_gla_fla = load_fla_chunk_gla()
     fla_version = None

@@ -5,7 +5,7 @@ the kernels already tuned kept at their best and the others at `LAUNCH_OPTIONS`,
 with the lowest summed relative forward+backward time of
 the fused ReGLA op over one D=128 and one D=64 shape is kept. Writes every measurement to
 tune_kernels.parquet and the chosen options to tune_kernels.json in --out; copy the JSON into
-kernels.triton_gla.LAUNCH_OPTIONS to adopt them.
+kernels.blocks.common.LAUNCH_OPTIONS to adopt them.
 
     python3 benchmarks/tune_kernels.py [--out DIR]
 """
@@ -13,7 +13,6 @@ kernels.triton_gla.LAUNCH_OPTIONS to adopt them.
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import os
@@ -27,11 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triton.testing import do_bench  # noqa: E402
 
+from kernels.blocks.common import LAUNCH_OPTIONS  # noqa: E402
 from kernels.triton_regla import triton_regla  # noqa: E402
 from variants.feature_maps import variance_reduction_factor  # noqa: E402
-
-# By module path: the package re-exports the function `triton_gla` under the module's name.
-triton_gla_module = importlib.import_module("kernels.triton_gla")
 
 SHAPES = [(4, 4096, 64, 128), (16, 4096, 12, 64)]
 KERNELS = [
@@ -84,7 +81,7 @@ def main():
     steps = [make_step(*shape) for shape in SHAPES]
     names = args.kernels.split(",")
     for name in names:  # the kernels being tuned start from Triton's defaults
-        triton_gla_module.LAUNCH_OPTIONS.pop(name, None)
+        LAUNCH_OPTIONS.pop(name, None)
     baseline = measure(steps)
     print(f"defaults: {baseline}", flush=True)
     rows, chosen, start = [], {}, time.time()
@@ -94,7 +91,7 @@ def main():
             break
         best = None
         for option in OPTIONS:
-            triton_gla_module.LAUNCH_OPTIONS[name] = option
+            LAUNCH_OPTIONS[name] = option
             try:
                 times = measure(steps)
             except Exception as error:  # e.g. out of shared memory: a result to record
@@ -113,9 +110,9 @@ def main():
             if best is None or score < best[0]:
                 best = (score, option)
         if best is None:  # every option failed: Triton's defaults stay, and the rows say why
-            triton_gla_module.LAUNCH_OPTIONS.pop(name, None)
+            LAUNCH_OPTIONS.pop(name, None)
             continue
-        triton_gla_module.LAUNCH_OPTIONS[name] = best[1]
+        LAUNCH_OPTIONS[name] = best[1]
         chosen[name] = best[1]
         import pandas as pd
 

@@ -1,6 +1,9 @@
 """Gated linear attention ops: torch references (recurrent, chunked, parallel), Triton
 kernels for CUDA, one dispatch function that picks between them, and ReGLA's attention fused
-into the Triton kernels (`triton_regla`: safe-exp feature maps and refining gate inside)."""
+into the Triton kernels (`triton_regla`: safe-exp feature maps and refining gate inside).
+
+The Triton ops (`triton_gla`, `triton_gla_refined`, `triton_regla`) are composed of the building
+blocks in `kernels.blocks` (gate scans, chunk states, output, gradients)."""
 
 from .dispatch import IMPLEMENTATIONS, gated_linear_attention, register_implementation
 from .reference import chunked_gla, parallel_gla, recurrent_gla

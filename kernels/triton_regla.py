@@ -12,12 +12,16 @@ is the inputs, the [B, T, H] shifts and token maxima, the within-chunk cumulativ
 ([B, T, H, K] fp32) and the within-chunk scores ([B, T, H, 64] fp32). The shifts' small
 scans (cummax / chunk and sequence maxima over [B, T, H]) stay in torch, and their backward is
 torch's autograd on those small tensors, ties included; the gradient through each token's max
-over features is added to dq, dk in fp32 by one row kernel (the two terms nearly cancel at the
-maxima, so rounding them to bf16 first would lose the difference).
+over features is added to dq, dk in fp32 by one row kernel (`kernels.blocks.max_shift`; the two
+terms nearly cancel at the maxima, so rounding them to bf16 first would lose the difference).
 
 The gate is either ReGLA's refining gate (`gate_logits`, `refine_logits`, tau, log_clamp; the
 formula of `variants.gates.RefinedGate`, in fp32) or any given log gate (`log_gate`, e.g. GLA's).
 The output norm stays outside: it is one fused torch op (F.rms_norm) over o.
+
+The op composes the gate building blocks (`kernels.blocks.gate`, `kernels.blocks.refined_gate`) with
+the forward and backward passes of `kernels.triton_gla`, which take the shifts; `harness.layers`
+calls it on CUDA.
 """
 
 from __future__ import annotations
@@ -25,22 +29,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from . import safe_exp
-from .triton_gla import (
-    SafeExpShifts,
-    _backward,
-    _dims,
-    _empty,
-    _forward_from_gate,
-    _launch_gate_cumsum,
-    check_supported,
-    on_device_of,
-)
-from .triton_gla_refined import refined_gate_cumsum, refined_gate_grads
+from .blocks.common import SafeExpShifts, check_supported, dims_of, on_device_of
+from .blocks.gate import gate_cumsum
+from .blocks.max_shift import add_max_gradient
+from .blocks.refined_gate import refined_gate_cumsum, refined_gate_grads
+from .triton_gla import gla_backward, gla_forward_from_gate
 
 Tensor = torch.Tensor
 
@@ -63,38 +59,10 @@ class _Options(NamedTuple):
     scale: float
 
 
-@triton.jit
-def max_shift_grad_kernel(x, grad, d_max, out, N, K, R: tl.constexpr, BK: tl.constexpr):
-    """out = grad + d_max · 1[x = max x] / (number of ties), per row of K features: the gradient
-    through a row max added to the gradient at a fixed max, in fp32, rounded once. torch's amax
-    splits its gradient evenly between tied elements; so does this."""
-    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
-    cols = tl.arange(0, BK)
-    inside = (rows[:, None] < N) & (cols[None, :] < K)
-    offsets = rows[:, None] * K + cols[None, :]
-    values = tl.load(x + offsets, mask=inside, other=float("-inf")).to(tl.float32)
-    ties = (values == tl.max(values, axis=1)[:, None]) & inside
-    count = tl.maximum(tl.sum(ties.to(tl.float32), axis=1), 1.0)
-    share = tl.load(d_max + rows, mask=rows < N, other=0.0) / count
-    total = tl.load(grad + offsets, mask=inside, other=0.0) + tl.where(ties, share[:, None], 0.0)
-    tl.store(out + offsets, total.to(out.dtype.element_ty), mask=inside)
-
-
-def _add_max_gradient(x: Tensor, grad: Tensor, d_max: Tensor) -> Tensor:
-    """x, grad (fp32): [B, T, H, K]; d_max: [B, T, H] -> x's gradient in x's dtype."""
-    out = _empty(x.shape, x.dtype, x.device)
-    n, K = x.numel() // x.shape[-1], x.shape[-1]
-    rows = 16
-    max_shift_grad_kernel[(triton.cdiv(n, rows),)](
-        x, grad, d_max.contiguous(), out, n, K, R=rows, BK=triton.next_power_of_2(K)
-    )
-    return out
-
-
 def _gate_cumsum(gate: tuple[Tensor, ...], refined: _RefinedGate | None, log_decay: Tensor | None, dims) -> Tensor:
     """Within-chunk cumulative log2 gates [B, Tp, H, K] fp32, the key-max log decay folded in."""
     if refined is None:
-        return _launch_gate_cumsum(gate[0], dims[3], dims, log_decay)
+        return gate_cumsum(gate[0], dims, log_decay)
     return refined_gate_cumsum(*gate, refined.tau, refined.log_clamp, log_decay, dims)
 
 
@@ -133,7 +101,7 @@ class FusedReGLAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, initial_state, initial_key_max, options, output_final_state, *gate):
-        dims = _dims(q, v)
+        dims = dims_of(q, v)
         # Maxima are exact in any dtype: no fp32 copy of q, k is made for them.
         query_shift = safe_exp.query_shift(q).float().contiguous()
         token_max = k.amax(-1).float()
@@ -147,7 +115,7 @@ class FusedReGLAFunction(torch.autograd.Function):
         log_decay = log_decay.contiguous() if log_decay is not None else None
         shifts = SafeExpShifts(query_shift, key_shift)
         gc = _gate_cumsum(gate, options.refined, log_decay, dims)
-        o, final, scores = _forward_from_gate(
+        o, final, scores = gla_forward_from_gate(
             q, k, v, gc, options.scale, initial_state, output_final_state, dims, shifts
         )
         ctx.save_for_backward(
@@ -163,7 +131,7 @@ class FusedReGLAFunction(torch.autograd.Function):
             ctx.saved_tensors
         )
         options = ctx.options
-        dq, dk, dv, d_log_gate, dh0, d_query_shift, d_key_shift = _backward(
+        dq, dk, dv, d_log_gate, dh0, d_query_shift, d_key_shift = gla_backward(
             q,
             k,
             v,
@@ -185,8 +153,8 @@ class FusedReGLAFunction(torch.autograd.Function):
         d_token_max, d_initial_key_max = _key_shifts_backward(
             token_max, initial_key_max, options, d_key_shift, d_log_decay
         )
-        dq = _add_max_gradient(q, dq, d_query_shift)
-        dk = _add_max_gradient(k, dk, d_token_max)
+        dq = add_max_gradient(q, dq, d_query_shift)
+        dk = add_max_gradient(k, dk, d_token_max)
         d_gate = _gate_grads(tuple(gate), options.refined, d_log_gate)
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
         return dq, dk, dv, dh0, d_initial_key_max, None, None, *d_gate
@@ -209,13 +177,30 @@ def triton_regla(
     initial_key_max: Tensor | None = None,
     output_final_state: bool = False,
 ) -> ReGLAOutput:
-    """Gated linear attention with safe-exp features of the raw q, k: [B, T, H, K], and a key-side gate.
+    """Gated linear attention with safe-exp features of the raw q, k, and a key-side gate.
 
-    The gate is ReGLA's refining gate of (gate_logits, refine_logits), both [B, T, H, K] (then tau
-    and log_clamp apply as in `variants.gates.RefinedGate`), or a given `log_gate` [B, T, H, K or 1].
-    `key_max` is safe_exp's scope of the key max (`kernels.safe_exp`); `initial_key_max` [B, H]
-    continues a decoded sequence (with `initial_state`). Same result as the composed path
+    The gate is ReGLA's refining gate of (gate_logits, refine_logits) (then tau and log_clamp apply
+    as in `variants.gates.RefinedGate`), or a given `log_gate`. Same result as the composed path
     `SafeExp` → gate → `gated_linear_attention`, with φ and the gate in fp32.
+
+    Args:
+        q, k: [B, T, H, K] raw projections (K <= 256), one float dtype with v.
+        v: [B, T, H, V] (V <= 256).
+        gate_logits, refine_logits: [B, T, H, K] logits of the refining gate (any float dtype, read
+            in fp32), both or neither.
+        log_gate: [B, T, H, K] or [B, T, H, 1] a given key-side log gate (<= 0), instead of the logits.
+        tau: the refining gate's temperature (> 0).
+        log_clamp: lower bound of the refined log gate (< 0), or None for none.
+        key_max: safe_exp's scope of the key max, one of `kernels.safe_exp.KEY_MAX_SCOPES`.
+        chunk_size: the chunk of the `chunk` scope (>= 1).
+        scale: the output's scale.
+        initial_state: [B, H, K, V], or None; with `initial_key_max`, continues a decoded sequence.
+        initial_key_max: [B, H], the key max of the earlier tokens (`ReGLAOutput.key_max`), or None.
+        output_final_state: whether to return the final state.
+
+    Returns:
+        ReGLAOutput: output [B, T, H, V] in q's dtype; final_state [B, H, K, V] fp32, or None unless
+        `output_final_state`; key_max [B, H] fp32, the last key shift (the decoding state of safe_exp).
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, K]; got shape {tuple(q.shape)}")

@@ -57,7 +57,7 @@ def bf16_products_as_on_gpu(monkeypatch):
 
     import triton.language as tl
 
-    triton_gla_module = importlib.import_module("kernels.triton_gla")
+    common = importlib.import_module("kernels.blocks.common")
     exact_dot = tl.dot
 
     def dot_of_rounded_operands(a, b, *args, _semantic=None, **kwargs):
@@ -67,7 +67,7 @@ def bf16_products_as_on_gpu(monkeypatch):
     dot_of_rounded_operands.__triton_builtin__ = True
     monkeypatch.setattr(tl, "dot", dot_of_rounded_operands)
     monkeypatch.setattr(
-        triton_gla_module,
-        "_dot_options",
+        common,
+        "dot_options",
         lambda dtype: dict(PREC="tf32", DOT=tl.bfloat16 if dtype == torch.bfloat16 else tl.float32),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import pkgutil
 
 import pytest
 import torch
@@ -17,14 +18,15 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
+import kernels.blocks  # noqa: E402
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
 from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
 
 from .numerics import rel_rms, worst  # noqa: E402
 
-# By module path: the package re-exports the function under the module's own name.
-triton_gla_module = importlib.import_module("kernels.triton_gla")
+# The building blocks allocate every buffer their kernels write (through kernels.blocks.common.empty).
+KERNEL_MODULES = [info.name for info in pkgutil.iter_modules(kernels.blocks.__path__, "kernels.blocks.")]
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -37,8 +39,8 @@ def nan_filled_buffers(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    for name in ("kernels.triton_gla", "kernels.triton_gla_refined"):
-        monkeypatch.setattr(importlib.import_module(name), "_empty", nan_empty)
+    for name in KERNEL_MODULES:
+        monkeypatch.setattr(importlib.import_module(name), "empty", nan_empty)
 
 
 def make_inputs(B, T, H, K, V, *, dtype, gate="vector", gate_min=-8.0, gate_spread=2.0, seed=0):

@@ -1,0 +1,240 @@
+"""Chunk-state building block: the fp32 states between chunks, [B, H, NT, K, V], from one sequential
+pass over the chunks (forward), and their gradients from one pass in reverse (backward).
+
+Used by the forward and backward passes of `kernels.triton_gla` (and so by every Triton GLA op).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    CHUNK,
+    Dims,
+    SafeExpShifts,
+    empty,
+    feature_args,
+    head_offset,
+    launch_options,
+    load_features,
+    load_row,
+    load_rows,
+    store_rows,
+)
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def state_forward_kernel(
+    k,
+    ks,
+    v,
+    gc,
+    h0,
+    states,
+    ht,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
+    """Sequential pass over chunks: states[c] is the state entering chunk c; ht the final one."""
+    ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k_base = k + head_offset(bh, H, T, K)  # row stride H*K
+    ks_base = ks + head_offset(bh, H, T, 1)  # per-row key shifts, row stride H
+    v_base = v + head_offset(bh, H, T, V)
+    g_base = gc + head_offset(bh, H, Tp, K)
+    kv_base = bh.to(tl.int64) * NT * K * V
+    if HAS_H0:
+        state = load_rows(h0 + bh.to(tl.int64) * K * V, ik * BK, K, V, iv * BV, V, BK, BV).to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    dt = DOT
+    for c in range(NT):
+        store_rows(states + kv_base + c * K * V, state, ik * BK, K, V, iv * BV, V, BK, BV)
+        t0 = c * C
+        k_tile = load_features(k_base, ks_base, t0, T, H * K, ik * BK, K, H, C, BK, EXP)  # [C, BK]
+        v_tile = load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV).to(dt)  # [C, BV]
+        g_tile = load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)  # [C, BK]
+        g_last = load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)  # [BK]
+        k_to_end = (k_tile * tl.exp2(g_last[None, :] - g_tile)).to(dt)
+        state = state * tl.exp2(g_last)[:, None] + tl.dot(tl.trans(k_to_end), v_tile, input_precision=PREC)
+    if STORE_HT:
+        store_rows(ht + bh.to(tl.int64) * K * V, state, ik * BK, K, V, iv * BV, V, BK, BV)
+
+
+@triton.jit
+def state_backward_kernel(
+    q,
+    qs,
+    do,
+    gc,
+    dht,
+    dstates,
+    dh0,
+    scale,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
+    """Reverse pass: dstates[c] is the gradient of the state leaving chunk c; dh0 of the initial one."""
+    ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_base = q + head_offset(bh, H, T, K)
+    qs_base = qs + head_offset(bh, H, T, 1)
+    do_base = do + head_offset(bh, H, T, V)
+    g_base = gc + head_offset(bh, H, Tp, K)
+    kv_base = bh.to(tl.int64) * NT * K * V
+    if HAS_DHT:
+        grad = load_rows(dht + bh.to(tl.int64) * K * V, ik * BK, K, V, iv * BV, V, BK, BV).to(tl.float32)
+    else:
+        grad = tl.zeros([BK, BV], dtype=tl.float32)
+    dt = DOT
+    for step in range(NT):
+        c = NT - 1 - step
+        store_rows(dstates + kv_base + c * K * V, grad, ik * BK, K, V, iv * BV, V, BK, BV)
+        t0 = c * C
+        q_tile = load_features(q_base, qs_base, t0, T, H * K, ik * BK, K, H, C, BK, EXP)
+        do_tile = load_rows(do_base, t0, T, H * V, iv * BV, V, C, BV)
+        g_tile = load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)
+        g_last = load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)
+        q_from_start = (q_tile * tl.exp2(g_tile) * scale).to(dt)
+        grad = grad * tl.exp2(g_last)[:, None] + tl.dot(tl.trans(q_from_start), do_tile.to(dt), input_precision=PREC)
+    if STORE_DH0:
+        store_rows(dh0 + bh.to(tl.int64) * K * V, grad, ik * BK, K, V, iv * BV, V, BK, BV)
+
+
+def chunk_states(
+    k: Tensor,
+    v: Tensor,
+    gc: Tensor,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    dims: Dims,
+    shifts: SafeExpShifts | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The states entering each chunk, and optionally the final state.
+
+    Args:
+        k: [B, T, H, K] keys (raw inputs of the safe-exp features when `shifts` is given).
+        v: [B, T, H, V], k's dtype.
+        gc: [B, Tp, H, K] fp32 within-chunk cumulative log2 gates (`gate.gate_cumsum`).
+        initial_state: [B, H, K, V] (any float dtype), or None for zeros.
+        output_final_state: whether to return the state after the last position.
+        dims: the call's `Dims`.
+        shifts: safe-exp shifts, or None to read k as it is.
+
+    Returns:
+        states: [B, H, NT, K, V] fp32, states[:, :, c] the state entering chunk c.
+        final: [B, H, K, V] fp32, or None unless `output_final_state`.
+    """
+    B, T, H, K, V, NT, BK, BV, dot = dims
+    states = empty((B, H, NT, K, V), torch.float32, k.device)  # [B, H, NT, K, V]
+    final = empty((B, H, K, V), torch.float32, k.device) if output_final_state else None
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    features = feature_args(shifts, k)
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)
+    state_forward_kernel[grid](
+        k,
+        features["ks"],
+        v,
+        gc,
+        h0 if h0 is not None else states,
+        states,
+        final if final is not None else states,
+        T,
+        gc.shape[1],
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        HAS_H0=h0 is not None,
+        STORE_HT=final is not None,
+        EXP=features["EXP"],
+        **dot,
+        **launch_options("state_forward_kernel"),
+    )
+    return states, final
+
+
+def chunk_state_grads(
+    q: Tensor,
+    do: Tensor,
+    gc: Tensor,
+    dht: Tensor | None,
+    initial_state_grad: bool,
+    scale: float,
+    dims: Dims,
+    shifts: SafeExpShifts | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The gradients of the states leaving each chunk, and optionally of the initial state.
+
+    Args:
+        q: [B, T, H, K] queries (raw inputs of the safe-exp features when `shifts` is given).
+        do: [B, T, H, V] the output's gradient, contiguous.
+        gc: [B, Tp, H, K] fp32 within-chunk cumulative log2 gates.
+        dht: [B, H, K, V] gradient of the final state (contiguous), or None for zero.
+        initial_state_grad: whether to return the initial state's gradient.
+        scale: the output's scale.
+        dims: the call's `Dims`.
+        shifts: safe-exp shifts, or None to read q as it is.
+
+    Returns:
+        dstates: [B, H, NT, K, V] fp32, dstates[:, :, c] the gradient of the state leaving chunk c.
+        dh0: [B, H, K, V] fp32, or None unless `initial_state_grad`.
+    """
+    B, T, H, K, V, NT, BK, BV, dot = dims
+    features = feature_args(shifts, q)
+    dstates = empty((B, H, NT, K, V), torch.float32, q.device)
+    dh0 = empty((B, H, K, V), torch.float32, q.device) if initial_state_grad else None
+    state_backward_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
+        q,
+        features["qs"],
+        do,
+        gc,
+        dht if dht is not None else dstates,
+        dstates,
+        dh0 if dh0 is not None else dstates,
+        scale,
+        T,
+        gc.shape[1],
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        HAS_DHT=dht is not None,
+        STORE_DH0=dh0 is not None,
+        EXP=features["EXP"],
+        **dot,
+        **launch_options("state_backward_kernel"),
+    )
+    return dstates, dh0

@@ -1,0 +1,234 @@
+"""What every Triton GLA building block shares: constants, launch options, the @triton.jit helpers for
+tile loads and stores, and the host helpers of the launchers. Used by every module of
+`kernels.blocks` and by the ops (`kernels.triton_gla`, `kernels.triton_gla_refined`, `kernels.triton_regla`).
+
+Layout: q, k, do: [B, T, H, K]; v, o: [B, T, H, V]; every tensor contiguous. The sequence is cut
+into chunks of C = 64 positions; chunk c covers rows [c*C, c*C + C). `gc` holds the cumulative
+log gate *within* each chunk, in fp32 and in log2 units (so every decay is one `exp2`), on a
+time axis padded to a whole number of chunks (Tp) with zero log gates: padded rows then carry the
+last real row's value, so every "to the chunk end" exponent is still a difference of a later
+and an earlier cumulative gate, i.e. <= 0, and padded rows need no special case.
+
+Exponents are only ever formed as b_later - b_earlier (<= 0) or masked to -inf before `exp2`,
+so no gate value can overflow. Inside a chunk the pairwise decays exp2(b_t - b_s) are exact:
+rows are handled in sub-chunks of S = 16; earlier sub-chunks are reached through one reference
+row of cumulative gates (two factors, each <= 1, around a tensor-core product), the 16 x 16
+diagonal block through a [16, 16, features] tensor of pairwise decays in fp32, a few feature
+columns at a time so that the tensor stays within registers.
+
+Matrix products take their operands in DOT, the input dtype on GPUs (bf16 on tensor cores); the
+launchers pass fp32 under Triton's CPU interpreter, which evaluates bf16 products wrongly.
+
+States between chunks are kept in fp32: [B, H, NT, K, V], written by one sequential pass over the
+chunks (forward) and one in reverse (backward); everything else is parallel over chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+CHUNK = 64
+SUB_CHUNK = 16
+# Feature columns per [SUB_CHUNK, SUB_CHUNK, features] fp32 decay tensor of a diagonal block: 32
+# keeps one such tensor at 64 registers a thread over 4 warps; 64 columns would double that.
+DIAG_FEATURES = 32
+MAX_HEAD_DIM = 256
+LOG2E = 1.0 / math.log(2.0)
+
+
+#: Per-kernel launch options (num_warps, num_stages) by kernel name; Triton's defaults where
+#: absent. Chosen by `benchmarks/tune_kernels.py` on the H200 (results/kernels/run5/tune_kernels.json:
+#: fused ReGLA forward+backward 22.2 -> 18.4 ms at B4 T4096 H64 D128, 8.4 -> 6.8 ms at B16 T4096 H12 D64).
+LAUNCH_OPTIONS: dict[str, dict[str, int]] = {
+    "query_key_grad_kernel": dict(num_warps=2, num_stages=1),
+    "intra_scores_kernel": dict(num_warps=4, num_stages=1),
+    "state_forward_kernel": dict(num_warps=8, num_stages=3),
+    "query_key_inter_kernel": dict(num_warps=2, num_stages=2),
+    "output_kernel": dict(num_warps=4, num_stages=2),
+    "value_grad_kernel": dict(num_warps=2, num_stages=2),
+    "state_backward_kernel": dict(num_warps=8, num_stages=3),
+    "gate_grad_kernel": dict(num_warps=2, num_stages=2),
+}
+
+
+def launch_options(kernel_name: str) -> dict[str, int]:
+    """The launch options of one kernel, read at launch time (so that tuning can change them)."""
+    return LAUNCH_OPTIONS.get(kernel_name, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# @triton.jit helpers
+
+
+@triton.jit
+def head_offset(bh, H, n_rows, row_width):
+    """The per-program pointer setup of the kernels: the element offset (int64) of (b, h)'s first
+    row, t = 0, in a contiguous [B, n_rows, H, row_width] tensor, where bh = b * H + h is the
+    program index over batch*head. Rows of that head follow H * row_width elements apart.
+
+    E.g. q + head_offset(bh, H, T, K) for q: [B, T, H, K], gc + head_offset(bh, H, Tp, K) for the
+    padded gates, ks + head_offset(bh, H, T, 1) for per-row shifts [B, T, H].
+    """
+    b, h = bh // H, bh % H
+    return (b.to(tl.int64) * n_rows * H + h) * row_width
+
+
+@triton.jit
+def load_rows(ptr, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    """A [BR, BC] tile of rows row0.. and columns col0.. as fp32-ready values; zeros outside."""
+    rows = row0 + tl.arange(0, BR)
+    cols = col0 + tl.arange(0, BC)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_rows(ptr, value, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    """Store a [BR, BC] tile at rows row0.. and columns col0.., in ptr's dtype; nothing outside."""
+    rows = row0 + tl.arange(0, BR)
+    cols = col0 + tl.arange(0, BC)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_row(ptr, row, n_rows, col0, n_cols, BC: tl.constexpr):
+    """Columns col0.. of the row that `ptr` points at (a [BC] vector); zeros past n_cols, or
+    everywhere when that row's index `row` is past n_rows."""
+    cols = col0 + tl.arange(0, BC)
+    return tl.load(ptr + cols, mask=(cols < n_cols) & (cols * 0 + row < n_rows), other=0.0)
+
+
+@triton.jit
+def load_features(
+    ptr,
+    shift,
+    row0,
+    n_rows,
+    row_stride,
+    col0,
+    n_cols,
+    shift_stride,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    EXP: tl.constexpr,
+):
+    """A [BR, BC] tile of q or k in fp32 (as `load_rows`); with EXP, the safe-exp features
+    exp(x − shift_row) instead, zero outside. `shift` points at this (batch, head)'s per-row
+    shifts, `shift_stride` apart. Features are formed here, on load, so they never exist in memory."""
+    rows = row0 + tl.arange(0, BR)
+    cols = col0 + tl.arange(0, BC)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    x = tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if EXP:
+        m = tl.load(shift + rows * shift_stride, mask=rows < n_rows, other=0.0)
+        x = tl.where(mask, tl.exp(x - m[:, None]), 0.0)
+    return x
+
+
+@triton.jit
+def diagonal_decay(g_sub, S: tl.constexpr):
+    """[S(t), S(s), BC] pairwise decays exp2(b_t − b_s) inside one sub-chunk from its cumulative
+    gates g_sub [S, BC]; zero above the diagonal (t < s), where the exponent would be positive."""
+    sub = tl.arange(0, S)
+    causal = (sub[:, None] >= sub[None, :])[:, :, None]
+    return tl.exp2(tl.where(causal, g_sub[:, None, :] - g_sub[None, :, :], float("-inf")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host helpers
+
+
+def check_supported(q: Tensor, v: Tensor) -> None:
+    """Head dims up to MAX_HEAD_DIM; offsets inside one batch element must fit in 32 bits.
+
+    Args:
+        q: [B, T, H, K].
+        v: [B, T, H, V].
+
+    Raises:
+        ValueError: when the kernels cannot take these shapes.
+    """
+    _, T, H, K = q.shape
+    V = v.shape[-1]
+    if max(K, V) > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton GLA kernels support head dims up to {MAX_HEAD_DIM}; got K={K}, V={V}")
+    padded_T = triton.cdiv(T, CHUNK) * CHUNK
+    if padded_T * H * max(K, V, CHUNK) >= 2**31:
+        raise ValueError(
+            f"T * H * max(K, V, {CHUNK}) must stay below 2^31 per batch element for the Triton "
+            f"GLA kernels; got T={T}, H={H}, K={K}, V={V}: split the sequence or the heads"
+        )
+
+
+def on_device_of(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every buffer the kernels write goes through here (tests swap in a NaN-filled one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def block_size(dim: int) -> int:
+    """Columns of one tile over a head dim."""
+    # tl.dot needs every side >= 16; 64 keeps an fp32 [64, 64] state tile within registers.
+    return min(64, max(16, triton.next_power_of_2(dim)))
+
+
+def dot_options(dtype: torch.dtype) -> dict:
+    """Operand dtype and fp32 precision of the kernels' matrix products."""
+    interpreted = (
+        triton.knobs.runtime.interpret if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET") == "1"
+    )
+    # Triton's CPU interpreter evaluates bf16 products wrongly, so it gets fp32 operands.
+    half_precision = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    operand = tl.float32 if interpreted else half_precision.get(dtype, tl.float32)
+    # tf32x3: three tf32 passes, close to fp32 accuracy; ignored for bf16 operands.
+    return dict(PREC="tf32x3" if operand == tl.float32 else "tf32", DOT=operand)
+
+
+class Dims(NamedTuple):
+    """Sizes and tiling of one call, shared by all its launchers."""
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    NT: int  # chunks: the padded time axis has Tp = NT * CHUNK rows
+    BK: int  # key columns per tile
+    BV: int  # value columns per tile
+    dot: dict  # the kernels' PREC and DOT arguments (`dot_options`)
+
+
+def dims_of(q: Tensor, v: Tensor) -> Dims:
+    """The `Dims` of a call with q: [B, T, H, K] and v: [B, T, H, V]; q's dtype sets the products' operands."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    return Dims(B, T, H, K, V, triton.cdiv(T, CHUNK), block_size(K), block_size(V), dot_options(q.dtype))
+
+
+class SafeExpShifts(NamedTuple):
+    """Per-row shifts of ReGLA's safe-exp feature maps, [B, T, H] fp32 each: the kernels then read
+    q and k as φ(q) = exp(q − query) and φ(k) = exp(k − key), formed on load."""
+
+    query: Tensor
+    key: Tensor
+
+
+def feature_args(shifts: SafeExpShifts | None, placeholder: Tensor) -> dict:
+    """The kernels' shift pointers and EXP switch (placeholders, never read, without features)."""
+    if shifts is None:
+        return dict(qs=placeholder, ks=placeholder, EXP=False)
+    return dict(qs=shifts.query, ks=shifts.key, EXP=True)

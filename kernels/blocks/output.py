@@ -1,0 +1,229 @@
+"""Output building block: the within-chunk attention scores A [B, Tp, H, C] and the output
+o = scale · ((q ⊙ e^b) states[c] + A v), one chunk at a time.
+
+Used by the forward pass of `kernels.triton_gla` (and so by every Triton GLA op); the scores are
+kept for the backward (`kernels.blocks.qkv_grad`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    CHUNK,
+    DIAG_FEATURES,
+    SUB_CHUNK,
+    Dims,
+    SafeExpShifts,
+    diagonal_decay,
+    empty,
+    feature_args,
+    head_offset,
+    launch_options,
+    load_features,
+    load_row,
+    load_rows,
+    store_rows,
+)
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def intra_scores_kernel(
+    q,
+    k,
+    qs,
+    ks,
+    gc,
+    A,
+    T,
+    Tp,
+    H,
+    K,
+    C: tl.constexpr,
+    S: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
+    """A[t, s] = sum_j q_tj k_sj exp2(b_tj - b_sj) for s <= t in the same chunk (zero above).
+
+    One program per (sub-chunk of S rows, batch*head); A is [B, Tp, H, C] in fp32. Earlier
+    sub-chunks go through tensor-core products over BK key columns at a time, the diagonal block
+    through [S, S, BD] decay tensors over BD (<= BK) columns at a time.
+    """
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    c, i = pid // (C // S), pid % (C // S)
+    q_base = q + head_offset(bh, H, T, K)
+    k_base = k + head_offset(bh, H, T, K)
+    qs_base = qs + head_offset(bh, H, T, 1)
+    ks_base = ks + head_offset(bh, H, T, 1)
+    g_base = gc + head_offset(bh, H, Tp, K)
+    t0, r0 = c * C, c * C + i * S
+    cols = tl.arange(0, C)  # chunk-relative columns
+    dt = DOT
+    acc = tl.zeros([S, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q_sub = load_features(q_base, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)  # [S, BK]
+        g_sub = load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)  # [S, BK]
+        k_chunk = load_features(k_base, ks_base, t0, T, H * K, k0, K, H, C, BK, EXP)  # [C, BK]
+        g_chunk = load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)  # [C, BK]
+        g_ref = load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)  # [BK], first row of the sub-chunk
+        # Earlier sub-chunks: b_t - b_s = (b_t - b_ref) + (b_ref - b_s), both parts <= 0.
+        q_ref = (q_sub * tl.exp2(g_sub - g_ref[None, :])).to(dt)
+        earlier = cols[:, None] < i * S
+        k_ref = (k_chunk * tl.exp2(tl.where(earlier, g_ref[None, :] - g_chunk, float("-inf")))).to(dt)
+        acc += tl.dot(q_ref, tl.trans(k_ref), input_precision=PREC)
+    # Diagonal S x S block: exact pairwise decays in fp32. Its own feature loop, over narrower
+    # pieces than BK, keeps the [S, S, BD] tensors within registers.
+    diag = tl.zeros([S, S], dtype=tl.float32)
+    for d0 in range(0, K, BD):
+        q_d = load_features(q_base, qs_base, r0, T, H * K, d0, K, H, S, BD, EXP)  # [S, BD]
+        k_d = load_features(k_base, ks_base, r0, T, H * K, d0, K, H, S, BD, EXP)
+        g_d = load_rows(g_base, r0, Tp, H * K, d0, K, S, BD)
+        diag += tl.sum(q_d[:, None, :] * k_d[None, :, :] * diagonal_decay(g_d, S), axis=2)
+    # acc holds the earlier sub-chunks and zeros from the diagonal block on; the two stores cover
+    # disjoint columns, as nothing orders the stores of one program's threads to the same address.
+    a_base = A + head_offset(bh, H, Tp, C)
+    off_diagonal = (cols[None, :] < i * S) | (cols[None, :] >= i * S + S)
+    rows_t = r0 + tl.arange(0, S)
+    tl.store(a_base + rows_t[:, None] * H * C + cols[None, :], acc, mask=off_diagonal & (rows_t[:, None] < Tp))
+    store_rows(a_base, diag, r0, Tp, H * C, i * S, C, S, S)
+
+
+@triton.jit
+def output_kernel(
+    q,
+    qs,
+    v,
+    gc,
+    A,
+    states,
+    o,
+    scale,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
+    """o = scale * ((q * exp2(b)) @ states[c] + A @ v) for one chunk and one block of value columns."""
+    iv, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_base = q + head_offset(bh, H, T, K)
+    v_base = v + head_offset(bh, H, T, V)
+    g_base = gc + head_offset(bh, H, Tp, K)
+    qs_base = qs + head_offset(bh, H, T, 1)
+    s_base = states + (bh.to(tl.int64) * NT + c) * K * V
+    t0 = c * C
+    dt = DOT
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q_tile = load_features(q_base, qs_base, t0, T, H * K, k0, K, H, C, BK, EXP)
+        g_tile = load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
+        state = load_rows(s_base, k0, K, V, iv * BV, V, BK, BV)  # [BK, BV] fp32
+        q_from_start = (q_tile * tl.exp2(g_tile)).to(dt)
+        acc += tl.dot(q_from_start, state.to(dt), input_precision=PREC)
+    a_tile = load_rows(A + head_offset(bh, H, Tp, C), t0, Tp, H * C, 0, C, C, C)
+    v_tile = load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV).to(dt)
+    acc += tl.dot(a_tile.to(dt), v_tile, input_precision=PREC)
+    store_rows(o + head_offset(bh, H, T, V), acc * scale, t0, T, H * V, iv * BV, V, C, BV)
+
+
+def intra_scores(q: Tensor, k: Tensor, gc: Tensor, dims: Dims, shifts: SafeExpShifts | None = None) -> Tensor:
+    """The decayed q·k scores within each chunk.
+
+    Args:
+        q, k: [B, T, H, K] (raw inputs of the safe-exp features when `shifts` is given).
+        gc: [B, Tp, H, K] fp32 within-chunk cumulative log2 gates.
+        dims: the call's `Dims`.
+        shifts: safe-exp shifts, or None to read q and k as they are.
+
+    Returns:
+        scores: [B, Tp, H, CHUNK] fp32; row t holds A[t, s] for the s of t's chunk (zero for s > t).
+    """
+    B, T, H, K, V, NT, BK, BV, dot = dims
+    scores = empty((B, gc.shape[1], H, CHUNK), torch.float32, q.device)  # [B, Tp, H, C]
+    grid = (NT * (CHUNK // SUB_CHUNK), B * H)
+    intra_scores_kernel[grid](
+        q,
+        k,
+        gc=gc,
+        A=scores,
+        T=T,
+        Tp=gc.shape[1],
+        H=H,
+        K=K,
+        C=CHUNK,
+        S=SUB_CHUNK,
+        BK=BK,
+        BD=min(BK, DIAG_FEATURES),
+        **feature_args(shifts, q),
+        **dot,
+        **launch_options("intra_scores_kernel"),
+    )
+    return scores
+
+
+def chunk_output(
+    q: Tensor,
+    v: Tensor,
+    gc: Tensor,
+    scores: Tensor,
+    states: Tensor,
+    scale: float,
+    dims: Dims,
+    shifts: SafeExpShifts | None = None,
+) -> Tensor:
+    """The output, from the chunk states and the within-chunk scores.
+
+    Args:
+        q: [B, T, H, K] (raw inputs of the safe-exp features when `shifts` is given).
+        v: [B, T, H, V].
+        gc: [B, Tp, H, K] fp32 within-chunk cumulative log2 gates.
+        scores: [B, Tp, H, CHUNK] fp32 from `intra_scores`.
+        states: [B, H, NT, K, V] fp32 from `chunk_state.chunk_states`.
+        scale: the output's scale.
+        dims: the call's `Dims`.
+        shifts: safe-exp shifts, or None to read q as it is.
+
+    Returns:
+        o: [B, T, H, V] in q's dtype.
+    """
+    B, T, H, K, V, NT, BK, BV, dot = dims
+    o = empty((B, T, H, V), q.dtype, q.device)
+    features = feature_args(shifts, q)
+    output_kernel[(triton.cdiv(V, BV), NT, B * H)](
+        q,
+        features["qs"],
+        v,
+        gc,
+        scores,
+        states,
+        o,
+        scale,
+        T,
+        gc.shape[1],
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        EXP=features["EXP"],
+        **dot,
+        **launch_options("output_kernel"),
+    )
+    return o

@@ -1,0 +1,418 @@
+"""Gradient building block: the gradients of q, k and v given the chunk states, their gradients and
+the within-chunk scores, and the local term q ⊙ dq − k ⊙ dk of the gate gradient.
+
+Used by the backward pass of `kernels.triton_gla` (and so by every Triton GLA op), after
+`kernels.blocks.chunk_state`; the gate gradient itself is `kernels.blocks.gate.gate_grad`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    CHUNK,
+    DIAG_FEATURES,
+    SUB_CHUNK,
+    Dims,
+    SafeExpShifts,
+    diagonal_decay,
+    empty,
+    feature_args,
+    head_offset,
+    launch_options,
+    load_features,
+    load_row,
+    load_rows,
+    store_rows,
+)
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def intra_score_grad_kernel(
+    do, v, dA, scale, T, Tp, H, V, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr
+):
+    """dA = scale * do @ vᵀ within each chunk, zero above the diagonal: [B, Tp, H, C] fp32."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    do_base = do + head_offset(bh, H, T, V)
+    v_base = v + head_offset(bh, H, T, V)
+    t0 = c * C
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        do_tile = load_rows(do_base, t0, T, H * V, v0, V, C, BV)
+        v_tile = load_rows(v_base, t0, T, H * V, v0, V, C, BV)
+        acc += tl.dot(do_tile.to(DOT), tl.trans(v_tile.to(DOT)), input_precision=PREC)
+    idx = tl.arange(0, C)
+    acc = tl.where(idx[:, None] >= idx[None, :], acc * scale, 0.0)
+    store_rows(dA + head_offset(bh, H, Tp, C), acc, t0, Tp, H * C, 0, C, C, C)
+
+
+@triton.jit
+def value_grad_kernel(
+    k,
+    ks,
+    gc,
+    A,
+    do,
+    dstates,
+    dv,
+    scale,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
+    """dv = scale * Aᵀ @ do + (k * exp2(b_last - b)) @ dstates[c]."""
+    iv, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k_base = k + head_offset(bh, H, T, K)
+    ks_base = ks + head_offset(bh, H, T, 1)
+    g_base = gc + head_offset(bh, H, Tp, K)
+    s_base = dstates + (bh.to(tl.int64) * NT + c) * K * V
+    t0 = c * C
+    dt = DOT
+    a_tile = load_rows(A + head_offset(bh, H, Tp, C), t0, Tp, H * C, 0, C, C, C)
+    do_tile = load_rows(do + head_offset(bh, H, T, V), t0, T, H * V, iv * BV, V, C, BV)
+    acc = tl.dot(tl.trans(a_tile.to(dt)), do_tile.to(dt), input_precision=PREC) * scale
+    for k0 in range(0, K, BK):
+        k_tile = load_features(k_base, ks_base, t0, T, H * K, k0, K, H, C, BK, EXP)
+        g_tile = load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
+        g_last = load_row(g_base + (t0 + C - 1) * H * K, 0, 1, k0, K, BK)
+        grad_state = load_rows(s_base, k0, K, V, iv * BV, V, BK, BV)
+        k_to_end = (k_tile * tl.exp2(g_last[None, :] - g_tile)).to(dt)
+        acc += tl.dot(k_to_end, grad_state.to(dt), input_precision=PREC)
+    store_rows(dv + head_offset(bh, H, T, V), acc, t0, T, H * V, iv * BV, V, C, BV)
+
+
+@triton.jit
+def query_key_inter_kernel(
+    v,
+    gc,
+    do,
+    states,
+    dstates,
+    dq,
+    dk,
+    scale,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """The parts of dq, dk that flow through the chunk-boundary states (fp32), one whole chunk at a time:
+
+    dq_t = scale (do_t statesᵀ) ⊙ e^{b_t},  dk_s = (v_s dstatesᵀ) ⊙ e^{b_last - b_s}.
+    Kept apart from the sub-chunk kernel so that each state tile is read once per chunk, not per sub-chunk.
+    """
+    ik, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    qk_off = head_offset(bh, H, T, K)
+    vo_off = head_offset(bh, H, T, V)
+    g_base = gc + head_offset(bh, H, Tp, K)
+    s_off = (bh.to(tl.int64) * NT + c) * K * V
+    t0, k0 = c * C, ik * BK
+    dq_acc = tl.zeros([C, BK], dtype=tl.float32)
+    dk_acc = tl.zeros([C, BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        do_tile = load_rows(do + vo_off, t0, T, H * V, v0, V, C, BV).to(DOT)
+        v_tile = load_rows(v + vo_off, t0, T, H * V, v0, V, C, BV).to(DOT)
+        state = load_rows(states + s_off, k0, K, V, v0, V, BK, BV).to(DOT)  # [BK, BV]
+        grad_state = load_rows(dstates + s_off, k0, K, V, v0, V, BK, BV).to(DOT)
+        dq_acc += tl.dot(do_tile, tl.trans(state), input_precision=PREC)
+        dk_acc += tl.dot(v_tile, tl.trans(grad_state), input_precision=PREC)
+    g_tile = load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)  # [C, BK]
+    g_last = load_row(g_base + (t0 + C - 1) * H * K, 0, 1, k0, K, BK)
+    store_rows(dq + qk_off, dq_acc * scale * tl.exp2(g_tile), t0, T, H * K, k0, K, C, BK)
+    store_rows(dk + qk_off, dk_acc * tl.exp2(g_last[None, :] - g_tile), t0, T, H * K, k0, K, C, BK)
+
+
+@triton.jit
+def query_key_grad_kernel(
+    q,
+    k,
+    qs,
+    ks,
+    gc,
+    dA,
+    dq_inter,
+    dk_inter,
+    dq,
+    dk,
+    dG,
+    q_rowsum,
+    k_rowsum,
+    T,
+    Tp,
+    H,
+    K,
+    NB,
+    C: tl.constexpr,
+    S: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
+    """dq, dk and dG = q ⊙ dq − k ⊙ dk (fp32) for one sub-chunk of S rows and one block of key columns:
+    the within-chunk parts added to the state parts from `query_key_inter_kernel`.
+
+    dq_t += Σ_{s<=t} dA[t,s] k_s ⊙ e^{b_t - b_s},   dk_s += Σ_{t>=s} dA[t,s] q_t ⊙ e^{b_t - b_s}
+
+    With EXP, q and k above are the features φ = exp(x − shift): the stored dq, dk are then the
+    gradients of the raw inputs at fixed shifts, φ ⊙ dφ, and q_rowsum / k_rowsum [NB, B, T, H]
+    get this key block's row sums of them (the shifts' gradients are minus their totals over blocks).
+    """
+    ik, pid, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, i = pid // (C // S), pid % (C // S)
+    b, h = bh // H, bh % H
+    qk_off = head_offset(bh, H, T, K)
+    qs_base = qs + head_offset(bh, H, T, 1)
+    ks_base = ks + head_offset(bh, H, T, 1)
+    g_base = gc + head_offset(bh, H, Tp, K)
+    a_base = dA + head_offset(bh, H, Tp, C)
+    t0, r0, k0 = c * C, c * C + i * S, ik * BK
+    dt = DOT
+    dq_acc = load_rows(dq_inter + qk_off, r0, T, H * K, k0, K, S, BK)  # [S, BK] fp32
+    dk_acc = load_rows(dk_inter + qk_off, r0, T, H * K, k0, K, S, BK)
+    g_sub = load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)  # [S, BK]
+
+    # Earlier / later sub-chunks of the same chunk, through reference rows (exponents <= 0).
+    cols = tl.arange(0, C)
+    q_chunk = load_features(q + qk_off, qs_base, t0, T, H * K, k0, K, H, C, BK, EXP)  # [C, BK]
+    k_chunk = load_features(k + qk_off, ks_base, t0, T, H * K, k0, K, H, C, BK, EXP)
+    g_chunk = load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
+    g_first = load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)  # first row of the sub-chunk
+    g_final = load_row(g_base + (r0 + S - 1) * H * K, 0, 1, k0, K, BK)  # its last row
+    earlier = cols[:, None] < i * S
+    later = cols[:, None] >= i * S + S
+    k_ref = (k_chunk * tl.exp2(tl.where(earlier, g_first[None, :] - g_chunk, float("-inf")))).to(dt)
+    q_ref = (q_chunk * tl.exp2(tl.where(later, g_chunk - g_final[None, :], float("-inf")))).to(dt)
+    dA_rows = load_rows(a_base, r0, Tp, H * C, 0, C, S, C)  # [S, C]: dA[t in sub-chunk, s]
+    dA_cols = load_rows(a_base, t0, Tp, H * C, i * S, C, C, S)  # [C, S]: dA[t, s in sub-chunk]
+    dq_acc += tl.exp2(g_sub - g_first[None, :]) * tl.dot(dA_rows.to(dt), k_ref, input_precision=PREC)
+    dk_acc += tl.exp2(g_final[None, :] - g_sub) * tl.dot(tl.trans(dA_cols.to(dt)), q_ref, input_precision=PREC)
+
+    # Diagonal S x S block, exact and in fp32: one [S(t), S(s), BK] tensor of pairwise decays serves
+    # both directions (BK is kept narrow by the launcher so that it stays within registers).
+    q_sub = load_features(q + qk_off, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)
+    k_sub = load_features(k + qk_off, ks_base, r0, T, H * K, k0, K, H, S, BK, EXP)
+    dA_diag = load_rows(a_base, r0, Tp, H * C, i * S, C, S, S)[:, :, None]  # dA[t, s], both in the sub-chunk
+    decay = diagonal_decay(g_sub, S)
+    dq_acc += tl.sum(dA_diag * k_sub[None, :, :] * decay, axis=1)
+    dk_acc += tl.sum(dA_diag * q_sub[:, None, :] * decay, axis=0)
+    # The gate gradient needs q ⊙ dq − k ⊙ dk from the fp32 accumulators, not the rounded outputs.
+    dq_local = q_sub * dq_acc
+    dk_local = k_sub * dk_acc
+    store_rows(dG + qk_off, dq_local - dk_local, r0, T, H * K, k0, K, S, BK)
+    if EXP:  # d exp(x − m) / dx = φ: the raw inputs' gradients are φ ⊙ dφ, already formed for dG
+        dq_acc = dq_local
+        dk_acc = dk_local
+        rows_t = r0 + tl.arange(0, S)
+        sums_off = ((ik.to(tl.int64) * NB + b) * T + rows_t) * H + h
+        tl.store(q_rowsum + sums_off, tl.sum(dq_local, axis=1), mask=rows_t < T)
+        tl.store(k_rowsum + sums_off, tl.sum(dk_local, axis=1), mask=rows_t < T)
+    store_rows(dq + qk_off, dq_acc, r0, T, H * K, k0, K, S, BK)
+    store_rows(dk + qk_off, dk_acc, r0, T, H * K, k0, K, S, BK)
+
+
+def intra_score_grads(do: Tensor, v: Tensor, scale: float, dims: Dims) -> Tensor:
+    """The within-chunk scores' gradient.
+
+    Args:
+        do: [B, T, H, V] the output's gradient, contiguous.
+        v: [B, T, H, V].
+        scale: the output's scale.
+        dims: the call's `Dims`.
+
+    Returns:
+        score_grad: [B, Tp, H, CHUNK] fp32, laid out as the scores of `output.intra_scores`.
+    """
+    B, T, H, K, V, NT, BK, BV, dot = dims
+    Tp = NT * CHUNK
+    score_grad = empty((B, Tp, H, CHUNK), torch.float32, do.device)  # [B, Tp, H, C]
+    intra_score_grad_kernel[(NT, B * H)](
+        do, v, score_grad, scale, T, Tp, H, V, C=CHUNK, BV=BV, **dot, **launch_options("intra_score_grad_kernel")
+    )
+    return score_grad
+
+
+def value_grads(
+    k: Tensor,
+    gc: Tensor,
+    scores: Tensor,
+    do: Tensor,
+    dstates: Tensor,
+    scale: float,
+    dims: Dims,
+    dtype: torch.dtype,
+    shifts: SafeExpShifts | None = None,
+) -> Tensor:
+    """v's gradient.
+
+    Args:
+        k: [B, T, H, K] (raw inputs of the safe-exp features when `shifts` is given).
+        gc: [B, Tp, H, K] fp32 within-chunk cumulative log2 gates.
+        scores: [B, Tp, H, CHUNK] fp32 within-chunk scores from the forward.
+        do: [B, T, H, V] the output's gradient, contiguous.
+        dstates: [B, H, NT, K, V] fp32 from `chunk_state.chunk_state_grads`.
+        scale: the output's scale.
+        dims: the call's `Dims`.
+        dtype: the result's dtype (v's).
+        shifts: safe-exp shifts, or None to read k as it is.
+
+    Returns:
+        dv: [B, T, H, V] in `dtype`.
+    """
+    B, T, H, K, V, NT, BK, BV, dot = dims
+    features = feature_args(shifts, k)
+    dv = empty((B, T, H, V), dtype, k.device)
+    value_grad_kernel[(triton.cdiv(V, BV), NT, B * H)](
+        k,
+        features["ks"],
+        gc,
+        scores,
+        do,
+        dstates,
+        dv,
+        scale,
+        T,
+        gc.shape[1],
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        EXP=features["EXP"],
+        **dot,
+        **launch_options("value_grad_kernel"),
+    )
+    return dv
+
+
+def query_key_inter_grads(
+    v: Tensor, gc: Tensor, do: Tensor, states: Tensor, dstates: Tensor, scale: float, dims: Dims
+) -> tuple[Tensor, Tensor]:
+    """The parts of q's and k's gradients that flow through the chunk states (see `query_key_inter_kernel`).
+
+    Args:
+        v: [B, T, H, V].
+        gc: [B, Tp, H, K] fp32 within-chunk cumulative log2 gates.
+        do: [B, T, H, V] the output's gradient, contiguous.
+        states: [B, H, NT, K, V] fp32 from `chunk_state.chunk_states`.
+        dstates: [B, H, NT, K, V] fp32 from `chunk_state.chunk_state_grads`.
+        scale: the output's scale.
+        dims: the call's `Dims`.
+
+    Returns:
+        dq_inter, dk_inter: [B, T, H, K] fp32 each, gradients of the features (φ(q), φ(k) with safe-exp).
+    """
+    B, T, H, K, V, NT, BK, BV, dot = dims
+    dq_inter = empty((B, T, H, K), torch.float32, v.device)  # through the chunk states
+    dk_inter = empty((B, T, H, K), torch.float32, v.device)
+    query_key_inter_kernel[(triton.cdiv(K, BK), NT, B * H)](
+        v,
+        gc,
+        do,
+        states,
+        dstates,
+        dq_inter,
+        dk_inter,
+        scale,
+        T,
+        gc.shape[1],
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        **dot,
+        **launch_options("query_key_inter_kernel"),
+    )
+    return dq_inter, dk_inter
+
+
+def query_key_grads(
+    q: Tensor,
+    k: Tensor,
+    gc: Tensor,
+    score_grad: Tensor,
+    dq_inter: Tensor,
+    dk_inter: Tensor,
+    dims: Dims,
+    shifts: SafeExpShifts | None = None,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """q's and k's gradients (the within-chunk parts added to the state parts), and the gate's local term.
+
+    Args:
+        q, k: [B, T, H, K] (raw inputs of the safe-exp features when `shifts` is given).
+        gc: [B, Tp, H, K] fp32 within-chunk cumulative log2 gates.
+        score_grad: [B, Tp, H, CHUNK] fp32 from `intra_score_grads`.
+        dq_inter, dk_inter: [B, T, H, K] fp32 from `query_key_inter_grads`.
+        dims: the call's `Dims`.
+        shifts: safe-exp shifts, or None to read q and k as they are.
+
+    Returns:
+        dq, dk: [B, T, H, K]; in q's and k's dtypes without `shifts`. With `shifts`, the raw inputs'
+            gradients at fixed shifts, in fp32 (the max shifts' terms, which nearly cancel them at the
+            maxima, are still to be added: `max_shift.add_max_gradient`).
+        dG: [B, T, H, K] fp32, q ⊙ dq − k ⊙ dk of the features, the gate gradient's local term.
+        rowsums: with `shifts`, the per-key-block row sums of dq and of dk, [NB, B, T, H] fp32 each
+            (NB key blocks; the shifts' gradients are minus their sums over blocks); None without.
+    """
+    B, T, H, K, V, NT, BK, BV, dot = dims
+    features = feature_args(shifts, q)
+    dq = empty((B, T, H, K), q.dtype if shifts is None else torch.float32, q.device)
+    dk = empty((B, T, H, K), k.dtype if shifts is None else torch.float32, q.device)
+    dG = empty((B, T, H, K), torch.float32, q.device)  # q ⊙ dq − k ⊙ dk, the gate's local term
+    # Key blocks as narrow as the diagonal block's decay tensor, which spans a whole block here.
+    BKD = min(BK, DIAG_FEATURES)
+    # Per key block row sums of the raw dq, dk (safe-exp only): summed by the caller, deterministically.
+    rowsums = [
+        empty((triton.cdiv(K, BKD), B, T, H), torch.float32, q.device) if shifts is not None else dG for _ in range(2)
+    ]
+    query_key_grad_kernel[(triton.cdiv(K, BKD), NT * (CHUNK // SUB_CHUNK), B * H)](
+        q,
+        k,
+        features["qs"],
+        features["ks"],
+        gc,
+        score_grad,
+        dq_inter,
+        dk_inter,
+        dq,
+        dk,
+        dG,
+        *rowsums,
+        T,
+        gc.shape[1],
+        H,
+        K,
+        B,
+        C=CHUNK,
+        S=SUB_CHUNK,
+        BK=BKD,
+        EXP=features["EXP"],
+        **dot,
+        **launch_options("query_key_grad_kernel"),
+    )
+    return dq, dk, dG, (tuple(rowsums) if shifts is not None else None)
