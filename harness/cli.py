@@ -146,7 +146,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    grid = load_grid(resolve_grid_path(args.grid))
+    """A grid file (by name or path) reports its current runs; a grid name with results under
+    the runs folder but no grid file here (a user's grid run from elsewhere) reports every run
+    recorded under that name."""
+    try:
+        path = resolve_grid_path(args.grid)
+    except ConfigError:
+        if not (Path(args.runs_dir) / args.grid).is_dir():
+            raise
+        out = write_report(args.grid, args.runs_dir, args.results_dir, None)
+        print(f"report: {out}/RESULTS.md (every run recorded under {Path(args.runs_dir) / args.grid}; no grid file)")
+        return EXIT_OK
+    grid = load_grid(path, tuple(args.plugin))
     out = write_report(
         grid.name,
         args.runs_dir,
@@ -156,7 +167,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         grid.runs,
     )
     print(f"report: {out}/RESULTS.md")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
@@ -208,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=_cmd_list)
 
     report = sub.add_parser("report", help="write tables and plots for a grid's existing results")
-    report.add_argument("grid", nargs="?", default=DEFAULT_GRID)
+    report.add_argument(
+        "grid",
+        nargs="?",
+        default=DEFAULT_GRID,
+        help="grid name or path to a .yaml file; or the name of a grid with results under --runs-dir",
+    )
     report.add_argument("--runs-dir", default=str(ROOT / "runs"))
     report.add_argument("--results-dir", default=str(ROOT / "results"))
     report.set_defaults(func=_cmd_report)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from registry import RegistryError
 
@@ -31,6 +30,8 @@ from .config import ConfigError
 from .data import DataError
 from .distributed import DistributedContext, distributed_context, pick_device
 from .grid import Grid
+from .progress import bar as progress_bar
+from .progress import say
 from .results import environment, make_rows, read_rows_or_set_aside, stage_failures, write_rows
 from .spec import RunSpec
 from .stages import STAGES, StageContext
@@ -233,7 +234,7 @@ def run_grid(
     env = environment()
     data_cache = {} if data_cache is None else data_cache
     results: list[StageResult] = []
-    bar = tqdm(runs, desc=f"grid {grid.name}", unit="run", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(runs, desc=f"grid {grid.name}", unit="run", enabled=progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)
         directory = run_dir(runs_dir, spec)
@@ -244,7 +245,7 @@ def run_grid(
                 # Another process (another `run` of this grid) is on this run: leave it to it.
                 results += [StageResult(spec, s, "skipped-busy") for s in stages]
                 if progress:
-                    tqdm.write(f"[busy] {spec.name}: another process is running it; skipped here")
+                    say(f"[busy] {spec.name}: another process is running it; skipped here")
                 continue
             if dist.is_main:
                 atomic_write_text(directory / "spec.json", spec.to_json())
@@ -302,7 +303,7 @@ def _run_stage(
         records = [{"metric": "error", "status": "failed", "error": error, "extra": extra}]
         result = StageResult(spec, stage_name, "failed", error, advice)
         if progress:
-            tqdm.write(f"[failed] {spec.name} {stage_name}: {error} ({kind}: {advice})")
+            say(f"[failed] {spec.name} {stage_name}: {error} ({kind}: {advice})")
     if is_main:
         write_rows(stage_path(runs_dir, spec, stage_name), make_rows(spec, stage_name, records, env, created))
     return result

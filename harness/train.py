@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .atomic import atomic_write_bytes, atomic_write_text, file_digest, set_aside
 from .config import TrainConfig
 from .distributed import agree_on_failure, attempt, distributed_context, pick_device
 from .model import LanguageModel, build_model
+from .progress import PlainProgress, say
+from .progress import bar as progress_bar
 from .spec import RunSpec
 
 
@@ -150,15 +151,11 @@ def train(
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * ctx.world_size
     bits_per_nat = 1 / math.log(2)
     val_bytes_per_token = data.bytes_per_token["validation"]
-    bar = tqdm(
-        total=config.steps,
-        initial=start_step,
-        desc=spec.name,
-        unit="step",
-        leave=False,
-        disable=not (progress and ctx.is_main),
-        dynamic_ncols=True,
-    )
+    show = progress and ctx.is_main
+    bar = progress_bar(total=config.steps, initial=start_step, desc=spec.name, unit="step", leave=False, enabled=show)
+    lines = PlainProgress(spec.name, config.steps, enabled=show)
+    if show and start_step:
+        say(f"{spec.name}: resuming at step {start_step}/{config.steps}")
     model.train()
     for step in range(start_step, config.steps):
         started = time.perf_counter()
@@ -192,6 +189,7 @@ def train(
         trained_seconds += elapsed
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+        lines.update(step + 1, loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             records += [
@@ -204,6 +202,9 @@ def train(
             agree_on_failure(failure, ctx, dev)
             if not math.isfinite(val):
                 raise Diverged(f"non-finite validation loss ({val}) at step {done}")
+            if show:
+                bpb = val * bits_per_nat / val_bytes_per_token
+                say(f"{spec.name}: step {done}/{config.steps} val loss {val:.4f} bpb {bpb:.4f}")
             records += [
                 {"metric": "val/loss", "value": val, "step": done, "split": "validation"},
                 {"metric": "val/perplexity", "value": math.exp(min(val, 700)), "step": done, "split": "validation"},

@@ -420,3 +420,38 @@ def test_killed_runs_and_a_corrupt_file_recover_with_every_row_once(corpus, tmp_
     for _, rows in train.groupby("run_id"):
         assert sorted(rows[rows.metric == "val/loss"].step) == [10, 20, 30]
         assert sorted(rows[rows.metric == "train/loss"].step) == list(range(3, 31, 3))
+
+
+# -- reports and logs -------------------------------------------------------------------------
+
+
+def test_report_by_name_for_a_grid_file_kept_elsewhere(corpus, tmp_path, capsys):
+    data = tiny_grid(corpus, steps=4, eval_every=2)
+    data["name"] = "my-lab-grid"
+    path = write_grid(tmp_path, data)
+    assert cli(path, tmp_path) == EXIT_OK
+    (tmp_path / "results" / "my-lab-grid" / "RESULTS.md").unlink()
+    capsys.readouterr()
+    code = cli_main(
+        ["report", "my-lab-grid", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
+    )
+    assert code == EXIT_OK
+    assert "no grid file" in capsys.readouterr().out
+    assert "| softmax |" in (tmp_path / "results" / "my-lab-grid" / "RESULTS.md").read_text()
+    assert cli_main(["report", "no-such-grid", "--runs-dir", str(tmp_path / "runs")]) == EXIT_INVALID
+
+
+def test_redirected_output_gets_plain_lines_not_bar_frames(corpus, tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    path = write_grid(tmp_path, tiny_grid(corpus, steps=4, eval_every=2))
+    env = {**os.environ, "REGLA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(root / "run_ablations.py"), "run", str(path), "--runs-dir", str(tmp_path / "runs")]
+    command += ["--results-dir", str(tmp_path / "results")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == EXIT_OK, done.stderr[-2000:]
+    assert "\r" not in done.stderr  # no bar frames in a log file
+    assert "regla: step 2/4 val loss" in done.stderr and "regla: step 4/4 val loss" in done.stderr
+    assert "regla: step 4/4 loss" in done.stderr and "tok_s" in done.stderr and "s left" in done.stderr
+    assert "tokenize text-files/train (byte):" in done.stderr

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..atomic import temp_path_beside
+from ..progress import bar as progress_bar
+from ..progress import say
 from .errors import DataError
 from .locking import build_lock
 from .sources import Source
@@ -72,9 +73,8 @@ def _write_tokens(
     source: Source, tokenizer: Tokenizer, split: str, out_path: Path, dtype: np.dtype, progress: bool
 ) -> dict:
     counts = {"n_tokens": 0, "n_bytes": 0, "n_documents": 0}
-    bar = tqdm(
-        desc=f"tokenize {source.name}/{split} ({tokenizer.name})", unit="B", unit_scale=True, disable=not progress
-    )
+    label = f"tokenize {source.name}/{split} ({tokenizer.name})"
+    bar = progress_bar(desc=label, unit="B", unit_scale=True, enabled=progress)
 
     def flush(texts: list[str], f) -> None:
         flat: list[int] = []
@@ -100,6 +100,8 @@ def _write_tokens(
         if batch:
             flush(batch, f)
     bar.close()
+    if progress:
+        say(f"{label}: {counts['n_tokens']:,} tokens from {counts['n_documents']:,} documents")
     return counts
 
 

@@ -13,6 +13,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..atomic import atomic_write_text
+from ..progress import interactive, say
 from .errors import DataError
 from .locking import build_lock
 from .paths import cache_dir as default_cache_dir
@@ -139,7 +140,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
         vocab_size=vocab_size,
         special_tokens=[EOT_TEXT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=True,
+        show_progress=interactive(),  # the library's own bar, on a terminal only
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
@@ -172,6 +173,7 @@ def bpe_tokenizer(vocab_size: int, source, cache_dir: Path) -> HFTokenizer:
         cached = _cached_bpe(name, path, sidecar, current_version)
         if cached is not None:
             return cached
+        say(f"training the {name} tokenizer on the train split of {source.name} (once; cached at {path})")
         trained = train_bpe((doc.text for doc in source.documents("train")), vocab_size)
         atomic_write_text(path, trained.to_str())
         atomic_write_text(
