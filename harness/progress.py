@@ -35,24 +35,30 @@ class PlainProgress:
     """Plain progress lines when output is redirected: at most one per `every_s` seconds (and
     always the last), each with the step, the caller's numbers, the rate and the time left."""
 
-    def __init__(self, name: str, total: int, *, enabled: bool = True, every_s: float = 15.0, unit: str = "step"):
-        self.name, self.total, self.unit = name, total, unit
+    def __init__(
+        self,
+        name: str,
+        total: int,
+        *,
+        initial: int = 0,
+        enabled: bool = True,
+        every_s: float = 15.0,
+        unit: str = "step",
+    ):
+        self.name, self.total, self.unit, self.initial = name, total, unit, initial
         self.enabled = enabled and not interactive()
         self.every_s = every_s
         self.started = time.monotonic()
         self.last = -float("inf")
-        self.first_done: int | None = None
 
     def update(self, done: int, **numbers: Any) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
-        if self.first_done is None:
-            self.first_done, self.started = done - 1, now
         if now - self.last < self.every_s and done < self.total:
             return
         self.last = now
-        rate = (done - self.first_done) / max(now - self.started, 1e-9)
+        rate = (done - self.initial) / max(now - self.started, 1e-9)
         left = (self.total - done) / rate if rate > 0 else float("nan")
         fields = " ".join(f"{k} {v}" for k, v in numbers.items())
         say(f"{self.name}: {self.unit} {done}/{self.total} {fields} ({rate:.2f} {self.unit}/s, {left:.0f} s left)")

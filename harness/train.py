@@ -153,7 +153,7 @@ def train(
     val_bytes_per_token = data.bytes_per_token["validation"]
     show = progress and ctx.is_main
     bar = progress_bar(total=config.steps, initial=start_step, desc=spec.name, unit="step", leave=False, enabled=show)
-    lines = PlainProgress(spec.name, config.steps, enabled=show)
+    lines = PlainProgress(spec.name, config.steps, initial=start_step, enabled=show)
     if show and start_step:
         say(f"{spec.name}: resuming at step {start_step}/{config.steps}")
     model.train()

@@ -103,7 +103,7 @@ class ProbeStage(Stage):
         ]
         initial = build_model(spec.model, data.tokenizer.vocab_size, spec.train.seed).to(device).train()
         trained, _ = load_checkpoint(ctx.model_dir, map_location=device)
-        trained.train()
+        trained.to(device).train()
         if not initial.linear_attention_layers():
             return [{"metric": "gate/none", "value": 0.0, "extra": json.dumps({"reason": "softmax-only model"})}]
         return gate_statistics(initial, batches, config, step=0) + gate_statistics(
