@@ -16,11 +16,11 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm import tqdm
 
 from .checkpoint_io import load_checkpoint, read_checkpoint_config
 from .data.tokenization import Tokenizer, get_tokenizer
 from .model import LanguageModel
+from .progress import bar as progress_bar
 
 
 def tokenizer_by_name(name: str, source: str | None = None) -> Tokenizer:
@@ -121,7 +121,7 @@ class ReGLALM(TemplateLM):
         results = []
         was_training = self.model.training
         self.model.eval()
-        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
+        progress = progress_bar(total=len(requests), enabled=not disable_tqdm, desc="loglikelihood")
         with torch.no_grad():
             for batch in collator.get_batched(n=self.batch_size):
                 for row, (batch_request, context, batch_continuation) in zip(self._logits_batch(batch), batch):
@@ -198,7 +198,7 @@ class ReGLALM(TemplateLM):
         (left-aligned) prompts, and the recurrent state makes per-request decoding cheap anyway.
         """
         outputs = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
+        for request in progress_bar(requests, enabled=not disable_tqdm, desc="generate_until"):
             context, gen_kwargs = request.args
             options = normalize_gen_kwargs(gen_kwargs or {}, default_max_gen_toks=self.max_gen_toks)
             text = self.greedy_text(context, options["until"], options["max_gen_toks"])

@@ -1,4 +1,4 @@
-"""Error measures shared by the kernel tests."""
+"""Error measures and the layer fused-vs-composed helper shared by the kernel tests."""
 
 from __future__ import annotations
 
@@ -21,3 +21,13 @@ def worst(errors: Mapping[str, float] | Iterable[float]) -> float:
     unless it came first, and an unwritten (NaN-filled) buffer must fail the test."""
     values = list(errors.values()) if isinstance(errors, Mapping) else list(errors)
     return max((math.inf if math.isnan(v) else v) for v in values)
+
+
+def layer_outputs(layer, x: torch.Tensor, fused: bool, monkeypatch) -> list[torch.Tensor]:
+    """A linear-attention layer's output and every parameter's gradient (of a fixed, position-
+    weighted sum of the output), through the fused path or the composed one."""
+    monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q: fused)
+    layer.zero_grad()
+    y, _ = layer(x)
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
+    return [y.detach()] + [p.grad.detach().clone() for p in layer.parameters()]

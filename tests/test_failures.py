@@ -56,19 +56,13 @@ def write_grid(tmp_path: Path, data: dict) -> Path:
     return path
 
 
+def run_arguments(path: Path, tmp_path: Path) -> list[str]:
+    """`run <grid file>` with its runs and results under tmp_path."""
+    return ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
+
+
 def cli(path: Path, tmp_path: Path, *extra: str) -> int:
-    return cli_main(
-        [
-            "run",
-            str(path),
-            "--runs-dir",
-            str(tmp_path / "runs"),
-            "--results-dir",
-            str(tmp_path / "results"),
-            "--no-progress",
-            *extra,
-        ]
-    )
+    return cli_main([*run_arguments(path, tmp_path), "--no-progress", *extra])
 
 
 def trained_anything(tmp_path: Path) -> bool:
@@ -379,17 +373,7 @@ def test_killed_runs_and_a_corrupt_file_recover_with_every_row_once(corpus, tmp_
     data["stages"] = ["train", "probe"]
     path = write_grid(tmp_path, data)
     env = {**os.environ, "REGLA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        str(root / "run_ablations.py"),
-        "run",
-        str(path),
-        "--runs-dir",
-        str(tmp_path / "runs"),
-        "--results-dir",
-        str(tmp_path / "results"),
-        "--no-progress",
-    ]
+    command = [sys.executable, str(root / "run_ablations.py"), *run_arguments(path, tmp_path), "--no-progress"]
     # Prepare the data once, so the kills land in training rather than in tokenization.
     subprocess.run([*command, "--dry-run"], env=env, check=True, capture_output=True, timeout=300)
     interrupted = 0
@@ -447,8 +431,7 @@ def test_redirected_output_gets_plain_lines_not_bar_frames(corpus, tmp_path):
     root = Path(__file__).resolve().parent.parent
     path = write_grid(tmp_path, tiny_grid(corpus, steps=4, eval_every=2))
     env = {**os.environ, "REGLA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(root / "run_ablations.py"), "run", str(path), "--runs-dir", str(tmp_path / "runs")]
-    command += ["--results-dir", str(tmp_path / "results")]
+    command = [sys.executable, str(root / "run_ablations.py"), *run_arguments(path, tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == EXIT_OK, done.stderr[-2000:]
     assert "\r" not in done.stderr  # no bar frames in a log file

@@ -24,7 +24,7 @@ from kernels.safe_exp import KEY_MAX_SCOPES  # noqa: E402
 from kernels.triton_regla import triton_regla  # noqa: E402
 from variants.feature_maps import SafeExp  # noqa: E402
 
-from .numerics import rel_rms, worst  # noqa: E402
+from .numerics import layer_outputs, rel_rms, worst  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -319,15 +319,6 @@ def make_layer(feature_options, norm="rmsnorm", denominator=False, gate_options=
         denominator_eps=1e-2,
     )
     return LinearAttention(32, 2, 16, config).to(DEVICE)
-
-
-def layer_outputs(layer, x, fused, monkeypatch):
-    """Output and every parameter's gradient, through the fused or the composed path."""
-    monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q: fused)
-    layer.zero_grad()
-    y, _ = layer(x)
-    (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
-    return [y.detach()] + [p.grad.detach().clone() for p in layer.parameters()]
 
 
 @pytest.mark.parametrize(
