@@ -258,6 +258,8 @@ class EvalConfig:
     seed: int = 1234
     #: >0 gives stderr columns (closed form for means, resampling for perplexities)
     bootstrap_iters: int = 100
+    #: keep lm-eval's per-sample log in its results JSON (written beside the stage's rows)
+    log_samples: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tasks", "num_fewshot"):

@@ -9,6 +9,7 @@ row with status "failed" -- naming the task and how to provide its data -- while
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 import lm_eval
 from lm_eval.tasks import TaskManager
 
+from .atomic import atomic_write_text
 from .config import EvalConfig
 from .data.tokenization import Tokenizer
 from .lm_eval_model import ReGLALM
@@ -32,8 +34,13 @@ from .tasks import (
 )
 
 
-def evaluate_model(model: LanguageModel, tokenizer: Tokenizer, config: EvalConfig) -> list[dict[str, Any]]:
-    """One row per (task, shots, metric); one failed row per (task, shots) that could not run."""
+def evaluate_model(
+    model: LanguageModel, tokenizer: Tokenizer, config: EvalConfig, raw_dir: Path | None = None
+) -> list[dict[str, Any]]:
+    """One row per (task, shots, metric); one failed row per (task, shots) that could not run.
+
+    `raw_dir`: where lm-eval's own results JSON of each (task, shots) goes, `<task>-<shots>shot.json`
+    (with the per-sample log when `config.log_samples`), beside the rows made from it."""
     lm = ReGLALM(model=model, tokenizer=tokenizer, batch_size=config.batch_size)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="regla-lm-eval-tasks-") as tmp:
@@ -51,6 +58,9 @@ def evaluate_model(model: LanguageModel, tokenizer: Tokenizer, config: EvalConfi
                 except Exception as exc:  # noqa: BLE001 -- any task failure becomes a row; the grid goes on
                     rows.append(failed_row(task, shots, describe_task_failure(task, exc, config), config))
                     continue
+                if raw_dir is not None:
+                    raw = json.dumps(results, indent=1, sort_keys=True, default=str)
+                    atomic_write_text(Path(raw_dir) / f"{task}-{shots}shot.json", raw)
                 rows.extend(result_rows(results, task, shots, config))
     return rows
 
@@ -105,7 +115,7 @@ def run_lm_eval(lm: ReGLALM, manager: TaskManager, task: str, shots: int, config
             num_fewshot=shots,
             limit=config.limit,
             bootstrap_iters=config.bootstrap_iters,
-            log_samples=False,
+            log_samples=config.log_samples,
             random_seed=config.seed,
             numpy_random_seed=config.seed,
             torch_random_seed=config.seed,

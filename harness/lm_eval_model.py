@@ -17,19 +17,15 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .checkpoint_io import load_checkpoint, read_checkpoint_config
-from .data.tokenization import Tokenizer, get_tokenizer
+from .checkpoint_io import load_checkpoint
+from .data.tokenization import Tokenizer
 from .model import LanguageModel
 from .progress import bar as progress_bar
 
 
-def tokenizer_by_name(name: str, source: str | None = None) -> Tokenizer:
-    return get_tokenizer(name, source=source)
-
-
 @register_model("regla")
 class ReGLALM(TemplateLM):
-    """`model` and `tokenizer` are live objects; `checkpoint=<dir>` loads both instead (CLI-style)."""
+    """`model` and `tokenizer` are live objects; `pretrained=<checkpoint dir>` loads both instead (CLI-style)."""
 
     def __init__(
         self,
@@ -38,16 +34,16 @@ class ReGLALM(TemplateLM):
         batch_size: int | str = 8,
         max_gen_toks: int | str = 256,
         checkpoint: str | Path | None = None,
+        pretrained: str | Path | None = None,
         **kwargs: Any,
     ):
         super().__init__()
+        checkpoint = checkpoint or pretrained  # `pretrained=` is what lm-eval's CLI users write
         if model is None:
             if checkpoint is None:
-                raise ValueError("ReGLALM needs a model and tokenizer, or checkpoint=<directory>")
-            model, tokenizer_name = load_checkpoint(checkpoint, map_location=kwargs.get("device") or "cpu")
-            if tokenizer is None:
-                source = kwargs.get("tokenizer_source") or read_checkpoint_config(checkpoint).get("tokenizer_source")
-                tokenizer = tokenizer_by_name(tokenizer_name, source)
+                raise ValueError("ReGLALM needs a model and tokenizer, or pretrained=<checkpoint directory>")
+            model, saved_tokenizer = load_checkpoint(checkpoint, map_location=kwargs.get("device") or "cpu")
+            tokenizer = tokenizer or saved_tokenizer
         if tokenizer is None:
             raise ValueError("ReGLALM needs the tokenizer the model was trained with")
         # lm-eval passes batch_size="auto" or None through its own CLI plumbing.

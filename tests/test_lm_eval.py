@@ -205,15 +205,16 @@ def test_generate_until_matches_model_generate(model, tokenizer):
 
 
 def test_checkpoint_round_trip_and_registry(model, tokenizer, tmp_path):
-    save_checkpoint(model, "byte", tmp_path / "ckpt")
-    loaded, tokenizer_name = load_checkpoint(tmp_path / "ckpt")
-    assert tokenizer_name == "byte" and loaded.config == model.config
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    loaded, saved_tokenizer = load_checkpoint(tmp_path / "ckpt")
+    assert saved_tokenizer.name == "byte" and loaded.config == model.config
+    assert saved_tokenizer.encode("round trip") == tokenizer.encode("round trip")
     x = torch.tensor([tokenizer.encode("round trip")])
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], model(x)[0])
 
     assert get_model("regla") is ReGLALM
-    lm = get_model("regla").create_from_arg_string(f"checkpoint={tmp_path / 'ckpt'},batch_size=2")
+    lm = get_model("regla").create_from_arg_string(f"pretrained={tmp_path / 'ckpt'},batch_size=2")
     assert lm.batch_size == 2 and lm.tokenizer_name == "byte" and lm.max_length == MAX_SEQ_LEN
     live = ReGLALM(model=model, tokenizer=tokenizer)
     pair = requests("loglikelihood", [("checkpoint", " scores")])

@@ -103,6 +103,11 @@ def test_eval_stage_scores_the_trained_model_and_reports_per_task(corpus, tmp_pa
     out = write_report("tiny", tmp_path / "runs", tmp_path / "results")
     text = (out / "RESULTS.md").read_text()
     assert "piqa acc 0-shot" in text and "boolq acc 0-shot" in text
+    # lm-eval's own results JSON of each scored (task, shots) is kept beside the rows.
+    spec = grid.runs[0]
+    raw = tmp_path / "runs" / "tiny" / spec.run_id / f"eval-{spec.stage_id('eval')}-lm_eval"
+    assert sorted(p.name for p in raw.iterdir()) == ["boolq-0shot.json", "piqa-0shot.json"]
+    assert "acc,none" in json.loads((raw / "piqa-0shot.json").read_text())["results"]["piqa"]
     # Every failed task is listed with its run and reason, not silently left out.
     assert "## Failures (2)" in text
     assert "| softmax | eval | arc_easy (0-shot) | task arc_easy: TaskDataMissing" in text

@@ -52,6 +52,11 @@ class Tokenizer:
         """Changes whenever the mapping text -> ids changes (enters token-cache validity)."""
         raise NotImplementedError
 
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        """The same mapping as a `tokenizers` object, saved beside checkpoints as tokenizer.json
+        (which transformers loads as PreTrainedTokenizerFast)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
 
@@ -81,6 +86,20 @@ class ByteTokenizer(Tokenizer):
     def fingerprint(self) -> str:
         return "byte-v1"
 
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        """Byte-level BPE without merges: every byte is its own token, with id = the byte's value
+        (ByteLevel spells byte b as one printable character), and the end-of-text token at 256.
+        One difference: the literal text <|endoftext|> becomes the end-of-text id, as it does for
+        the BPE tokenizers, where this class reads it as 13 bytes."""
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        byte_to_char = _byte_level_characters()
+        vocab = {byte_to_char[b]: b for b in range(256)}
+        assert set(vocab) == set(alphabet)
+        tokenizer = _byte_level(tokenizers.Tokenizer(models.BPE(vocab, [])))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.add_special_tokens([EOT_TEXT])
+        return tokenizer
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers`` byte-level BPE; batch encoding runs in its Rust thread pool."""
@@ -105,6 +124,22 @@ class HFTokenizer(Tokenizer):
 
     def fingerprint(self) -> str:
         return hashlib.blake2b(self._tokenizer.to_str().encode(), digest_size=8).hexdigest()
+
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        return self._tokenizer
+
+
+def _byte_level_characters() -> list[str]:
+    """GPT-2's byte -> printable character table, as ByteLevel pre-tokenization applies it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
 
 
 def _byte_level(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:

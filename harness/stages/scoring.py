@@ -27,7 +27,8 @@ class EvalStage(Stage):
         device = pick_device(distributed_context(), ctx.device)
         model, _ = load_checkpoint(ctx.model_dir, map_location=device)
         tokenizer = ctx.data_for(spec).tokenizer
-        rows = evaluate_model(model.to(device), tokenizer, self.settings(spec))
+        raw_dir = ctx.run_dir / f"eval-{spec.stage_id(self.name)}-lm_eval" if ctx.is_main else None
+        rows = evaluate_model(model.to(device), tokenizer, self.settings(spec), raw_dir=raw_dir)
         return [eval_record(row) for row in rows]
 
 

@@ -25,7 +25,7 @@ class TrainStage(Stage):
         data = ctx.data_for(spec)
         model, records = train(spec, data, ctx.run_dir, device=ctx.device, progress=ctx.progress)
         if ctx.is_main:
-            save_checkpoint(model, spec.data.tokenizer, ctx.model_dir, tokenizer_source=spec.data.source)
+            save_checkpoint(model, data.tokenizer, ctx.model_dir)
             state = ctx.run_dir / "training_state.pt"
             state.unlink(missing_ok=True)
             digest_path(state).unlink(missing_ok=True)

@@ -45,6 +45,9 @@ def local_data_overrides(split_files: dict[str, Path], declared_splits: tuple[st
     overrides: dict[str, Any] = {
         "dataset_path": "json",
         "dataset_name": None,
+        # The offline tasks' own YAMLs load their data through a custom_dataset function (for
+        # lm-eval's CLI); these files replace it.
+        "custom_dataset": None,
         "dataset_kwargs": {"data_files": {split: str(path) for split, path in split_files.items()}},
     }
     for split in declared_splits:
