@@ -11,6 +11,7 @@ from variants import REGISTRIES, import_plugin_modules
 from .config import ConfigError
 from .data import DataError, prepare_data
 from .distributed import finish_distributed
+from .executor import WorkerOptions, run_on_devices
 from .grid import filter_runs, load_grid
 from .report import write_report
 from .runner import StageResult, preflight, run_grid, stage_status
@@ -62,6 +63,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"--where {' '.join(args.where)} matches none of the {len(grid.runs)} runs of grid "
             f"{grid.name!r}; see them with --dry-run"
         )
+    if args.only_run:
+        unknown = sorted(set(args.only_run) - {spec.run_id for spec in runs})
+        if unknown:
+            raise ConfigError(f"--only-run: no run of grid {grid.name!r} has id {', '.join(unknown)}")
+        runs = tuple(spec for spec in runs if spec.run_id in args.only_run)
     stages = args.stages.split(",") if args.stages else list(grid.stages)
     for stage in stages:
         if stage not in STAGES:
@@ -84,22 +90,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(" | ".join([spec.run_id, spec.name, *states]))
         print(f"{len(runs)} runs, stages: {', '.join(stages)}")
         return 0
-    results = run_grid(
-        grid,
-        runs,
-        stages=stages,
-        runs_dir=args.runs_dir,
-        force=args.force,
-        retry_failed=args.retry_failed,
-        device=args.device,
-        progress=not args.no_progress,
-        data_cache=data_cache,
-    )
+    if args.gpus:
+        options = WorkerOptions(
+            grid_path=str(resolve_grid_path(args.grid)),
+            stages=tuple(stages),
+            runs_dir=str(args.runs_dir),
+            device=args.device,
+            force=args.force,
+            retry_failed=args.retry_failed,
+            plugins=tuple(args.plugin),
+        )
+        results = run_on_devices(runs, options, args.gpus, progress=not args.no_progress)
+    else:
+        results = run_grid(
+            grid,
+            runs,
+            stages=stages,
+            runs_dir=args.runs_dir,
+            force=args.force,
+            retry_failed=args.retry_failed,
+            device=args.device,
+            progress=not args.no_progress,
+            data_cache=data_cache,
+        )
     if not finish_distributed():
         return EXIT_OK  # under torchrun, rank 0 alone summarises and reports
-    command = f"python run_ablations.py run {args.grid}" + (f" --stages {args.stages}" if args.stages else "")
-    out = write_report(grid.name, args.runs_dir, args.results_dir, command, grid.reference, grid.runs)
-    print(f"report: {out}/RESULTS.md (with results.parquet and plots beside it)")
+    if not args.no_report:
+        command = f"python run_ablations.py run {args.grid}" + (f" --stages {args.stages}" if args.stages else "")
+        out = write_report(grid.name, args.runs_dir, args.results_dir, command, grid.reference, grid.runs)
+        print(f"report: {out}/RESULTS.md (with results.parquet and plots beside it)")
     return print_summary(results)
 
 
@@ -211,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where run artefacts go (default: runs/)")
     run.add_argument("--results-dir", default=str(ROOT / "results"), help="where reports go (default: results/)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run independent runs in parallel, one worker process per GPU, N at a time (without GPUs: N CPU "
+        "workers); results and the report as with one process",
+    )
+    run.add_argument("--only-run", action="append", default=[], metavar="RUN_ID", help=argparse.SUPPRESS)
+    run.add_argument("--no-report", action="store_true", help="write no report (a worker of --gpus)")
     run.set_defaults(func=_cmd_run)
 
     listing = sub.add_parser("list", help="list registered variants per axis, and the grids")

@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("harness.stages",),  # the stage package and its registry
     ("harness.grid", "harness.results"),  # grid files -> specs; rows -> Parquet
     ("harness.runner", "harness.report"),
+    ("harness.executor",),  # parallel workers over the runner
     ("harness.hf",),  # the transformers export of the model and its checkpoints
     ("harness.cli", "harness.lm_eval"),
     ("run_ablations", "benchmarks"),  # entry points

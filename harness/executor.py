@@ -1,0 +1,101 @@
+"""A grid over several GPUs of one machine: independent runs in parallel, one per GPU.
+
+Each run goes to a worker process of its own (`run <grid> --only-run <run id>`), which sees one
+GPU (CUDA_VISIBLE_DEVICES) and goes through exactly the code path of a sequential run: the same
+stages, skipping, resume, failure rows and per-run lock. When a worker finishes, the next pending
+run starts on its GPU. Workers write only their own run's files; this process alone reads the
+outcome back and writes the report, so results have one writer as before. A run that needs
+several GPUs itself still goes through torchrun (DDP), not through this executor.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .progress import bar as progress_bar
+from .progress import say
+from .runner import StageResult, recorded_advice, stage_status
+from .spec import RunSpec
+
+ENTRY_POINT = Path(__file__).resolve().parent.parent / "run_ablations.py"
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What every worker is told besides its run: the command line of the parent `run`."""
+
+    grid_path: str
+    stages: tuple[str, ...]
+    runs_dir: str
+    device: str = "auto"
+    force: bool = False
+    retry_failed: bool = False
+    plugins: tuple[str, ...] = ()
+
+    def command(self, run_id: str) -> list[str]:
+        command = [sys.executable, str(ENTRY_POINT)]
+        for plugin in self.plugins:
+            command += ["--plugin", plugin]
+        command += ["run", self.grid_path, "--only-run", run_id, "--stages", ",".join(self.stages)]
+        command += ["--runs-dir", self.runs_dir, "--device", self.device, "--no-report", "--no-progress"]
+        if self.force:
+            command.append("--force")
+        if self.retry_failed:
+            command.append("--retry-failed")
+        return command
+
+
+def run_on_devices(
+    runs: Iterable[RunSpec], options: WorkerOptions, devices: int, *, progress: bool = True
+) -> list[StageResult]:
+    """Run each spec in a worker process, at most `devices` at a time, worker i on GPU slot i;
+    returns the stage results read back from the run directories."""
+    if devices < 1:
+        raise ValueError(f"--gpus must be a positive number of GPUs; got {devices}")
+    runs = list(runs)
+    pending = list(runs)
+    active: dict[int, tuple[subprocess.Popen, RunSpec]] = {}
+    exit_codes: dict[str, int] = {}
+    bar = progress_bar(total=len(runs), desc="runs", unit="run", enabled=progress)
+    while pending or active:
+        for slot in range(devices):
+            if slot not in active and pending:
+                spec = pending.pop(0)
+                # The worker sees one GPU, as cuda:0; CPU-only machines ignore the variable.
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot)}
+                active[slot] = (subprocess.Popen(options.command(spec.run_id), env=env), spec)
+                if progress:
+                    say(f"[gpu {slot}] {spec.name} ({spec.run_id})")
+        for slot, (process, spec) in list(active.items()):
+            code = process.poll()
+            if code is not None:
+                exit_codes[spec.run_id] = code
+                del active[slot]
+                bar.update(1)
+        time.sleep(0.2)
+    bar.close()
+    return [result for spec in runs for result in outcome(spec, options, exit_codes.get(spec.run_id, 0))]
+
+
+def outcome(spec: RunSpec, options: WorkerOptions, exit_code: int) -> list[StageResult]:
+    """A finished worker's stages as the runner would have reported them, read from its files."""
+    results = []
+    runs_dir = Path(options.runs_dir)
+    for stage in options.stages:
+        status, error = stage_status(runs_dir, spec, stage)
+        if status == "done":
+            results.append(StageResult(spec, stage, "ok"))
+        elif status == "partial":
+            results.append(StageResult(spec, stage, "partial", error, "--retry-failed runs its failed tasks again"))
+        elif status == "failed":
+            results.append(StageResult(spec, stage, "failed", error, recorded_advice(runs_dir, spec, stage)))
+        else:
+            reason = f"its worker process exited with code {exit_code} before this stage wrote a result"
+            results.append(StageResult(spec, stage, "failed", reason, "run the grid again: finished stages are kept"))
+    return results

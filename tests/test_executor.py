@@ -1,0 +1,100 @@
+"""`run --gpus N`: independent runs in worker processes, one per GPU slot, N at a time, with the
+results and report of a sequential run. Tested with CPU workers standing in for GPUs."""
+
+from __future__ import annotations
+
+import yaml
+
+from harness import results as results_io
+from harness.cli import EXIT_OK, EXIT_RUNS_FAILED
+from harness.cli import main as cli_main
+from harness.executor import WorkerOptions, run_on_devices
+from harness.grid import expand_grid
+
+from .pipeline_helpers import tiny_grid
+
+
+def three_run_grid(corpus) -> dict:
+    data = tiny_grid(corpus, steps=6, eval_every=3, checkpoint_every=3)
+    data["stages"] = ["train", "probe"]
+    data["axes"]["variant"]["gla"] = {"model.attention": {"feature_map": "identity", "gate": "gla"}}
+    return data
+
+
+def final_losses(runs_dir) -> dict[str, float]:
+    frame = results_io.load("tiny", runs_dir)
+    final = frame[frame.metric == "final/val_loss"]
+    assert not final.duplicated("run_name").any()  # each run trained (and recorded) once
+    return dict(zip(final.run_name, final.value))
+
+
+def test_parallel_workers_give_the_results_of_a_sequential_run(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REGLA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(three_run_grid(corpus)))
+    common = ["--device", "cpu", "--no-progress", "--results-dir", str(tmp_path / "results")]
+    assert cli_main(["run", str(path), "--runs-dir", str(tmp_path / "sequential"), *common]) == EXIT_OK
+    capsys.readouterr()
+    assert cli_main(["run", str(path), "--runs-dir", str(tmp_path / "parallel"), "--gpus", "2", *common]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "stages: ok 6" in out and "report:" in out
+    sequential, parallel = final_losses(tmp_path / "sequential"), final_losses(tmp_path / "parallel")
+    assert set(parallel) == {"softmax", "regla", "gla"}
+    for run, value in sequential.items():
+        assert abs(parallel[run] - value) <= 1e-5 * abs(value), run
+    frame = results_io.load("tiny", tmp_path / "parallel")
+    assert set(frame[frame.stage == "probe"].run_name) == {"softmax", "regla", "gla"}
+    # A second parallel run finds everything done.
+    assert cli_main(["run", str(path), "--runs-dir", str(tmp_path / "parallel"), "--gpus", "2", *common]) == EXIT_OK
+    assert "stages: ok 6" in capsys.readouterr().out
+
+
+def test_workers_get_one_gpu_slot_each_and_failures_come_back(corpus, tmp_path, monkeypatch):
+    """The scheduling itself, with the worker processes replaced by stand-ins that record the GPU
+    slot they were given and write nothing (so every stage comes back as failed)."""
+    import subprocess
+
+    started: list[tuple[str, str]] = []
+
+    class FakeWorker:
+        def __init__(self, command, env):
+            run_id = command[command.index("--only-run") + 1]
+            started.append((run_id, env["CUDA_VISIBLE_DEVICES"]))
+            self.polls = 0
+
+        def poll(self):
+            self.polls += 1
+            return 3 if self.polls > 1 else None
+
+    monkeypatch.setattr(subprocess, "Popen", FakeWorker)
+    grid = expand_grid(three_run_grid(corpus))
+    options = WorkerOptions(str(tmp_path / "tiny.yaml"), ("train",), str(tmp_path / "runs"), device="cpu")
+    results = run_on_devices(grid.runs, options, devices=2, progress=False)
+    assert [run_id for run_id, _ in started] == [spec.run_id for spec in grid.runs]
+    assert [slot for _, slot in started] == ["0", "1", "0"]  # the third waits for a free slot
+    assert {r.status for r in results} == {"failed"}
+    assert all("exited with code 3" in r.error for r in results)
+
+
+def test_a_failed_run_in_a_worker_is_reported_and_sets_the_exit_code(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REGLA_CACHE_DIR", str(tmp_path / "cache"))
+    data = tiny_grid(corpus, steps=4, eval_every=2)
+    data["axes"]["variant"]["diverges"] = {"model.attention": {"feature_map": "identity", "gate": "gla"}}
+    data["axes"]["variant"]["diverges"]["train.lr"] = 1e12
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    command = ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
+    assert cli_main([*command, "--gpus", "3", "--device", "cpu", "--no-progress"]) == EXIT_RUNS_FAILED
+    out = capsys.readouterr().out
+    assert "failed: diverges [train] Diverged" in out and "lower train.lr" in out
+
+
+def test_worker_command_line():
+    options = WorkerOptions("g.yaml", ("train", "eval"), "runs", device="cuda", force=True, plugins=("lab.maps",))
+    command = options.command("abc123")
+    assert command[2:4] == ["--plugin", "lab.maps"]
+    assert command[4:] == [
+        "run", "g.yaml", "--only-run", "abc123", "--stages", "train,eval", "--runs-dir", "runs",
+        "--device", "cuda", "--no-report", "--no-progress", "--force",
+    ]  # fmt: skip
