@@ -8,10 +8,11 @@ from pathlib import Path
 
 from variants import REGISTRIES, import_plugin_modules
 
+from .cluster import ClusterOptions, pending_runs, submit, submitted_outcome
 from .config import ConfigError
 from .data import DataError, prepare_data
 from .distributed import finish_distributed
-from .executor import WorkerOptions, run_on_devices
+from .executor import WorkerOptions, outcome, run_on_devices
 from .grid import filter_runs, load_grid
 from .report import write_report
 from .runner import StageResult, preflight, run_grid, stage_status
@@ -90,16 +91,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(" | ".join([spec.run_id, spec.name, *states]))
         print(f"{len(runs)} runs, stages: {', '.join(stages)}")
         return 0
-    if args.gpus:
-        options = WorkerOptions(
-            grid_path=str(resolve_grid_path(args.grid)),
-            stages=tuple(stages),
-            runs_dir=str(args.runs_dir),
-            device=args.device,
-            force=args.force,
-            retry_failed=args.retry_failed,
-            plugins=tuple(args.plugin),
+    options = WorkerOptions(
+        grid_path=str(resolve_grid_path(args.grid).resolve()),
+        stages=tuple(stages),
+        runs_dir=str(Path(args.runs_dir).resolve()),
+        device=args.device,
+        force=args.force,
+        retry_failed=args.retry_failed,
+        plugins=tuple(args.plugin),
+    )
+    if args.submit:
+        cluster = ClusterOptions(
+            backend=args.submit,
+            folder=args.submit_folder or str(Path(args.runs_dir) / "submitit"),
+            partition=args.slurm_partition,
+            time_minutes=args.slurm_time,
+            gpus_per_run=args.gpus_per_run,
+            parallelism=args.array_parallelism,
         )
+        todo = pending_runs(runs, options)
+        if not todo:
+            print("every run of the grid is done; nothing to submit")
+            results = [r for spec in runs for r in outcome(spec, options, 0)]
+        else:
+            jobs = submit(todo, options, cluster, wait=args.submit == "local")
+            if args.submit == "slurm":
+                print(f"submitted {len(jobs)} array task(s) to Slurm: {', '.join(str(j.job_id) for j in jobs)}")
+                print(f"logs in {cluster.folder}; when they are done: python run_ablations.py report {args.grid}")
+                return EXIT_OK
+            done = {spec.run_id for spec in todo}
+            results = submitted_outcome(todo, options, jobs)
+            results += [r for spec in runs if spec.run_id not in done for r in outcome(spec, options, 0)]
+    elif args.gpus:
         results = run_on_devices(runs, options, args.gpus, progress=not args.no_progress)
     else:
         results = run_grid(
@@ -239,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
         "workers); results and the report as with one process",
     )
     run.add_argument("--only-run", action="append", default=[], metavar="RUN_ID", help=argparse.SUPPRESS)
+    cluster = run.add_argument_group("cluster (submitit; pip install -e '.[cluster]')")
+    cluster.add_argument(
+        "--submit",
+        choices=("slurm", "local"),
+        help="send the pending runs as a job array, one run per task (local: on this machine, and wait)",
+    )
+    cluster.add_argument("--slurm-partition", help="Slurm partition")
+    cluster.add_argument("--slurm-time", type=int, default=240, metavar="MINUTES", help="time limit per run")
+    cluster.add_argument("--gpus-per-run", type=int, default=1, metavar="N", help="GPUs per array task")
+    cluster.add_argument("--array-parallelism", type=int, default=16, metavar="N", help="array tasks at once")
+    cluster.add_argument("--submit-folder", help="submitit's logs (default: <runs-dir>/submitit)")
     run.add_argument("--no-report", action="store_true", help="write no report (a worker of --gpus)")
     run.set_defaults(func=_cmd_run)
 

@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("harness.grid", "harness.results"),  # grid files -> specs; rows -> Parquet
     ("harness.runner", "harness.report"),
     ("harness.executor",),  # parallel workers over the runner
+    ("harness.cluster",),  # the same workers as a submitit job array
     ("harness.hf",),  # the transformers export of the model and its checkpoints
     ("harness.cli", "harness.lm_eval"),
     ("run_ablations", "benchmarks"),  # entry points

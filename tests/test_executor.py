@@ -98,3 +98,23 @@ def test_worker_command_line():
         "run", "g.yaml", "--only-run", "abc123", "--stages", "train,eval", "--runs-dir", "runs",
         "--device", "cuda", "--no-report", "--no-progress", "--force",
     ]  # fmt: skip
+
+
+def test_a_grid_as_a_job_array_through_submitit_local_executor(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REGLA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(three_run_grid(corpus)))
+    command = ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
+    command += ["--device", "cpu", "--no-progress"]
+    # One run done beforehand: only the two pending ones are submitted.
+    assert cli_main([*command, "--where", "variant=softmax"]) == EXIT_OK
+    capsys.readouterr()
+    assert cli_main([*command, "--submit", "local", "--submit-folder", str(tmp_path / "submitit")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "stages: ok 6" in out and "report:" in out
+    logs = sorted(p.name for p in (tmp_path / "submitit").glob("*_result.pkl"))
+    assert len(logs) == 2, logs  # two array tasks, one per pending run
+    assert set(final_losses(tmp_path / "runs")) == {"softmax", "regla", "gla"}
+    assert cli_main([*command, "--submit", "local", "--submit-folder", str(tmp_path / "submitit")]) == EXIT_OK
+    assert "nothing to submit" in capsys.readouterr().out
