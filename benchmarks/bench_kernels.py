@@ -31,6 +31,7 @@ measure fla alone give it a call of its own, e.g. --impls A0_fla,A1_regla_fla --
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -38,8 +39,14 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+matplotlib.use("Agg")  # headless: plots are written on machines without a display
+import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -285,8 +292,6 @@ def measure(name, call, x, shape, meta):
 
 def kernel_breakdown(call, x, shape, log, steps=5):
     """GPU time per kernel of `steps` forward+backward passes, from the PyTorch profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
     fn, input_names = call
     inputs = [x[n] for n in input_names]
     for _ in range(2):  # compile and warm up outside the profile
@@ -329,8 +334,6 @@ def ceilings(device):
 
 
 def write_results(out: Path, timing_rows, correctness_rows, breakdown_rows=()):
-    import pandas as pd
-
     if breakdown_rows:
         pd.DataFrame(list(breakdown_rows)).to_parquet(out / "kernels_breakdown.parquet", index=False)
     pd.DataFrame(timing_rows).to_parquet(out / "kernels_timing.parquet", index=False)
@@ -353,12 +356,6 @@ def plot(out: Path, timing_rows, anchor_json: str | None = None):
     With `anchor_json`, fla/SDPA rows of the anchor file are drawn too, labelled as such (their
     peak memory is the file's `peak_mib`; they have no floor fraction).
     """
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = [r for r in timing_rows if r.get("fwdbwd_ms") == r.get("fwdbwd_ms") and r.get("fwdbwd_ms")]
     if anchor_json:
@@ -410,8 +407,6 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:
-        import pandas as pd
-
         rows = pd.concat([pd.read_parquet(p) for p in args.replot]).to_dict("records")
         plot(out, rows, args.anchors)
         return
@@ -425,8 +420,6 @@ def main():
     device = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.launch_options:
-        import json
-
         chosen = json.loads(Path(args.launch_options).read_text())["chosen"]
         LAUNCH_OPTIONS.update(chosen)
         log(f"launch options from {args.launch_options}: {chosen}")

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -114,8 +115,6 @@ def main():
             continue
         LAUNCH_OPTIONS[name] = best[1]
         chosen[name] = best[1]
-        import pandas as pd
-
         pd.DataFrame(rows).to_parquet(out / "tune_kernels.parquet", index=False)
         (out / "tune_kernels.json").write_text(json.dumps(dict(chosen=chosen), indent=1))
     final = measure(steps)
