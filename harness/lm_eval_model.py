@@ -51,6 +51,8 @@ class ReGLALM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.model = model
         self.text_tokenizer = tokenizer
+        #: every layer's output at t depends on inputs <= t only (then right padding is harmless)
+        self.causal = all(layer.feature_map.causal for layer in model.linear_attention_layers())
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, **kwargs: Any) -> ReGLALM:
@@ -136,17 +138,28 @@ class ReGLALM(TemplateLM):
         for _, context, continuation in batch:
             whole = (context + continuation)[-(self.max_length + 1) :]
             inputs.append(whole[:-1])
-        width = max(len(x) for x in inputs)
-        padded = torch.zeros(len(inputs), width, dtype=torch.long)
-        for row, ids in enumerate(inputs):
-            padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        logits, _ = self.model(padded.to(self.device))  # [B, T, vocab]
-        # The logits at position t predict token t + 1: the continuation's predictors are the
-        # last len(continuation) positions of the row's (unpadded) input.
-        return [
-            logits[row, len(ids) - len(continuation) : len(ids)][None]
-            for row, (ids, (_, _, continuation)) in enumerate(zip(inputs, batch))
-        ]
+        # Right padding cannot change a causal model's logits at earlier positions. A model that
+        # reads ahead (safe_exp's `sequence` or `chunk` key max) would see the pads, so its rows
+        # run in groups of equal length, without padding: scores never depend on batch-mates.
+        groups = [list(range(len(inputs)))]
+        if not self.causal:
+            by_length: dict[int, list[int]] = {}
+            for row, ids in enumerate(inputs):
+                by_length.setdefault(len(ids), []).append(row)
+            groups = list(by_length.values())
+        out: list[torch.Tensor | None] = [None] * len(inputs)
+        for rows in groups:
+            width = max(len(inputs[row]) for row in rows)
+            padded = torch.zeros(len(rows), width, dtype=torch.long)
+            for i, row in enumerate(rows):
+                padded[i, : len(inputs[row])] = torch.tensor(inputs[row], dtype=torch.long)
+            logits, _ = self.model(padded.to(self.device))  # [b, T, vocab]
+            # The logits at position t predict token t + 1: the continuation's predictors are the
+            # last len(continuation) positions of the row's (unpadded) input.
+            for i, row in enumerate(rows):
+                n, continuation = len(inputs[row]), batch[row][2]
+                out[row] = logits[i, n - len(continuation) : n][None]
+        return out
 
     def _score(self, request: Any, continuation: list[int], logits: torch.Tensor) -> tuple[float, bool]:
         # A request sharing another's row may have a shorter continuation: its predictors are last.

@@ -458,3 +458,26 @@ def test_offline_suite_builds_and_scores_a_tiny_model(fast_model, tokenizer, tmp
     assert metrics[("regla_ppl", "byte_perplexity")]["value"] == pytest.approx(
         2 ** metrics[("regla_ppl", "bits_per_byte")]["value"], rel=1e-6
     )
+
+
+@pytest.mark.parametrize("key_max", ["sequence", "chunk", "running"])
+def test_scores_do_not_depend_on_batch_mates_for_any_key_max_scope(tokenizer, key_max):
+    # Without an output norm the non-causal scopes let later tokens (pads too) change earlier
+    # logits: scoring must still give each request the score it gets alone.
+    torch.manual_seed(3)
+    attention = {"feature_map": "safe_exp", "feature_map_options": {"key_max": key_max, "chunk_size": 8}}
+    attention |= {"norm": "none", "gate": "refined"}
+    config = from_dict(
+        ModelConfig,
+        {"vocab_size": tokenizer.vocab_size, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": MAX_SEQ_LEN,
+         "attention": attention},
+    )  # fmt: skip
+    model = LanguageModel(config).eval()
+    pairs = [("a short one", " ends"), ("a much longer context that pads the others", " here"), ("mid length", " x")]
+    batched = ReGLALM(model=model, tokenizer=tokenizer, batch_size=8)
+    alone = ReGLALM(model=model, tokenizer=tokenizer, batch_size=1)
+    assert batched.causal == (key_max == "running")
+    together = batched.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    separate = [alone.loglikelihood(requests("loglikelihood", [pair]), disable_tqdm=True)[0] for pair in pairs]
+    for (score, greedy), (expected, expected_greedy) in zip(together, separate):
+        assert score == pytest.approx(expected, abs=1e-5) and greedy == expected_greedy
