@@ -438,3 +438,14 @@ def test_variance_factor_placement_is_cancelled_by_the_norm(placement):
     expected = linear_attention({"variance_factor": "kernel"}, "rmsnorm")(x)[0]
     actual = linear_attention({"variance_factor": placement}, "rmsnorm")(x)[0]
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fast_decay_starts_at_the_decay_gla_starts_at():
+    # Zero biases would start Fast Decay at σ(0)² = 0.25 per step: a handicapped baseline.
+    x = torch.zeros(1, 3, D, dtype=DTYPE)
+    fast = GATES.create("fast_decay", D, H, K, K).to(DTYPE)(x)
+    gla = GATES.create("gla", D, H, K, K).to(DTYPE)(x)
+    fast_decay = (fast.log_k[..., :1] + fast.log_v[..., :1]).exp()
+    assert torch.allclose(fast_decay, gla.log_k.exp().mean().expand_as(fast_decay), rtol=1e-6)
+    zero_bias = GATES.create("fast_decay", D, H, K, K, bias_init=0.0).to(DTYPE)(x)
+    assert torch.allclose((zero_bias.log_k + zero_bias.log_v[..., :1]).exp(), torch.tensor(0.25, dtype=DTYPE))

@@ -13,6 +13,7 @@ Shared switches of the learnable gates (recorded with every result):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -177,10 +178,22 @@ class FixedDecay(Gate):
         return GateOutput(log_k=log_g, activations={"g": log_g.exp()})
 
 
-@gate("fast_decay")
+#: GLA's decay at initialisation: σ(0)^(1/16) ≈ 0.958 per step (logsigmoid / τ, τ = 16; Yang et al. 2024).
+GLA_INITIAL_DECAY = 0.5 ** (1 / 16)
+#: The bias that makes each of Fast Decay's two sigmoids √GLA_INITIAL_DECAY ≈ 0.979, so that their
+#: product, the decay per step, starts where GLA's does (≈ 3.82).
+FAST_DECAY_BIAS = math.log(math.sqrt(GLA_INITIAL_DECAY) / (1 - math.sqrt(GLA_INITIAL_DECAY)))
+
+
+@gate("fast_decay", version=2)
 class FastDecay(ProjectedGate):
     """Mao (2022): G_t = σ(W_z x_t + b_z) σ(W_f x_t + b_f)ᵀ, an outer product of a value-side and a
-    key-side sigmoid: S_t = G_t ⊙ S_{t-1} + v_t k_tᵀ. Both sides are returned as log decays."""
+    key-side sigmoid: S_t = G_t ⊙ S_{t-1} + v_t k_tᵀ. Both sides are returned as log decays.
+
+    Initialisation: with zero biases the decay starts at σ(0)² = 0.25 per step, forgetting almost
+    everything, while GLA starts at ≈ 0.958; that handicaps the baseline. The paper does not
+    state an init, so both biases start at FAST_DECAY_BIAS ≈ 3.82, which makes the product start
+    at GLA's initial decay (`bias_init: 0.0` restores zero biases)."""
 
     def __init__(
         self,
@@ -190,7 +203,7 @@ class FastDecay(ProjectedGate):
         value_dim: int,
         *,
         rank: int | None = None,
-        bias_init: BiasInit = 0.0,
+        bias_init: BiasInit = FAST_DECAY_BIAS,
         input: str = "x",
         log_clamp: float | None = None,
     ):
