@@ -449,3 +449,51 @@ def test_fast_decay_starts_at_the_decay_gla_starts_at():
     assert torch.allclose(fast_decay, gla.log_k.exp().mean().expand_as(fast_decay), rtol=1e-6)
     zero_bias = GATES.create("fast_decay", D, H, K, K, bias_init=0.0).to(DTYPE)(x)
     assert torch.allclose((zero_bias.log_k + zero_bias.log_v[..., :1]).exp(), torch.tensor(0.25, dtype=DTYPE))
+
+
+def performer_projections(model) -> list[torch.Tensor]:
+    return [layer.feature_map.projection.clone() for layer in model.linear_attention_layers()]
+
+
+def test_performer_draws_per_layer_and_head_reproducibly_from_the_run_seed():
+    from harness.config import AttentionConfig, ModelConfig
+    from harness.model import build_model
+
+    config = ModelConfig(d_model=32, n_layers=2, n_heads=2, attention=AttentionConfig(feature_map="performer"))
+    first, again = (performer_projections(build_model(config, 50, seed=5)) for _ in range(2))
+    other_seed = performer_projections(build_model(config, 50, seed=6))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # the run's seed decides the draws
+    assert not torch.equal(first[0], first[1])  # each layer its own
+    assert not torch.equal(first[0][0], first[0][1])  # each head its own
+    assert not torch.equal(first[0], other_seed[0])
+    fixed = ModelConfig(
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        attention=AttentionConfig(feature_map="performer", feature_map_options={"seed": 3}),
+    )
+    fixed_layers = performer_projections(build_model(fixed, 50, seed=5))
+    assert torch.equal(fixed_layers[0], fixed_layers[1])
+
+
+def test_performer_redraws_on_schedule_in_training_only():
+    torch.manual_seed(0)
+    phi = FEATURE_MAPS.create("performer", K, H, redraw_every=2)
+    twin = FEATURE_MAPS.create("performer", K, H, redraw_every=2, seed=int(phi.draw_seed))
+    assert torch.equal(phi.projection, twin.projection)
+    x = randn(B, T, H, K, seed=40)
+    draws = []
+    for _ in range(5):
+        phi(x, "q"), phi(x, "k")
+        twin(x, "q"), twin(x, "k")
+        draws.append(phi.projection.clone())
+        assert torch.equal(phi.projection, twin.projection)  # the same schedule on every process
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])  # redrawn at step 2
+    assert torch.equal(draws[2], draws[3]) and not torch.equal(draws[3], draws[4])
+    phi.eval()
+    before = phi.projection.clone()
+    for _ in range(4):
+        phi(x, "q")
+    assert torch.equal(phi.projection, before)  # evaluation and decoding never redraw
+    with pytest.raises(ValueError, match="redraw_every must be >= 0"):
+        FEATURE_MAPS.create("performer", K, H, redraw_every=-1)

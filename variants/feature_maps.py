@@ -88,32 +88,71 @@ class Hedgehog(FeatureMap):
         return FeatureOutput(torch.cat([projected.softmax(-1), (-projected).softmax(-1)], dim=-1))
 
 
-@feature_map("performer", version=2)
+@feature_map("performer", version=3)
 class Performer(FeatureMap):
     """FAVOR+ positive random features (Choromanski et al. 2021):
-    phi(x) = exp(w_iᵀ x' − |x'|²/2) / sqrt(m), x' = x · K^-1/4, with m orthogonal Gaussian w_i
-    drawn once from `seed` (fixed, not redrawn). Queries are shifted by their per-token max
-    (a per-query constant, cancelled by any per-token normalisation); keys are not shifted,
-    because a shared key shift would have to read the whole sequence."""
+    phi(x) = exp(w_iᵀ x' − |x'|²/2) / sqrt(m), x' = x · K^-1/4, with m orthogonal Gaussian w_i.
+
+    Each head of each layer draws its own features (as FAVOR+ does): from torch's generator when
+    the model is built, which the run's seed sets, so a run is reproducible and its layers differ;
+    or from `seed`, when given, for every layer alike. `redraw_every: N > 0` draws them anew every
+    N training steps (FAVOR+'s redrawing), deterministically from the first draw's seed and the
+    number of redraws, so every process of a DDP run draws the same; evaluation and decoding
+    never redraw. Queries are shifted by their per-token max (a per-query constant, cancelled by
+    any per-token normalisation); keys are not shifted, because a shared key shift would have to
+    read the whole sequence."""
 
     positive_kernel = True
 
-    def __init__(self, head_dim: int, num_heads: int, *, num_features: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        head_dim: int,
+        num_heads: int,
+        *,
+        num_features: int | None = None,
+        seed: int | None = None,
+        redraw_every: int = 0,
+    ):
         super().__init__(head_dim, num_heads)
-        m = num_features or head_dim
-        self.feature_dim = m
+        if redraw_every < 0:
+            raise ValueError(f"performer: redraw_every must be >= 0 (0: never); got {redraw_every}")
+        self.feature_dim = num_features or head_dim
+        self.redraw_every = redraw_every
+        # The seed of the first draw: given, or taken from torch's generator (seeded by the run).
+        first_seed = seed if seed is not None else int(torch.randint(0, 2**62, (), device="cpu"))
+        self.register_buffer("draw_seed", torch.tensor(first_seed, dtype=torch.long), persistent=True)
+        self.register_buffer("training_calls", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("projection", self.draw(first_seed), persistent=True)  # [H, K, m]
+
+    def draw(self, seed: int) -> Tensor:
+        """One orthogonal Gaussian block set per head: [H, K, m]."""
         generator = torch.Generator().manual_seed(seed)
-        blocks = []
-        for _ in range(-(-m // head_dim)):
-            gaussian = torch.randn(head_dim, head_dim, generator=generator)
-            orthogonal, _ = torch.linalg.qr(gaussian)
-            norms = torch.randn(head_dim, head_dim, generator=generator).norm(dim=1)
-            blocks.append(orthogonal.T * norms.unsqueeze(1))
-        self.register_buffer("projection", torch.cat(blocks)[:m].T.contiguous(), persistent=True)  # [K, m]
+        K, m = self.head_dim, self.feature_dim
+        heads = []
+        for _ in range(self.num_heads):
+            blocks = []
+            for _ in range(-(-m // K)):
+                orthogonal, _ = torch.linalg.qr(torch.randn(K, K, generator=generator))
+                norms = torch.randn(K, K, generator=generator).norm(dim=1)
+                blocks.append(orthogonal.T * norms.unsqueeze(1))
+            heads.append(torch.cat(blocks)[:m].T)
+        return torch.stack(heads).contiguous()
+
+    def maybe_redraw(self) -> None:
+        """Called once per training forward (on the query call, which comes before the key call)."""
+        if self.redraw_every and self.training and not self.projection.is_meta:
+            if int(self.training_calls) and int(self.training_calls) % self.redraw_every == 0:
+                redraws = int(self.training_calls) // self.redraw_every
+                fresh = self.draw(int(self.draw_seed) + 1_000_003 * redraws)
+                self.projection.copy_(fresh.to(self.projection))
+            self.training_calls += 1
 
     def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
+        if role == "q":
+            self.maybe_redraw()
         x = x * self.head_dim**-0.25
-        logits = x @ self.projection.to(x.dtype) - 0.5 * x.pow(2).sum(-1, keepdim=True)
+        projection = self.projection.to(x.dtype)  # [H, K, m]
+        logits = torch.einsum("bthk,hkm->bthm", x, projection) - 0.5 * x.pow(2).sum(-1, keepdim=True)
         if role == "q":
             # Not detached: without an output norm the shift changes the function, and the
             # gradient must be that of the function computed.
