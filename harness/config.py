@@ -96,9 +96,15 @@ class AttentionConfig:
     #: Triton GLA kernel; the torch chunked form on CPU. Or a name from kernels.IMPLEMENTATIONS,
     #: which always takes the composed path (feature map, gate, then that kernel).
     impl: str = "auto"
+    #: where a per-head output norm's eps lives when the feature map shifts its exponent
+    #: (safe_exp): "unshifted", the frame without the shifts, so they cancel exactly and every
+    #: key-max scope gives the same output; or "shifted", eps on the shifted output as a plain
+    #: RMSNorm applies it (what fla's norm gives; the shifts then leak through eps)
+    norm_eps_frame: str = "unshifted"
 
     def __post_init__(self) -> None:
         _choice("attention.output_gate", self.output_gate, ("none", "swish"))
+        _choice("attention.norm_eps_frame", self.norm_eps_frame, ("unshifted", "shifted"))
         for name in ("feature_map_options", "norm_options", "gate_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ConfigError(f"attention.{name} must be a mapping of option names to values")

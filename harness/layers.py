@@ -14,6 +14,7 @@ import kernels
 from kernels import gated_linear_attention
 from kernels.dispatch import divide_by_denominator, with_denominator_column
 from kernels.fusion import RefiningGateKernel, SafeExpKernel
+from kernels.safe_exp import key_shifts, query_shift
 from variants import FEATURE_MAPS, GATES, NORMS, GateOutput
 
 from .config import AttentionConfig, ConfigError, ModelConfig
@@ -92,10 +93,10 @@ class LinearAttention(nn.Module):
         k = self.k_proj(x).view(B, T, H, K)
         v = self.v_proj(x).view(B, T, H, K)
         if self.takes_fused_path(q):
-            o, memory, key_state = self._fused_attention(x, q, k, v, state, use_cache)
+            o, memory, key_state, log_scale = self._fused_attention(x, q, k, v, state, use_cache)
         else:
-            o, memory, key_state = self._composed_attention(x, q, k, v, state, use_cache)
-        o = self.norm(o)  # [B, T, H, V]
+            o, memory, key_state, log_scale = self._composed_attention(x, q, k, v, state, use_cache)
+        o = self.norm(o, log_scale) if log_scale is not None else self.norm(o)  # [B, T, H, V]
         if self.output_gate is not None:
             o = o * F.silu(self.output_gate(x)).view(B, T, H, K)
         y = self.o_proj(o.reshape(B, T, H * K))
@@ -123,6 +124,18 @@ class LinearAttention(nn.Module):
             and self.fused_plan() is not None
         )
 
+    def unshifted_frame(self, query_shift: Tensor | None, key_shift: Tensor | None) -> Tensor | None:
+        """The norm's `log_scale` [B, T, H, 1]: the factor exp(−(q shift + key shift)) by which the
+        feature map's shifts scale the output, when the norm should see its eps in the unshifted
+        frame (the default) and can. Then the shifts (and a non-causal key max with them)
+        cancel exactly under the norm, eps included."""
+        if self.config.norm_eps_frame != "unshifted" or not self.norm.scales_eps:
+            return None
+        if query_shift is None and key_shift is None:
+            return None
+        total = sum(s for s in (query_shift, key_shift) if s is not None)
+        return -total
+
     def _composed_attention(self, x, q, k, v, state, use_cache):
         """Feature map, gate and kernel as separate steps: any combination of plugins."""
         query = self.feature_map(q, "q")
@@ -144,7 +157,7 @@ class LinearAttention(nn.Module):
             denominator_eps=self.config.denominator_eps,
             impl=self.config.impl,
         )
-        return o, memory, key.state
+        return o, memory, key.state, self.unshifted_frame(query.shift, key.shift)
 
     def _fused_attention(self, x, q, k, v, state, use_cache):
         """The same computation as `_composed_attention`, in one Triton op, for plugins that
@@ -180,7 +193,13 @@ class LinearAttention(nn.Module):
             # eps scaled as the composed path scales it: by the op scale there, which leaves a
             # query-side factor out (it multiplies φ(q) instead).
             o = divide_by_denominator(o, self.config.denominator_eps * kernel_scale)
-        return o, memory, key_max.to(k.dtype)
+        log_scale = None
+        if self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps:
+            # The op's shifts, recomputed on the small [B, T, H] maxima (as the feature map forms them).
+            previous = state.key_feature if state is not None else None
+            key_shift, _ = key_shifts(k.amax(-1), features.key_max, features.chunk_size, previous)
+            log_scale = self.unshifted_frame(query_shift(q).unsqueeze(-1), key_shift.unsqueeze(-1))
+        return o, memory, key_max.to(k.dtype), log_scale
 
 
 def _rotate(x: Tensor, offset: int, base: float) -> Tensor:

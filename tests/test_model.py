@@ -69,6 +69,13 @@ def is_causal(attention: AttentionConfig) -> bool:
     return phi.causal
 
 
+def norm_cancels_the_shifts(attention: AttentionConfig) -> bool:
+    """A per-head norm whose eps lives in the unshifted frame cancels safe_exp's key max exactly,
+    the non-causal scopes' too."""
+    norm = NORMS.create(attention.norm, K, H, **attention.norm_options)
+    return attention.norm_eps_frame == "unshifted" and norm.scales_eps and not attention.denominator
+
+
 # -- every plugin inside the model ------------------------------------------------------------------
 
 
@@ -90,8 +97,9 @@ def test_model_with_every_plugin_gives_finite_logits_and_gradients(overrides):
 @pytest.mark.parametrize("overrides", EVERY_PLUGIN)
 def test_model_with_every_plugin_is_causal(overrides):
     """Changing the tokens after t leaves the logits up to t unchanged, for every causal mode. A
-    mode that reads the future (safe_exp's `sequence` and `chunk` key max) must show a leak; its
-    size is measured in test_safe_exp_leak_of_the_non_causal_key_max_scopes."""
+    mode that reads the future (safe_exp's `sequence` and `chunk` key max) leaks unless a per-head
+    norm cancels its shifts, which the default one does (eps in the unshifted frame); the leak
+    otherwise is measured in test_safe_exp_leak_of_the_non_causal_key_max_scopes."""
     attention = attention_config(**overrides)
     model = tiny_model(attention)
     idx = tokens(2, 40, seed=2)
@@ -102,6 +110,8 @@ def test_model_with_every_plugin_is_causal(overrides):
         before, after = model(idx)[0][:, : cut + 1], model(changed)[0][:, : cut + 1]
     if is_causal(attention):
         torch.testing.assert_close(after, before, rtol=0, atol=1e-12)
+    elif norm_cancels_the_shifts(attention):
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-10)
     else:
         assert (after - before).abs().max() > 1e-12
 
@@ -131,16 +141,18 @@ def test_loss_keeps_fp64_and_is_the_mean_token_cross_entropy():
 def test_safe_exp_leak_of_the_non_causal_key_max_scopes(scope):
     """Measured, not assumed: later tokens change earlier outputs through the key max.
 
-    Without an output norm the earlier outputs are rescaled per head (a large leak). Under the
-    per-head RMSNorm the rescaling cancels except through eps: the leak is below eps / mean(o²)
-    in normalised units, i.e. it shrinks linearly with eps. With eps = 1e-5 and the small outputs
-    of safe_exp (features <= 1 times the variance factor) that can still be percent-sized.
+    Without an output norm the earlier outputs are rescaled per head (a large leak). Under a
+    per-head RMSNorm whose eps applies to the shifted output (`norm_eps_frame: shifted`, what a
+    plain RMSNorm such as fla's does) the rescaling cancels except through eps: the leak is below
+    eps / mean(o²) in normalised units, i.e. it shrinks linearly with eps. With eps = 1e-5 and the
+    small outputs of safe_exp (features <= 1 times the variance factor) that can still be
+    percent-sized. With the default `unshifted` frame it is rounding.
     """
     x = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(4), dtype=DTYPE)
     changed = x.clone()
     changed[:, 25:] = torch.randn(2, 15, D, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
 
-    def measure(norm: str, eps: float | None):
+    def measure(norm: str, eps: float | None, frame: str = "shifted"):
         torch.manual_seed(0)
         config = AttentionConfig(
             feature_map="safe_exp",
@@ -148,6 +160,7 @@ def test_safe_exp_leak_of_the_non_causal_key_max_scopes(scope):
             norm=norm,
             norm_options={} if eps is None else {"eps": eps},
             gate="refined",
+            norm_eps_frame=frame,
         )
         layer = LinearAttention(D, H, K, config).to(DTYPE)
         normalised, mean_squares = [], []
@@ -171,6 +184,10 @@ def test_safe_exp_leak_of_the_non_causal_key_max_scopes(scope):
     assert leaks[1e-11] < 1e-6
     # Linear in eps: three orders of magnitude of eps, three of leak.
     assert leaks[1e-8] / leaks[1e-5] < 2e-3 and leaks[1e-11] / leaks[1e-8] < 2e-3
+    # The default frame: the same eps, no leak beyond rounding.
+    for eps in (1e-5, 1e-2):
+        leak, _, _ = measure("rmsnorm", eps, frame="unshifted")
+        assert leak < 1e-12, f"eps={eps}: leak {leak:.3g}"
 
 
 def test_safe_exp_running_scope_does_not_leak_even_without_a_norm():

@@ -497,3 +497,33 @@ def test_performer_redraws_on_schedule_in_training_only():
     assert torch.equal(phi.projection, before)  # evaluation and decoding never redraw
     with pytest.raises(ValueError, match="redraw_every must be >= 0"):
         FEATURE_MAPS.create("performer", K, H, redraw_every=-1)
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm", "groupnorm"])
+def test_safe_exp_scopes_agree_under_the_norm_with_its_default_eps(norm):
+    """eps lives in the unshifted frame (the default `norm_eps_frame`): the key-max scopes agree
+    to rounding with the norm's default eps, where with eps on the shifted output (`shifted`,
+    a plain RMSNorm's behaviour) they differ."""
+    x = 3 * randn(B, 70, D, seed=22)
+
+    def outputs(frame: str) -> dict[str, torch.Tensor]:
+        result = {}
+        for scope in KEY_MAX_SCOPES:
+            torch.manual_seed(0)
+            config = AttentionConfig(
+                feature_map="safe_exp",
+                feature_map_options={"key_max": scope, "chunk_size": 16},
+                norm=norm,
+                gate="refined",
+                norm_eps_frame=frame,
+            )
+            layer = LinearAttention(D, H, K, config).to(DTYPE)
+            with torch.no_grad():
+                result[scope] = layer(x)[0]
+        return result
+
+    default = outputs("unshifted")
+    for scope in ("running", "chunk"):
+        torch.testing.assert_close(default[scope], default["sequence"], rtol=1e-10, atol=1e-10)
+    shifted = outputs("shifted")
+    assert (shifted["running"] - shifted["sequence"]).abs().max() > 1e-6

@@ -5,7 +5,8 @@ Feature map  `FeatureMap(head_dim, num_heads, **options)`
     `feature_dim` is the output size F; `kernel_scale` the scale handed to the attention op;
     `fused_kernel()` a `kernels.fusion` description when the fused op can form the features.
 Norm         `OutputNorm(head_dim, num_heads, **options)`
-    forward(o [B, T, H, V]) -> [B, T, H, V]; `uses_denominator` asks the op to divide by q·z.
+    forward(o [B, T, H, V]) -> [B, T, H, V]; `uses_denominator` asks the op to divide by q·z;
+    with `scales_eps`, forward(o, log_scale=[B, T, H, 1]) puts its eps in the unshifted frame.
 Gate         `Gate(d_model, num_heads, key_dim, value_dim, **options)`
     forward(x [B, T, D], x_prev [B, 1, D] | None) -> GateOutput with log-space decays <= 0
     on the key side [B, T, H, K or 1] and/or the value side [B, T, H, V or 1], an optional
@@ -34,6 +35,9 @@ class FeatureOutput:
     features: Tensor  # [B, T, H, F]
     log_decay: Tensor | None = None  # [B, T, H, 1]: extra key-side decay (max rescaling), <= 0
     state: Any = None  # carried between decoding steps (e.g. a running max)
+    #: [B, T, H, 1]: what the map subtracted inside its exponent for numerical range (features
+    #: = exp(x − shift)), so the layer can give an output norm's eps the unshifted frame
+    shift: Tensor | None = None
 
 
 @dataclass
@@ -76,6 +80,10 @@ class OutputNorm(nn.Module):
     """Base class: normalises the attention output per token."""
 
     uses_denominator: bool = False
+    #: True when forward takes `log_scale` [B, T, H, 1], the log of the factor by which o is scaled
+    #: against the frame the norm's eps is meant for (safe-exp's shifts): eps is then scaled by
+    #: exp(2 log_scale), so the shifts cancel exactly, eps included
+    scales_eps: bool = False
 
     def __init__(self, head_dim: int, num_heads: int):
         super().__init__()

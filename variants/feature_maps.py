@@ -254,11 +254,15 @@ class SafeExp(FeatureMap):
 
     def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
         if role == "q":
-            features = torch.exp(x - query_shift(x).unsqueeze(-1))
+            shift = query_shift(x).unsqueeze(-1)
+            features = torch.exp(x - shift)
             if self.variance_factor == "query":
                 features = features * variance_reduction_factor(self.head_dim)
-            return FeatureOutput(features)
+            return FeatureOutput(features, shift=shift)
         shift, log_decay = key_shifts(x.amax(-1), self.key_max, self.chunk_size, state)
         return FeatureOutput(
-            torch.exp(x - shift.unsqueeze(-1)), log_decay.unsqueeze(-1) if log_decay is not None else None, shift[:, -1]
+            torch.exp(x - shift.unsqueeze(-1)),
+            log_decay.unsqueeze(-1) if log_decay is not None else None,
+            shift[:, -1],
+            shift=shift.unsqueeze(-1),
         )

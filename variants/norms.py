@@ -45,9 +45,22 @@ class Denominator(OutputNorm):
         return o
 
 
+def scaled_eps(eps: float, log_scale: Tensor | None, like: Tensor) -> float | Tensor:
+    """eps in the frame `log_scale` names: eps · exp(2 log_scale) [B, T, H, 1] (a norm of o·c with
+    eps·c² equals the norm of o with eps), or eps itself. Computed in fp32 at least: the factor
+    spans many orders of magnitude, and underflows harmlessly to 0 where o is enormous."""
+    if log_scale is None:
+        return eps
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    return eps * torch.exp(2 * log_scale.to(dtype))
+
+
 class _PerHeadOrFullWidth(OutputNorm):
     def __init__(self, head_dim: int, num_heads: int, per_head: bool, eps: float, affine: bool):
         super().__init__(head_dim, num_heads)
+        # Per head, a per-token, per-head factor on o is a factor on what is normalised: eps can
+        # follow it. Full width mixes heads with different factors, which no eps can undo.
+        self.scales_eps = per_head
         self.per_head = per_head
         self.eps = eps
         # Per-head norms share one weight across heads (as fla's GLA does); full width has its own.
@@ -69,8 +82,12 @@ class RMSNorm(_PerHeadOrFullWidth):
     def __init__(self, head_dim: int, num_heads: int, *, per_head: bool = True, eps: float = 1e-5, affine: bool = True):
         super().__init__(head_dim, num_heads, per_head, eps, affine)
 
-    def forward(self, o: Tensor) -> Tensor:
-        return self._normalize(o, lambda x: F.rms_norm(x, self.normalized_shape, self.weight, self.eps))
+    def forward(self, o: Tensor, log_scale: Tensor | None = None) -> Tensor:
+        if log_scale is None or not self.per_head:
+            return self._normalize(o, lambda x: F.rms_norm(x, self.normalized_shape, self.weight, self.eps))
+        x = o.to(torch.promote_types(o.dtype, torch.float32))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + scaled_eps(self.eps, log_scale, o))
+        return (x if self.weight is None else x * self.weight).to(o.dtype)
 
 
 @norm("layernorm")
@@ -81,8 +98,12 @@ class LayerNorm(_PerHeadOrFullWidth):
         super().__init__(head_dim, num_heads, per_head, eps, affine)
         self.bias = nn.Parameter(torch.zeros(self.normalized_shape)) if affine else None
 
-    def forward(self, o: Tensor) -> Tensor:
-        return self._normalize(o, lambda x: F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
+    def forward(self, o: Tensor, log_scale: Tensor | None = None) -> Tensor:
+        if log_scale is None or not self.per_head:
+            return self._normalize(
+                o, lambda x: F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            )
+        return affine(standardize(o, scaled_eps(self.eps, log_scale, o)), self.weight, self.bias)
 
 
 @norm("groupnorm")
@@ -96,8 +117,24 @@ class GroupNorm(OutputNorm):
         self.weight = nn.Parameter(torch.ones(num_heads, head_dim)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_heads, head_dim)) if affine else None
 
-    def forward(self, o: Tensor) -> Tensor:
-        normalized = F.layer_norm(o, (self.head_dim,), eps=self.eps)
-        if self.weight is None:
-            return normalized
-        return normalized * self.weight + self.bias
+    scales_eps = True
+
+    def forward(self, o: Tensor, log_scale: Tensor | None = None) -> Tensor:
+        if log_scale is None:
+            normalized = F.layer_norm(o, (self.head_dim,), eps=self.eps)
+        else:
+            normalized = standardize(o, scaled_eps(self.eps, log_scale, o))
+        return affine(normalized, self.weight, self.bias)
+
+
+def standardize(o: Tensor, eps: float | Tensor) -> Tensor:
+    """(o − mean) / sqrt(var + eps) over the last dimension, in fp32 at least (eps may be per token)."""
+    x = o.to(torch.promote_types(o.dtype, torch.float32))
+    centred = x - x.mean(-1, keepdim=True)
+    return (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)).to(o.dtype)
+
+
+def affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    if weight is None:
+        return x
+    return x * weight + bias
