@@ -5,7 +5,7 @@ A newly registered plugin (built-in or third-party) is picked up with no new tes
 from __future__ import annotations
 
 from variants import Registry
-from variants.feature_maps import KEY_MAX_SCOPES, VARIANCE_PLACEMENTS
+from variants.feature_maps import HEDGEHOG_FORMS, KEY_MAX_SCOPES, VARIANCE_PLACEMENTS
 from variants.gates import AXES, INPUTS
 
 MODE_SWITCHES = {
@@ -15,6 +15,7 @@ MODE_SWITCHES = {
     "input": INPUTS,
     "per_head": (True, False),
     "affine": (True, False),
+    "form": HEDGEHOG_FORMS,
 }
 
 

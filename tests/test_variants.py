@@ -527,3 +527,21 @@ def test_safe_exp_scopes_agree_under_the_norm_with_its_default_eps(norm):
         torch.testing.assert_close(default[scope], default["sequence"], rtol=1e-10, atol=1e-10)
     shifted = outputs("shifted")
     assert (shifted["running"] - shifted["sequence"]).abs().max() > 1e-6
+
+
+def test_hedgehog_forms():
+    x = randn(B, T, H, K, seed=41)
+    paper = FEATURE_MAPS.create("hedgehog", K, H).to(DTYPE)
+    fla = FEATURE_MAPS.create("hedgehog", K, H, form="fla").to(DTYPE)
+    # paper: a softmax per half, one map for q and k; fla: one joint softmax, a map per role.
+    halves = paper(x, "q").features.split(K, dim=-1)
+    assert all(torch.allclose(h.sum(-1), torch.ones((), dtype=DTYPE)) for h in halves)
+    assert torch.equal(paper(x, "q").features, paper(x, "k").features)
+    joint = fla(x, "q").features
+    assert torch.allclose(joint.sum(-1), torch.ones((), dtype=DTYPE))
+    torch.testing.assert_close(joint, torch.cat([2 * x, -2 * x], dim=-1).softmax(-1))  # identity at init
+    with torch.no_grad():
+        fla.key_map.bias.add_(1.0)
+    assert not torch.equal(fla(x, "q").features, fla(x, "k").features)
+    with pytest.raises(ValueError, match="hedgehog: form must be one of paper, fla"):
+        FEATURE_MAPS.create("hedgehog", K, H, form="lolcats")

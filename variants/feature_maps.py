@@ -73,19 +73,42 @@ class EluPlusOne(FeatureMap):
 
 @feature_map("hedgehog")
 class Hedgehog(FeatureMap):
-    """phi(x) = [softmax(W x), softmax(−W x)] over the feature dim (Zhang et al. 2024), one learnable
-    W per head (initialised to the identity), shared by queries and keys. F = 2K."""
+    """Hedgehog's learnable map mimicking softmax (Zhang et al. 2024). F = 2K. Two forms:
+
+    - `form: paper` (default): phi(x) = [softmax(W x), softmax(−W x)], each over the feature dim,
+      one learnable W per head (initialised to the identity) shared by queries and keys. The
+      paper's Table 5 baseline names this map (REGLA.md §1); whether q and k share W is not
+      stated there.
+    - `form: fla`: fla's HedgehogFeatureMap: separate maps for queries and keys, each a linear
+      layer with bias (identity and zero at init) shared by the heads, and one softmax over the
+      joint vector [2(W x + b), −2(W x + b)].
+    """
 
     positive_kernel = True
 
-    def __init__(self, head_dim: int, num_heads: int):
+    def __init__(self, head_dim: int, num_heads: int, *, form: str = "paper"):
         super().__init__(head_dim, num_heads)
+        if form not in HEDGEHOG_FORMS:
+            raise ValueError(f"hedgehog: form must be one of {', '.join(HEDGEHOG_FORMS)}; got {form!r}")
+        self.form = form
         self.feature_dim = 2 * head_dim
-        self.weight = nn.Parameter(torch.eye(head_dim).repeat(num_heads, 1, 1))  # [H, K, K]
+        if form == "paper":
+            self.weight = nn.Parameter(torch.eye(head_dim).repeat(num_heads, 1, 1))  # [H, K, K]
+        else:
+            self.query_map, self.key_map = nn.Linear(head_dim, head_dim), nn.Linear(head_dim, head_dim)
+            for layer in (self.query_map, self.key_map):
+                nn.init.eye_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
-        projected = torch.einsum("bthk,hkj->bthj", x, self.weight.to(x.dtype))
-        return FeatureOutput(torch.cat([projected.softmax(-1), (-projected).softmax(-1)], dim=-1))
+        if self.form == "paper":
+            projected = torch.einsum("bthk,hkj->bthj", x, self.weight.to(x.dtype))
+            return FeatureOutput(torch.cat([projected.softmax(-1), (-projected).softmax(-1)], dim=-1))
+        projected = (self.query_map if role == "q" else self.key_map)(x)
+        return FeatureOutput(torch.cat([2 * projected, -2 * projected], dim=-1).softmax(-1))
+
+
+HEDGEHOG_FORMS = ("paper", "fla")
 
 
 @feature_map("performer", version=3)
