@@ -96,9 +96,9 @@ def test_run_id_is_stable_and_ignores_what_does_not_change_weights():
     assert s1.run_id == s2.run_id
 
 
-# Changed on purpose with spec format 2: plugin packages, resolved plugin options and the number of
-# training processes entered the run id.
-GOLDEN_RUN_ID = "e2f4e806d31f"
+# Changed on purpose with spec format 2 (plugin packages, resolved plugin options and the number of
+# training processes entered the run id) and with attention.norm_eps_frame.
+GOLDEN_RUN_ID = "5c2461ea6a30"
 
 
 def test_plugin_version_enters_the_run_id():

@@ -22,7 +22,8 @@ def test_the_built_ins_of_the_paper_are_registered():
 
 
 def test_wildcard_listing():
-    assert FEATURE_MAPS.names("*exp*") == ["safe_exp"]
+    assert FEATURE_MAPS.names("*exp*") == ["exp", "safe_exp"]
+    assert FEATURE_MAPS.names("safe*") == ["safe_exp"]
     assert FEATURE_MAPS.names("elu*") == ["elu_plus_one"]
     assert NORMS.names("*norm") == ["groupnorm", "layernorm", "rmsnorm"]
     # Several patterns: the union, sorted, each name once.

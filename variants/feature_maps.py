@@ -71,6 +71,25 @@ class EluPlusOne(FeatureMap):
         return FeatureOutput(F.elu(x) + 1.0)
 
 
+@feature_map("exp")
+class Exp(FeatureMap):
+    """phi(x) = exp(x) · c, c the variance factor of safe_exp (REGLA.md §2), without any shift: the
+    exponential feature map safe_exp makes safe. Overflows (inf, then NaN) once q or k reaches
+    ~88 in fp32: the instability the paper's ablation attributes to it, kept to measure it."""
+
+    positive_kernel = True
+
+    def __init__(self, head_dim: int, num_heads: int):
+        super().__init__(head_dim, num_heads)
+
+    @property
+    def kernel_scale(self) -> float:
+        return variance_reduction_factor(self.head_dim)
+
+    def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
+        return FeatureOutput(torch.exp(x))
+
+
 @feature_map("hedgehog")
 class Hedgehog(FeatureMap):
     """Hedgehog's learnable map mimicking softmax (Zhang et al. 2024). F = 2K. Two forms:
