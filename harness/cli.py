@@ -57,7 +57,7 @@ def available_grids() -> list[str]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    grid = load_grid(resolve_grid_path(args.grid), tuple(args.plugin))
+    grid = load_grid(resolve_grid_path(args.grid), tuple(args.plugin), args.scale)
     runs = filter_runs(grid.runs, args.where)
     if not runs:
         raise ConfigError(
@@ -99,6 +99,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         retry_failed=args.retry_failed,
         plugins=tuple(args.plugin),
+        scale=args.scale,
     )
     if args.submit:
         cluster = ClusterOptions(
@@ -199,7 +200,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         out = write_report(args.grid, args.runs_dir, args.results_dir, None)
         print(f"report: {out}/RESULTS.md (every run recorded under {Path(args.runs_dir) / args.grid}; no grid file)")
         return EXIT_OK
-    grid = load_grid(path, tuple(args.plugin))
+    grid = load_grid(path, tuple(args.plugin), args.scale)
     out = write_report(
         grid.name,
         args.runs_dir,
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only runs whose axis has one of these levels (repeatable)",
     )
     run.add_argument("--stages", help="comma-separated stages to run instead of the grid's own")
+    run.add_argument("--scale", help="one of the grid's scales (e.g. gpu, paper); default: the grid as written (smoke)")
     run.add_argument("--force", action="store_true", help="re-run stages that already have results")
     run.add_argument("--retry-failed", action="store_true", help="re-run stages that failed before")
     run.add_argument("--dry-run", action="store_true", help="print the expanded runs and their status")
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_GRID,
         help="grid name or path to a .yaml file; or the name of a grid with results under --runs-dir",
     )
+    report.add_argument("--scale", help="the scale the grid ran at (as given to run)")
     report.add_argument("--runs-dir", default=str(ROOT / "runs"))
     report.add_argument("--results-dir", default=str(ROOT / "results"))
     report.set_defaults(func=_cmd_report)

@@ -37,6 +37,7 @@ class WorkerOptions:
     force: bool = False
     retry_failed: bool = False
     plugins: tuple[str, ...] = ()
+    scale: str | None = None
 
     def command(self, run_id: str) -> list[str]:
         command = [sys.executable, str(ENTRY_POINT)]
@@ -48,6 +49,8 @@ class WorkerOptions:
             command.append("--force")
         if self.retry_failed:
             command.append("--retry-failed")
+        if self.scale:
+            command += ["--scale", self.scale]
         return command
 
 

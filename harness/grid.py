@@ -37,7 +37,8 @@ from .config import ConfigError
 from .spec import RunSpec, spec_from_dict
 from .stages import STAGES
 
-GRID_KEYS = ("name", "description", "plugins", "stages", "base", "axes", "zip", "exclude", "reference")
+GRID_KEYS = ("name", "description", "plugins", "stages", "base", "axes", "zip", "exclude", "reference", "scales")
+SCALE_KEYS = ("description", "seeds", "base")
 REFERENCE_KEYS = ("source", "metric", "values")
 RESERVED_AXIS_NAMES = {
     "run_id",
@@ -158,14 +159,49 @@ def split_sections(merged: Mapping[str, Any], run_name: str) -> tuple[dict, dict
     return {k: v for k, v in merged.items() if k in run_keys}, stage_settings
 
 
+def apply_scale(data: Mapping[str, Any], scale: str | None) -> tuple[dict, str]:
+    """The grid at one of its `scales` (its base overridden, seeds as an axis), and the suffix its
+    name takes. A scale is `{description, seeds: N, base: {dotted.key: value}}`; without one the
+    grid is as written (its smallest size, by convention the CPU `smoke` scale)."""
+    data = dict(data)
+    scales = data.get("scales") or {}
+    if not isinstance(scales, Mapping):
+        raise ConfigError("grid key 'scales' must map scale names to {description, seeds, base}")
+    if scale is None or scale == "smoke" and "smoke" not in scales:
+        return data, ""
+    if scale not in scales:
+        raise ConfigError(
+            f"unknown scale {scale!r} for this grid; its scales: {', '.join(['smoke', *scales]) if scales else 'none'}"
+        )
+    spec = scales[scale] or {}
+    unknown = sorted(set(spec) - set(SCALE_KEYS))
+    if not isinstance(spec, Mapping) or unknown:
+        raise ConfigError(f"scale {scale!r}: unknown key(s) {unknown}; allowed: {', '.join(SCALE_KEYS)}")
+    base = copy.deepcopy(dict(data.get("base") or {}))
+    for dotted, value in (spec.get("base") or {}).items():
+        set_dotted(base, dotted, value)
+    data["base"] = base
+    seeds = spec.get("seeds")
+    if seeds is not None:
+        if not isinstance(seeds, int) or seeds < 1:
+            raise ConfigError(f"scale {scale!r}: seeds must be a positive integer; got {seeds!r}")
+        data["axes"] = {**(data.get("axes") or {}), "seed": {str(i): {"train.seed": i} for i in range(seeds)}}
+    return data, f"-{scale}"
+
+
 def expand_grid(
-    data: Mapping[str, Any], default_name: str = "grid", path: str = "", extra_plugins: tuple[str, ...] = ()
+    data: Mapping[str, Any],
+    default_name: str = "grid",
+    path: str = "",
+    extra_plugins: tuple[str, ...] = (),
+    scale: str | None = None,
 ) -> Grid:
-    """Expand a grid mapping (as read from YAML) into RunSpecs."""
+    """Expand a grid mapping (as read from YAML) into RunSpecs, at one of its scales if given."""
     unknown = sorted(set(data) - set(GRID_KEYS))
     if unknown:
         raise ConfigError(f"unknown grid key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(GRID_KEYS)}")
-    name = str(data.get("name") or default_name)
+    data, suffix = apply_scale(data, scale)
+    name = str(data.get("name") or default_name) + suffix
     plugins = tuple(data.get("plugins") or ()) + tuple(extra_plugins)
     import_plugin_modules(plugins)
     stages = tuple(data.get("stages") or ("train",))
@@ -219,8 +255,18 @@ def expand_grid(
         runs.append(spec)
     if not runs:
         raise ConfigError(f"grid {name!r} expands to no runs (check its exclude entries)")
-    reference = _check_reference(data.get("reference"), {r.name for r in runs})
+    reference = _check_reference(data.get("reference"), {variant_name(r.axes) or r.name for r in runs})
     return Grid(name, str(data.get("description") or ""), stages, tuple(runs), tuple(names), path, reference)
+
+
+#: the axis a scale's `seeds` adds; reports average over it
+SEED_AXIS = "seed"
+
+
+def variant_name(axes: Mapping[str, str]) -> str:
+    """A run's name without its seed: what seeds of one configuration share (and what a grid's
+    reference values are keyed by)."""
+    return "/".join(str(level) for axis, level in axes.items() if axis != SEED_AXIS)
 
 
 def _check_reference(reference: Any, run_names: set[str]) -> dict | None:
@@ -240,9 +286,9 @@ def _check_reference(reference: Any, run_names: set[str]) -> dict | None:
     return dict(reference)
 
 
-def load_grid(path: str | Path, extra_plugins: tuple[str, ...] = ()) -> Grid:
+def load_grid(path: str | Path, extra_plugins: tuple[str, ...] = (), scale: str | None = None) -> Grid:
     path = Path(path)
-    return expand_grid(load_grid_data(path), path.stem, str(path), extra_plugins)
+    return expand_grid(load_grid_data(path), path.stem, str(path), extra_plugins, scale)
 
 
 def filter_runs(runs: tuple[RunSpec, ...], where: list[str]) -> tuple[RunSpec, ...]:

@@ -11,10 +11,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: reports are written on machines without a display
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from . import results as results_io
 from .atomic import atomic_write_bytes, atomic_write_text
+from .grid import SEED_AXIS
 
 FINAL_METRICS = [
     ("final/val_loss", "val loss"),
@@ -284,6 +287,32 @@ def write_report(
         ]
     if reference:
         lines += [f"`paper` column: {reference['source']}.", ""]
+    seeds = seed_table(frame)
+    if len(seeds):
+        lines += [
+            "## Over seeds (final validation bits per byte)",
+            "",
+            "Mean and 95% t-interval over each configuration's seeds; each compared with the best by Welch's t-test.",
+            "",
+            markdown_table(seeds),
+            "",
+        ]
+    if reference:
+        compared, tau, p_value, disagreements = reference_comparison(frame, reference)
+        if len(compared):
+            lines += [
+                f"## Beside the published numbers ({reference['metric']})",
+                "",
+                f"Source: {reference['source']}. Kendall's τ between the two rankings: {tau:.2f} "
+                f"(p = {p_value:.2g}, {len(compared)} configurations).",
+                "",
+                markdown_table(compared),
+                "",
+            ]
+            lines += [f"- {sentence}." for sentence in disagreements] or ["- The two rankings agree."]
+            lines.append("")
+            if plot_ranking_agreement(compared, out / "ranking_agreement.png"):
+                lines += ["![ranking agreement](ranking_agreement.png)", ""]
     failures = failure_table(frame)
     if len(failures):
         lines += [
@@ -319,6 +348,90 @@ def failure_table(frame: pd.DataFrame) -> pd.DataFrame:
         rows.append({"run": row.run_name, "stage": row.stage, "task": task, "reason": row.error, "what to do": advice})
     columns = ["run", "stage", "task", "reason", "what to do"]
     return pd.DataFrame(rows, columns=columns).drop_duplicates().set_index("run")
+
+
+def variant_of(frame: pd.DataFrame) -> pd.Series:
+    """Each row's configuration: its run name without the seed axis (runs that differ only in
+    seed share it)."""
+    axes = [c for c in axis_columns(frame) if c != f"axis:{SEED_AXIS}"]
+    if not axes:
+        return frame["run_name"]
+    return frame[axes].astype(str).agg("/".join, axis=1)
+
+
+def seed_table(frame: pd.DataFrame, metric: str = "final/val_bits_per_byte") -> pd.DataFrame:
+    """Per configuration over its seeds: mean, 95% t-interval half-width, number of seeds, and
+    whether it differs from the best configuration (Welch's t-test, p < 0.05). Empty without seeds."""
+    if f"axis:{SEED_AXIS}" not in frame:
+        return pd.DataFrame()
+    rows = frame[(frame["stage"] == "train") & (frame["metric"] == metric) & (frame["status"] == "ok")]
+    if rows.empty:
+        return pd.DataFrame()
+    samples = rows.assign(variant=variant_of(rows)).groupby("variant")["value"].apply(list)
+    means = samples.map(lambda v: float(np.mean(v)))
+    best = means.idxmin()
+    table = []
+    for variant, values in samples.items():
+        n = len(values)
+        half = float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+        if variant == best:
+            verdict = "best"
+        elif n > 1 and len(samples[best]) > 1:
+            p_value = float(stats.ttest_ind(values, samples[best], equal_var=False).pvalue)
+            verdict = f"worse (p = {p_value:.2g})" if p_value < 0.05 else f"not significantly worse (p = {p_value:.2g})"
+        else:
+            verdict = "one seed: untested"
+        table.append({"configuration": variant, "mean": means[variant], "± 95%": half, "seeds": n, "vs best": verdict})
+    return pd.DataFrame(table).sort_values("mean").set_index("configuration")
+
+
+def reference_comparison(frame: pd.DataFrame, reference: dict) -> tuple[pd.DataFrame, float, float, list[str]]:
+    """Our numbers (mean over seeds) beside the published ones, Kendall's τ between the two
+    rankings with its p-value, and one sentence per pair of configurations ranked the other way
+    round. Lower is better for the losses, perplexities and bits per byte compared here."""
+    metric = reference["metric"]
+    rows = frame[(frame["stage"] == "train") & (frame["metric"] == metric) & (frame["status"] == "ok")]
+    ours = rows.assign(variant=variant_of(rows)).groupby("variant")["value"].mean()
+    paper = pd.Series(reference["values"], dtype=float)
+    common = sorted(set(ours.index) & set(paper.index))
+    table = pd.DataFrame({"ours": ours[common], "paper": paper[common]})
+    table["our rank"] = table["ours"].rank().astype(int)
+    table["paper rank"] = table["paper"].rank().astype(int)
+    table = table.sort_values("paper")
+    table.index.name = "configuration"
+    if len(common) < 2:
+        return table, float("nan"), float("nan"), []
+    tau, p_value = stats.kendalltau(table["ours"], table["paper"])
+    disagreements = []
+    for i, a in enumerate(table.index):
+        for b in table.index[i + 1 :]:
+            if np.sign(table.at[a, "ours"] - table.at[b, "ours"]) != np.sign(
+                table.at[a, "paper"] - table.at[b, "paper"]
+            ):
+                disagreements.append(
+                    f"the paper ranks {a} above {b} ({table.at[a, 'paper']:.4g} vs {table.at[b, 'paper']:.4g}); "
+                    f"we find the reverse ({table.at[a, 'ours']:.4g} vs {table.at[b, 'ours']:.4g})"
+                )
+    return table, float(tau), float(p_value), disagreements
+
+
+def plot_ranking_agreement(table: pd.DataFrame, path: Path) -> bool:
+    if len(table) < 2:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(table["paper rank"], table["our rank"], color="tab:blue")
+    for name, row in table.iterrows():
+        ax.annotate(str(name), (row["paper rank"], row["our rank"]), textcoords="offset points", xytext=(4, 4))
+    n = len(table)
+    ax.plot([1, n], [1, n], color="grey", linestyle="--", linewidth=1, label="same ranking")
+    ax.set_xlabel("paper's rank (1 = best)")
+    ax.set_ylabel("our rank (1 = best)")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def saturation_table(frame: pd.DataFrame) -> pd.DataFrame:
