@@ -313,3 +313,49 @@ class ProfileConfig:
     prompt_length: int = 5
     warmup: int = 2
     repeats: int = 5
+
+
+@dataclass(frozen=True)
+class MQARConfig:
+    """Trained multi-query associative recall (Zoology, Arora et al. 2024): a fresh model of the
+    run's architecture learns to recall the value of each queried key; accuracy per setting.
+
+    `settings`: [sequence length, key-value pairs] each; keys and values come from disjoint
+    halves of a `vocab_size` vocabulary; queries follow the pairs at power-law distributed gaps
+    (`power_a`, as Zoology's). Training stops early once held-out accuracy reaches `target`.
+    """
+
+    settings: list = field(default_factory=lambda: [[64, 4], [128, 8], [256, 16]])
+    vocab_size: int = 256
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    eval_every: int = 50
+    eval_batch_size: int = 64
+    target: float = 0.99
+    power_a: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "steps", "batch_size", "eval_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"mqar.{name} must be a positive integer; got {value!r}")
+        if not self.settings:
+            raise ConfigError("mqar.settings needs at least one [sequence length, pairs]")
+        for setting in self.settings:
+            if not (
+                isinstance(setting, (list, tuple)) and len(setting) == 2 and all(isinstance(x, int) for x in setting)
+            ):
+                raise ConfigError(f"mqar.settings entries are [sequence length, pairs]; got {setting!r}")
+            length, pairs = setting
+            if pairs < 1 or length < 4 * pairs:
+                raise ConfigError(
+                    f"mqar.settings {setting}: needs pairs >= 1 and length >= 4 x pairs (room for the pairs and "
+                    "a query for each)"
+                )
+            if 2 * pairs > self.vocab_size // 2:
+                raise ConfigError(f"mqar.settings {setting}: {pairs} pairs need vocab_size >= {4 * pairs}")
+        if not 0 < self.target <= 1:
+            raise ConfigError(f"mqar.target must be in (0, 1]; got {self.target!r}")

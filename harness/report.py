@@ -56,6 +56,10 @@ def run_table(frame: pd.DataFrame) -> pd.DataFrame:
         for (task, metric, shots), group in preferred.groupby(["task", "metric", "shots"], dropna=False):
             suffix = "" if pd.isna(shots) else f" {int(shots)}-shot"
             table[f"{task} {metric}{suffix}"] = group.groupby("run_id")["value"].last()
+    recall = frame[(frame["metric"] == "mqar/final_accuracy") & (frame["status"] == "ok")]
+    for extra, group in recall.groupby("extra"):
+        setting = json.loads(extra)
+        table[f"mqar acc T{setting['seq_len']} x{setting['pairs']}"] = group.groupby("run_id")["value"].last()
     return table.reset_index().drop(columns=["run_id"]).set_index(index[0])
 
 

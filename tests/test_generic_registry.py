@@ -69,7 +69,7 @@ def test_every_registry_gives_the_same_did_you_mean_error(registry, typo, sugges
 
 
 def test_the_harness_registries_hold_what_the_harness_uses():
-    assert list(STAGES) == ["train", "eval", "probe", "profile"]
+    assert list(STAGES) == ["train", "eval", "probe", "profile", "mqar"]
     assert all(isinstance(STAGES[name], Stage) and STAGES[name].name == name for name in STAGES)
     assert {"offline-english", "text-files", "wikitext-103", "slimpajama"} <= set(SOURCES)
     assert {"recurrent", "chunked", "parallel"} <= set(kernels.IMPLEMENTATIONS)

@@ -345,7 +345,7 @@ def test_cli_run_dry_run_and_list(corpus, tmp_path, capsys):
     assert "unknown axis 'colour'" in capsys.readouterr().err
     assert cli_main(["run", str(path), "--stages", "train,evaluate", "--runs-dir", str(tmp_path / "runs")]) == 2
     assert (
-        "unknown stage 'evaluate'. Did you mean 'eval'? Registered stages: eval, probe, profile, train"
+        "unknown stage 'evaluate'. Did you mean 'eval'? Registered stages: eval, mqar, probe, profile, train"
         in capsys.readouterr().err
     )
     assert cli_main(["run", str(path), "--where", "variant=gla", "--runs-dir", str(tmp_path / "runs")]) == 2

@@ -1,0 +1,65 @@
+"""The mqar stage: Zoology-style associative recall trained from scratch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.config import ConfigError, MQARConfig
+from harness.grid import expand_grid, load_grid
+from harness.runner import run_grid
+from harness.stages.recall import mqar_batch
+
+from .pipeline_helpers import tiny_grid
+
+
+def test_mqar_sequences_query_every_key_once_after_the_pairs():
+    x, y = mqar_batch(16, 48, 6, 64, 0.01, np.random.default_rng(0))
+    assert x.shape == y.shape == (16, 48)
+    for row in range(16):
+        keys, values = x[row, 0:12:2].tolist(), x[row, 1:12:2].tolist()
+        assert all(1 <= k < 32 for k in keys) and all(32 <= v < 64 for v in values) and len(set(keys)) == 6
+        queried = (y[row] != -100).nonzero().flatten().tolist()
+        assert len(queried) == 6 and min(queried) >= 12
+        answers = dict(zip(keys, values))
+        for position in queried:  # at a query key, the label is that key's value
+            assert y[row, position].item() == answers[x[row, position].item()]
+
+
+def test_mqar_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"needs pairs >= 1 and length >= 4 x pairs"):
+        MQARConfig(settings=[[16, 8]])
+    with pytest.raises(ConfigError, match="mqar.settings entries are"):
+        MQARConfig(settings=[64])
+    with pytest.raises(ConfigError, match="need vocab_size >= 64"):
+        MQARConfig(settings=[[256, 16]], vocab_size=32)
+
+
+def test_a_softmax_model_learns_recall_well_above_chance_and_stops_at_the_target(corpus, tmp_path):
+    data = tiny_grid(corpus)
+    data["stages"] = ["mqar"]
+    data["base"]["mqar"] = {
+        "settings": [[16, 2], [24, 3]], "vocab_size": 32, "steps": 300, "batch_size": 32, "lr": 3e-3,
+        "eval_every": 25, "target": 0.3,
+    }  # fmt: skip
+    data["axes"]["variant"] = {"softmax": {"model.softmax_layers": "all"}}
+    grid = expand_grid(data)
+    [result] = run_grid(grid, grid.runs, runs_dir=tmp_path / "runs", progress=False, device="cpu")
+    assert result.status == "ok", result.error
+    from harness import results as results_io
+
+    frame = results_io.load("tiny", tmp_path / "runs")
+    final = frame[frame.metric == "mqar/final_accuracy"]
+    assert len(final) == 2 and (final.value >= 0.3).all()  # chance is 1/16
+    steps = frame[frame.metric == "mqar/steps"].value.iloc[0]
+    assert steps < 300  # stopped early, once every setting reached the target
+    from harness.report import run_table
+
+    table = run_table(frame)
+    assert {"mqar acc T16 x2", "mqar acc T24 x3"} <= set(table.columns)
+
+
+def test_the_mqar_preset_expands_at_both_scales():
+    assert len(load_grid("grids/paper/mqar.yaml").runs) == 5
+    gpu = load_grid("grids/paper/mqar.yaml", scale="gpu")
+    assert len(gpu.runs) == 15 and gpu.runs[0].stages["mqar"]["vocab_size"] == 8192
