@@ -6,7 +6,7 @@ PY := .venv/bin/python
 GRID ?= smoke
 ARGS ?=
 
-.PHONY: run test lint format setup data report bench-gpu clean-runs
+.PHONY: run test lint format setup data report reports bench-gpu clean-runs
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -19,6 +19,12 @@ run: data
 
 report: setup
 	$(PY) run_ablations.py report $(GRID)
+
+# Every committed report regenerated from its committed results.parquet (no runs folder, no GPU).
+reports: setup
+	@for parquet in results/*/results.parquet; do \
+		$(PY) run_ablations.py report "$$(basename "$$(dirname "$$parquet")")" --from-parquet "$$parquet" || exit 1; \
+	done
 
 # Lint and format check first (seconds), then the tests.
 lint: setup

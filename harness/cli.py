@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from variants import REGISTRIES, import_plugin_modules
 
 from .cluster import ClusterOptions, pending_runs, submit, submitted_outcome
@@ -191,7 +193,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     """A grid file (by name or path) reports its current runs; a grid name with results under
     the runs folder but no grid file here (a user's grid run from elsewhere) reports every run
-    recorded under that name."""
+    recorded under that name. `--from-parquet` reports the rows of a results.parquet instead
+    (regenerating a committed report without the runs folder or a GPU)."""
+    if args.from_parquet:
+        frame = pd.read_parquet(args.from_parquet)
+        note = (
+            f"Written from the rows in `{args.from_parquet}` by `python run_ablations.py report {args.grid} "
+            f"--from-parquet {args.from_parquet}` (`make reports` rewrites every committed report this way); "
+            f"the grid that produced them is named in each row's `spec_json`."
+        )
+        out = write_report(args.grid, args.runs_dir, args.results_dir, frame=frame, source_note=note)
+        print(f"report: {out}/RESULTS.md (from {args.from_parquet})")
+        return EXIT_OK
     try:
         path = resolve_grid_path(args.grid)
     except ConfigError:
@@ -291,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="grid name or path to a .yaml file; or the name of a grid with results under --runs-dir",
     )
     report.add_argument("--scale", help="the scale the grid ran at (as given to run)")
+    report.add_argument("--from-parquet", metavar="FILE", help="report these rows (e.g. a committed results.parquet)")
     report.add_argument("--runs-dir", default=str(ROOT / "runs"))
     report.add_argument("--results-dir", default=str(ROOT / "results"))
     report.set_defaults(func=_cmd_report)

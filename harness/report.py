@@ -217,10 +217,14 @@ def write_report(
     command: str | None = None,
     reference: dict | None = None,
     runs: Any = None,
+    frame: pd.DataFrame | None = None,
+    source_note: str | None = None,
 ) -> Path:
     """Write results/<grid>/: results.parquet, RESULTS.md and the plots that the grid's stages
-    have data for (loss_curves, final_metrics, gate_saturation, profile)."""
-    frame = results_io.load(grid, runs_dir)
+    have data for (loss_curves, final_metrics, gate_saturation, profile). `frame`: rows to report
+    instead of those under the runs folder (a committed results.parquet)."""
+    if frame is None:
+        frame = results_io.load(grid, runs_dir)
     if runs is not None:
         frame = results_io.current_rows(frame, runs)
         if frame.empty:
@@ -247,7 +251,9 @@ def write_report(
     has_profile = plot_profile(frame, out / "profile.png")
     env = frame.iloc[0]
     lines = [f"# Results: grid `{grid}`", ""]
-    if command:
+    if source_note:
+        lines += [source_note, ""]
+    elif command:
         lines += [
             f"Regenerate with `{command}` (stages already done are skipped; each stage's own "
             "command is in the grid file).",

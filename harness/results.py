@@ -70,8 +70,9 @@ def _git_sha() -> str | None:
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
         )
         sha = out.stdout.strip()
+        # Dirty means the code differs from the commit; rewritten result files do not count.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results"],
             capture_output=True,
             text=True,
             timeout=5,

@@ -438,3 +438,13 @@ def test_redirected_output_gets_plain_lines_not_bar_frames(corpus, tmp_path):
     assert "regla: step 2/4 val loss" in done.stderr and "regla: step 4/4 val loss" in done.stderr
     assert "regla: step 4/4 loss" in done.stderr and "tok_s" in done.stderr and "s left" in done.stderr
     assert "tokenize text-files/train (byte):" in done.stderr
+
+
+def test_a_committed_report_is_regenerated_from_its_parquet(tmp_path, capsys):
+    root = Path(__file__).resolve().parent.parent
+    parquet = root / "results" / "smoke" / "results.parquet"
+    code = cli_main(["report", "smoke", "--from-parquet", str(parquet), "--results-dir", str(tmp_path)])
+    assert code == EXIT_OK
+    text = (tmp_path / "smoke" / "RESULTS.md").read_text()
+    assert "Written from the rows in" in text and "| regla |" in text and "| softmax |" in text
+    assert (tmp_path / "smoke" / "loss_curves.png").stat().st_size > 0
