@@ -72,6 +72,13 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def require_positive_ints(section: str, settings: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{section}.{name} must be a positive integer; got {value!r}")
+
+
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
@@ -214,19 +221,8 @@ class TrainConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "seq_len",
-            "grad_accum",
-            "eval_every",
-            "eval_batches",
-            "log_every",
-            "checkpoint_every",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"train.{name} must be a positive integer; got {value!r}")
+        names = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every")
+        require_positive_ints("train", self, (*names, "checkpoint_every"))
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be one of auto, fp32, bf16; got {self.precision!r}")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -338,10 +334,7 @@ class MQARConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "steps", "batch_size", "eval_every", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"mqar.{name} must be a positive integer; got {value!r}")
+        require_positive_ints("mqar", self, ("vocab_size", "steps", "batch_size", "eval_every", "eval_batch_size"))
         if not self.settings:
             raise ConfigError("mqar.settings needs at least one [sequence length, pairs]")
         for setting in self.settings:
