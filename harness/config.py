@@ -144,12 +144,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.mlp", self.mlp, ("swiglu", "gelu"))
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            value = getattr(self, name)
-            if name == "vocab_size" and value is None:
-                continue
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model.{name} must be a positive integer; got {value!r}")
+        # vocab_size None: taken from the tokenizer when the model is built
+        sized = ("d_model", "n_layers", "n_heads", "max_seq_len")
+        require_positive_ints("model", self, sized if self.vocab_size is None else ("vocab_size", *sized))
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads "

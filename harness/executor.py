@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .progress import bar as progress_bar
 from .progress import say
-from .runner import StageResult, recorded_advice, stage_status
+from .runner import StageResult, stage_outcome
 from .spec import RunSpec
 
 ENTRY_POINT = Path(__file__).resolve().parent.parent / "run_ablations.py"
@@ -91,13 +91,11 @@ def outcome(spec: RunSpec, options: WorkerOptions, exit_code: int) -> list[Stage
     results = []
     runs_dir = Path(options.runs_dir)
     for stage in options.stages:
-        status, error = stage_status(runs_dir, spec, stage)
+        status, error, advice = stage_outcome(runs_dir, spec, stage)
         if status == "done":
             results.append(StageResult(spec, stage, "ok"))
-        elif status == "partial":
-            results.append(StageResult(spec, stage, "partial", error, "--retry-failed runs its failed tasks again"))
-        elif status == "failed":
-            results.append(StageResult(spec, stage, "failed", error, recorded_advice(runs_dir, spec, stage)))
+        elif status in ("partial", "failed"):
+            results.append(StageResult(spec, stage, status, error, advice))
         else:
             reason = f"its worker process exited with code {exit_code} before this stage wrote a result"
             results.append(StageResult(spec, stage, "failed", reason, "run the grid again: finished stages are kept"))

@@ -346,12 +346,7 @@ def failure_table(frame: pd.DataFrame) -> pd.DataFrame:
     failed = frame[frame["status"] == "failed"]
     rows = []
     for row in failed.itertuples():
-        advice = ""
-        if isinstance(row.extra, str):
-            try:
-                advice = str(json.loads(row.extra).get("advice", ""))
-            except ValueError:
-                advice = ""
+        advice = results_io.advice_of(row.extra)
         task = "" if pd.isna(row.task) else str(row.task)
         if task and not pd.isna(row.shots):
             task += f" ({int(row.shots)}-shot)"

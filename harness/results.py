@@ -7,6 +7,7 @@ identity, its grid axes (one column each), the full spec as JSON, and the enviro
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import subprocess
@@ -155,6 +156,17 @@ def read_rows_or_set_aside(path: Path) -> pd.DataFrame | None:
     except (OSError, ValueError, pa.ArrowException) as exc:
         set_aside(path, f"{type(exc).__name__}: {exc}")
         return None
+
+
+def advice_of(extra: Any) -> str:
+    """The advice a failure row carries in its `extra` JSON (empty where it has none)."""
+    if not isinstance(extra, str):
+        return ""
+    try:
+        fields = json.loads(extra)
+    except ValueError:
+        return ""
+    return str(fields.get("advice", "")) if isinstance(fields, dict) else ""
 
 
 def stage_failures(frame: pd.DataFrame) -> pd.DataFrame:

@@ -32,7 +32,7 @@ from .distributed import DistributedContext, distributed_context, pick_device
 from .grid import Grid
 from .progress import bar as progress_bar
 from .progress import say
-from .results import environment, make_rows, read_rows_or_set_aside, stage_failures, write_rows
+from .results import advice_of, environment, make_rows, read_rows_or_set_aside, stage_failures, write_rows
 from .spec import RunSpec
 from .stages import STAGES, StageContext
 from .train import Diverged
@@ -62,34 +62,33 @@ def stage_path(runs_dir: Path, spec: RunSpec, stage: str) -> Path:
     return run_dir(runs_dir, spec) / f"{stage}-{spec.stage_id(stage)}.parquet"
 
 
+#: what to do about a stage whose evaluation tasks partly failed
+PARTIAL_ADVICE = "--retry-failed runs its failed tasks again"
+
+
 def stage_status(runs_dir: Path, spec: RunSpec, stage: str) -> tuple[str, str]:
     """("done" | "partial" | "failed" | "pending", error text) from the stage's result file;
     "partial": the stage ran but some of its tasks failed (e.g. an evaluation task without data).
     A result file that cannot be read is set aside (renamed, kept) and the stage is pending again."""
+    status, error, _ = stage_outcome(runs_dir, spec, stage)
+    return status, error
+
+
+def stage_outcome(runs_dir: Path, spec: RunSpec, stage: str) -> tuple[str, str, str]:
+    """`stage_status` and the advice recorded with a failure, from one read of the result file."""
     path = stage_path(runs_dir, spec, stage)
     if not path.is_file():
-        return "pending", ""
+        return "pending", "", ""
     frame = read_rows_or_set_aside(path)
     if frame is None:
-        return "pending", ""
+        return "pending", "", ""
     failed = stage_failures(frame)
     if len(failed):
-        return "failed", str(failed["error"].iloc[0])
+        return "failed", str(failed["error"].iloc[0]), advice_of(failed["extra"].iloc[0])
     failed_tasks = frame[frame["status"] == "failed"]
     if len(failed_tasks):
-        return "partial", "; ".join(sorted(set(failed_tasks["error"].astype(str))))
-    return "done", ""
-
-
-def recorded_advice(runs_dir: Path, spec: RunSpec, stage: str) -> str:
-    """The advice stored with a stage's failure row (empty for rows written without one)."""
-    frame = read_rows_or_set_aside(stage_path(runs_dir, spec, stage))
-    if frame is None:
-        return ""
-    for extra in stage_failures(frame)["extra"].dropna():
-        with contextlib.suppress(ValueError):
-            return str(json.loads(extra).get("advice", ""))
-    return ""
+        return "partial", "; ".join(sorted(set(failed_tasks["error"].astype(str)))), PARTIAL_ADVICE
+    return "done", "", ""
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -272,13 +271,13 @@ def _run_stage(
 ) -> StageResult:
     """One stage of one run: skipped when its result exists, else run and recorded (ok or failed)."""
     stage_name = stage.name
-    status, error = stage_status(runs_dir, spec, stage_name)
+    status, error, advice = stage_outcome(runs_dir, spec, stage_name)
     if status == "done" and not force:
         return StageResult(spec, stage_name, "skipped-done")
     if status == "partial" and not (force or retry_failed):
-        return StageResult(spec, stage_name, "skipped-partial", error, "--retry-failed runs its failed tasks again")
+        return StageResult(spec, stage_name, "skipped-partial", error, advice)
     if status == "failed" and not (force or retry_failed):
-        return StageResult(spec, stage_name, "skipped-failed", error, recorded_advice(runs_dir, spec, stage_name))
+        return StageResult(spec, stage_name, "skipped-failed", error, advice)
     if not is_main and not stage.distributed:
         return StageResult(spec, stage_name, "skipped-rank")
     missing = [r for r in stage.requires if stage_status(runs_dir, spec, r)[0] != "done"]

@@ -24,7 +24,7 @@ from ..config import MQARConfig
 from ..distributed import distributed_context, pick_device
 from ..model import build_model
 from ..spec import RunSpec
-from ..train import autocast_context, learning_rate
+from ..train import autocast_context, learning_rate, make_optimizer
 from .base import Stage, StageContext
 
 
@@ -70,13 +70,19 @@ class MQARStage(Stage):
             spec.model, vocab_size=config.vocab_size, max_seq_len=max(spec.model.max_seq_len, longest)
         )
         model = build_model(model_config, config.vocab_size, config.seed).to(device)
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        # The harness's AdamW (weight decay on matrices only) and schedule, at this stage's lr, decay
+        # and steps, with Adam's default betas and clipping at 1.
+        schedule = replace(
+            spec.train,
+            steps=config.steps,
             lr=config.lr,
+            weight_decay=config.weight_decay,
+            warmup_steps=min(config.steps // 10, 100),
+            beta1=0.9,
+            beta2=0.999,
+            grad_clip=1.0,
         )
-        schedule = replace(spec.train, steps=config.steps, lr=config.lr, warmup_steps=min(config.steps // 10, 100))
+        optimizer = make_optimizer(model, schedule)
         train_rng = np.random.default_rng(config.seed)
         # Held-out sequences: a generator of their own, so they never appear in training.
         held_out = {
@@ -101,7 +107,7 @@ class MQARStage(Stage):
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"mqar: non-finite training loss at step {step}")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             steps_done = step + 1
