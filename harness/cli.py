@@ -59,6 +59,10 @@ def available_grids() -> list[str]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.runs_per_gpu < 1:
+        raise ConfigError(f"--runs-per-gpu must be a positive number of runs; got {args.runs_per_gpu}")
+    if args.runs_per_gpu > 1 and not args.gpus:
+        raise ConfigError("--runs-per-gpu needs --gpus N: it says how many runs share each of the N GPUs")
     grid = load_grid(resolve_grid_path(args.grid), tuple(args.plugin), args.scale)
     runs = filter_runs(grid.runs, args.where)
     if not runs:
@@ -126,7 +130,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             results = submitted_outcome(todo, options, jobs)
             results += [r for spec in runs if spec.run_id not in done for r in outcome(spec, options, 0)]
     elif args.gpus:
-        results = run_on_devices(runs, options, args.gpus, progress=not args.no_progress)
+        results = run_on_devices(
+            runs, options, args.gpus, runs_per_device=args.runs_per_gpu, progress=not args.no_progress
+        )
     else:
         results = run_grid(
             grid,
@@ -275,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run independent runs in parallel, one worker process per GPU, N at a time (without GPUs: N CPU "
         "workers); results and the report as with one process",
+    )
+    run.add_argument(
+        "--runs-per-gpu",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --gpus: put K runs on each GPU at once (small models leave a GPU mostly idle)",
     )
     run.add_argument("--only-run", action="append", default=[], metavar="RUN_ID", help=argparse.SUPPRESS)
     cluster = run.add_argument_group("cluster (submitit; pip install -e '.[cluster]')")

@@ -1,4 +1,4 @@
-"""A grid over several GPUs of one machine: independent runs in parallel, one per GPU.
+"""A grid over several GPUs of one machine: independent runs in parallel, one (or a few) per GPU.
 
 Each run goes to a worker process of its own (`run <grid> --only-run <run id>`), which sees one
 GPU (CUDA_VISIBLE_DEVICES) and goes through exactly the code path of a sequential run: the same
@@ -6,6 +6,9 @@ stages, skipping, resume, failure rows and per-run lock. When a worker finishes,
 run starts on its GPU. Workers write only their own run's files; this process alone reads the
 outcome back and writes the report, so results have one writer as before. A run that needs
 several GPUs itself still goes through torchrun (DDP), not through this executor.
+
+Small models leave most of an H200 idle (their kernels are launch-bound), so `runs_per_device`
+can put several runs on each GPU at once; each worker still sees exactly one GPU.
 """
 
 from __future__ import annotations
@@ -55,26 +58,34 @@ class WorkerOptions:
 
 
 def run_on_devices(
-    runs: Iterable[RunSpec], options: WorkerOptions, devices: int, *, progress: bool = True
+    runs: Iterable[RunSpec],
+    options: WorkerOptions,
+    devices: int,
+    *,
+    runs_per_device: int = 1,
+    progress: bool = True,
 ) -> list[StageResult]:
-    """Run each spec in a worker process, at most `devices` at a time, worker i on GPU slot i;
-    returns the stage results read back from the run directories."""
+    """Run each spec in a worker process, at most `devices * runs_per_device` at a time; worker
+    slot i sees GPU i % devices. Returns the stage results read back from the run directories."""
     if devices < 1:
         raise ValueError(f"--gpus must be a positive number of GPUs; got {devices}")
+    if runs_per_device < 1:
+        raise ValueError(f"--runs-per-gpu must be a positive number of runs; got {runs_per_device}")
     runs = list(runs)
     pending = list(runs)
     active: dict[int, tuple[subprocess.Popen, RunSpec]] = {}
     exit_codes: dict[str, int] = {}
     bar = progress_bar(total=len(runs), desc="runs", unit="run", enabled=progress)
     while pending or active:
-        for slot in range(devices):
+        for slot in range(devices * runs_per_device):
             if slot not in active and pending:
                 spec = pending.pop(0)
+                gpu = slot % devices
                 # The worker sees one GPU, as cuda:0; CPU-only machines ignore the variable.
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot)}
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
                 active[slot] = (subprocess.Popen(options.command(spec.run_id), env=env), spec)
                 if progress:
-                    say(f"[gpu {slot}] {spec.name} ({spec.run_id})")
+                    say(f"[gpu {gpu}] {spec.name} ({spec.run_id})")
         for slot, (process, spec) in list(active.items()):
             code = process.poll()
             if code is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import yaml
 
 from harness import results as results_io
-from harness.cli import EXIT_OK, EXIT_RUNS_FAILED
+from harness.cli import EXIT_INVALID, EXIT_OK, EXIT_RUNS_FAILED
 from harness.cli import main as cli_main
 from harness.executor import WorkerOptions, run_on_devices
 from harness.grid import expand_grid
@@ -75,6 +75,45 @@ def test_workers_get_one_gpu_slot_each_and_failures_come_back(corpus, tmp_path, 
     assert [slot for _, slot in started] == ["0", "1", "0"]  # the third waits for a free slot
     assert {r.status for r in results} == {"failed"}
     assert all("exited with code 3" in r.error for r in results)
+
+
+def test_several_runs_share_a_gpu_with_runs_per_gpu(corpus, tmp_path, monkeypatch):
+    import subprocess
+
+    started: list[str] = []
+    running: set[int] = set()
+    most_at_once = 0
+
+    class FakeWorker:
+        def __init__(self, command, env):
+            nonlocal most_at_once
+            started.append(env["CUDA_VISIBLE_DEVICES"])
+            self.id, self.polls = len(started), 0
+            running.add(self.id)
+            most_at_once = max(most_at_once, len(running))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls > 1:
+                running.discard(self.id)
+                return 0
+            return None
+
+    monkeypatch.setattr(subprocess, "Popen", FakeWorker)
+    grid = expand_grid(three_run_grid(corpus))
+    runs = grid.runs * 2  # six workers
+    options = WorkerOptions(str(tmp_path / "tiny.yaml"), ("train",), str(tmp_path / "runs"), device="cpu")
+    run_on_devices(runs, options, devices=2, runs_per_device=2, progress=False)
+    assert started[:4] == ["0", "1", "0", "1"]  # four slots over two GPUs, filled at once
+    assert most_at_once == 4
+    assert len(started) == 6
+
+
+def test_runs_per_gpu_is_checked(tmp_path, capsys):
+    assert cli_main(["run", "smoke", "--runs-per-gpu", "2", "--runs-dir", str(tmp_path)]) == EXIT_INVALID
+    assert "--runs-per-gpu needs --gpus" in capsys.readouterr().err
+    assert cli_main(["run", "smoke", "--gpus", "2", "--runs-per-gpu", "0", "--runs-dir", str(tmp_path)]) == EXIT_INVALID
+    assert "positive number of runs" in capsys.readouterr().err
 
 
 def test_a_failed_run_in_a_worker_is_reported_and_sets_the_exit_code(corpus, tmp_path, capsys, monkeypatch):
