@@ -46,6 +46,7 @@ def scaled_grid(grid: str, scale: str, overrides: dict, out: Path) -> Path:
     if scale not in scales:
         raise SystemExit(f"grid {grid!r} has no scale {scale!r}; its scales: {', '.join(scales) or 'none'}")
     scales[scale] = {**scales[scale], "seeds": 1, "base": {**(scales[scale].get("base") or {}), **overrides}}
+    out.mkdir(parents=True, exist_ok=True)
     path = out / f"{Path(grid).name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
