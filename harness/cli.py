@@ -58,6 +58,16 @@ def available_grids() -> list[str]:
     return sorted(str(p.relative_to(GRIDS_DIR).with_suffix("")) for p in GRIDS_DIR.rglob("*.yaml"))
 
 
+def rerun_command(grid: str, scale: str | None, stages: str | None = None) -> str:
+    """The command line a report names to regenerate its results (scale and stages included)."""
+    command = f"python run_ablations.py run {grid}"
+    if scale:
+        command += f" --scale {scale}"
+    if stages:
+        command += f" --stages {stages}"
+    return command
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.runs_per_gpu < 1:
         raise ConfigError(f"--runs-per-gpu must be a positive number of runs; got {args.runs_per_gpu}")
@@ -148,7 +158,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not finish_distributed():
         return EXIT_OK  # under torchrun, rank 0 alone summarises and reports
     if not args.no_report:
-        command = f"python run_ablations.py run {args.grid}" + (f" --stages {args.stages}" if args.stages else "")
+        command = rerun_command(args.grid, args.scale, args.stages)
         out = write_report(grid.name, args.runs_dir, args.results_dir, command, grid.reference, grid.runs)
         print(f"report: {out}/RESULTS.md (with results.parquet and plots beside it)")
     return print_summary(results)
@@ -224,7 +234,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         grid.name,
         args.runs_dir,
         args.results_dir,
-        f"python run_ablations.py run {args.grid}",
+        rerun_command(args.grid, args.scale),
         grid.reference,
         grid.runs,
     )

@@ -157,3 +157,10 @@ def test_a_grid_as_a_job_array_through_submitit_local_executor(corpus, tmp_path,
     assert set(final_losses(tmp_path / "runs")) == {"softmax", "regla", "gla"}
     assert cli_main([*command, "--submit", "local", "--submit-folder", str(tmp_path / "submitit")]) == EXIT_OK
     assert "nothing to submit" in capsys.readouterr().out
+
+
+def test_a_report_names_the_scale_it_was_run_at():
+    from harness.cli import rerun_command
+
+    assert rerun_command("paper/ablation", "gpu") == "python run_ablations.py run paper/ablation --scale gpu"
+    assert rerun_command("smoke", None, "eval") == "python run_ablations.py run smoke --stages eval"
