@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import CHUNK, LOG2E, Dims, empty, head_offset, launch_options, load_rows, store_rows
+from .varlen import SequenceChunks
 
 Tensor = torch.Tensor
 
@@ -69,15 +70,19 @@ def gate_grad_kernel(
     final,
     dstates,
     dg,
+    seq_chunks,
+    chunk_seq,
     T,
     H,
     K,
     V,
     NT,
+    N,
     C: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_FINAL: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """dg_t = Σ_{u >= t, u in t's chunk} dG_u + rowsum(S_end ⊙ dS_end), S_end the state leaving the chunk.
 
@@ -85,10 +90,21 @@ def gate_grad_kernel(
     leaving the chunk carries everything later positions see, so its term, rowsum(S ⊙ dS), closes
     the sum. Summing dG only within a chunk keeps the rounding of the q ⊙ dq − k ⊙ dk
     cancellation local instead of accumulating it over the whole sequence.
+
+    With VARLEN (packed sequences, `blocks.varlen`), the state leaving a sequence's last chunk is that
+    sequence's final state final[n], not the state entering the next chunk (the next sequence's start).
     """
     ik, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
     base = head_offset(bh, H, T, K)
     k_idx = ik * BK + tl.arange(0, BK)
+    if VARLEN:
+        n = tl.load(chunk_seq + c)
+        c_end = tl.load(seq_chunks + n + 1)
+    else:
+        n = 0
+        c_end = NT
+    final_base = ((b.to(tl.int64) * N + n) * H + h) * K * V
     chunk = k_idx[:, None] * 0 + c  # [BK, 1]: the chunk index as a tensor, to combine with masks
     carry = tl.zeros([BK], dtype=tl.float32)
     for v0 in range(0, V, BV):
@@ -97,10 +113,10 @@ def gate_grad_kernel(
         offsets = k_idx[:, None] * V + v_idx[None, :]
         grad_end = tl.load(dstates + (bh.to(tl.int64) * NT + c) * K * V + offsets, mask=inside, other=0.0)
         state_end = tl.load(
-            states + (bh.to(tl.int64) * NT + c + 1) * K * V + offsets, mask=inside & (chunk + 1 < NT), other=0.0
+            states + (bh.to(tl.int64) * NT + c + 1) * K * V + offsets, mask=inside & (chunk + 1 < c_end), other=0.0
         )
         if HAS_FINAL:
-            state_end += tl.load(final + bh.to(tl.int64) * K * V + offsets, mask=inside & (chunk == NT - 1), other=0.0)
+            state_end += tl.load(final + final_base + offsets, mask=inside & (chunk + 1 == c_end), other=0.0)
         carry += tl.sum(state_end * grad_end, axis=1)
     x = load_rows(dG + base, c * C, T, H * K, ik * BK, K, C, BK)  # [C, BK] fp32
     # Reverse inclusive sum within the chunk: total - (inclusive prefix) + x.
@@ -142,7 +158,13 @@ def gate_cumsum(gk: Tensor, dims: Dims, row_decay: Tensor | None = None) -> Tens
 
 
 def gate_grad(
-    dG: Tensor, states: Tensor, final: Tensor | None, dstates: Tensor, dims: Dims, dtype: torch.dtype
+    dG: Tensor,
+    states: Tensor,
+    final: Tensor | None,
+    dstates: Tensor,
+    dims: Dims,
+    dtype: torch.dtype,
+    sequences: SequenceChunks | None = None,
 ) -> Tensor:
     """The log gate's gradient in closed form: within-chunk reverse sums of dG plus the term of the
     state leaving each chunk (see `gate_grad_kernel`).
@@ -150,10 +172,12 @@ def gate_grad(
     Args:
         dG: [B, T, H, K] fp32, q ⊙ dq − k ⊙ dk (from `qkv_grad.query_key_grads`).
         states: [B, H, NT, K, V] fp32, the states entering each chunk.
-        final: [B, H, K, V] fp32, the state leaving the last chunk, or None when its gradient is zero.
+        final: [B, H, K, V] fp32 ([N, H, K, V] with `sequences`), the state leaving the last chunk
+            (of each sequence), or None when its gradient is zero.
         dstates: [B, H, NT, K, V] fp32, the gradients of the states leaving each chunk.
         dims: the call's `Dims`.
         dtype: the result's dtype.
+        sequences: packed sequences in the chunk-aligned layout (`blocks.varlen`), or None.
 
     Returns:
         dg: [B, T, H, K] in `dtype`, the gradient of the per-feature log gate.
@@ -166,15 +190,19 @@ def gate_grad(
         final if final is not None else states,
         dstates,
         dg,
+        sequences.offsets if sequences is not None else dG,
+        sequences.sequence_of_chunk if sequences is not None else dG,
         T,
         H,
         K,
         V,
         NT,
+        sequences.count if sequences is not None else 1,
         C=CHUNK,
         BK=BK,
         BV=BV,
         HAS_FINAL=final is not None,
+        VARLEN=sequences is not None,
         **launch_options("gate_grad_kernel"),
     )
     return dg
