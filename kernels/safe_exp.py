@@ -66,3 +66,26 @@ def _chunk_running_max(token_max: Tensor, chunk_size: int) -> Tensor:
     chunk_max = padded.reshape(B, n, chunk_size, H).amax(2)  # [B, n, H]
     running = running_max(chunk_max)
     return running.repeat_interleave(chunk_size, dim=1)[:, :T]
+
+
+def packed_key_shifts(
+    token_max: Tensor, scope: str, chunk_size: int, previous: Tensor | None, bounds: list[int]
+) -> tuple[Tensor, Tensor | None]:
+    """`key_shifts` of each of N sequences packed along time, concatenated: every scope (and its
+    max) stays inside its sequence.
+
+    Args:
+        token_max: [1, T, H], the keys' token maxima.
+        scope, chunk_size: as for `key_shifts`.
+        previous: [N, H], each sequence's key max of earlier tokens, or None.
+        bounds: the sequences' offsets [0, ..., T] (`kernels.varlen.sequence_bounds`).
+    """
+    # One small call per sequence on [1, L, H] maxima: simple and exact (a segmented cummax in one
+    # call would need an offset per segment, which is not exact in floating point).
+    pieces = [
+        key_shifts(token_max[:, start:end], scope, chunk_size, previous[n : n + 1] if previous is not None else None)
+        for n, (start, end) in enumerate(zip(bounds, bounds[1:]))
+    ]
+    shift = torch.cat([s for s, _ in pieces], dim=1)
+    log_decay = None if pieces[0][1] is None else torch.cat([d for _, d in pieces], dim=1)
+    return shift, log_decay

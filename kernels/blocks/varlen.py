@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from .common import CHUNK
+from .common import CHUNK, empty
 
 Tensor = torch.Tensor
 
@@ -65,7 +65,7 @@ def chunk_aligned_layout(bounds: list[int], device: torch.device) -> ChunkAligne
 
 def align(x: Tensor, layout: ChunkAlignedLayout, fill: float = 0.0) -> Tensor:
     """[1, T, ...] packed -> [1, Tp, ...] chunk-aligned, added rows set to `fill`; contiguous."""
-    out = x.new_full((1, layout.length, *x.shape[2:]), fill)
+    out = empty((1, layout.length, *x.shape[2:]), x.dtype, x.device).fill_(fill)
     out[:, layout.rows] = x
     return out
 
