@@ -4,12 +4,19 @@ each document alone; the fused ReGLA path on packed input equals the layer run p
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
-from harness.config import AttentionConfig, ModelConfig
+from harness.config import AttentionConfig, ConfigError, DataConfig, ModelConfig
+from harness.data.batching import TokenDataset, document_offsets
 from harness.layers import LinearAttention
 from harness.model import LanguageModel
+from harness.spec import spec_from_dict
+from harness.train import train
 
 from .numerics import rel_rms
 
@@ -114,3 +121,79 @@ def test_gpu_packed_model_loss_and_gradients():
     grads = torch.autograd.grad(per_document, list(model.parameters()))
     assert abs(packed.item() - per_document.item()) <= 1e-4 * abs(per_document.item())
     assert max(rel_rms(a, b) for a, b in zip(packed_grads, grads)) <= 1e-3
+
+
+# --- the data path -----------------------------------------------------------------------------
+
+EOT = 36
+
+
+def test_document_offsets_start_rows_and_follow_each_eot():
+    x = torch.tensor([[3, EOT, 4, 5, EOT, 6], [EOT, 7, 8, 9, 10, EOT]])
+    assert document_offsets(x, EOT).tolist() == [0, 2, 5, 6, 7, 12]
+
+
+def test_document_batches_are_the_windows_cut_at_documents():
+    tokens = np.array([1, 2, EOT, 3, 4, 5, 6, EOT, 7, EOT] * 20, dtype=np.uint16)
+    data = TokenDataset(tokens, eot_id=EOT)
+    x, y, cu = data.sample_document_batch(3, 8, torch.Generator().manual_seed(5))
+    x_windows, y_windows = data.sample_batch(3, 8, torch.Generator().manual_seed(5))
+    assert torch.equal(x, x_windows) and torch.equal(y, y_windows)  # the same tokens, only cut
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == 24
+    flat = x.flatten().tolist()
+    for start, end in zip(cu.tolist(), cu.tolist()[1:]):
+        assert EOT not in flat[start : end - 1]  # an eot only ever ends a document
+        assert start % 8 == 0 or flat[start - 1] == EOT
+    with pytest.raises(ValueError, match="needs the token that ends each document"):
+        TokenDataset(tokens).sample_document_batch(1, 8)
+
+
+def test_packing_option_is_checked_and_leaves_run_ids_alone():
+    assert DataConfig().packing == "windows"
+    with pytest.raises(ConfigError, match="data.packing must be one of windows, documents"):
+        DataConfig(packing="rows")
+    windows, documents = spec_from_dict({}, name="w"), spec_from_dict({"data": {"packing": "documents"}}, name="d")
+    assert "packing" not in windows.identity()["data"]  # run ids from before the option still match
+    assert windows.run_id != documents.run_id
+
+
+def test_training_on_packed_documents(tmp_path):
+    # Two steps of the training loop with data.packing = documents: the batches reach the model
+    # with their cu_seqlens (a model that ignored them would see no call with it).
+    tokens = np.array(([1, 2, 3, EOT, 4, 5, EOT, 6, 7, 8, 9, EOT] * 40), dtype=np.uint16)
+    split = TokenDataset(tokens, eot_id=EOT)
+    data = SimpleNamespace(
+        tokenizer=SimpleNamespace(vocab_size=VOCAB),
+        train=split,
+        validation=split,
+        bytes_per_token={"validation": 1.0},
+    )
+    spec = spec_from_dict(
+        {
+            "model": {"d_model": 16, "n_layers": 2, "n_heads": 2, "softmax_layers": "odd"},
+            "data": {"packing": "documents"},
+            "train": {
+                "steps": 2,
+                "batch_size": 2,
+                "seq_len": 16,
+                "eval_every": 2,
+                "eval_batches": 1,
+                "log_every": 1,
+                "warmup_steps": 1,
+            },
+        },
+        name="packed",
+    )
+    seen = []
+    original = LanguageModel.forward
+
+    def recording_forward(self, idx, *args, cu_seqlens=None, **kwargs):
+        if self.training:
+            seen.append(cu_seqlens)
+        return original(self, idx, *args, cu_seqlens=cu_seqlens, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LanguageModel, "forward", recording_forward)
+        _, records = train(spec, data, tmp_path, device="cpu", progress=False)
+    assert len(seen) == 2 and all(cu is not None and cu[-1] == 32 for cu in seen)
+    assert all(math.isfinite(r["value"]) for r in records if r["metric"] == "train/loss")
