@@ -81,7 +81,6 @@ def gla_backward(
     gc: Tensor,
     scores: Tensor,
     initial_state: Tensor | None,
-    final: Tensor | None,
     do: Tensor,
     dht: Tensor | None,
     scale: float,
@@ -95,7 +94,6 @@ def gla_backward(
     Args:
         q, k, v, gc, initial_state, dims, shifts, sequences: as given to `gla_forward_from_gate`.
         scores: [B, Tp, H, CHUNK] fp32, as returned by it.
-        final: [B, H, K, V] fp32 final state as returned by it, or None.
         do: [B, T, H, V] the output's gradient, contiguous.
         dht: [B, H, K, V] the final state's gradient, contiguous, or None for zero.
         scale: the output's scale.
@@ -119,12 +117,10 @@ def gla_backward(
     dq_inter, dk_inter = query_key_inter_grads(v, gc, do, states, dstates, scale, dims)
     # With safe-exp features, dq and dk still get the max shifts' terms (kernels.triton_regla):
     # they stay in fp32 until then, as those terms nearly cancel at the maxima.
-    dq, dk, dG, rowsums = query_key_grads(q, k, gc, score_grad, dq_inter, dk_inter, dims, shifts)
-    # Closed-form gate gradient: within-chunk reverse sums of dG plus the state-leaving-the-chunk
-    # term; the last chunk's leaving state is the final state, whose gradient is zero (and the
-    # term absent) when no final state was asked for or used.
-    final_used = final if final is not None and dht is not None else None
-    dg = gate_grad(dG, states, final_used, dstates, dims, dg_dtype, sequences)
+    dq, dk, dG, key_state_term, rowsums = query_key_grads(q, k, gc, score_grad, dq_inter, dk_inter, dims, shifts)
+    # Closed-form gate gradient from within-chunk sums and the states entering each chunk, in a form
+    # whose terms do not cancel (blocks.gate.gate_grad_kernel).
+    dg = gate_grad(dG, key_state_term, gc, states, dstates, dims, dg_dtype)
     if rowsums is None:
         return dq, dk, dv, dg, dh0, None, None
     # φ = exp(x − m): ∂L/∂m = −Σ_features φ ⊙ dφ, i.e. minus the row sums of dq, dk.
@@ -144,14 +140,14 @@ class ChunkedGLAFunction(torch.autograd.Function):
         o, final, scores = gla_forward_from_gate(
             q, k, v, gc, scale, initial_state, output_final_state, dims, sequences=sequences
         )
-        ctx.save_for_backward(q, k, v, gk, gc, scores, initial_state, final)
+        ctx.save_for_backward(q, k, v, gk, gc, scores, initial_state)
         ctx.scale, ctx.dims, ctx.layout = scale, dims, layout
         return (unalign(o, layout) if layout is not None else o), final
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht):
-        q, k, v, gk, gc, scores, initial_state, final = ctx.saved_tensors
+        q, k, v, gk, gc, scores, initial_state = ctx.saved_tensors
         layout = ctx.layout
         scalar_gate = gk.shape[-1] == 1
         do = align(do, layout) if layout is not None else do.contiguous()
@@ -162,7 +158,6 @@ class ChunkedGLAFunction(torch.autograd.Function):
             gc,
             scores,
             initial_state,
-            final,
             do,
             dht.contiguous() if dht is not None else None,
             ctx.scale,

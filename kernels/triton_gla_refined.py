@@ -39,14 +39,14 @@ class RefinedGateGLAFunction(torch.autograd.Function):
         o, final, scores = gla_forward_from_gate(
             q, k, v, gc, scale, initial_state, output_final_state, dims, sequences=layout.chunks if layout else None
         )
-        ctx.save_for_backward(q, k, v, gate_logits, refine_logits, gc, scores, initial_state, final)
+        ctx.save_for_backward(q, k, v, gate_logits, refine_logits, gc, scores, initial_state)
         ctx.scale, ctx.dims, ctx.tau, ctx.log_clamp, ctx.layout = scale, dims, tau, log_clamp, layout
         return (unalign(o, layout) if layout is not None else o), final
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht):
-        q, k, v, gate_logits, refine_logits, gc, scores, initial_state, final = ctx.saved_tensors
+        q, k, v, gate_logits, refine_logits, gc, scores, initial_state = ctx.saved_tensors
         layout = ctx.layout
         dq, dk, dv, d_log_gate, dh0, _, _ = gla_backward(
             q,
@@ -55,7 +55,6 @@ class RefinedGateGLAFunction(torch.autograd.Function):
             gc,
             scores,
             initial_state,
-            final,
             align(do, layout) if layout is not None else do.contiguous(),
             dht.contiguous() if dht is not None else None,
             ctx.scale,

@@ -159,7 +159,6 @@ class FusedReGLAFunction(torch.autograd.Function):
             scores,
             initial_state,
             initial_key_max,
-            final,
             *gate,
         )
         ctx.options, ctx.dims, ctx.has_log_decay, ctx.layout = options, dims, log_decay is not None, layout
@@ -183,7 +182,6 @@ class FusedReGLAFunction(torch.autograd.Function):
             scores,
             initial_state,
             initial_key_max,
-            final,
             *gate,
         ) = ctx.saved_tensors
         options, layout = ctx.options, ctx.layout
@@ -194,7 +192,6 @@ class FusedReGLAFunction(torch.autograd.Function):
             gc,
             scores,
             initial_state,
-            final,
             align(do, layout) if layout is not None else do.contiguous(),
             dht.contiguous() if dht is not None else None,
             options.scale,
