@@ -10,13 +10,20 @@ with a key-side log gate gk: [B, T, H, K] or a per-head scalar gate [B, T, H, 1]
 are the building blocks of `kernels.blocks`; this module composes them and assembles gradients.
 The gate gradient uses the closed form: o depends on gk only through cumulative sums, and
 ∂L/∂b_t = q_t ⊙ dq_t − k_t ⊙ dk_t for the within-chunk cumulative gate b_t, plus rowsum(S ⊙ dS)
-of the state S leaving the chunk; dgk is the within-chunk reverse cumulative sum of that (see
+of the state S leaving the chunk; dgk is the within-chunk reverse cumulative sum of that, computed
+in a rearranged form in which the parts that cancel are never formed (see
 `kernels.blocks.gate.gate_grad_kernel`).
+
+Packed variable-length sequences (`cu_seqlens`, `kernels.varlen`) run in a chunk-aligned copy of
+the inputs (`kernels.blocks.varlen`): each sequence starts on a chunk of its own, and the passes
+over chunks restart the state at each sequence.
 
 A value-side gate gv (Fast Decay) is not in the kernels: such calls run the torch chunked form.
 
 Numerics: cumulative gates, states and every accumulation in fp32; matrix products take their
-operands in the input dtype (bf16 on tensor cores; fp32 inputs use 3-pass tf32, close to fp32).
+operands in the input dtype (bf16 on tensor cores; fp32 inputs use 3-pass tf32, close to fp32),
+except the within-chunk products of dq and dk, whose operands are fp32 for any input (the gate
+gradient's accuracy in bf16: `kernels.blocks.qkv_grad.GATE_GRADIENT_PRODUCTS`).
 The final state is returned in fp32 whatever the input dtype, as the state is kept in fp32.
 """
 

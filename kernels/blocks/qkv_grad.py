@@ -1,5 +1,5 @@
 """Gradient building block: the gradients of q, k and v given the chunk states, their gradients and
-the within-chunk scores, and the local term q ⊙ dq − k ⊙ dk of the gate gradient.
+the within-chunk scores, and the local terms of the gate gradient (q ⊙ dq − k ⊙ dk_intra, k ⊙ dk_inter).
 
 Used by the backward pass of `kernels.triton_gla` (and so by every Triton GLA op), after
 `kernels.blocks.chunk_state`; the gate gradient itself is `kernels.blocks.gate.gate_grad`.
@@ -29,6 +29,15 @@ from .common import (
 )
 
 Tensor = torch.Tensor
+
+#: Operands of `query_key_grad_kernel`'s within-chunk products, whatever the input dtype: fp32 in
+#: three tf32 passes (close to fp32). The gate gradient takes q ⊙ dq − k ⊙ dk_intra from them, and
+#: the pairs of rows at or after a position cancel in that difference; with bf16 operands (dA and
+#: the decayed q, k rounded to 8 bits) the rounding of the cancelled parts dominated what is left:
+#: the refining gate's logit gradients reached 5e-2 relative (ReGLA, T = 256, under the interpreter's
+#: bf16 emulation; tests/test_gate_grad_accuracy.py), 4e-3 with these operands. The products are
+#: small ([16, 64] x [64, 32] per program), so they cost little next to the kernel's loads.
+GATE_GRADIENT_PRODUCTS = dict(DOT=tl.float32, PREC="tf32x3")
 
 
 @triton.jit
@@ -421,7 +430,7 @@ def query_key_grads(
         S=SUB_CHUNK,
         BK=BKD,
         EXP=features["EXP"],
-        **dot,
+        **GATE_GRADIENT_PRODUCTS,
         **launch_options("query_key_grad_kernel"),
     )
     return dq, dk, dG, dk_inter, (tuple(rowsums) if shifts is not None else None)
