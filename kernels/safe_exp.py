@@ -71,21 +71,29 @@ def _chunk_running_max(token_max: Tensor, chunk_size: int) -> Tensor:
 def packed_key_shifts(
     token_max: Tensor, scope: str, chunk_size: int, previous: Tensor | None, bounds: list[int]
 ) -> tuple[Tensor, Tensor | None]:
-    """`key_shifts` of each of N sequences packed along time, concatenated: every scope (and its
-    max) stays inside its sequence.
+    """`key_shifts` of each of N sequences packed along time: every scope (and its max) stays inside
+    its sequence.
+
+    The sequences are laid out as a batch [N, L_max, H], padded at the end with -inf (which no max
+    picks up: every sequence has a real first token), so that one `key_shifts` call serves them all;
+    values and gradients are those of per-sequence calls.
 
     Args:
         token_max: [1, T, H], the keys' token maxima.
         scope, chunk_size: as for `key_shifts`.
         previous: [N, H], each sequence's key max of earlier tokens, or None.
         bounds: the sequences' offsets [0, ..., T] (`kernels.varlen.sequence_bounds`).
+
+    Returns:
+        shift, log_decay: [1, T, H] each (log_decay None where `key_shifts` gives None).
     """
-    # One small call per sequence on [1, L, H] maxima: simple and exact (a segmented cummax in one
-    # call would need an offset per segment, which is not exact in floating point).
-    pieces = [
-        key_shifts(token_max[:, start:end], scope, chunk_size, previous[n : n + 1] if previous is not None else None)
-        for n, (start, end) in enumerate(zip(bounds, bounds[1:]))
-    ]
-    shift = torch.cat([s for s, _ in pieces], dim=1)
-    log_decay = None if pieces[0][1] is None else torch.cat([d for _, d in pieces], dim=1)
-    return shift, log_decay
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    n, longest = len(lengths), max(lengths)
+    device = token_max.device
+    sequence = torch.repeat_interleave(torch.arange(n), torch.tensor(lengths)).to(device)
+    position = torch.arange(bounds[-1], device=device) - torch.tensor(bounds[:-1], device=device)[sequence]
+    batched = token_max.new_full((n, longest, token_max.shape[-1]), float("-inf"))
+    batched = batched.index_put((sequence, position), token_max[0])
+    shift, log_decay = key_shifts(batched, scope, chunk_size, previous)
+    unpack = lambda x: None if x is None else x[sequence, position].unsqueeze(0)  # noqa: E731
+    return unpack(shift), unpack(log_decay)
