@@ -49,6 +49,11 @@ class KVCache:
         return self.keys.shape[2]
 
 
+def _joined(parts: list[Tensor | None]) -> Tensor | None:
+    """Per-document pieces [1, L_i, ...] joined along time; None when the pieces are None."""
+    return None if parts[0] is None else torch.cat(parts, dim=1)
+
+
 def _combine_log_decays(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None or b is None:
         return a if b is None else b
@@ -104,42 +109,81 @@ class LinearAttention(nn.Module):
             o, memory, key_state, log_scale = self._fused_attention(x, q, k, v, state, use_cache)
         else:
             o, memory, key_state, log_scale = self._composed_attention(x, q, k, v, state, use_cache)
-        o = self.norm(o, log_scale) if log_scale is not None else self.norm(o)  # [B, T, H, V]
-        if self.output_gate is not None:
-            o = o * F.silu(self.output_gate(x)).view(B, T, H, K)
-        y = self.o_proj(o.reshape(B, T, H * K))
+        y = self._output(x, o, log_scale)
         new_state = LinearState(memory, key_state, x[:, -1:]) if use_cache else None
         return y, new_state
 
+    def _output(self, x: Tensor, o: Tensor, log_scale: Tensor | None) -> Tensor:
+        """The output norm, output gate and projection of the attention output o [B, T, H, V]."""
+        B, T, _ = x.shape
+        o = self.norm(o, log_scale) if log_scale is not None else self.norm(o)  # [B, T, H, V]
+        if self.output_gate is not None:
+            o = o * F.silu(self.output_gate(x)).view(B, T, self.num_heads, self.head_dim)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
     def _packed_forward(self, x: Tensor, state, use_cache: bool, cu_seqlens: Tensor) -> Tensor:
-        """The layer over packed documents: the fused op takes them at once (`cu_seqlens`) where it
-        applies; any other plugin combination runs one document at a time, which keeps every
-        plugin's own look-back (key max, previous-token gate input) inside its document."""
+        """The layer over documents packed into x's rows: the rows are read as one sequence of B·T
+        tokens, the attention op takes `cu_seqlens`, and what a plugin computes across tokens (the
+        feature map's key max, a gate's previous-token input) is computed one document at a time."""
         if state is not None or use_cache:
             raise ValueError("cu_seqlens (packed documents) is for training: no decoding state in or out")
         B, T, D = x.shape
-        flat = x.reshape(1, B * T, D)
-        q = self.q_proj(flat).view(1, B * T, self.num_heads, self.head_dim)
-        # A gate fed with the previous token would read across a boundary inside one packed call.
-        looks_back = getattr(self.gate, "input", "x") != "x"
-        if self.takes_fused_path(q) and not looks_back:
-            check_row_starts(cu_seqlens, B, T)
-            return self._fused_packed(flat, q, cu_seqlens).view(B, T, D)
         bounds = check_row_starts(cu_seqlens, B, T)
-        pieces = [self(flat[:, start:end])[0] for start, end in zip(bounds, bounds[1:])]
-        return torch.cat(pieces, dim=1).view(B, T, D)
+        flat = x.reshape(1, B * T, D)
+        q, k, v = (proj(flat).view(1, B * T, self.num_heads, self.head_dim) for proj in self.projections())
+        if self.takes_fused_path(q):
+            o, _, _, log_scale = self._fused_attention(flat, q, k, v, None, False, cu_seqlens, bounds)
+        else:
+            o, log_scale = self._composed_packed(flat, q, k, v, cu_seqlens, bounds)
+        return self._output(flat, o, log_scale).view(B, T, D)
 
-    def _fused_packed(self, x: Tensor, q: Tensor, cu_seqlens: Tensor) -> Tensor:
-        """`forward` on the fused path for packed documents x [1, T, D]."""
-        _, T, _ = x.shape
-        H, K = self.num_heads, self.head_dim
-        k = self.k_proj(x).view(1, T, H, K)
-        v = self.v_proj(x).view(1, T, H, K)
-        o, _, _, log_scale = self._fused_attention(x, q, k, v, None, False, cu_seqlens)
-        o = self.norm(o, log_scale) if log_scale is not None else self.norm(o)
-        if self.output_gate is not None:
-            o = o * F.silu(self.output_gate(x)).view(1, T, H, K)
-        return self.o_proj(o.reshape(1, T, H * K))
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return self.q_proj, self.k_proj, self.v_proj
+
+    def gate_reads_one_token(self) -> bool:
+        """Whether the gate of token t reads x_t alone (then one call covers packed documents). Only
+        gates that say so (`input: x`) are trusted; any other may look back across a boundary, which
+        matters where its output scales the keys (`input_scale`), not only the decay."""
+        return getattr(self.gate, "input", None) == "x"
+
+    def _composed_packed(self, x, q, k, v, cu_seqlens, bounds):
+        """`_composed_attention` over packed documents x [1, T, D] (no state): feature maps and gate
+        per document, one `gated_linear_attention` call with `cu_seqlens`."""
+        spans = list(zip(bounds, bounds[1:]))
+        queries = [self.feature_map(q[:, start:end], "q") for start, end in spans]
+        keys = [self.feature_map(k[:, start:end], "k") for start, end in spans]
+        if self.gate_reads_one_token():
+            gate = self.gate(x)
+        else:
+            gates = [self.gate(x[:, start:end]) for start, end in spans]
+            gate = GateOutput(
+                **{name: _joined([getattr(g, name) for g in gates]) for name in ("log_k", "log_v", "input_scale")},
+                activations={name: _joined([g.activations[name] for g in gates]) for name in gates[0].activations},
+                preactivations={
+                    name: _joined([g.preactivations[name] for g in gates]) for name in gates[0].preactivations
+                },
+            )
+        if self.capture_gates:
+            self.captured = gate
+        key_features = _joined([key.features for key in keys])
+        if gate.input_scale is not None:
+            key_features = key_features * gate.input_scale
+        o, _ = gated_linear_attention(
+            _joined([query.features for query in queries]),
+            key_features,
+            v,
+            _combine_log_decays(gate.log_k, _joined([key.log_decay for key in keys])),
+            gate.log_v,
+            scale=self.feature_map.kernel_scale,
+            denominator=self.uses_denominator,
+            denominator_eps=self.config.denominator_eps,
+            impl=self.config.impl,
+            cu_seqlens=cu_seqlens,
+        )
+        log_scale = self.unshifted_frame(
+            _joined([query.shift for query in queries]), _joined([key.shift for key in keys])
+        )
+        return o, log_scale
 
     def fused_plan(self) -> FusedPlan | None:
         """The feature map's and the gate's descriptions for the fused op, when both plugins
@@ -197,9 +241,10 @@ class LinearAttention(nn.Module):
         )
         return o, memory, key.state, self.unshifted_frame(query.shift, key.shift)
 
-    def _fused_attention(self, x, q, k, v, state, use_cache, cu_seqlens=None):
+    def _fused_attention(self, x, q, k, v, state, use_cache, cu_seqlens=None, bounds=None):
         """The same computation as `_composed_attention`, in one Triton op, for plugins that
-        declare a fused form (`fused_plan`); with `cu_seqlens`, over packed documents (batch 1)."""
+        declare a fused form (`fused_plan`); with `cu_seqlens` (and `bounds`, its offsets as a list),
+        over packed documents (batch 1, no state)."""
         plan = self.fused_plan()
         if plan is None:
             raise RuntimeError(
@@ -208,6 +253,9 @@ class LinearAttention(nn.Module):
             )
         features, gate = plan
         kernel_scale = self.feature_map.kernel_scale
+        # Over packed documents one call serves even a gate fed with the previous token: at a
+        # document's first token that input reads the document before, but the gate there decays
+        # a state that is zero (it restarts), so its value changes nothing, output or gradient.
         gate_logits, refine_logits = gate.logits(x, state.last_input if state is not None else None)
         if self.uses_denominator:
             v, _ = with_denominator_column(v)
@@ -239,7 +287,6 @@ class LinearAttention(nn.Module):
             if cu_seqlens is None:
                 key_shift, _ = key_shifts(k.amax(-1), features.key_max, features.chunk_size, previous)
             else:
-                bounds = sequence_bounds(cu_seqlens, 1, k.shape[1])
                 key_shift, _ = packed_key_shifts(k.amax(-1), features.key_max, features.chunk_size, None, bounds)
             log_scale = self.unshifted_frame(query_shift(q).unsqueeze(-1), key_shift.unsqueeze(-1))
         return o, memory, key_max.to(k.dtype), log_scale

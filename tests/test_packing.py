@@ -30,11 +30,9 @@ def cu_seqlens(rows=ROW_DOCUMENTS) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def tiny_model(gate_input: str = "x", softmax_layers: str = "odd") -> LanguageModel:
+def tiny_model(softmax_layers: str = "odd", **attention) -> LanguageModel:
     torch.manual_seed(0)
-    attention = AttentionConfig(
-        feature_map="safe_exp", norm="rmsnorm", gate="refined", gate_options={"input": gate_input}
-    )
+    attention = AttentionConfig(**{"feature_map": "safe_exp", "norm": "rmsnorm", "gate": "refined", **attention})
     config = ModelConfig(
         vocab_size=VOCAB,
         d_model=D,
@@ -47,10 +45,19 @@ def tiny_model(gate_input: str = "x", softmax_layers: str = "odd") -> LanguageMo
     return LanguageModel(config).double().eval()
 
 
-@pytest.mark.parametrize("gate_input", ["x", "x_shift"])
-def test_packed_loss_is_the_mean_of_per_document_losses(gate_input):
-    # A hybrid: layer 0 linear (ReGLA), layer 1 softmax with rotary positions.
-    model = tiny_model(gate_input)
+@pytest.mark.parametrize(
+    "attention",
+    [
+        {},
+        {"gate": "scalar", "gate_options": {"input": "x_shift"}},
+        {"feature_map": "elu_plus_one", "gate": "fast_decay", "norm": "denominator"},
+        {"feature_map": "identity", "gate": "gla", "output_gate": "swish"},
+    ],
+    ids=["regla", "key_scaling_gate_of_previous_token", "fast_decay_denominator", "gla_output_gate"],
+)
+def test_packed_loss_is_the_mean_of_per_document_losses(attention):
+    # A hybrid: layer 0 linear, layer 1 softmax with rotary positions.
+    model = tiny_model(**attention)
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, VOCAB, (2, 12), generator=gen)
     targets = torch.randint(0, VOCAB, (2, 12), generator=gen)
@@ -78,10 +85,12 @@ def test_packed_rows_must_start_documents():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter case; on CUDA the gpu test covers the fused path")
-def test_fused_layer_on_packed_documents_matches_per_document(monkeypatch):
+@pytest.mark.parametrize("gate_input", ["x", "x_shift"])
+def test_fused_layer_on_packed_documents_matches_per_document(gate_input, monkeypatch):
+    # x_shift: one gate call reads across boundaries, harmlessly (the state it decays there is zero).
     pytest.importorskip("triton")
     torch.manual_seed(0)
-    config = AttentionConfig(feature_map="safe_exp", norm="rmsnorm", gate="refined")
+    config = AttentionConfig(feature_map="safe_exp", norm="rmsnorm", gate="refined", gate_options={"input": gate_input})
     layer = LinearAttention(16, 1, 16, config)
     # Force the fused op under Triton's interpreter (it otherwise runs on CUDA only).
     monkeypatch.setattr(LinearAttention, "takes_fused_path", lambda self, q: True)
