@@ -231,8 +231,8 @@ def test_through_dispatch():
     assert rel_rms(got, want) <= 1e-4 and rel_rms(final, want_final) <= 1e-4
 
 
-def test_refined_gate_packed():
-    tau, clamp = 2.0, -8.0
+def refined_pair(tau, clamp):
+    """The refined-gate op on packed input, and the recurrence with the gate's torch formula on one sequence."""
 
     def packed(x, cu):
         return triton_gla_refined_gate(
@@ -250,7 +250,7 @@ def test_refined_gate_packed():
         )
 
     def sequence(x):
-        return recurrent_gla(
+        return reference_for(x)(
             x["q"],
             x["k"],
             x["v"],
@@ -260,9 +260,13 @@ def test_refined_gate_packed():
             output_final_state=True,
         )
 
+    return packed, sequence
+
+
+def test_refined_gate_packed():
     inputs = make_inputs(LENGTHS, 1, 16, 16, gate="refined", gate_spread=6.0)
     inputs.pop("m0")
-    errors = packed_vs_per_sequence(packed, sequence, inputs, LENGTHS, dtype=torch.float32)
+    errors = packed_vs_per_sequence(*refined_pair(2.0, -8.0), inputs, LENGTHS, dtype=torch.float32)
     assert worst(errors) <= 1e-4, errors
 
 
@@ -353,3 +357,13 @@ def test_gpu_fused_regla_packed(key_max, dtype):
     inputs = make_inputs(GPU_LENGTHS, 4, 128, 128, gate="refined", gate_spread=6.0, states=states)
     errors = packed_vs_per_sequence(*regla_pair(key_max, 64, states), inputs, GPU_LENGTHS, dtype=dtype)
     check_gpu_errors(f"packed triton_regla key_max={key_max}", errors, dtype)
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(GPU_TOLERANCE), ids=["fp32", "bf16"])
+def test_gpu_refined_gate_packed(dtype):
+    inputs = make_inputs(GPU_LENGTHS, 4, 128, 128, gate="refined", gate_spread=6.0)
+    inputs.pop("m0")
+    errors = packed_vs_per_sequence(*refined_pair(2.0, -8.0), inputs, GPU_LENGTHS, dtype=dtype)
+    check_gpu_errors("packed triton_gla_refined_gate", errors, dtype)
