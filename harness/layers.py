@@ -321,13 +321,13 @@ def check_row_starts(cu_seqlens: Tensor, B: int, T: int) -> list[int]:
     return bounds
 
 
-def packed_positions(cu_seqlens: Tensor, B: int, T: int) -> tuple[Tensor, Tensor]:
+def packed_positions(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """The document index and the position inside its document of every token, [B, T] each, for
     documents packed into B rows of T tokens by `cu_seqlens` (offsets over the B·T tokens row after
-    row; every row start must be among them, so that no document spans two rows)."""
+    row; every row start must be among them, so that no document spans two rows), on `device`."""
     check_row_starts(cu_seqlens, B, T)
-    starts = cu_seqlens[:-1].to(torch.int64)
-    token = torch.arange(B * T, device=cu_seqlens.device)
+    starts = cu_seqlens[:-1].to(device, torch.int64)
+    token = torch.arange(B * T, device=device)
     document = torch.searchsorted(starts, token, right=True) - 1
     return document.view(B, T), (token - starts[document]).view(B, T)
 
@@ -353,7 +353,7 @@ class SoftmaxAttention(nn.Module):
         if cu_seqlens is not None:
             if state is not None or use_cache:
                 raise ValueError("cu_seqlens (packed documents) is for training: no KV cache in or out")
-            document, positions = packed_positions(cu_seqlens, B, T)
+            document, positions = packed_positions(cu_seqlens, B, T, x.device)
             if self.rotary:
                 q, k = (_rotate(t, 0, self.rotary_base, positions) for t in (q, k))
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()

@@ -54,7 +54,7 @@ class LanguageModel(nn.Module):
     ) -> tuple[Tensor, list[Any] | None]:
         """`cu_seqlens`: [N + 1] offsets of documents packed into the rows of idx (over the B·T tokens
         read row after row, every row start among them); no attention crosses a boundary. None:
-        each row is one sequence."""
+        each row is one sequence. Best kept on the host: the ops read the offsets as host values."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be [batch, time] token ids; got shape {tuple(idx.shape)}")
         x = self.embed(idx)

@@ -174,8 +174,9 @@ def train(
         for micro in range(config.grad_accum):
             cu_seqlens = None
             if spec.data.packing == "documents":
+                # cu_seqlens stays on the host: the ops read the offsets as host values (a device
+                # tensor would cost a device sync in every layer).
                 x, y, cu_seqlens = data.train.sample_document_batch(config.batch_size, config.seq_len, generator)
-                cu_seqlens = cu_seqlens.to(dev, non_blocking=True)
             else:
                 x, y = data.train.sample_batch(config.batch_size, config.seq_len, generator)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)

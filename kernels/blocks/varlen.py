@@ -18,6 +18,7 @@ chunk in every kernel.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -44,6 +45,13 @@ class ChunkAlignedLayout(NamedTuple):
 
 def chunk_aligned_layout(bounds: list[int], device: torch.device) -> ChunkAlignedLayout:
     """The layout of sequences with offsets `bounds` ([0, L_0, ..., T], from `kernels.varlen.sequence_bounds`)."""
+    return _layout(tuple(bounds), torch.device(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _layout(bounds: tuple[int, ...], device: torch.device) -> ChunkAlignedLayout:
+    # Cached: every layer of a model sees the same offsets in one step, and the index tensors are
+    # only read. Built on the host (the offsets are host values already) and copied once.
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     chunk_counts = [-(-n // CHUNK) for n in lengths]
     chunk_offsets = [0]
