@@ -36,8 +36,9 @@ Tensor = torch.Tensor
 #: the decayed q, k rounded to 8 bits) the rounding of the cancelled parts dominated what is left:
 #: the refining gate's logit gradients reached 5e-2 relative (ReGLA, T = 256, under the interpreter's
 #: bf16 emulation; tests/test_gate_grad_accuracy.py), 4e-3 with these operands. The products are
-#: small ([16, 64] x [64, 32] per program), so they cost little next to the kernel's loads.
-GATE_GRADIENT_PRODUCTS = dict(DOT=tl.float32, PREC="tf32x3")
+#: small ([16, 64] x [64, 32] per program), so they should cost little next to the kernel's loads
+#: (not yet timed on a GPU). None: the input dtype's operands, as every other product.
+GATE_GRADIENT_PRODUCTS: dict | None = dict(DOT=tl.float32, PREC="tf32x3")
 
 
 @triton.jit
@@ -430,7 +431,7 @@ def query_key_grads(
         S=SUB_CHUNK,
         BK=BKD,
         EXP=features["EXP"],
-        **GATE_GRADIENT_PRODUCTS,
+        **(GATE_GRADIENT_PRODUCTS or dot),
         **launch_options("query_key_grad_kernel"),
     )
     return dq, dk, dG, dk_inter, (tuple(rowsums) if shifts is not None else None)
