@@ -96,8 +96,8 @@ class LinearAttention(nn.Module):
         """x [B, T, D] -> y [B, T, D] and, with `use_cache`, the decoding state.
 
         `cu_seqlens` ([N + 1] int offsets over the B·T tokens read row after row, every row start
-        among them; `packed_sequences`) packs documents into the rows: attention restarts at each
-        boundary. Training only: no state in or out."""
+        among them; `LanguageModel.forward`) packs documents into the rows: attention restarts at
+        each boundary. Training only: no state in or out."""
         if cu_seqlens is not None:
             return self._packed_forward(x, state, use_cache, cu_seqlens), None
         B, T, _ = x.shape
@@ -130,15 +130,14 @@ class LinearAttention(nn.Module):
         B, T, D = x.shape
         bounds = check_row_starts(cu_seqlens, B, T)
         flat = x.reshape(1, B * T, D)
-        q, k, v = (proj(flat).view(1, B * T, self.num_heads, self.head_dim) for proj in self.projections())
+        q, k, v = (
+            proj(flat).view(1, B * T, self.num_heads, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         if self.takes_fused_path(q):
             o, _, _, log_scale = self._fused_attention(flat, q, k, v, None, False, cu_seqlens, bounds)
         else:
             o, log_scale = self._composed_packed(flat, q, k, v, cu_seqlens, bounds)
         return self._output(flat, o, log_scale).view(B, T, D)
-
-    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        return self.q_proj, self.k_proj, self.v_proj
 
     def gate_reads_one_token(self) -> bool:
         """Whether the gate of token t reads x_t alone (then one call covers packed documents). Only
