@@ -209,15 +209,16 @@ def gla_sequence(x):
 
 
 @pytest.mark.parametrize(
-    "gate, gate_shift, states",
-    [("vector", 4.0, False), ("scalar", -4.0, True)],
-    ids=["vector_near_one_no_state", "scalar_near_zero_with_states"],
+    "gate, gate_shift, states, lengths",
+    [("vector", 4.0, False, LENGTHS), ("scalar", -4.0, True, (64, 1, 70))],
+    ids=["vector_near_one_no_state", "scalar_near_zero_with_states_whole_chunk"],
 )
-def test_triton_gla_packed(gate, gate_shift, states):
+def test_triton_gla_packed(gate, gate_shift, states, lengths):
     # Spread 6 around the shift: gates near 1 and near 0 (on the clamp) in both cases. A vector gate
-    # with states is test_refined_gate_packed's case (the refined gate is a per-feature log gate).
-    inputs = make_inputs(LENGTHS, 1, 16, 16, gate=gate, gate_shift=gate_shift, gate_spread=6.0, states=states)
-    errors = packed_vs_per_sequence(gla_packed, gla_sequence, inputs, LENGTHS, dtype=torch.float32)
+    # with states is test_refined_gate_packed's case (the refined gate is a per-feature log gate);
+    # a sequence of exactly one chunk (64) needs no added rows.
+    inputs = make_inputs(lengths, 1, 16, 16, gate=gate, gate_shift=gate_shift, gate_spread=6.0, states=states)
+    errors = packed_vs_per_sequence(gla_packed, gla_sequence, inputs, lengths, dtype=torch.float32)
     assert worst(errors) <= 1e-4, errors
 
 
@@ -325,7 +326,7 @@ def test_fused_regla_packed(key_max, states):
 
 # --- realistic shapes on a GPU --------------------------------------------------------------------
 
-GPU_LENGTHS = (1, 100, 1000, 2047, 63, 900)
+GPU_LENGTHS = (1, 100, 1000, 2047, 64, 63, 900)
 #: as tests/test_triton_kernels.py and tests/test_triton_regla.py bound the unpacked ops: fp32 5e-3;
 #: bf16 5e-2, the refining gate's logits' gradients 2.5e-1 (a cancelling difference of bf16 products).
 GPU_TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 5e-2}
