@@ -102,7 +102,8 @@ def gla_backward(
         q, k, v, gc, initial_state, dims, shifts, sequences: as given to `gla_forward_from_gate`.
         scores: [B, Tp, H, CHUNK] fp32, as returned by it.
         do: [B, T, H, V] the output's gradient, contiguous.
-        dht: [B, H, K, V] the final state's gradient, contiguous, or None for zero.
+        dht: [B, H, K, V] ([N, H, K, V] with `sequences`) the final state's gradient, contiguous,
+            or None for zero.
         scale: the output's scale.
         dg_dtype: dtype of the log gate's gradient.
 
@@ -112,7 +113,7 @@ def gla_backward(
         dv: [B, T, H, V] in v's dtype.
         dg: [B, T, H, K] in `dg_dtype`, the gradient of the per-feature log gate (before the
             cumulative sum: summed over features for a per-head gate by the caller).
-        dh0: [B, H, K, V] fp32, or None without an initial state.
+        dh0: [B, H, K, V] ([N, H, K, V] with `sequences`) fp32, or None without an initial state.
         d_query_shift, d_key_shift: [B, T, H] fp32, the safe-exp shifts' gradients; None without `shifts`.
     """
     # Chunk-entry states are recomputed rather than kept from the forward: [B, H, NT, K, V] fp32
