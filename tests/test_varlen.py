@@ -316,9 +316,12 @@ def regla_pair(key_max, chunk_size, states):
     return packed, sequence
 
 
-@pytest.mark.parametrize("key_max, states", [("running", True), ("chunk", False), ("sequence", False)])
-def test_fused_regla_packed(key_max, states):
-    lengths = (1, 7, 33, 70)
+@pytest.mark.parametrize(
+    "key_max, states, lengths",
+    [("running", True, (1, 7, 33, 70)), ("chunk", False, (1, 7, 33)), ("sequence", False, (33, 1, 7))],
+)
+def test_fused_regla_packed(key_max, states, lengths):
+    # The key-max scopes, each inside its sequence (`chunk` over chunks of 16, so 33 spans three).
     inputs = make_inputs(lengths, 1, 16, 16, gate="refined", gate_spread=6.0, states=states)
     errors = packed_vs_per_sequence(*regla_pair(key_max, 16, states), inputs, lengths, dtype=torch.float32)
     assert worst(errors) <= 1e-4, errors
