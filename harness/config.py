@@ -185,13 +185,24 @@ class ModelConfig:
         return tuple(sorted({i % n for i in indices}))
 
 
+#: How training rows are cut from the token stream: "windows" (random windows of seq_len tokens,
+#: crossing documents freely) or "documents" (the same windows, attention restarting at every
+#: document boundary inside them: the model gets the documents' cu_seqlens).
+PACKINGS = ("windows", "documents")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Which corpus and tokenizer; `options` go to the source (e.g. data_dir, glob)."""
+    """Which corpus and tokenizer; `options` go to the source (e.g. data_dir, glob); `packing`
+    one of PACKINGS (training batches only: evaluation keeps windows, comparable across runs)."""
 
     source: str = "offline-english"
     tokenizer: str = "bpe-4096"
     options: dict = field(default_factory=dict)
+    packing: str = "windows"
+
+    def __post_init__(self):
+        _choice("data.packing", self.packing, PACKINGS)
 
 
 @dataclass(frozen=True)

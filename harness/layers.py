@@ -14,7 +14,8 @@ import kernels
 from kernels import gated_linear_attention
 from kernels.dispatch import divide_by_denominator, with_denominator_column
 from kernels.fusion import RefiningGateKernel, SafeExpKernel
-from kernels.safe_exp import key_shifts, query_shift
+from kernels.safe_exp import key_shifts, packed_key_shifts, query_shift
+from kernels.varlen import sequence_bounds
 from variants import FEATURE_MAPS, GATES, NORMS, GateOutput
 
 from .config import AttentionConfig, ConfigError, ModelConfig
@@ -46,6 +47,11 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.keys.shape[2]
+
+
+def _joined(parts: list[Tensor | None]) -> Tensor | None:
+    """Per-document pieces [1, L_i, ...] joined along time; None when the pieces are None."""
+    return None if parts[0] is None else torch.cat(parts, dim=1)
 
 
 def _combine_log_decays(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -85,8 +91,15 @@ class LinearAttention(nn.Module):
         self.captured: GateOutput | None = None
 
     def forward(
-        self, x: Tensor, state: LinearState | None = None, use_cache: bool = False
+        self, x: Tensor, state: LinearState | None = None, use_cache: bool = False, cu_seqlens: Tensor | None = None
     ) -> tuple[Tensor, LinearState | None]:
+        """x [B, T, D] -> y [B, T, D] and, with `use_cache`, the decoding state.
+
+        `cu_seqlens` ([N + 1] int offsets over the B·T tokens read row after row, every row start
+        among them; `LanguageModel.forward`) packs documents into the rows: attention restarts at
+        each boundary. Training only: no state in or out."""
+        if cu_seqlens is not None:
+            return self._packed_forward(x, state, use_cache, cu_seqlens), None
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, K)
@@ -96,12 +109,80 @@ class LinearAttention(nn.Module):
             o, memory, key_state, log_scale = self._fused_attention(x, q, k, v, state, use_cache)
         else:
             o, memory, key_state, log_scale = self._composed_attention(x, q, k, v, state, use_cache)
-        o = self.norm(o, log_scale) if log_scale is not None else self.norm(o)  # [B, T, H, V]
-        if self.output_gate is not None:
-            o = o * F.silu(self.output_gate(x)).view(B, T, H, K)
-        y = self.o_proj(o.reshape(B, T, H * K))
+        y = self._output(x, o, log_scale)
         new_state = LinearState(memory, key_state, x[:, -1:]) if use_cache else None
         return y, new_state
+
+    def _output(self, x: Tensor, o: Tensor, log_scale: Tensor | None) -> Tensor:
+        """The output norm, output gate and projection of the attention output o [B, T, H, V]."""
+        B, T, _ = x.shape
+        o = self.norm(o, log_scale) if log_scale is not None else self.norm(o)  # [B, T, H, V]
+        if self.output_gate is not None:
+            o = o * F.silu(self.output_gate(x)).view(B, T, self.num_heads, self.head_dim)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+    def _packed_forward(self, x: Tensor, state, use_cache: bool, cu_seqlens: Tensor) -> Tensor:
+        """The layer over documents packed into x's rows: the rows are read as one sequence of B·T
+        tokens, the attention op takes `cu_seqlens`, and what a plugin computes across tokens (the
+        feature map's key max, a gate's previous-token input) is computed one document at a time."""
+        if state is not None or use_cache:
+            raise ValueError("cu_seqlens (packed documents) is for training: no decoding state in or out")
+        B, T, D = x.shape
+        bounds = check_row_starts(cu_seqlens, B, T)
+        flat = x.reshape(1, B * T, D)
+        q, k, v = (
+            proj(flat).view(1, B * T, self.num_heads, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        if self.takes_fused_path(q):
+            o, _, _, log_scale = self._fused_attention(flat, q, k, v, None, False, cu_seqlens, bounds)
+        else:
+            o, log_scale = self._composed_packed(flat, q, k, v, cu_seqlens, bounds)
+        return self._output(flat, o, log_scale).view(B, T, D)
+
+    def gate_reads_one_token(self) -> bool:
+        """Whether the gate of token t reads x_t alone (then one call covers packed documents). Only
+        gates that say so (`input: x`) are trusted; any other may look back across a boundary, which
+        matters where its output scales the keys (`input_scale`), not only the decay."""
+        return getattr(self.gate, "input", None) == "x"
+
+    def _composed_packed(self, x, q, k, v, cu_seqlens, bounds):
+        """`_composed_attention` over packed documents x [1, T, D] (no state): feature maps and gate
+        per document, one `gated_linear_attention` call with `cu_seqlens`."""
+        spans = list(zip(bounds, bounds[1:]))
+        queries = [self.feature_map(q[:, start:end], "q") for start, end in spans]
+        keys = [self.feature_map(k[:, start:end], "k") for start, end in spans]
+        if self.gate_reads_one_token():
+            gate = self.gate(x)
+        else:
+            gates = [self.gate(x[:, start:end]) for start, end in spans]
+            gate = GateOutput(
+                **{name: _joined([getattr(g, name) for g in gates]) for name in ("log_k", "log_v", "input_scale")},
+                activations={name: _joined([g.activations[name] for g in gates]) for name in gates[0].activations},
+                preactivations={
+                    name: _joined([g.preactivations[name] for g in gates]) for name in gates[0].preactivations
+                },
+            )
+        if self.capture_gates:
+            self.captured = gate
+        key_features = _joined([key.features for key in keys])
+        if gate.input_scale is not None:
+            key_features = key_features * gate.input_scale
+        o, _ = gated_linear_attention(
+            _joined([query.features for query in queries]),
+            key_features,
+            v,
+            _combine_log_decays(gate.log_k, _joined([key.log_decay for key in keys])),
+            gate.log_v,
+            scale=self.feature_map.kernel_scale,
+            denominator=self.uses_denominator,
+            denominator_eps=self.config.denominator_eps,
+            impl=self.config.impl,
+            cu_seqlens=cu_seqlens,
+        )
+        log_scale = self.unshifted_frame(
+            _joined([query.shift for query in queries]), _joined([key.shift for key in keys])
+        )
+        return o, log_scale
 
     def fused_plan(self) -> FusedPlan | None:
         """The feature map's and the gate's descriptions for the fused op, when both plugins
@@ -159,9 +240,10 @@ class LinearAttention(nn.Module):
         )
         return o, memory, key.state, self.unshifted_frame(query.shift, key.shift)
 
-    def _fused_attention(self, x, q, k, v, state, use_cache):
+    def _fused_attention(self, x, q, k, v, state, use_cache, cu_seqlens=None, bounds=None):
         """The same computation as `_composed_attention`, in one Triton op, for plugins that
-        declare a fused form (`fused_plan`)."""
+        declare a fused form (`fused_plan`); with `cu_seqlens` (and `bounds`, its offsets as a list),
+        over packed documents (batch 1, no state)."""
         plan = self.fused_plan()
         if plan is None:
             raise RuntimeError(
@@ -170,6 +252,9 @@ class LinearAttention(nn.Module):
             )
         features, gate = plan
         kernel_scale = self.feature_map.kernel_scale
+        # Over packed documents one call serves even a gate fed with the previous token: at a
+        # document's first token that input reads the document before, but the gate there decays
+        # a state that is zero (it restarts), so its value changes nothing, output or gradient.
         gate_logits, refine_logits = gate.logits(x, state.last_input if state is not None else None)
         if self.uses_denominator:
             v, _ = with_denominator_column(v)
@@ -188,6 +273,7 @@ class LinearAttention(nn.Module):
             initial_state=state.memory if state is not None else None,
             initial_key_max=state.key_feature if state is not None else None,
             output_final_state=use_cache,
+            cu_seqlens=cu_seqlens,
         )
         if self.uses_denominator:
             # eps scaled as the composed path scales it: by the op scale there, which leaves a
@@ -197,21 +283,52 @@ class LinearAttention(nn.Module):
         if self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps:
             # The op's shifts, recomputed on the small [B, T, H] maxima (as the feature map forms them).
             previous = state.key_feature if state is not None else None
-            key_shift, _ = key_shifts(k.amax(-1), features.key_max, features.chunk_size, previous)
+            if cu_seqlens is None:
+                key_shift, _ = key_shifts(k.amax(-1), features.key_max, features.chunk_size, previous)
+            else:
+                key_shift, _ = packed_key_shifts(k.amax(-1), features.key_max, features.chunk_size, None, bounds)
             log_scale = self.unshifted_frame(query_shift(q).unsqueeze(-1), key_shift.unsqueeze(-1))
         return o, memory, key_max.to(k.dtype), log_scale
 
 
-def _rotate(x: Tensor, offset: int, base: float) -> Tensor:
-    """Rotary position embedding (Su et al. 2021) on [B, H, T, K], positions offset.. offset+T."""
+def _rotate(x: Tensor, offset: int, base: float, positions: Tensor | None = None) -> Tensor:
+    """Rotary position embedding (Su et al. 2021) on [B, H, T, K], positions offset.. offset+T, or
+    the given `positions` [B, T] (packed documents: each counts from 0)."""
     T, K = x.shape[-2], x.shape[-1]
     half = K // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # [T, K/2]
+    if positions is None:
+        positions = torch.arange(offset, offset + T, device=x.device)
+    else:
+        positions = positions[:, None]  # [B, 1, T]: one set per row, shared by the heads
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # [T, K/2] or [B, 1, T, K/2]
     x1, x2 = x[..., :half], x[..., half : 2 * half]
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return torch.cat([rotated, x[..., 2 * half :]], dim=-1) if K % 2 else rotated
+
+
+def check_row_starts(cu_seqlens: Tensor, B: int, T: int) -> list[int]:
+    """The offsets of documents packed into B rows of T tokens, checked (`kernels.varlen`), every
+    row start among them."""
+    bounds = sequence_bounds(cu_seqlens, 1, B * T)
+    starts = set(bounds)
+    if any(row * T not in starts for row in range(B)):
+        raise ValueError(
+            f"cu_seqlens must hold every row start (the multiples of T = {T}): a document cannot span two rows"
+        )
+    return bounds
+
+
+def packed_positions(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The document index and the position inside its document of every token, [B, T] each, for
+    documents packed into B rows of T tokens by `cu_seqlens` (offsets over the B·T tokens row after
+    row; every row start must be among them, so that no document spans two rows), on `device`."""
+    check_row_starts(cu_seqlens, B, T)
+    starts = cu_seqlens[:-1].to(device, torch.int64)
+    token = torch.arange(B * T, device=device)
+    document = torch.searchsorted(starts, token, right=True) - 1
+    return document.view(B, T), (token - starts[document]).view(B, T)
 
 
 class SoftmaxAttention(nn.Module):
@@ -226,10 +343,22 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(inner, d_model, bias=False)
 
     def forward(
-        self, x: Tensor, state: KVCache | None = None, use_cache: bool = False
+        self, x: Tensor, state: KVCache | None = None, use_cache: bool = False, cu_seqlens: Tensor | None = None
     ) -> tuple[Tensor, KVCache | None]:
+        """`cu_seqlens`: packed documents as for `LinearAttention.forward` (training only): a
+        block-diagonal causal mask per row, and rotary positions counted from each document's start."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cu_seqlens is not None:
+            if state is not None or use_cache:
+                raise ValueError("cu_seqlens (packed documents) is for training: no KV cache in or out")
+            document, positions = packed_positions(cu_seqlens, B, T, x.device)
+            if self.rotary:
+                q, k = (_rotate(t, 0, self.rotary_base, positions) for t in (q, k))
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = causal & (document[:, :, None] == document[:, None, :])  # [B, T, T]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), None
         offset = state.length if state is not None else 0
         if self.rotary:
             q, k = _rotate(q, offset, self.rotary_base), _rotate(k, offset, self.rotary_base)
@@ -282,8 +411,11 @@ class Block(nn.Module):
         self.mlp = MLP(D, config.mlp, config.mlp_ratio)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, state: Any = None, use_cache: bool = False) -> tuple[Tensor, Any]:
-        h, new_state = self.attn(self.attn_norm(x), state, use_cache)
+    def forward(
+        self, x: Tensor, state: Any = None, use_cache: bool = False, cu_seqlens: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
+        """`cu_seqlens`: documents packed into the rows (see `LinearAttention.forward`), or None."""
+        h, new_state = self.attn(self.attn_norm(x), state, use_cache, cu_seqlens)
         x = x + self.dropout(h)
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         return x, new_state

@@ -50,20 +50,23 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.config.n_layers) if residual else std)
 
     def forward(
-        self, idx: Tensor, cache: list[Any] | None = None, use_cache: bool = False
+        self, idx: Tensor, cache: list[Any] | None = None, use_cache: bool = False, cu_seqlens: Tensor | None = None
     ) -> tuple[Tensor, list[Any] | None]:
+        """`cu_seqlens`: [N + 1] offsets of documents packed into the rows of idx (over the B·T tokens
+        read row after row, every row start among them); no attention crosses a boundary. None:
+        each row is one sequence. Best kept on the host: the ops read the offsets as host values."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be [batch, time] token ids; got shape {tuple(idx.shape)}")
         x = self.embed(idx)
         new_cache = [] if use_cache else None
         for i, block in enumerate(self.blocks):
-            x, state = block(x, cache[i] if cache is not None else None, use_cache)
+            x, state = block(x, cache[i] if cache is not None else None, use_cache, cu_seqlens)
             if use_cache:
                 new_cache.append(state)
         return self.lm_head(self.final_norm(x)), new_cache
 
-    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        logits, _ = self(idx)
+    def loss(self, idx: Tensor, targets: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        logits, _ = self(idx, cu_seqlens=cu_seqlens)
         # At least fp32 for the softmax (bf16 logits lose the tail), and fp64 stays fp64.
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())

@@ -77,10 +77,13 @@ class RunSpec:
             # A softmax-only model never builds the linear-attention plugins: their settings
             # must not make two identical softmax runs look different.
             model.pop("attention")
+        data = to_dict(self.data)
+        if data["packing"] == "windows":
+            data.pop("packing")  # the default, as before the option existed: existing run ids stay valid
         return {
             "format": SPEC_FORMAT,
             "model": model,
-            "data": to_dict(self.data),
+            "data": data,
             "train": to_dict(self.train),
             "plugins": self.plugin_versions(),
             "processes": self.processes,

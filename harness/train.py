@@ -54,10 +54,18 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def micro_step_loss(model: Any, x: torch.Tensor, y: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
-    """The training loss of one micro-batch (the forward half of a step)."""
+def micro_step_loss(
+    model: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The training loss of one micro-batch (the forward half of a step); `cu_seqlens`: the
+    documents packed into x's rows (data.packing = "documents"), or None."""
     with autocast_context(device, precision):
-        logits, _ = model(x)
+        logits, _ = model(x) if cu_seqlens is None else model(x, cu_seqlens=cu_seqlens)
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
@@ -164,11 +172,17 @@ def train(
         step_loss = 0.0
         generator = batch_generator(config.seed, ctx.rank, step)
         for micro in range(config.grad_accum):
-            x, y = data.train.sample_batch(config.batch_size, config.seq_len, generator)
+            cu_seqlens = None
+            if spec.data.packing == "documents":
+                # cu_seqlens stays on the host: the ops read the offsets as host values (a device
+                # tensor would cost a device sync in every layer).
+                x, y, cu_seqlens = data.train.sample_document_batch(config.batch_size, config.seq_len, generator)
+            else:
+                x, y = data.train.sample_batch(config.batch_size, config.seq_len, generator)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             sync = wrapped.no_sync() if ctx.world_size > 1 and micro < config.grad_accum - 1 else nullcontext()
             with sync:
-                loss, failure = attempt(micro_step_loss, wrapped, x, y, dev, config.precision)
+                loss, failure = attempt(micro_step_loss, wrapped, x, y, dev, config.precision, cu_seqlens)
                 micro_loss = loss.item() if failure is None else None
                 if isinstance(failure, FloatingPointError):  # an op met NaN activations: divergence
                     failure = Diverged(f"non-finite values in the forward at step {step}: {failure}")

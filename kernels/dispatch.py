@@ -10,6 +10,7 @@ import torch
 from registry import Registry
 
 from . import reference
+from .varlen import sequence_bounds
 
 Tensor = torch.Tensor
 GLAFn = Callable[..., tuple[Tensor, Tensor | None]]
@@ -36,7 +37,13 @@ def register_implementation(name: str, fn: GLAFn | str) -> None:
 
 
 def _check_shapes(
-    q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None, gv: Tensor | None, initial_state: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor | None,
+    gv: Tensor | None,
+    initial_state: Tensor | None,
+    n_states: int | None = None,
 ) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -57,9 +64,10 @@ def _check_shapes(
                 f"{name} must be [B, T, H, {dim}] or [B, T, H, 1] (a per-head scalar gate); got {tuple(g.shape)}"
             )
     B, _, H, K = q.shape
-    expected = (B, H, K, v.shape[-1])
+    expected = (B if n_states is None else n_states, H, K, v.shape[-1])
     if initial_state is not None and tuple(initial_state.shape) != expected:
-        raise ValueError(f"initial_state must be [B, H, K, V] = {expected}; got {tuple(initial_state.shape)}")
+        what = "[B, H, K, V]" if n_states is None else "[N, H, K, V], one per packed sequence,"
+        raise ValueError(f"initial_state must be {what} = {expected}; got {tuple(initial_state.shape)}")
 
 
 def default_implementation(q: Tensor) -> str:
@@ -86,6 +94,7 @@ def gated_linear_attention(
     denominator: bool = False,
     denominator_eps: float = 1e-6,
     impl: str = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """o_t = scale · S_tᵀ q_t with S_t = diag(e^{gk_t}) S_{t-1} diag(e^{gv_t}) + k_t v_tᵀ.
 
@@ -93,16 +102,25 @@ def gated_linear_attention(
     (the normaliser of classic linear attention, decayed by the key-side gate only). It is
     computed as one extra value column of ones (value gate 0 on that column), so the state,
     and any initial/final state, is then [B, H, K, V + 1] with z in the last column.
+
+    With `cu_seqlens` ([N + 1] int offsets, batch 1; `kernels.varlen`) q, k, v hold N sequences
+    packed along time: the state restarts at each boundary, and initial and final states are
+    [N, H, K, V], one per sequence. Every registered implementation must then take `cu_seqlens`.
     """
     _check_shapes(q, k, v, gk, gv, None)
+    n_states = None
+    if cu_seqlens is not None:
+        n_states = len(sequence_bounds(cu_seqlens, q.shape[0], q.shape[1])) - 1
     if denominator:
         v, gv = with_denominator_column(v, gv)
-    _check_shapes(q, k, v, gk, gv, initial_state)
+    _check_shapes(q, k, v, gk, gv, initial_state, n_states)
     name = default_implementation(q) if impl == "auto" else impl
     if name not in IMPLEMENTATIONS:
         raise IMPLEMENTATIONS.unknown(name)
+    # Passed only when given, so implementations registered without packed-sequence support keep working.
+    packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     o, final_state = IMPLEMENTATIONS[name](
-        q, k, v, gk, gv, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        q, k, v, gk, gv, scale=scale, initial_state=initial_state, output_final_state=output_final_state, **packed
     )
     if denominator:
         o = divide_by_denominator(o, denominator_eps * scale)

@@ -24,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .varlen import per_sequence
+
 Tensor = torch.Tensor
 
 
@@ -43,8 +45,25 @@ def recurrent_gla(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Step-by-step recurrence in the inputs' dtype: the ground truth (run it in fp64)."""
+    """Step-by-step recurrence in the inputs' dtype: the ground truth (run it in fp64).
+
+    With `cu_seqlens` ([N + 1] offsets, batch 1) the sequences packed along time are run one by
+    one (`kernels.varlen`); initial and final states are then [N, H, K, V]."""
+    if cu_seqlens is not None:
+        return per_sequence(
+            recurrent_gla,
+            cu_seqlens,
+            q,
+            k,
+            v,
+            gk,
+            gv,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
     B, T, H, K = q.shape
     V = v.shape[-1]
     gk, gv = _expand_gate(gk, k), _expand_gate(gv, v)
@@ -134,6 +153,7 @@ def chunked_gla(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int | None = None,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunkwise-parallel form: exact decays inside a chunk, a state carried across chunks.
 
@@ -143,7 +163,24 @@ def chunked_gla(
     memory, exact for any finite gate. Across chunks, every exponent is a chunk-relative
     cumulative (<= 0), so nothing overflows. Log gates must be finite (differences of -inf are
     undefined): clamp them from below, as the gates' `log_clamp` option does.
+
+    With `cu_seqlens` ([N + 1] offsets, batch 1) the sequences packed along time are run one by
+    one (`kernels.varlen`); initial and final states are then [N, H, K, V].
     """
+    if cu_seqlens is not None:
+        return per_sequence(
+            chunked_gla,
+            cu_seqlens,
+            q,
+            k,
+            v,
+            gk,
+            gv,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            chunk_size=chunk_size,
+        )
     B, T, H, K = q.shape
     V = v.shape[-1]
     gk, gv = _expand_gate(gk, k), _expand_gate(gv, v)
@@ -209,7 +246,22 @@ def parallel_gla(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Masked quadratic form over the whole sequence (one chunk of length T): short T only."""
+    """Masked quadratic form over the whole sequence (one chunk of length T): short T only.
+    With `cu_seqlens`, over each packed sequence."""
+    if cu_seqlens is not None:
+        return per_sequence(
+            parallel_gla,
+            cu_seqlens,
+            q,
+            k,
+            v,
+            gk,
+            gv,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
     T = q.shape[1]
     return chunked_gla(q, k, v, gk, gv, scale, initial_state, output_final_state, chunk_size=max(T, 1))

@@ -66,3 +66,34 @@ def _chunk_running_max(token_max: Tensor, chunk_size: int) -> Tensor:
     chunk_max = padded.reshape(B, n, chunk_size, H).amax(2)  # [B, n, H]
     running = running_max(chunk_max)
     return running.repeat_interleave(chunk_size, dim=1)[:, :T]
+
+
+def packed_key_shifts(
+    token_max: Tensor, scope: str, chunk_size: int, previous: Tensor | None, bounds: list[int]
+) -> tuple[Tensor, Tensor | None]:
+    """`key_shifts` of each of N sequences packed along time: every scope (and its max) stays inside
+    its sequence.
+
+    The sequences are laid out as a batch [N, L_max, H], padded at the end with -inf (which no max
+    picks up: every sequence has a real first token), so that one `key_shifts` call serves them all;
+    values and gradients are those of per-sequence calls.
+
+    Args:
+        token_max: [1, T, H], the keys' token maxima.
+        scope, chunk_size: as for `key_shifts`.
+        previous: [N, H], each sequence's key max of earlier tokens, or None.
+        bounds: the sequences' offsets [0, ..., T] (`kernels.varlen.sequence_bounds`).
+
+    Returns:
+        shift, log_decay: [1, T, H] each (log_decay None where `key_shifts` gives None).
+    """
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    n, longest = len(lengths), max(lengths)
+    device = token_max.device
+    sequence = torch.repeat_interleave(torch.arange(n), torch.tensor(lengths)).to(device)
+    position = torch.arange(bounds[-1], device=device) - torch.tensor(bounds[:-1], device=device)[sequence]
+    batched = token_max.new_full((n, longest, token_max.shape[-1]), float("-inf"))
+    batched = batched.index_put((sequence, position), token_max[0])
+    shift, log_decay = key_shifts(batched, scope, chunk_size, previous)
+    unpack = lambda x: None if x is None else x[sequence, position].unsqueeze(0)  # noqa: E731
+    return unpack(shift), unpack(log_decay)

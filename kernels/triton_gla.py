@@ -10,13 +10,20 @@ with a key-side log gate gk: [B, T, H, K] or a per-head scalar gate [B, T, H, 1]
 are the building blocks of `kernels.blocks`; this module composes them and assembles gradients.
 The gate gradient uses the closed form: o depends on gk only through cumulative sums, and
 ∂L/∂b_t = q_t ⊙ dq_t − k_t ⊙ dk_t for the within-chunk cumulative gate b_t, plus rowsum(S ⊙ dS)
-of the state S leaving the chunk; dgk is the within-chunk reverse cumulative sum of that (see
+of the state S leaving the chunk; dgk is the within-chunk reverse cumulative sum of that, computed
+in a rearranged form in which the parts that cancel are never formed (see
 `kernels.blocks.gate.gate_grad_kernel`).
+
+Packed variable-length sequences (`cu_seqlens`, `kernels.varlen`) run in a chunk-aligned copy of
+the inputs (`kernels.blocks.varlen`): each sequence starts on a chunk of its own, and the passes
+over chunks restart the state at each sequence.
 
 A value-side gate gv (Fast Decay) is not in the kernels: such calls run the torch chunked form.
 
 Numerics: cumulative gates, states and every accumulation in fp32; matrix products take their
-operands in the input dtype (bf16 on tensor cores; fp32 inputs use 3-pass tf32, close to fp32).
+operands in the input dtype (bf16 on tensor cores; fp32 inputs use 3-pass tf32, close to fp32),
+except the within-chunk products of dq and dk, whose operands are fp32 for any input (the gate
+gradient's accuracy in bf16: `kernels.blocks.qkv_grad.GATE_GRADIENT_PRODUCTS`).
 The final state is returned in fp32 whatever the input dtype, as the state is kept in fp32.
 """
 
@@ -31,6 +38,8 @@ from .blocks.common import Dims, SafeExpShifts, check_supported, dims_of, on_dev
 from .blocks.gate import gate_cumsum, gate_grad
 from .blocks.output import chunk_output, intra_scores
 from .blocks.qkv_grad import intra_score_grads, query_key_grads, query_key_inter_grads, value_grads
+from .blocks.varlen import SequenceChunks, align, chunk_aligned_layout, unalign
+from .varlen import check_sequence_states, sequence_bounds
 
 Tensor = torch.Tensor
 
@@ -45,6 +54,7 @@ def gla_forward_from_gate(
     output_final_state: bool,
     dims: Dims,
     shifts: SafeExpShifts | None = None,
+    sequences: SequenceChunks | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """The forward pass given the within-chunk cumulative log2 gates.
 
@@ -57,13 +67,15 @@ def gla_forward_from_gate(
         output_final_state: whether to return the final state.
         dims: `blocks.common.dims_of(q, v)`.
         shifts: safe-exp shifts (q and k are then read as φ(q), φ(k)), or None.
+        sequences: packed sequences, the inputs in the chunk-aligned layout of `blocks.varlen`
+            (B = 1; initial and final states [N, H, K, V]), or None for one sequence per batch row.
 
     Returns:
         o: [B, T, H, V] in q's dtype.
-        final: [B, H, K, V] fp32, or None unless `output_final_state`.
+        final: [B, H, K, V] ([N, H, K, V] with `sequences`) fp32, or None unless `output_final_state`.
         scores: [B, Tp, H, CHUNK] fp32 within-chunk scores, kept for `gla_backward`.
     """
-    states, final = chunk_states(k, v, gc, initial_state, output_final_state, dims, shifts)
+    states, final = chunk_states(k, v, gc, initial_state, output_final_state, dims, shifts, sequences)
     scores = intra_scores(q, k, gc, dims, shifts)
     o = chunk_output(q, v, gc, scores, states, scale, dims, shifts)
     return o, final, scores
@@ -76,22 +88,22 @@ def gla_backward(
     gc: Tensor,
     scores: Tensor,
     initial_state: Tensor | None,
-    final: Tensor | None,
     do: Tensor,
     dht: Tensor | None,
     scale: float,
     dims: Dims,
     dg_dtype: torch.dtype,
     shifts: SafeExpShifts | None = None,
+    sequences: SequenceChunks | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The backward pass of `gla_forward_from_gate`.
 
     Args:
-        q, k, v, gc, initial_state, dims, shifts: as given to `gla_forward_from_gate`.
+        q, k, v, gc, initial_state, dims, shifts, sequences: as given to `gla_forward_from_gate`.
         scores: [B, Tp, H, CHUNK] fp32, as returned by it.
-        final: [B, H, K, V] fp32 final state as returned by it, or None.
         do: [B, T, H, V] the output's gradient, contiguous.
-        dht: [B, H, K, V] the final state's gradient, contiguous, or None for zero.
+        dht: [B, H, K, V] ([N, H, K, V] with `sequences`) the final state's gradient, contiguous,
+            or None for zero.
         scale: the output's scale.
         dg_dtype: dtype of the log gate's gradient.
 
@@ -101,23 +113,22 @@ def gla_backward(
         dv: [B, T, H, V] in v's dtype.
         dg: [B, T, H, K] in `dg_dtype`, the gradient of the per-feature log gate (before the
             cumulative sum: summed over features for a per-head gate by the caller).
-        dh0: [B, H, K, V] fp32, or None without an initial state.
+        dh0: [B, H, K, V] ([N, H, K, V] with `sequences`) fp32, or None without an initial state.
         d_query_shift, d_key_shift: [B, T, H] fp32, the safe-exp shifts' gradients; None without `shifts`.
     """
     # Chunk-entry states are recomputed rather than kept from the forward: [B, H, NT, K, V] fp32
     # would otherwise be held for the whole of the model's backward.
-    states, _ = chunk_states(k, v, gc, initial_state, False, dims, shifts)
-    dstates, dh0 = chunk_state_grads(q, do, gc, dht, initial_state is not None, scale, dims, shifts)
+    states, _ = chunk_states(k, v, gc, initial_state, False, dims, shifts, sequences)
+    dstates, dh0 = chunk_state_grads(q, do, gc, dht, initial_state is not None, scale, dims, shifts, sequences)
     score_grad = intra_score_grads(do, v, scale, dims)
     dv = value_grads(k, gc, scores, do, dstates, scale, dims, v.dtype, shifts)
     dq_inter, dk_inter = query_key_inter_grads(v, gc, do, states, dstates, scale, dims)
     # With safe-exp features, dq and dk still get the max shifts' terms (kernels.triton_regla):
     # they stay in fp32 until then, as those terms nearly cancel at the maxima.
-    dq, dk, dG, rowsums = query_key_grads(q, k, gc, score_grad, dq_inter, dk_inter, dims, shifts)
-    # Closed-form gate gradient: within-chunk reverse sums of dG plus the state-leaving-the-chunk
-    # term; the last chunk's leaving state is the final state, whose gradient is zero (and the
-    # term absent) when no final state was asked for or used.
-    dg = gate_grad(dG, states, final if final is not None and dht is not None else None, dstates, dims, dg_dtype)
+    dq, dk, dG, key_state_term, rowsums = query_key_grads(q, k, gc, score_grad, dq_inter, dk_inter, dims, shifts)
+    # Closed-form gate gradient from within-chunk sums and the states entering each chunk, in a form
+    # whose terms do not cancel (blocks.gate.gate_grad_kernel).
+    dg = gate_grad(dG, key_state_term, gc, states, dstates, dims, dg_dtype)
     if rowsums is None:
         return dq, dk, dv, dg, dh0, None, None
     # φ = exp(x − m): ∂L/∂m = −Σ_features φ ⊙ dφ, i.e. minus the row sums of dq, dk.
@@ -126,19 +137,28 @@ def gla_backward(
 
 class ChunkedGLAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gk, scale, initial_state, output_final_state):
+    def forward(ctx, q, k, v, gk, scale, initial_state, output_final_state, bounds):
+        # Packed sequences run in the chunk-aligned layout (blocks.varlen): inputs copied in, output out.
+        layout = chunk_aligned_layout(bounds, q.device) if bounds is not None else None
+        if layout is not None:
+            q, k, v, gk = (align(t, layout) for t in (q, k, v, gk))
+        sequences = layout.chunks if layout is not None else None
         dims = dims_of(q, v)
         gc = gate_cumsum(gk, dims)  # [B, Tp, H, K]
-        o, final, scores = gla_forward_from_gate(q, k, v, gc, scale, initial_state, output_final_state, dims)
-        ctx.save_for_backward(q, k, v, gk, gc, scores, initial_state, final)
-        ctx.scale, ctx.dims = scale, dims
-        return o, final
+        o, final, scores = gla_forward_from_gate(
+            q, k, v, gc, scale, initial_state, output_final_state, dims, sequences=sequences
+        )
+        ctx.save_for_backward(q, k, v, gk, gc, scores, initial_state)
+        ctx.scale, ctx.dims, ctx.layout = scale, dims, layout
+        return (unalign(o, layout) if layout is not None else o), final
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht):
-        q, k, v, gk, gc, scores, initial_state, final = ctx.saved_tensors
+        q, k, v, gk, gc, scores, initial_state = ctx.saved_tensors
+        layout = ctx.layout
         scalar_gate = gk.shape[-1] == 1
+        do = align(do, layout) if layout is not None else do.contiguous()
         dq, dk, dv, dg, dh0, _, _ = gla_backward(
             q,
             k,
@@ -146,17 +166,19 @@ class ChunkedGLAFunction(torch.autograd.Function):
             gc,
             scores,
             initial_state,
-            final,
-            do.contiguous(),
+            do,
             dht.contiguous() if dht is not None else None,
             ctx.scale,
             ctx.dims,
             torch.float32 if scalar_gate else gk.dtype,
+            sequences=layout.chunks if layout is not None else None,
         )
         if scalar_gate:
             dg = dg.sum(-1, keepdim=True).to(gk.dtype)
+        if layout is not None:
+            dq, dk, dv, dg = (unalign(t, layout) for t in (dq, dk, dv, dg))
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
-        return dq, dk, dv, dg, None, dh0, None
+        return dq, dk, dv, dg, None, dh0, None, None
 
 
 def triton_gla(
@@ -168,6 +190,7 @@ def triton_gla(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Gated linear attention, key-side gate, on the Triton kernels (same contract as the references).
 
@@ -179,23 +202,36 @@ def triton_gla(
         gv: value-side log gate [B, T, H, V] (Fast Decay): not in the kernels, so a call with one
             runs `kernels.reference.chunked_gla`.
         scale: the output's scale.
-        initial_state: [B, H, K, V], or None for zeros.
+        initial_state: [B, H, K, V] ([N, H, K, V] with `cu_seqlens`), or None for zeros.
         output_final_state: whether to return the final state.
+        cu_seqlens: [N + 1] int offsets of N sequences packed along time (B = 1; `kernels.varlen`):
+            the state restarts at each boundary. None: one sequence per batch row.
 
     Returns:
         o: [B, T, H, V] in q's dtype.
-        final_state: [B, H, K, V], or None unless `output_final_state`; fp32 on the kernels (the
-            state is kept in fp32).
+        final_state: [B, H, K, V] ([N, H, K, V] with `cu_seqlens`), or None unless
+            `output_final_state`; fp32 on the kernels (the state is kept in fp32).
     """
     if gv is not None:
         # A value-side gate (Fast Decay) is not in the kernels yet: the torch chunked form is exact.
         return reference.chunked_gla(
-            q, k, v, gk, gv, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+            q,
+            k,
+            v,
+            gk,
+            gv,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
         )
     check_supported(q, v)
     B, T, H, K = q.shape
+    bounds = sequence_bounds(cu_seqlens, B, T) if cu_seqlens is not None else None
+    if bounds is not None:
+        check_sequence_states(initial_state, len(bounds) - 1)
     if gk is None:
         gk = q.new_zeros(B, T, H, 1)
     q, k, v, gk = (t.contiguous() for t in (q, k, v, gk))
     with on_device_of(q):
-        return ChunkedGLAFunction.apply(q, k, v, gk, float(scale), initial_state, output_final_state)
+        return ChunkedGLAFunction.apply(q, k, v, gk, float(scale), initial_state, output_final_state, bounds)

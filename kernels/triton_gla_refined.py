@@ -14,25 +14,40 @@ from torch.autograd.function import once_differentiable
 
 from .blocks.common import check_supported, dims_of, on_device_of
 from .blocks.refined_gate import refined_gate_cumsum, refined_gate_grads
+from .blocks.varlen import align, chunk_aligned_layout, unalign
 from .triton_gla import gla_backward, gla_forward_from_gate
+from .varlen import check_sequence_states, sequence_bounds
 
 Tensor = torch.Tensor
 
 
 class RefinedGateGLAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gate_logits, refine_logits, tau, log_clamp, scale, initial_state, output_final_state):
+    def forward(
+        ctx, q, k, v, gate_logits, refine_logits, tau, log_clamp, scale, initial_state, output_final_state, bounds
+    ):
+        # Packed sequences run in the chunk-aligned layout (blocks.varlen). Added rows get gate logit
+        # +inf: σ(+inf) = 1 makes the refined log gate exactly 0 there (no decay), whatever tau or clamp.
+        layout = chunk_aligned_layout(bounds, q.device) if bounds is not None else None
+        aligned = (q, k, v, gate_logits, refine_logits)
+        if layout is not None:
+            fills = (0.0, 0.0, 0.0, float("inf"), 0.0)
+            aligned = tuple(align(t, layout, fill) for t, fill in zip(aligned, fills))
+        q, k, v, aligned_gate, aligned_refine = aligned
         dims = dims_of(q, v)
-        gc = refined_gate_cumsum(gate_logits, refine_logits, tau, log_clamp, None, dims)
-        o, final, scores = gla_forward_from_gate(q, k, v, gc, scale, initial_state, output_final_state, dims)
-        ctx.save_for_backward(q, k, v, gate_logits, refine_logits, gc, scores, initial_state, final)
-        ctx.scale, ctx.dims, ctx.tau, ctx.log_clamp = scale, dims, tau, log_clamp
-        return o, final
+        gc = refined_gate_cumsum(aligned_gate, aligned_refine, tau, log_clamp, None, dims)
+        o, final, scores = gla_forward_from_gate(
+            q, k, v, gc, scale, initial_state, output_final_state, dims, sequences=layout.chunks if layout else None
+        )
+        ctx.save_for_backward(q, k, v, gate_logits, refine_logits, gc, scores, initial_state)
+        ctx.scale, ctx.dims, ctx.tau, ctx.log_clamp, ctx.layout = scale, dims, tau, log_clamp, layout
+        return (unalign(o, layout) if layout is not None else o), final
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht):
-        q, k, v, gate_logits, refine_logits, gc, scores, initial_state, final = ctx.saved_tensors
+        q, k, v, gate_logits, refine_logits, gc, scores, initial_state = ctx.saved_tensors
+        layout = ctx.layout
         dq, dk, dv, d_log_gate, dh0, _, _ = gla_backward(
             q,
             k,
@@ -40,16 +55,18 @@ class RefinedGateGLAFunction(torch.autograd.Function):
             gc,
             scores,
             initial_state,
-            final,
-            do.contiguous(),
+            align(do, layout) if layout is not None else do.contiguous(),
             dht.contiguous() if dht is not None else None,
             ctx.scale,
             ctx.dims,
             torch.float32,
+            sequences=layout.chunks if layout is not None else None,
         )
+        if layout is not None:
+            dq, dk, dv, d_log_gate = (unalign(t, layout) for t in (dq, dk, dv, d_log_gate))
         d_gate, d_refine = refined_gate_grads(gate_logits, refine_logits, ctx.tau, ctx.log_clamp, d_log_gate)
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
-        return dq, dk, dv, d_gate, d_refine, None, None, None, dh0, None
+        return dq, dk, dv, d_gate, d_refine, None, None, None, dh0, None, None
 
 
 def triton_gla_refined_gate(
@@ -64,6 +81,7 @@ def triton_gla_refined_gate(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """GLA whose key-side log gate is ReGLA's refining gate of (gate_logits, refine_logits).
 
@@ -78,12 +96,14 @@ def triton_gla_refined_gate(
         tau: the gate's temperature (> 0).
         log_clamp: lower bound of the log gate (< 0), or None for none.
         scale: the output's scale.
-        initial_state: [B, H, K, V], or None for zeros.
+        initial_state: [B, H, K, V] ([N, H, K, V] with `cu_seqlens`), or None for zeros.
         output_final_state: whether to return the final state.
+        cu_seqlens: [N + 1] int offsets of N sequences packed along time (B = 1; `kernels.varlen`),
+            or None for one sequence per batch row.
 
     Returns:
         o: [B, T, H, V] in q's dtype.
-        final_state: [B, H, K, V] fp32, or None unless `output_final_state`.
+        final_state: [B, H, K, V] ([N, H, K, V] with `cu_seqlens`) fp32, or None unless `output_final_state`.
     """
     if gate_logits.shape != q.shape or refine_logits.shape != q.shape:
         raise ValueError(
@@ -93,8 +113,21 @@ def triton_gla_refined_gate(
     check_supported(q, v)
     if tau <= 0 or (log_clamp is not None and not log_clamp < 0):
         raise ValueError(f"tau must be > 0 and log_clamp negative or None; got tau={tau}, log_clamp={log_clamp}")
+    bounds = sequence_bounds(cu_seqlens, q.shape[0], q.shape[1]) if cu_seqlens is not None else None
+    if bounds is not None:
+        check_sequence_states(initial_state, len(bounds) - 1)
     q, k, v, gate_logits, refine_logits = (t.contiguous() for t in (q, k, v, gate_logits, refine_logits))
     with on_device_of(q):
         return RefinedGateGLAFunction.apply(
-            q, k, v, gate_logits, refine_logits, float(tau), log_clamp, float(scale), initial_state, output_final_state
+            q,
+            k,
+            v,
+            gate_logits,
+            refine_logits,
+            float(tau),
+            log_clamp,
+            float(scale),
+            initial_state,
+            output_final_state,
+            bounds,
         )

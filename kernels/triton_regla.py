@@ -36,7 +36,9 @@ from .blocks.common import SafeExpShifts, check_supported, dims_of, on_device_of
 from .blocks.gate import gate_cumsum
 from .blocks.max_shift import add_max_gradient
 from .blocks.refined_gate import refined_gate_cumsum, refined_gate_grads
+from .blocks.varlen import align, chunk_aligned_layout, unalign
 from .triton_gla import gla_backward, gla_forward_from_gate
+from .varlen import sequence_bounds
 
 Tensor = torch.Tensor
 
@@ -57,6 +59,14 @@ class _Options(NamedTuple):
     key_max: str
     chunk_size: int
     scale: float
+    bounds: list[int] | None  # packed sequences' offsets (kernels.varlen), or None
+
+
+def _key_shifts(token_max: Tensor, options: _Options, previous: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """safe_exp's key shifts and log decay [B, T, H], per packed sequence when there are several."""
+    if options.bounds is None:
+        return safe_exp.key_shifts(token_max, options.key_max, options.chunk_size, previous)
+    return safe_exp.packed_key_shifts(token_max, options.key_max, options.chunk_size, previous, options.bounds)
 
 
 def _gate_cumsum(gate: tuple[Tensor, ...], refined: _RefinedGate | None, log_decay: Tensor | None, dims) -> Tensor:
@@ -83,9 +93,7 @@ def _key_shifts_backward(token_max, initial_key_max, options, d_shift, d_log_dec
         leaves = [token_max.detach().requires_grad_(True)]
         if initial_key_max is not None:
             leaves.append(initial_key_max.detach().float().requires_grad_(True))
-        shift, log_decay = safe_exp.key_shifts(
-            leaves[0], options.key_max, options.chunk_size, leaves[1] if len(leaves) > 1 else None
-        )
+        shift, log_decay = _key_shifts(leaves[0], options, leaves[1] if len(leaves) > 1 else None)
         outputs, grads = [shift], [d_shift]
         if log_decay is not None:
             outputs.append(log_decay)
@@ -97,65 +105,118 @@ def _key_shifts_backward(token_max, initial_key_max, options, d_shift, d_log_dec
 
 class FusedReGLAFunction(torch.autograd.Function):
     """Inputs: q, k, v [B, T, H, ·], the initial state and key max (or None), the options, and the
-    gate tensors (one log gate, or the two logits). Outputs: o, the final state, the last key max."""
+    gate tensors (one log gate, or the two logits). Outputs: o, the final state, the last key max.
+
+    Packed sequences (options.bounds) run in the chunk-aligned layout of `kernels.blocks.varlen`: the
+    shifts are formed per sequence on the packed maxima, then every kernel input is copied in. Added
+    rows get shift +inf (so φ = 0 there), log decay 0 and a log gate of exactly 0 (gate logit +inf)."""
 
     @staticmethod
     def forward(ctx, q, k, v, initial_state, initial_key_max, options, output_final_state, *gate):
-        dims = dims_of(q, v)
         # Maxima are exact in any dtype: no fp32 copy of q, k is made for them.
-        query_shift = safe_exp.query_shift(q).float().contiguous()
+        query_shift = safe_exp.query_shift(q).float()
         token_max = k.amax(-1).float()
-        key_shift, log_decay = safe_exp.key_shifts(
-            token_max,
-            options.key_max,
-            options.chunk_size,
-            initial_key_max.float() if initial_key_max is not None else None,
+        key_shift, log_decay = _key_shifts(
+            token_max, options, initial_key_max.float() if initial_key_max is not None else None
         )
-        key_shift = key_shift.contiguous()
-        log_decay = log_decay.contiguous() if log_decay is not None else None
+        layout = chunk_aligned_layout(options.bounds, q.device) if options.bounds is not None else None
+        last_key_shift = key_shift[0, layout.ends] if layout is not None else key_shift[:, -1]
+        kernel_inputs = (q, k, v, query_shift, key_shift, log_decay, *gate)
+        if layout is not None:
+            gate_fill = (float("inf"), 0.0) if options.refined is not None else (0.0,)
+            fills = (0.0, 0.0, 0.0, float("inf"), float("inf"), 0.0, *gate_fill)
+            kernel_inputs = tuple(
+                None if t is None else align(t, layout, fill) for t, fill in zip(kernel_inputs, fills)
+            )
+        q_in, k_in, v_in, query_shift, key_shift, log_decay, *gate_in = (
+            None if t is None else t.contiguous() for t in kernel_inputs
+        )
+        dims = dims_of(q_in, v_in)
         shifts = SafeExpShifts(query_shift, key_shift)
-        gc = _gate_cumsum(gate, options.refined, log_decay, dims)
+        gc = _gate_cumsum(tuple(gate_in), options.refined, log_decay, dims)
         o, final, scores = gla_forward_from_gate(
-            q, k, v, gc, options.scale, initial_state, output_final_state, dims, shifts
+            q_in,
+            k_in,
+            v_in,
+            gc,
+            options.scale,
+            initial_state,
+            output_final_state,
+            dims,
+            shifts,
+            layout.chunks if layout is not None else None,
         )
         ctx.save_for_backward(
-            q, k, v, query_shift, key_shift, token_max, gc, scores, initial_state, initial_key_max, final, *gate
+            q,
+            k,
+            q_in,
+            k_in,
+            v_in,
+            query_shift,
+            key_shift,
+            token_max,
+            gc,
+            scores,
+            initial_state,
+            initial_key_max,
+            *gate,
         )
-        ctx.options, ctx.dims, ctx.has_log_decay = options, dims, log_decay is not None
-        return o, final, key_shift[:, -1].clone()  # not a view of a tensor saved for backward
+        ctx.options, ctx.dims, ctx.has_log_decay, ctx.layout = options, dims, log_decay is not None, layout
+        if layout is not None:
+            o = unalign(o, layout)
+        return o, final, last_key_shift.clone()  # not a view of a tensor saved for backward
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht, d_key_max):
-        (q, k, v, query_shift, key_shift, token_max, gc, scores, initial_state, initial_key_max, final, *gate) = (
-            ctx.saved_tensors
-        )
-        options = ctx.options
-        dq, dk, dv, d_log_gate, dh0, d_query_shift, d_key_shift = gla_backward(
+        (
             q,
             k,
-            v,
+            q_in,
+            k_in,
+            v_in,
+            query_shift,
+            key_shift,
+            token_max,
             gc,
             scores,
             initial_state,
-            final,
-            do.contiguous(),
+            initial_key_max,
+            *gate,
+        ) = ctx.saved_tensors
+        options, layout = ctx.options, ctx.layout
+        dq, dk, dv, d_log_gate, dh0, d_query_shift, d_key_shift = gla_backward(
+            q_in,
+            k_in,
+            v_in,
+            gc,
+            scores,
+            initial_state,
+            align(do, layout) if layout is not None else do.contiguous(),
             dht.contiguous() if dht is not None else None,
             options.scale,
             ctx.dims,
             torch.float32,
             SafeExpShifts(query_shift, key_shift),
+            layout.chunks if layout is not None else None,
         )
+        if layout is not None:
+            dq, dk, dv, d_log_gate, d_query_shift, d_key_shift = (
+                unalign(t, layout) for t in (dq, dk, dv, d_log_gate, d_query_shift, d_key_shift)
+            )
         # The key-max decay is added to every feature's log gate: its gradient is the feature sum.
         d_log_decay = d_log_gate.sum(-1) if ctx.has_log_decay else None
         if d_key_max is not None:
-            d_key_shift[:, -1] += d_key_max
+            if layout is not None:
+                d_key_shift[0, layout.ends] += d_key_max
+            else:
+                d_key_shift[:, -1] += d_key_max
         d_token_max, d_initial_key_max = _key_shifts_backward(
             token_max, initial_key_max, options, d_key_shift, d_log_decay
         )
-        dq = add_max_gradient(q, dq, d_query_shift)
-        dk = add_max_gradient(k, dk, d_token_max)
-        d_gate = _gate_grads(tuple(gate), options.refined, d_log_gate)
+        dq = add_max_gradient(q, dq.contiguous(), d_query_shift)
+        dk = add_max_gradient(k, dk.contiguous(), d_token_max)
+        d_gate = _gate_grads(tuple(gate), options.refined, d_log_gate.contiguous())
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
         return dq, dk, dv, dh0, d_initial_key_max, None, None, *d_gate
 
@@ -176,6 +237,7 @@ def triton_regla(
     initial_state: Tensor | None = None,
     initial_key_max: Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> ReGLAOutput:
     """Gated linear attention with safe-exp features of the raw q, k, and a key-side gate.
 
@@ -197,6 +259,9 @@ def triton_regla(
         initial_state: [B, H, K, V], or None; with `initial_key_max`, continues a decoded sequence.
         initial_key_max: [B, H], the key max of the earlier tokens (`ReGLAOutput.key_max`), or None.
         output_final_state: whether to return the final state.
+        cu_seqlens: [N + 1] int offsets of N sequences packed along time (B = 1; `kernels.varlen`):
+            state and key max restart at each boundary, and initial_state, initial_key_max, the
+            final state and key_max are per sequence ([N, H, K, V], [N, H]). None: one per batch row.
 
     Returns:
         ReGLAOutput: output [B, T, H, V] in q's dtype; final_state [B, H, K, V] fp32, or None unless
@@ -222,19 +287,27 @@ def triton_regla(
     if (initial_key_max is None) != (initial_state is None):
         raise ValueError("initial_state and initial_key_max go together: the state is scaled by the key max")
     B, T, H, K = q.shape
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, v.shape[-1]):
+    bounds = sequence_bounds(cu_seqlens, B, T) if cu_seqlens is not None else None
+    states = B if bounds is None else len(bounds) - 1  # initial / final states: one per sequence
+    if initial_state is not None and tuple(initial_state.shape) != (states, H, K, v.shape[-1]):
         raise ValueError(
-            f"initial_state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}; got {tuple(initial_state.shape)}"
+            f"initial_state must be [{'B' if bounds is None else 'N'}, H, K, V] = {(states, H, K, v.shape[-1])}; "
+            f"got {tuple(initial_state.shape)}"
         )
-    if initial_key_max is not None and tuple(initial_key_max.shape) != (B, H):
-        raise ValueError(f"initial_key_max must be [B, H] = {(B, H)}; got {tuple(initial_key_max.shape)}")
+    if initial_key_max is not None and tuple(initial_key_max.shape) != (states, H):
+        raise ValueError(
+            f"initial_key_max must be [{'B' if bounds is None else 'N'}, H] = {(states, H)}; "
+            f"got {tuple(initial_key_max.shape)}"
+        )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size (of the `chunk` key-max scope) must be >= 1; got {chunk_size}")
     check_supported(q, v)
     gate = (gate_logits, refine_logits) if refined else (log_gate,)
-    options = _Options(_RefinedGate(float(tau), log_clamp) if refined else None, key_max, int(chunk_size), float(scale))
+    options = _Options(
+        _RefinedGate(float(tau), log_clamp) if refined else None, key_max, int(chunk_size), float(scale), bounds
+    )
     if key_max not in safe_exp.KEY_MAX_SCOPES:
         raise ValueError(f"key_max must be one of {', '.join(safe_exp.KEY_MAX_SCOPES)}; got {key_max!r}")
     q, k, v, *gate = (t.contiguous() for t in (q, k, v, *gate))

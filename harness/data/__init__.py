@@ -3,6 +3,7 @@
     from harness.data import prepare_data, iter_documents
     data = prepare_data("offline-english", "gpt2")
     x, y = data.train.sample_batch(8, 256, torch.Generator().manual_seed(0))  # [8, 256] each
+    x, y, cu_seqlens = data.train.sample_document_batch(8, 256, generator)  # documents cut at eot
     for doc in iter_documents("offline-english", "validation"): ...
 
 Corpora that must be installed first: ``bash scripts/prepare_corpora.sh`` (or ``make data``).

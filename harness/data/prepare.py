@@ -62,9 +62,9 @@ def prepare_data(
     return PreparedData(
         source=resolved,
         tokenizer=tok,
-        train=TokenDataset(splits["train"].tokens),
-        validation=TokenDataset(splits["validation"].tokens),
-        test=TokenDataset(splits["test"].tokens),
+        train=TokenDataset(splits["train"].tokens, splits["train"].meta.get("eot_id")),
+        validation=TokenDataset(splits["validation"].tokens, splits["validation"].meta.get("eot_id")),
+        test=TokenDataset(splits["test"].tokens, splits["test"].meta.get("eot_id")),
         stats={split: t.meta for split, t in splits.items()},
     )
 

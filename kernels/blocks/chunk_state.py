@@ -23,6 +23,7 @@ from .common import (
     load_rows,
     store_rows,
 )
+from .varlen import SequenceChunks
 
 Tensor = torch.Tensor
 
@@ -36,44 +37,61 @@ def state_forward_kernel(
     h0,
     states,
     ht,
+    seq_chunks,
     T,
     Tp,
     H,
     K,
     V,
     NT,
+    N,
     C: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
+    VARLEN: tl.constexpr,
     PREC: tl.constexpr,
     DOT: tl.constexpr,
     EXP: tl.constexpr,
 ):
-    """Sequential pass over chunks: states[c] is the state entering chunk c; ht the final one."""
+    """Sequential pass over chunks: states[c] is the state entering chunk c; ht the final one.
+
+    With VARLEN, the row holds N sequences, sequence n on chunks seq_chunks[n] .. seq_chunks[n + 1] − 1
+    (`blocks.varlen`): the state restarts from h0[n] (or zero) at each and ht[n] is its last.
+    Without, N = 1 and the sequence covers all NT chunks. h0, ht: [B·N, H, K, V].
+    """
     ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
     k_base = k + head_offset(bh, H, T, K)  # row stride H*K
     ks_base = ks + head_offset(bh, H, T, 1)  # per-row key shifts, row stride H
     v_base = v + head_offset(bh, H, T, V)
     g_base = gc + head_offset(bh, H, Tp, K)
     kv_base = bh.to(tl.int64) * NT * K * V
-    if HAS_H0:
-        state = load_rows(h0 + bh.to(tl.int64) * K * V, ik * BK, K, V, iv * BV, V, BK, BV).to(tl.float32)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
     dt = DOT
-    for c in range(NT):
-        store_rows(states + kv_base + c * K * V, state, ik * BK, K, V, iv * BV, V, BK, BV)
-        t0 = c * C
-        k_tile = load_features(k_base, ks_base, t0, T, H * K, ik * BK, K, H, C, BK, EXP)  # [C, BK]
-        v_tile = load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV).to(dt)  # [C, BV]
-        g_tile = load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)  # [C, BK]
-        g_last = load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)  # [BK]
-        k_to_end = (k_tile * tl.exp2(g_last[None, :] - g_tile)).to(dt)
-        state = state * tl.exp2(g_last)[:, None] + tl.dot(tl.trans(k_to_end), v_tile, input_precision=PREC)
-    if STORE_HT:
-        store_rows(ht + bh.to(tl.int64) * K * V, state, ik * BK, K, V, iv * BV, V, BK, BV)
+    for n in range(N):
+        if VARLEN:
+            c_begin = tl.load(seq_chunks + n)
+            c_end = tl.load(seq_chunks + n + 1)
+        else:
+            c_begin = 0
+            c_end = NT
+        seq_base = ((b.to(tl.int64) * N + n) * H + h) * K * V  # this sequence's h0 / ht
+        if HAS_H0:
+            state = load_rows(h0 + seq_base, ik * BK, K, V, iv * BV, V, BK, BV).to(tl.float32)
+        else:
+            state = tl.zeros([BK, BV], dtype=tl.float32)
+        for c in range(c_begin, c_end):
+            store_rows(states + kv_base + c * K * V, state, ik * BK, K, V, iv * BV, V, BK, BV)
+            t0 = c * C
+            k_tile = load_features(k_base, ks_base, t0, T, H * K, ik * BK, K, H, C, BK, EXP)  # [C, BK]
+            v_tile = load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV).to(dt)  # [C, BV]
+            g_tile = load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)  # [C, BK]
+            g_last = load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)  # [BK]
+            k_to_end = (k_tile * tl.exp2(g_last[None, :] - g_tile)).to(dt)
+            state = state * tl.exp2(g_last)[:, None] + tl.dot(tl.trans(k_to_end), v_tile, input_precision=PREC)
+        if STORE_HT:
+            store_rows(ht + seq_base, state, ik * BK, K, V, iv * BV, V, BK, BV)
 
 
 @triton.jit
@@ -85,6 +103,7 @@ def state_backward_kernel(
     dht,
     dstates,
     dh0,
+    seq_chunks,
     scale,
     T,
     Tp,
@@ -92,39 +111,54 @@ def state_backward_kernel(
     K,
     V,
     NT,
+    N,
     C: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
+    VARLEN: tl.constexpr,
     PREC: tl.constexpr,
     DOT: tl.constexpr,
     EXP: tl.constexpr,
 ):
-    """Reverse pass: dstates[c] is the gradient of the state leaving chunk c; dh0 of the initial one."""
+    """Reverse pass: dstates[c] is the gradient of the state leaving chunk c; dh0 of the initial one.
+    Sequences as in `state_forward_kernel`: the gradient restarts from dht[n] (or zero) at each end."""
     ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
     q_base = q + head_offset(bh, H, T, K)
     qs_base = qs + head_offset(bh, H, T, 1)
     do_base = do + head_offset(bh, H, T, V)
     g_base = gc + head_offset(bh, H, Tp, K)
     kv_base = bh.to(tl.int64) * NT * K * V
-    if HAS_DHT:
-        grad = load_rows(dht + bh.to(tl.int64) * K * V, ik * BK, K, V, iv * BV, V, BK, BV).to(tl.float32)
-    else:
-        grad = tl.zeros([BK, BV], dtype=tl.float32)
     dt = DOT
-    for step in range(NT):
-        c = NT - 1 - step
-        store_rows(dstates + kv_base + c * K * V, grad, ik * BK, K, V, iv * BV, V, BK, BV)
-        t0 = c * C
-        q_tile = load_features(q_base, qs_base, t0, T, H * K, ik * BK, K, H, C, BK, EXP)
-        do_tile = load_rows(do_base, t0, T, H * V, iv * BV, V, C, BV)
-        g_tile = load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)
-        g_last = load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)
-        q_from_start = (q_tile * tl.exp2(g_tile) * scale).to(dt)
-        grad = grad * tl.exp2(g_last)[:, None] + tl.dot(tl.trans(q_from_start), do_tile.to(dt), input_precision=PREC)
-    if STORE_DH0:
-        store_rows(dh0 + bh.to(tl.int64) * K * V, grad, ik * BK, K, V, iv * BV, V, BK, BV)
+    for n_step in range(N):
+        n = N - 1 - n_step
+        if VARLEN:
+            c_begin = tl.load(seq_chunks + n)
+            c_end = tl.load(seq_chunks + n + 1)
+        else:
+            c_begin = 0
+            c_end = NT
+        seq_base = ((b.to(tl.int64) * N + n) * H + h) * K * V  # this sequence's dht / dh0
+        if HAS_DHT:
+            grad = load_rows(dht + seq_base, ik * BK, K, V, iv * BV, V, BK, BV).to(tl.float32)
+        else:
+            grad = tl.zeros([BK, BV], dtype=tl.float32)
+        for step in range(c_end - c_begin):
+            c = c_end - 1 - step
+            store_rows(dstates + kv_base + c * K * V, grad, ik * BK, K, V, iv * BV, V, BK, BV)
+            t0 = c * C
+            q_tile = load_features(q_base, qs_base, t0, T, H * K, ik * BK, K, H, C, BK, EXP)
+            do_tile = load_rows(do_base, t0, T, H * V, iv * BV, V, C, BV)
+            g_tile = load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)
+            g_last = load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)
+            q_from_start = (q_tile * tl.exp2(g_tile) * scale).to(dt)
+            grad = grad * tl.exp2(g_last)[:, None] + tl.dot(
+                tl.trans(q_from_start), do_tile.to(dt), input_precision=PREC
+            )
+        if STORE_DH0:
+            store_rows(dh0 + seq_base, grad, ik * BK, K, V, iv * BV, V, BK, BV)
 
 
 def chunk_states(
@@ -135,6 +169,7 @@ def chunk_states(
     output_final_state: bool,
     dims: Dims,
     shifts: SafeExpShifts | None = None,
+    sequences: SequenceChunks | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The states entering each chunk, and optionally the final state.
 
@@ -146,14 +181,17 @@ def chunk_states(
         output_final_state: whether to return the state after the last position.
         dims: the call's `Dims`.
         shifts: safe-exp shifts, or None to read k as it is.
+        sequences: packed sequences in the chunk-aligned layout (`blocks.varlen`, B = 1), or None
+            for one sequence per batch row; initial and final states are then [N, H, K, V].
 
     Returns:
         states: [B, H, NT, K, V] fp32, states[:, :, c] the state entering chunk c.
-        final: [B, H, K, V] fp32, or None unless `output_final_state`.
+        final: [B, H, K, V] ([N, H, K, V] with `sequences`) fp32, or None unless `output_final_state`.
     """
     B, T, H, K, V, NT, BK, BV, dot = dims
+    N = sequences.count if sequences is not None else 1
     states = empty((B, H, NT, K, V), torch.float32, k.device)  # [B, H, NT, K, V]
-    final = empty((B, H, K, V), torch.float32, k.device) if output_final_state else None
+    final = empty((B * N, H, K, V), torch.float32, k.device) if output_final_state else None
     h0 = initial_state.contiguous() if initial_state is not None else None
     features = feature_args(shifts, k)
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)
@@ -165,17 +203,20 @@ def chunk_states(
         h0 if h0 is not None else states,
         states,
         final if final is not None else states,
+        sequences.offsets if sequences is not None else states,
         T,
         gc.shape[1],
         H,
         K,
         V,
         NT,
+        N,
         C=CHUNK,
         BK=BK,
         BV=BV,
         HAS_H0=h0 is not None,
         STORE_HT=final is not None,
+        VARLEN=sequences is not None,
         EXP=features["EXP"],
         **dot,
         **launch_options("state_forward_kernel"),
@@ -192,6 +233,7 @@ def chunk_state_grads(
     scale: float,
     dims: Dims,
     shifts: SafeExpShifts | None = None,
+    sequences: SequenceChunks | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The gradients of the states leaving each chunk, and optionally of the initial state.
 
@@ -204,15 +246,17 @@ def chunk_state_grads(
         scale: the output's scale.
         dims: the call's `Dims`.
         shifts: safe-exp shifts, or None to read q as it is.
+        sequences: packed sequences as in `chunk_states` (dht and dh0 then [N, H, K, V]), or None.
 
     Returns:
         dstates: [B, H, NT, K, V] fp32, dstates[:, :, c] the gradient of the state leaving chunk c.
-        dh0: [B, H, K, V] fp32, or None unless `initial_state_grad`.
+        dh0: [B, H, K, V] ([N, H, K, V] with `sequences`) fp32, or None unless `initial_state_grad`.
     """
     B, T, H, K, V, NT, BK, BV, dot = dims
+    N = sequences.count if sequences is not None else 1
     features = feature_args(shifts, q)
     dstates = empty((B, H, NT, K, V), torch.float32, q.device)
-    dh0 = empty((B, H, K, V), torch.float32, q.device) if initial_state_grad else None
+    dh0 = empty((B * N, H, K, V), torch.float32, q.device) if initial_state_grad else None
     state_backward_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
         q,
         features["qs"],
@@ -221,6 +265,7 @@ def chunk_state_grads(
         dht if dht is not None else dstates,
         dstates,
         dh0 if dh0 is not None else dstates,
+        sequences.offsets if sequences is not None else dstates,
         scale,
         T,
         gc.shape[1],
@@ -228,11 +273,13 @@ def chunk_state_grads(
         K,
         V,
         NT,
+        N,
         C=CHUNK,
         BK=BK,
         BV=BV,
         HAS_DHT=dht is not None,
         STORE_DH0=dh0 is not None,
+        VARLEN=sequences is not None,
         EXP=features["EXP"],
         **dot,
         **launch_options("state_backward_kernel"),

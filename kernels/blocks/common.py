@@ -16,8 +16,9 @@ row of cumulative gates (two factors, each <= 1, around a tensor-core product), 
 diagonal block through a [16, 16, features] tensor of pairwise decays in fp32, a few feature
 columns at a time so that the tensor stays within registers.
 
-Matrix products take their operands in DOT, the input dtype on GPUs (bf16 on tensor cores); the
-launchers pass fp32 under Triton's CPU interpreter, which evaluates bf16 products wrongly.
+Matrix products take their operands in DOT, the input dtype on GPUs (bf16 on tensor cores; the one
+exception is `qkv_grad.GATE_GRADIENT_PRODUCTS`); the launchers pass fp32 under Triton's CPU
+interpreter, which evaluates bf16 products wrongly.
 
 States between chunks are kept in fp32: [B, H, NT, K, V], written by one sequential pass over the
 chunks (forward) and one in reverse (backward); everything else is parallel over chunks.

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CHUNK, LOG2E, Dims, empty, head_offset, launch_options, load_rows, store_rows
+from .common import CHUNK, LOG2E, Dims, empty, head_offset, launch_options, load_row, load_rows, store_rows
 
 Tensor = torch.Tensor
 
@@ -65,11 +65,13 @@ def gate_cumsum_kernel(
 @triton.jit
 def gate_grad_kernel(
     dG,
+    key_state_term,
+    gc,
     states,
-    final,
     dstates,
     dg,
     T,
+    Tp,
     H,
     K,
     V,
@@ -77,35 +79,40 @@ def gate_grad_kernel(
     C: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    HAS_FINAL: tl.constexpr,
 ):
-    """dg_t = Σ_{u >= t, u in t's chunk} dG_u + rowsum(S_end ⊙ dS_end), S_end the state leaving the chunk.
+    """The log gate's gradient for one chunk, as a sum of terms that do not cancel each other:
 
-    The cumulative log gates inside a chunk feed the outputs and the state update; the state
-    leaving the chunk carries everything later positions see, so its term, rowsum(S ⊙ dS), closes
-    the sum. Summing dG only within a chunk keeps the rounding of the q ⊙ dq − k ⊙ dk
-    cancellation local instead of accumulating it over the whole sequence.
+        dg_t = Σ_{u >= t} (q_u ⊙ dq_u − k_u ⊙ dk_intra_u) + Σ_{u < t} k_u ⊙ dk_inter_u + e^{b_last} ⊙ rowsum(S_0 ⊙ dS)
+
+    over the rows u of t's chunk, with S_0 the state entering the chunk, dS the gradient of the one
+    leaving it, b_last the chunk's last cumulative gate (dG and key_state_term hold the first two
+    summands). The textbook form, Σ_{u >= t} (q_u ⊙ dq_u − k_u ⊙ dk_u) + rowsum(S_end ⊙ dS), has
+    the same value: S_end = e^{b_last} S_0 + Σ_u e^{b_last − b_u} k_u v_uᵀ, so rowsum(S_end ⊙ dS)
+    holds every k_u ⊙ dk_inter_u, and those with u >= t cancel against the first sum. Computed
+    as written there, that cancellation leaves a small difference of two large sums, each carrying
+    the rounding of bf16 matrix products (the whole history of the state, for gates near 1); here
+    the cancelling parts are never formed. Sequence boundaries need nothing: S_0 is the state
+    entering the chunk in its own sequence, and dS = dht (or zero) for a sequence's last chunk.
     """
     ik, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     base = head_offset(bh, H, T, K)
     k_idx = ik * BK + tl.arange(0, BK)
-    chunk = k_idx[:, None] * 0 + c  # [BK, 1]: the chunk index as a tensor, to combine with masks
-    carry = tl.zeros([BK], dtype=tl.float32)
+    state_term = tl.zeros([BK], dtype=tl.float32)
     for v0 in range(0, V, BV):
         v_idx = v0 + tl.arange(0, BV)
         inside = (k_idx[:, None] < K) & (v_idx[None, :] < V)
-        offsets = k_idx[:, None] * V + v_idx[None, :]
-        grad_end = tl.load(dstates + (bh.to(tl.int64) * NT + c) * K * V + offsets, mask=inside, other=0.0)
-        state_end = tl.load(
-            states + (bh.to(tl.int64) * NT + c + 1) * K * V + offsets, mask=inside & (chunk + 1 < NT), other=0.0
-        )
-        if HAS_FINAL:
-            state_end += tl.load(final + bh.to(tl.int64) * K * V + offsets, mask=inside & (chunk == NT - 1), other=0.0)
-        carry += tl.sum(state_end * grad_end, axis=1)
-    x = load_rows(dG + base, c * C, T, H * K, ik * BK, K, C, BK)  # [C, BK] fp32
-    # Reverse inclusive sum within the chunk: total - (inclusive prefix) + x.
-    suffix = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + carry[None, :]
-    store_rows(dg + base, suffix, c * C, T, H * K, ik * BK, K, C, BK)
+        offsets = (bh.to(tl.int64) * NT + c) * K * V + k_idx[:, None] * V + v_idx[None, :]
+        state_in = tl.load(states + offsets, mask=inside, other=0.0)
+        grad_out = tl.load(dstates + offsets, mask=inside, other=0.0)
+        state_term += tl.sum(state_in * grad_out, axis=1)
+    g_last = load_row(gc + head_offset(bh, H, Tp, K) + (c * C + C - 1) * H * K, 0, 1, ik * BK, K, BK)
+    state_term *= tl.exp2(g_last)
+    local = load_rows(dG + base, c * C, T, H * K, ik * BK, K, C, BK)  # [C, BK] fp32
+    through_state = load_rows(key_state_term + base, c * C, T, H * K, ik * BK, K, C, BK)
+    # Reverse inclusive sum of `local` (total − inclusive prefix + self), exclusive prefix sum of `through_state`.
+    later = tl.sum(local, axis=0)[None, :] - tl.cumsum(local, axis=0) + local
+    earlier = tl.cumsum(through_state, axis=0) - through_state
+    store_rows(dg + base, later + earlier + state_term[None, :], c * C, T, H * K, ik * BK, K, C, BK)
 
 
 def gate_cumsum(gk: Tensor, dims: Dims, row_decay: Tensor | None = None) -> Tensor:
@@ -142,15 +149,21 @@ def gate_cumsum(gk: Tensor, dims: Dims, row_decay: Tensor | None = None) -> Tens
 
 
 def gate_grad(
-    dG: Tensor, states: Tensor, final: Tensor | None, dstates: Tensor, dims: Dims, dtype: torch.dtype
+    dG: Tensor,
+    key_state_term: Tensor,
+    gc: Tensor,
+    states: Tensor,
+    dstates: Tensor,
+    dims: Dims,
+    dtype: torch.dtype,
 ) -> Tensor:
-    """The log gate's gradient in closed form: within-chunk reverse sums of dG plus the term of the
-    state leaving each chunk (see `gate_grad_kernel`).
+    """The log gate's gradient in a form without cancellation (see `gate_grad_kernel`).
 
     Args:
-        dG: [B, T, H, K] fp32, q ⊙ dq − k ⊙ dk (from `qkv_grad.query_key_grads`).
+        dG: [B, T, H, K] fp32, q ⊙ dq − k ⊙ dk_intra (from `qkv_grad.query_key_grads`).
+        key_state_term: [B, T, H, K] fp32, k ⊙ dk_inter (from the same).
+        gc: [B, Tp, H, K] fp32 within-chunk cumulative log2 gates.
         states: [B, H, NT, K, V] fp32, the states entering each chunk.
-        final: [B, H, K, V] fp32, the state leaving the last chunk, or None when its gradient is zero.
         dstates: [B, H, NT, K, V] fp32, the gradients of the states leaving each chunk.
         dims: the call's `Dims`.
         dtype: the result's dtype.
@@ -162,11 +175,13 @@ def gate_grad(
     dg = empty((B, T, H, K), dtype, dG.device)
     gate_grad_kernel[(triton.cdiv(K, BK), NT, B * H)](
         dG,
+        key_state_term,
+        gc,
         states,
-        final if final is not None else states,
         dstates,
         dg,
         T,
+        gc.shape[1],
         H,
         K,
         V,
@@ -174,7 +189,6 @@ def gate_grad(
         C=CHUNK,
         BK=BK,
         BV=BV,
-        HAS_FINAL=final is not None,
         **launch_options("gate_grad_kernel"),
     )
     return dg

@@ -1,5 +1,5 @@
 """Gradient building block: the gradients of q, k and v given the chunk states, their gradients and
-the within-chunk scores, and the local term q ⊙ dq − k ⊙ dk of the gate gradient.
+the within-chunk scores, and the local terms of the gate gradient (q ⊙ dq − k ⊙ dk_intra, k ⊙ dk_inter).
 
 Used by the backward pass of `kernels.triton_gla` (and so by every Triton GLA op), after
 `kernels.blocks.chunk_state`; the gate gradient itself is `kernels.blocks.gate.gate_grad`.
@@ -29,6 +29,16 @@ from .common import (
 )
 
 Tensor = torch.Tensor
+
+#: Operands of `query_key_grad_kernel`'s within-chunk products, whatever the input dtype: fp32 in
+#: three tf32 passes (close to fp32). The gate gradient takes q ⊙ dq − k ⊙ dk_intra from them, and
+#: the pairs of rows at or after a position cancel in that difference; with bf16 operands (dA and
+#: the decayed q, k rounded to 8 bits) the rounding of the cancelled parts dominated what is left:
+#: the refining gate's logit gradients reached 5e-2 relative (ReGLA, T = 256, under the interpreter's
+#: bf16 emulation; tests/test_gate_grad_accuracy.py), 4e-3 with these operands. The products are
+#: small ([16, 64] x [64, 32] per program), so they should cost little next to the kernel's loads
+#: (not yet timed on a GPU). None: the input dtype's operands, as every other product.
+GATE_GRADIENT_PRODUCTS: dict | None = dict(DOT=tl.float32, PREC="tf32x3")
 
 
 @triton.jit
@@ -169,8 +179,12 @@ def query_key_grad_kernel(
     DOT: tl.constexpr,
     EXP: tl.constexpr,
 ):
-    """dq, dk and dG = q ⊙ dq − k ⊙ dk (fp32) for one sub-chunk of S rows and one block of key columns:
-    the within-chunk parts added to the state parts from `query_key_inter_kernel`.
+    """dq, dk and the gate gradient's local terms (fp32) for one sub-chunk of S rows and one block of key
+    columns: the within-chunk parts added to the state parts from `query_key_inter_kernel`.
+
+    dG = q ⊙ dq − k ⊙ dk_intra (the keys' within-chunk part only), and dk_inter is overwritten with
+    k ⊙ dk_inter (each program owns its tile): `gate.gate_grad_kernel` sums the latter over the
+    *earlier* rows of the chunk instead of subtracting it from the state term (see there).
 
     dq_t += Σ_{s<=t} dA[t,s] k_s ⊙ e^{b_t - b_s},   dk_s += Σ_{t>=s} dA[t,s] q_t ⊙ e^{b_t - b_s}
 
@@ -189,7 +203,8 @@ def query_key_grad_kernel(
     t0, r0, k0 = c * C, c * C + i * S, ik * BK
     dt = DOT
     dq_acc = load_rows(dq_inter + qk_off, r0, T, H * K, k0, K, S, BK)  # [S, BK] fp32
-    dk_acc = load_rows(dk_inter + qk_off, r0, T, H * K, k0, K, S, BK)
+    dk_through_state = load_rows(dk_inter + qk_off, r0, T, H * K, k0, K, S, BK)
+    dk_acc = tl.zeros([S, BK], dtype=tl.float32)  # the within-chunk part, kept apart for the gate gradient
     g_sub = load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)  # [S, BK]
 
     # Earlier / later sub-chunks of the same chunk, through reference rows (exponents <= 0).
@@ -218,8 +233,10 @@ def query_key_grad_kernel(
     dk_acc += tl.sum(dA_diag * q_sub[:, None, :] * decay, axis=0)
     # The gate gradient needs q ⊙ dq − k ⊙ dk from the fp32 accumulators, not the rounded outputs.
     dq_local = q_sub * dq_acc
+    store_rows(dG + qk_off, dq_local - k_sub * dk_acc, r0, T, H * K, k0, K, S, BK)
+    store_rows(dk_inter + qk_off, k_sub * dk_through_state, r0, T, H * K, k0, K, S, BK)
+    dk_acc += dk_through_state
     dk_local = k_sub * dk_acc
-    store_rows(dG + qk_off, dq_local - dk_local, r0, T, H * K, k0, K, S, BK)
     if EXP:  # d exp(x − m) / dx = φ: the raw inputs' gradients are φ ⊙ dφ, already formed for dG
         dq_acc = dq_local
         dk_acc = dk_local
@@ -360,14 +377,15 @@ def query_key_grads(
     dk_inter: Tensor,
     dims: Dims,
     shifts: SafeExpShifts | None = None,
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-    """q's and k's gradients (the within-chunk parts added to the state parts), and the gate's local term.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """q's and k's gradients (the within-chunk parts added to the state parts), and the gate's local terms.
 
     Args:
         q, k: [B, T, H, K] (raw inputs of the safe-exp features when `shifts` is given).
         gc: [B, Tp, H, K] fp32 within-chunk cumulative log2 gates.
         score_grad: [B, Tp, H, CHUNK] fp32 from `intra_score_grads`.
-        dq_inter, dk_inter: [B, T, H, K] fp32 from `query_key_inter_grads`.
+        dq_inter, dk_inter: [B, T, H, K] fp32 from `query_key_inter_grads`; dk_inter is overwritten
+            (returned as `key_state_term`).
         dims: the call's `Dims`.
         shifts: safe-exp shifts, or None to read q and k as they are.
 
@@ -375,7 +393,8 @@ def query_key_grads(
         dq, dk: [B, T, H, K]; in q's and k's dtypes without `shifts`. With `shifts`, the raw inputs'
             gradients at fixed shifts, in fp32 (the max shifts' terms, which nearly cancel them at the
             maxima, are still to be added: `max_shift.add_max_gradient`).
-        dG: [B, T, H, K] fp32, q ⊙ dq − k ⊙ dk of the features, the gate gradient's local term.
+        dG: [B, T, H, K] fp32, q ⊙ dq − k ⊙ dk_intra of the features, a local term of the gate gradient.
+        key_state_term: [B, T, H, K] fp32, k ⊙ dk_inter, the other one (dk_inter's buffer, overwritten).
         rowsums: with `shifts`, the per-key-block row sums of dq and of dk, [NB, B, T, H] fp32 each
             (NB key blocks; the shifts' gradients are minus their sums over blocks); None without.
     """
@@ -412,7 +431,7 @@ def query_key_grads(
         S=SUB_CHUNK,
         BK=BKD,
         EXP=features["EXP"],
-        **dot,
+        **(GATE_GRADIENT_PRODUCTS or dot),
         **launch_options("query_key_grad_kernel"),
     )
-    return dq, dk, dG, (tuple(rowsums) if shifts is not None else None)
+    return dq, dk, dG, dk_inter, (tuple(rowsums) if shifts is not None else None)
