@@ -13,7 +13,13 @@ from torch import nn
 import kernels
 from kernels import gated_linear_attention
 from kernels.dispatch import divide_by_denominator, with_denominator_column
-from kernels.fusion import RefiningGateKernel, SafeExpKernel
+from kernels.fusion import (
+    IdentityKernel,
+    RefiningGateKernel,
+    RMSNormKernel,
+    SafeExpKernel,
+    SigmoidGateKernel,
+)
 from kernels.safe_exp import key_shifts, query_shift
 from variants import FEATURE_MAPS, GATES, NORMS, GateOutput
 
@@ -29,6 +35,9 @@ class LinearState:
     memory: Tensor  # [B, H, F, V] (V + 1 with the denominator)
     key_feature: Any  # the feature map's key state (e.g. safe_exp's running max)
     last_input: Tensor  # [B, 1, D], for gates fed with the previous token
+    #: static decoding buffers (CUDA graphs): the fused decoding step updates memory and key
+    #: feature in place instead of returning new tensors
+    in_place: bool = False
 
 
 class FusedPlan(NamedTuple):
@@ -36,6 +45,14 @@ class FusedPlan(NamedTuple):
 
     features: SafeExpKernel
     gate: RefiningGateKernel
+
+
+class DecodePlan(NamedTuple):
+    """What the fused decoding step computes in place of feature map, gate, recurrence and norm."""
+
+    features: SafeExpKernel | IdentityKernel
+    gate: RefiningGateKernel | SigmoidGateKernel
+    norm: RMSNormKernel
 
 
 @dataclass
@@ -92,15 +109,20 @@ class LinearAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, K)
         k = self.k_proj(x).view(B, T, H, K)
         v = self.v_proj(x).view(B, T, H, K)
-        if self.takes_fused_path(q):
-            o, memory, key_state, log_scale = self._fused_attention(x, q, k, v, state, use_cache)
+        if self.takes_decode_step(q, state):
+            o, memory, key_state = self._decode_step(x, q, k, v, state)  # normalised
         else:
-            o, memory, key_state, log_scale = self._composed_attention(x, q, k, v, state, use_cache)
-        o = self.norm(o, log_scale) if log_scale is not None else self.norm(o)  # [B, T, H, V]
+            if self.takes_fused_path(q):
+                o, memory, key_state, log_scale = self._fused_attention(x, q, k, v, state, use_cache)
+            else:
+                o, memory, key_state, log_scale = self._composed_attention(x, q, k, v, state, use_cache)
+            o = self.norm(o, log_scale) if log_scale is not None else self.norm(o)  # [B, T, H, V]
         if self.output_gate is not None:
             o = o * F.silu(self.output_gate(x)).view(B, T, H, K)
         y = self.o_proj(o.reshape(B, T, H * K))
-        new_state = LinearState(memory, key_state, x[:, -1:]) if use_cache else None
+        new_state = (
+            LinearState(memory, key_state, x[:, -1:], state is not None and state.in_place) if use_cache else None
+        )
         return y, new_state
 
     def fused_plan(self) -> FusedPlan | None:
@@ -123,6 +145,77 @@ class LinearAttention(nn.Module):
             and not self.capture_gates
             and self.fused_plan() is not None
         )
+
+    def decode_plan(self) -> DecodePlan | None:
+        """The feature map's, gate's and norm's descriptions for the fused decoding step, when all
+        three declare one it computes (`fused_kernel()`) and no denominator is asked for."""
+        features, gate, norm = self.feature_map.fused_kernel(), self.gate.fused_kernel(), self.norm.fused_kernel()
+        if (
+            isinstance(features, (SafeExpKernel, IdentityKernel))
+            and isinstance(gate, (RefiningGateKernel, SigmoidGateKernel))
+            and isinstance(norm, RMSNormKernel)
+            and not self.uses_denominator
+        ):
+            return DecodePlan(features, gate, norm)
+        return None
+
+    def takes_decode_step(self, q: Tensor, state: LinearState | None) -> bool:
+        """The fused decoding step (kernels.triton_decode) replaces feature map, gate, recurrence
+        and norm for one new token after earlier ones, on CUDA, with impl "auto", no probe
+        reading the gates, and plugins that all declare a form it computes."""
+        return (
+            kernels.triton_decode_step is not None
+            and q.is_cuda
+            and q.shape[1] == 1
+            and state is not None
+            and self.config.impl == "auto"
+            and not self.capture_gates
+            and self.decode_plan() is not None
+        )
+
+    def _decode_step(self, x, q, k, v, state):
+        """One token through `kernels.triton_decode_step`: the normalised output [B, 1, H, V], the
+        new memory and key state (the given ones, updated, when the state is `in_place`)."""
+        plan = self.decode_plan()
+        if plan is None:
+            raise RuntimeError(
+                f"the fused decoding step needs a feature map, a gate and a norm that declare a form it "
+                f"computes; {self.config.feature_map!r} / {self.config.gate!r} / {self.config.norm!r} do not"
+            )
+        features, gate, norm = plan
+        safe_exp = isinstance(features, SafeExpKernel)
+        logits = gate.logits(x, state.last_input)
+        gate_tensors = (
+            dict(gate_logits=logits[0], refine_logits=logits[1])
+            if isinstance(gate, RefiningGateKernel)
+            else dict(gate_logits=logits)
+        )
+        memory = state.memory
+        if memory.dtype != torch.float32 or not memory.is_contiguous():
+            memory = memory.float().contiguous()  # the prefill's state in another dtype: converted once
+        key_max = state.key_feature
+        if safe_exp and key_max.dtype != torch.float32:
+            key_max = key_max.float()
+        step = kernels.triton_decode_step(
+            q,
+            k,
+            v,
+            memory,
+            features="safe_exp" if safe_exp else "identity",
+            key_max=key_max if safe_exp else None,
+            query_factor=features.query_factor if safe_exp else 1.0,
+            gate="refined" if isinstance(gate, RefiningGateKernel) else "sigmoid",
+            **gate_tensors,
+            tau=gate.tau,
+            log_clamp=gate.log_clamp,
+            scale=self.feature_map.kernel_scale,
+            norm_eps=norm.eps,
+            norm_weight=norm.weight,
+            eps_unshifted=self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps,
+            in_place=state.in_place and memory is state.memory and (not safe_exp or key_max is state.key_feature),
+        )
+        key_state = step.key_max if safe_exp else state.key_feature
+        return step.output, step.state, key_state
 
     def unshifted_frame(self, query_shift: Tensor | None, key_shift: Tensor | None) -> Tensor | None:
         """The norm's `log_scale` [B, T, H, 1]: the factor exp(−(q shift + key shift)) by which the
