@@ -65,6 +65,23 @@ class KVCache:
         return self.keys.shape[2]
 
 
+@dataclass
+class StaticKVCache:
+    """A softmax layer's KV cache in preallocated buffers, for decoding one token at a time with
+    fixed shapes (CUDA graphs): the new key and value are written at `position`, and the query
+    attends over the first `window` cached positions, masked beyond `position`. The decoder
+    advances `position` (shared by every layer) after each step and picks `window`."""
+
+    keys: Tensor  # [B, H, capacity, K]
+    values: Tensor  # [B, H, capacity, K]
+    position: Tensor  # [] int64 on the cache's device: the index the next token is written at
+    window: int  # cached positions the next step attends over (<= capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+
 def _combine_log_decays(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None or b is None:
         return a if b is None else b
@@ -295,12 +312,14 @@ class LinearAttention(nn.Module):
         return o, memory, key_max.to(k.dtype), log_scale
 
 
-def _rotate(x: Tensor, offset: int, base: float) -> Tensor:
-    """Rotary position embedding (Su et al. 2021) on [B, H, T, K], positions offset.. offset+T."""
+def _rotate(x: Tensor, offset: int | Tensor, base: float) -> Tensor:
+    """Rotary position embedding (Su et al. 2021) on [B, H, T, K], positions offset.. offset+T
+    (`offset` an int, or a 0-dim tensor on x's device for decoding with fixed shapes)."""
     T, K = x.shape[-2], x.shape[-1]
     half = K // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    positions = (offset + torch.arange(T, device=x.device)).to(torch.float32)
+    angles = positions[:, None] * inv_freq
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # [T, K/2]
     x1, x2 = x[..., :half], x[..., half : 2 * half]
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -319,10 +338,12 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(inner, d_model, bias=False)
 
     def forward(
-        self, x: Tensor, state: KVCache | None = None, use_cache: bool = False
-    ) -> tuple[Tensor, KVCache | None]:
+        self, x: Tensor, state: KVCache | StaticKVCache | None = None, use_cache: bool = False
+    ) -> tuple[Tensor, KVCache | StaticKVCache | None]:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if isinstance(state, StaticKVCache):
+            return self._static_step(q, k, v, state), state
         offset = state.length if state is not None else 0
         if self.rotary:
             q, k = _rotate(q, offset, self.rotary_base), _rotate(k, offset, self.rotary_base)
@@ -336,6 +357,22 @@ class SoftmaxAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         return y, (KVCache(k, v) if use_cache else None)
+
+    def _static_step(self, q: Tensor, k: Tensor, v: Tensor, cache: StaticKVCache) -> Tensor:
+        """One token against a static cache: no shape depends on how many tokens came before."""
+        B, _, T, _ = q.shape
+        if T != 1:
+            raise ValueError(f"a static KV cache takes one token per step; got {T}")
+        if self.rotary:
+            q, k = _rotate(q, cache.position, self.rotary_base), _rotate(k, cache.position, self.rotary_base)
+        index = cache.position.view(1)
+        cache.keys.index_copy_(2, index, k)
+        cache.values.index_copy_(2, index, v)
+        visible = (torch.arange(cache.window, device=q.device) <= cache.position).unsqueeze(0)  # [1, window]
+        o = F.scaled_dot_product_attention(
+            q, cache.keys[:, :, : cache.window], cache.values[:, :, : cache.window], attn_mask=visible
+        )
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
