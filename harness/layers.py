@@ -116,6 +116,9 @@ class LinearAttention(nn.Module):
             )
         #: set by gate-saturation probes: the last GateOutput is kept when True
         self.capture_gates = False
+        #: off: incremental steps take the composed path even where the fused step could run
+        #: (benchmarks compare the two)
+        self.fused_decode_step = True
         self.captured: GateOutput | None = None
 
     def forward(
@@ -178,14 +181,16 @@ class LinearAttention(nn.Module):
 
     def takes_decode_step(self, q: Tensor, state: LinearState | None) -> bool:
         """The fused decoding step (kernels.triton_decode) replaces feature map, gate, recurrence
-        and norm for one new token after earlier ones, on CUDA, with impl "auto", no probe
-        reading the gates, and plugins that all declare a form it computes."""
+        and norm for one new token after earlier ones, on CUDA, with impl "auto", the
+        `fused_decode_step` switch on, no probe reading the gates, and plugins that all declare a
+        form it computes."""
         return (
             kernels.triton_decode_step is not None
             and q.is_cuda
             and q.shape[1] == 1
             and state is not None
             and self.config.impl == "auto"
+            and self.fused_decode_step
             and not self.capture_gates
             and self.decode_plan() is not None
         )

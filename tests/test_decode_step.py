@@ -272,3 +272,14 @@ def test_only_plugins_that_declare_every_part_take_the_decode_step():
 def test_decode_step_at_model_shapes_on_gpu(B, H, K, dtype, tolerance, features, gate, gate_shift):
     errors = run_steps(B, H, K, K, features=features, gate=gate, gate_shift=gate_shift, dtype=dtype, steps=4)
     assert worst(errors) <= tolerance, errors
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_layers_take_the_decode_step_on_gpu_unless_switched_off():
+    layer = LinearAttention(32, 2, 16, AttentionConfig(feature_map="safe_exp", gate="refined", norm="rmsnorm")).cuda()
+    q = torch.zeros(1, 1, 2, 16, device="cuda")
+    state = LinearState(torch.zeros(1, 2, 16, 16, device="cuda"), torch.zeros(1, 2, device="cuda"), q)
+    assert layer.takes_decode_step(q, state)
+    layer.fused_decode_step = False
+    assert not layer.takes_decode_step(q, state)

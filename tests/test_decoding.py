@@ -15,6 +15,7 @@ from harness.model import LanguageModel
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 MODELS = {
     "regla": dict(attention=AttentionConfig(feature_map="safe_exp", gate="refined", norm="rmsnorm")),
