@@ -59,6 +59,7 @@ def decode_step_kernel(
     K,
     V,
     gate_width,
+    gate_column_stride,
     scale,
     query_factor,
     inv_tau,
@@ -97,8 +98,8 @@ def decode_step_kernel(
         if SAFE_EXP:
             queries = tl.where(in_k, tl.exp(queries - query_shift) * query_factor, 0.0)
             keys = tl.where(in_k, tl.exp(keys - key_shift), 0.0)
-        # A per-head scalar gate (width 1) is read at column 0 for every key row.
-        gate_rows = tl.where(gate_width == 1, 0, rows)
+        # A per-head scalar gate (width 1, column stride 0) is read at column 0 for every key row.
+        gate_rows = rows * gate_column_stride
         log_gate = tl.zeros([BK], dtype=tl.float32)
         if GATE == 1:
             log_gate = tl.load(gate_a + bh * gate_width + gate_rows, mask=in_k, other=0.0).to(tl.float32)
@@ -246,6 +247,7 @@ def triton_decode_step(
             K,
             V,
             gate_a.shape[-1] if gate_tensors else 1,
+            1 if gate_tensors and gate_a.shape[-1] > 1 else 0,
             float(scale),
             float(query_factor),
             1.0 / float(tau),

@@ -283,3 +283,35 @@ def test_layers_take_the_decode_step_on_gpu_unless_switched_off():
     assert layer.takes_decode_step(q, state)
     layer.fused_decode_step = False
     assert not layer.takes_decode_step(q, state)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("name", ["regla", "gla"])
+def test_model_decoding_through_the_fused_step_equals_the_composed_step_on_gpu(name):
+    """A 4-layer fp32 model on CUDA (prefill through the chunked kernels, then 16 steps): the logits
+    of every step with the fused decoding step against those with the composed one. (In bf16 the
+    composed step rounds the state to bf16 each step, the fused one keeps it in fp32: the op-level
+    tests judge bf16 against fp64 instead.)"""
+    from harness.config import ModelConfig
+    from harness.model import LanguageModel
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=512, d_model=256, n_layers=4, n_heads=4, attention=AttentionConfig(**LAYER_CONFIGS[name])
+    )
+    model = LanguageModel(config).to("cuda").eval()
+    tokens = torch.randint(0, 512, (3, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+
+    def step_logits(fused):
+        for layer in model.linear_attention_layers():
+            layer.fused_decode_step = fused
+        with torch.no_grad():
+            logits, cache = model(tokens[:, :24], use_cache=True)
+            steps = [logits[:, -1]]
+            for t in range(24, 40):
+                logits, cache = model(tokens[:, t : t + 1], cache, use_cache=True)
+                steps.append(logits[:, -1])
+        return torch.stack(steps)
+
+    assert rel_rms(step_logits(True), step_logits(False)) <= 1e-4
