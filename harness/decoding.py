@@ -101,7 +101,8 @@ class StaticDecoder:
         self.token = torch.zeros(prefill_cache_batch(prefill_cache), 1, dtype=torch.long, device=device)
         self.load(prefill_cache, prompt_length)
         self.has_softmax = any(isinstance(s, StaticKVCache) for s in self.states)
-        self.windows = windows_for(capacity) if self.has_softmax else [capacity]
+        # Every step writes at or after the prompt's end: smaller windows are never used.
+        self.windows = [w for w in windows_for(capacity) if w > prompt_length] if self.has_softmax else [capacity]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
     def _allocate(self, state: LinearState | KVCache) -> LinearState | StaticKVCache:
@@ -148,13 +149,16 @@ class StaticDecoder:
     def capture(self, prefill_cache: list, prompt_length: int) -> None:
         """Record `step()` as one CUDA graph per window. Each window's step first runs eagerly on a
         side stream (lazy initialisation, Triton compilation and library workspaces stay out of the
-        capture), which moves the state on: the prefill's state is loaded again afterwards."""
+        capture) from the position after the prompt, which moves the state on: the prefill's state
+        is loaded again afterwards."""
+        warmup_steps = min(2, self.capacity - prompt_length)  # positions written stay inside the cache
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for window in self.windows:
                 self.set_window(window)
-                for _ in range(2):
+                self.position.fill_(prompt_length)
+                for _ in range(warmup_steps):
                     self.step()
         torch.cuda.current_stream().wait_stream(side)
         for window in self.windows:
@@ -207,7 +211,7 @@ def generate_static(
     out = torch.empty(B, P + max_new_tokens, dtype=idx.dtype, device=idx.device)
     out[:, :P] = idx
     decoder = StaticDecoder(model, cache, P, P + max_new_tokens)
-    if cuda_graph:
+    if cuda_graph and max_new_tokens > 1:  # one new token needs no decode step
         try:
             decoder.capture(cache, P)
         except RuntimeError as error:  # an op that cannot be captured: decode without graphs

@@ -63,6 +63,15 @@ def test_static_decoding_gives_the_tokens_of_the_plain_loop(name, small_windows)
     assert torch.equal(*sampled) and not torch.equal(sampled[0], plain)
 
 
+def test_static_decoding_after_a_prompt_past_the_small_windows(small_windows):
+    model = model_of("hybrid")
+    prompt = torch.randint(0, 41, (2, 21), generator=torch.Generator().manual_seed(5))
+    decoder = harness.decoding.StaticDecoder(model, model(prompt, use_cache=True)[1], 21, 26)
+    assert decoder.windows == [26]  # 4, 8 and 16 hold no position from 21 on
+    for n in (1, 2, 5):
+        assert torch.equal(model.generate(prompt, n, static=True), model.generate(prompt, n, static=False))
+
+
 def test_static_decoding_stops_at_eos_like_the_plain_loop():
     model = model_of("hybrid")
     prompt = torch.randint(0, 41, (1, 3), generator=torch.Generator().manual_seed(1))
@@ -103,3 +112,7 @@ def test_captured_decoding_gives_exactly_the_tokens_of_uncaptured_decoding(name,
         for flag in (True, False)
     ]
     assert torch.equal(*sampled)
+    # A prompt past the smaller windows, and generations of one and two tokens.
+    long_prompt = torch.randint(0, 512, (batch, 21), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    for n in (1, 2):
+        assert torch.equal(model.generate(long_prompt, n), model.generate(long_prompt, n, cuda_graph=False))
