@@ -3,7 +3,7 @@
 Feature map  `FeatureMap(head_dim, num_heads, **options)`
     forward(x [B, T, H, K], role "q" | "k", state=None) -> FeatureOutput
     `feature_dim` is the output size F; `kernel_scale` the scale handed to the attention op;
-    `fused_kernel()` a `kernels.fusion` description when the fused op can form the features.
+    `fused_kernel()` a `kernels.fusion` description when the fused ops can form the features.
 Norm         `OutputNorm(head_dim, num_heads, **options)`
     forward(o [B, T, H, V]) -> [B, T, H, V]; `uses_denominator` asks the op to divide by q·z;
     with `scales_eps`, forward(o, log_scale=[B, T, H, 1]) puts its eps in the unshifted frame;
@@ -12,7 +12,7 @@ Gate         `Gate(d_model, num_heads, key_dim, value_dim, **options)`
     forward(x [B, T, D], x_prev [B, 1, D] | None) -> GateOutput with log-space decays <= 0
     on the key side [B, T, H, K or 1] and/or the value side [B, T, H, V or 1], an optional
     input scale for the keys [B, T, H, 1], and the raw activations for the saturation probes;
-    `fused_kernel()` a `kernels.fusion` description when the fused op can compute the gate.
+    `fused_kernel()` a `kernels.fusion` description when the fused ops can compute the gate.
 
 Options are keyword-only constructor arguments; the registry validates them and lists them
 in its errors. Each plugin class gets `registry_name` and `version` from its decorator.
