@@ -110,12 +110,12 @@ class StaticDecoder:
             B, H, _, K = state.keys.shape
             keys = state.keys.new_zeros(B, H, self.capacity, K)
             return StaticKVCache(keys, torch.zeros_like(keys), self.position, self.capacity)
+        # fp32 and contiguous: what the fused decoding step updates in place. Filled by `load`.
         key_feature = state.key_feature
         if torch.is_tensor(key_feature):
-            key_feature = key_feature.float().clone()
-        return LinearState(
-            state.memory.float().contiguous().clone(), key_feature, state.last_input.clone(), in_place=True
-        )
+            key_feature = torch.empty(key_feature.shape, dtype=torch.float32, device=key_feature.device)
+        memory = torch.empty(state.memory.shape, dtype=torch.float32, device=state.memory.device)
+        return LinearState(memory, key_feature, torch.empty_like(state.last_input), in_place=True)
 
     def load(self, prefill_cache: list, prompt_length: int) -> None:
         """Copy a prefill's decoding state into the buffers and set the position after the prompt."""
