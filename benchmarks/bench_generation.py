@@ -24,6 +24,7 @@ On CPU (the test suite runs it at tiny sizes) there are no CUDA graphs: the `gra
 same static-buffer step uncaptured, and no memory is measured (NaN); rows record what ran.
 
     python3 benchmarks/bench_generation.py --out DIR [--lengths 64,...,8192] [--batches 1,16]
+    python3 benchmarks/bench_generation.py --out DIR --replot DIR/generation.parquet   # plot only
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ def parse_args(argv=None):
     parser.add_argument("--n-heads", type=int, default=12)
     parser.add_argument("--n-layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--replot", metavar="PARQUET", help="only redraw the plot into --out from this file")
     args = parser.parse_args(argv)
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
@@ -227,6 +229,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        plot(out, pd.read_parquet(args.replot).to_dict("records"))
+        return
     device = torch.device(args.device)
     log_file = open(out / "bench_generation.log", "a")
 

@@ -41,6 +41,9 @@ def test_the_benchmark_writes_a_row_per_point_and_a_plot(bench, tmp_path):
     assert len(generate) == 3 * 2 and (generate.length == 3).all() and (generate.median_ms > 0).all()
     assert (tmp_path / "generation.png").stat().st_size > 0
     assert "done in" in (tmp_path / "bench_generation.log").read_text()
+    # The plot alone, from the Parquet (no device needed).
+    bench.main(["--out", str(tmp_path / "replot"), "--replot", str(tmp_path / "generation.parquet")])
+    assert (tmp_path / "replot" / "generation.png").stat().st_size > 0
 
 
 def test_the_benchmark_refuses_unknown_models_and_bad_lengths(bench, capsys):
