@@ -12,7 +12,9 @@ A harness checkpoint (harness.checkpoint_io) is a transformers checkpoint as it 
 with model_type "regla", model.safetensors with the weights under "model.", tokenizer.json. Every
 registered variant works, hybrids included, since the wrapped module is the harness's own.
 `generate()` (greedy, sampling, beams) runs over the model's own decoding state: the recurrent
-state of each linear layer and the KV cache of each softmax layer, in `regla_state`.
+state of each linear layer and the KV cache of each softmax layer, in `regla_state`. Its loop is
+transformers': each step goes through the layers (the fused decoding step on CUDA included), but
+the step is not captured as a CUDA graph as `LanguageModel.generate` does (harness.decoding).
 """
 
 from __future__ import annotations

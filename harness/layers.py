@@ -13,7 +13,13 @@ from torch import nn
 import kernels
 from kernels import gated_linear_attention
 from kernels.dispatch import divide_by_denominator, with_denominator_column
-from kernels.fusion import RefiningGateKernel, SafeExpKernel
+from kernels.fusion import (
+    IdentityKernel,
+    RefiningGateKernel,
+    RMSNormKernel,
+    SafeExpKernel,
+    SigmoidGateKernel,
+)
 from kernels.safe_exp import key_shifts, packed_key_shifts, query_shift
 from kernels.varlen import sequence_bounds
 from variants import FEATURE_MAPS, GATES, NORMS, GateOutput
@@ -30,6 +36,9 @@ class LinearState:
     memory: Tensor  # [B, H, F, V] (V + 1 with the denominator)
     key_feature: Any  # the feature map's key state (e.g. safe_exp's running max)
     last_input: Tensor  # [B, 1, D], for gates fed with the previous token
+    #: static decoding buffers (CUDA graphs): the fused decoding step updates memory and key
+    #: feature in place instead of returning new tensors
+    in_place: bool = False
 
 
 class FusedPlan(NamedTuple):
@@ -37,6 +46,14 @@ class FusedPlan(NamedTuple):
 
     features: SafeExpKernel
     gate: RefiningGateKernel
+
+
+class DecodePlan(NamedTuple):
+    """What the fused decoding step computes in place of feature map, gate, recurrence and norm."""
+
+    features: SafeExpKernel | IdentityKernel
+    gate: RefiningGateKernel | SigmoidGateKernel
+    norm: RMSNormKernel
 
 
 @dataclass
@@ -52,6 +69,23 @@ class KVCache:
 def _joined(parts: list[Tensor | None]) -> Tensor | None:
     """Per-document pieces [1, L_i, ...] joined along time; None when the pieces are None."""
     return None if parts[0] is None else torch.cat(parts, dim=1)
+
+
+@dataclass
+class StaticKVCache:
+    """A softmax layer's KV cache in preallocated buffers, for decoding one token at a time with
+    fixed shapes (CUDA graphs): the new key and value are written at `position`, and the query
+    attends over the first `window` cached positions, masked beyond `position`. The decoder
+    advances `position` (shared by every layer) after each step and picks `window`."""
+
+    keys: Tensor  # [B, H, capacity, K]
+    values: Tensor  # [B, H, capacity, K]
+    position: Tensor  # [] int64 on the cache's device: the index the next token is written at
+    window: int  # cached positions the next step attends over (<= capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
 
 
 def _combine_log_decays(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -88,6 +122,9 @@ class LinearAttention(nn.Module):
             )
         #: set by gate-saturation probes: the last GateOutput is kept when True
         self.capture_gates = False
+        #: off: incremental steps take the composed path even where the fused step could run
+        #: (benchmarks compare the two)
+        self.fused_decode_step = True
         self.captured: GateOutput | None = None
 
     def forward(
@@ -105,18 +142,27 @@ class LinearAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, K)
         k = self.k_proj(x).view(B, T, H, K)
         v = self.v_proj(x).view(B, T, H, K)
-        if self.takes_fused_path(q):
-            o, memory, key_state, log_scale = self._fused_attention(x, q, k, v, state, use_cache)
+        if self.takes_decode_step(q, state):
+            o, memory, key_state = self._decode_step(x, q, k, v, state)  # normalised
         else:
-            o, memory, key_state, log_scale = self._composed_attention(x, q, k, v, state, use_cache)
-        y = self._output(x, o, log_scale)
-        new_state = LinearState(memory, key_state, x[:, -1:]) if use_cache else None
+            if self.takes_fused_path(q):
+                o, memory, key_state, log_scale = self._fused_attention(x, q, k, v, state, use_cache)
+            else:
+                o, memory, key_state, log_scale = self._composed_attention(x, q, k, v, state, use_cache)
+            o = self._norm(o, log_scale)
+        y = self._output(x, o)
+        new_state = (
+            LinearState(memory, key_state, x[:, -1:], state is not None and state.in_place) if use_cache else None
+        )
         return y, new_state
 
-    def _output(self, x: Tensor, o: Tensor, log_scale: Tensor | None) -> Tensor:
-        """The output norm, output gate and projection of the attention output o [B, T, H, V]."""
+    def _norm(self, o: Tensor, log_scale: Tensor | None) -> Tensor:
+        """The per-head output norm of o [B, T, H, V] (`log_scale`: the eps frame's shift, if any)."""
+        return self.norm(o, log_scale) if log_scale is not None else self.norm(o)
+
+    def _output(self, x: Tensor, o: Tensor) -> Tensor:
+        """The output gate and projection of the normalised attention output o [B, T, H, V]."""
         B, T, _ = x.shape
-        o = self.norm(o, log_scale) if log_scale is not None else self.norm(o)  # [B, T, H, V]
         if self.output_gate is not None:
             o = o * F.silu(self.output_gate(x)).view(B, T, self.num_heads, self.head_dim)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
@@ -137,7 +183,7 @@ class LinearAttention(nn.Module):
             o, _, _, log_scale = self._fused_attention(flat, q, k, v, None, False, cu_seqlens, bounds)
         else:
             o, log_scale = self._composed_packed(flat, q, k, v, cu_seqlens, bounds)
-        return self._output(flat, o, log_scale).view(B, T, D)
+        return self._output(flat, self._norm(o, log_scale)).view(B, T, D)
 
     def gate_reads_one_token(self) -> bool:
         """Whether the gate of token t reads x_t alone (then one call covers packed documents). Only
@@ -204,6 +250,79 @@ class LinearAttention(nn.Module):
             and not self.capture_gates
             and self.fused_plan() is not None
         )
+
+    def decode_plan(self) -> DecodePlan | None:
+        """The feature map's, gate's and norm's descriptions for the fused decoding step, when all
+        three declare one it computes (`fused_kernel()`) and no denominator is asked for."""
+        features, gate, norm = self.feature_map.fused_kernel(), self.gate.fused_kernel(), self.norm.fused_kernel()
+        if (
+            isinstance(features, (SafeExpKernel, IdentityKernel))
+            and isinstance(gate, (RefiningGateKernel, SigmoidGateKernel))
+            and isinstance(norm, RMSNormKernel)
+            and not self.uses_denominator
+        ):
+            return DecodePlan(features, gate, norm)
+        return None
+
+    def takes_decode_step(self, q: Tensor, state: LinearState | None) -> bool:
+        """The fused decoding step (kernels.triton_decode) replaces feature map, gate, recurrence
+        and norm for one new token after earlier ones, on CUDA, with impl "auto", the
+        `fused_decode_step` switch on, no probe reading the gates, and plugins that all declare a
+        form it computes."""
+        return (
+            kernels.triton_decode_step is not None
+            and q.is_cuda
+            and q.shape[1] == 1
+            and state is not None
+            and self.config.impl == "auto"
+            and self.fused_decode_step
+            and not self.capture_gates
+            and self.decode_plan() is not None
+        )
+
+    def _decode_step(self, x, q, k, v, state):
+        """One token through `kernels.triton_decode_step`: the normalised output [B, 1, H, V], the
+        new memory and key state (the given ones, updated, when the state is `in_place`)."""
+        plan = self.decode_plan()
+        if plan is None:
+            raise RuntimeError(
+                f"the fused decoding step needs a feature map, a gate and a norm that declare a form it "
+                f"computes; {self.config.feature_map!r} / {self.config.gate!r} / {self.config.norm!r} do not"
+            )
+        features, gate, norm = plan
+        safe_exp = isinstance(features, SafeExpKernel)
+        logits = gate.logits(x, state.last_input)
+        gate_tensors = (
+            dict(gate_logits=logits[0], refine_logits=logits[1])
+            if isinstance(gate, RefiningGateKernel)
+            else dict(gate_logits=logits)
+        )
+        memory = state.memory
+        if memory.dtype != torch.float32 or not memory.is_contiguous():
+            memory = memory.float().contiguous()  # the prefill's state in another dtype: converted once
+        key_max = state.key_feature
+        if safe_exp and key_max.dtype != torch.float32:
+            key_max = key_max.float()
+        step = kernels.triton_decode_step(
+            q,
+            k,
+            v,
+            memory,
+            features="safe_exp" if safe_exp else "identity",
+            key_max=key_max if safe_exp else None,
+            query_factor=features.query_factor if safe_exp else 1.0,
+            gate="refined" if isinstance(gate, RefiningGateKernel) else "sigmoid",
+            **gate_tensors,
+            tau=gate.tau,
+            log_clamp=gate.log_clamp,
+            scale=self.feature_map.kernel_scale,
+            norm_eps=norm.eps,
+            norm_weight=norm.weight,
+            eps_unshifted=self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps,
+            in_place=state.in_place and memory is state.memory and (not safe_exp or key_max is state.key_feature),
+        )
+        key_state = step.key_max if safe_exp else state.key_feature
+        return step.output, step.state, key_state
 
     def unshifted_frame(self, query_shift: Tensor | None, key_shift: Tensor | None) -> Tensor | None:
         """The norm's `log_scale` [B, T, H, 1]: the factor exp(−(q shift + key shift)) by which the
@@ -291,14 +410,15 @@ class LinearAttention(nn.Module):
         return o, memory, key_max.to(k.dtype), log_scale
 
 
-def _rotate(x: Tensor, offset: int, base: float, positions: Tensor | None = None) -> Tensor:
-    """Rotary position embedding (Su et al. 2021) on [B, H, T, K], positions offset.. offset+T, or
-    the given `positions` [B, T] (packed documents: each counts from 0)."""
+def _rotate(x: Tensor, offset: int | Tensor, base: float, positions: Tensor | None = None) -> Tensor:
+    """Rotary position embedding (Su et al. 2021) on [B, H, T, K], positions offset.. offset+T
+    (`offset` an int, or a 0-dim tensor on x's device for decoding with fixed shapes), or the given
+    `positions` [B, T] (packed documents: each counts from 0)."""
     T, K = x.shape[-2], x.shape[-1]
     half = K // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     if positions is None:
-        positions = torch.arange(offset, offset + T, device=x.device)
+        positions = offset + torch.arange(T, device=x.device)
     else:
         positions = positions[:, None]  # [B, 1, T]: one set per row, shared by the heads
     angles = positions.to(torch.float32)[..., None] * inv_freq
@@ -343,12 +463,18 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(inner, d_model, bias=False)
 
     def forward(
-        self, x: Tensor, state: KVCache | None = None, use_cache: bool = False, cu_seqlens: Tensor | None = None
-    ) -> tuple[Tensor, KVCache | None]:
+        self,
+        x: Tensor,
+        state: KVCache | StaticKVCache | None = None,
+        use_cache: bool = False,
+        cu_seqlens: Tensor | None = None,
+    ) -> tuple[Tensor, KVCache | StaticKVCache | None]:
         """`cu_seqlens`: packed documents as for `LinearAttention.forward` (training only): a
         block-diagonal causal mask per row, and rotary positions counted from each document's start."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if isinstance(state, StaticKVCache):
+            return self._static_step(q, k, v, state), state
         if cu_seqlens is not None:
             if state is not None or use_cache:
                 raise ValueError("cu_seqlens (packed documents) is for training: no KV cache in or out")
@@ -372,6 +498,22 @@ class SoftmaxAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         return y, (KVCache(k, v) if use_cache else None)
+
+    def _static_step(self, q: Tensor, k: Tensor, v: Tensor, cache: StaticKVCache) -> Tensor:
+        """One token against a static cache: no shape depends on how many tokens came before."""
+        B, _, T, _ = q.shape
+        if T != 1:
+            raise ValueError(f"a static KV cache takes one token per step; got {T}")
+        if self.rotary:
+            q, k = _rotate(q, cache.position, self.rotary_base), _rotate(k, cache.position, self.rotary_base)
+        index = cache.position.view(1)
+        cache.keys.index_copy_(2, index, k)
+        cache.values.index_copy_(2, index, v)
+        visible = (torch.arange(cache.window, device=q.device) <= cache.position).unsqueeze(0)  # [1, window]
+        o = F.scaled_dot_product_attention(
+            q, cache.keys[:, :, : cache.window], cache.values[:, :, : cache.window], attn_mask=visible
+        )
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .decoding import Sampling, generate_eagerly, generate_static
 from .layers import Block, LinearAttention
 
 Tensor = torch.Tensor
@@ -72,17 +73,39 @@ class LanguageModel(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     @torch.no_grad()
-    def generate(self, idx: Tensor, max_new_tokens: int, eos_id: int | None = None) -> Tensor:
-        """Greedy decoding with the recurrent state (linear layers) and KV cache (softmax layers)."""
-        logits, cache = self(idx, use_cache=True)
-        out = idx
-        for _ in range(max_new_tokens):
-            next_token = logits[:, -1].argmax(-1, keepdim=True)
-            out = torch.cat([out, next_token], dim=1)
-            if eos_id is not None and bool((next_token == eos_id).all()):
-                break
-            logits, cache = self(next_token, cache, use_cache=True)
-        return out
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        eos_id: int | None = None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        cuda_graph: bool | None = None,
+        static: bool | None = None,
+    ) -> Tensor:
+        """Decoding with the recurrent state (linear layers) and KV cache (softmax layers): greedy, or
+        sampled with `do_sample` (temperature, top_k, a generator on idx's device for reproducible
+        draws). Stops after `max_new_tokens` or when every sequence produced `eos_id`.
+
+        `cuda_graph` captures the whole decode step as CUDA graphs over static buffers (the default
+        on CUDA; off elsewhere, where there are no graphs), so the time per token does not grow
+        with the number of tokens generated for linear layers (harness.decoding). `static` decodes
+        over those static buffers without graphs (the default: as `cuda_graph`)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+        if cuda_graph and not idx.is_cuda:
+            raise ValueError(f"cuda_graph=True needs the model and idx on a CUDA device; idx is on {idx.device}")
+        sampling = Sampling(do_sample, temperature, top_k, generator)
+        cuda_graph = idx.is_cuda if cuda_graph is None else cuda_graph
+        static = cuda_graph if static is None else static or cuda_graph
+        if max_new_tokens == 0:
+            return idx
+        if static:
+            return generate_static(self, idx, max_new_tokens, eos_id, sampling, cuda_graph)
+        return generate_eagerly(self, idx, max_new_tokens, eos_id, sampling)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}

@@ -15,13 +15,16 @@ __all__ = [
     "chunked_gla",
     "parallel_gla",
     "recurrent_gla",
+    "triton_decode_step",
     "triton_regla",
 ]
 
 try:  # The Triton fast path registers itself wherever triton is importable (CPU runs use its interpreter).
+    from .triton_decode import triton_decode_step
     from .triton_gla import triton_gla
     from .triton_regla import triton_regla
 except ImportError:
     triton_regla = None  # the fused ReGLA op needs triton; layers then take the composed path
+    triton_decode_step = None
 else:
     register_implementation("triton", triton_gla)

@@ -1,10 +1,14 @@
-"""What the fused ReGLA op (`kernels.triton_regla`) can compute inside its kernels, as plain
-descriptions that feature maps and gates hand to a layer.
+"""What the fused ops can compute inside their kernels, as plain descriptions that feature maps,
+gates and norms hand to a layer.
 
-A feature map or gate plugin opts in to the fused path by returning one of these from its
-`fused_kernel()` method (the base classes return None: the composed path). The layer asks the
-plugins rather than checking their classes, so a third-party plugin whose math is one of these
-gets the fused kernel too, and one that is not keeps the composed path.
+A plugin opts in to the fused paths by returning one of these from its `fused_kernel()` method
+(the base classes return None: the composed path). The layer asks the plugins rather than
+checking their classes, so a third-party plugin whose math is one of these gets the fused kernels
+too, and one that is not keeps the composed path. Each op takes the descriptions it computes:
+
+- the chunked ReGLA op (`kernels.triton_regla`): `SafeExpKernel` and `RefiningGateKernel`;
+- the single-token decoding step (`kernels.triton_decode`): `SafeExpKernel` or `IdentityKernel`,
+  `RefiningGateKernel` or `SigmoidGateKernel`, and `RMSNormKernel`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from .safe_exp import KEY_MAX_SCOPES
 
 Tensor = torch.Tensor
 
-__all__ = ["RefiningGateKernel", "SafeExpKernel"]
+__all__ = ["IdentityKernel", "RMSNormKernel", "RefiningGateKernel", "SafeExpKernel", "SigmoidGateKernel"]
 
 
 @dataclass(frozen=True)
@@ -63,3 +67,46 @@ class RefiningGateKernel:
     def __post_init__(self) -> None:
         if not self.tau > 0:
             raise ValueError(f"RefiningGateKernel.tau must be positive; got {self.tau}")
+
+
+@dataclass(frozen=True)
+class IdentityKernel:
+    """φ(x) = x (plain gated linear attention, GLA's feature map)."""
+
+
+@dataclass(frozen=True)
+class SigmoidGateKernel:
+    """GLA's key-side gate, log α = logσ(a) / τ, clamped below at `log_clamp`, from the logits a.
+
+    Args:
+        logits: `(x [B, T, D], x_prev [B, 1, D] | None) -> a`, [B, T, H, K] or [B, T, H, 1]: the
+            plugin's own projection.
+        tau: the temperature τ > 0.
+        log_clamp: lower bound of log α (None: unclamped).
+    """
+
+    logits: Callable[[Tensor, Tensor | None], Tensor]
+    tau: float = 1.0
+    log_clamp: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tau > 0:
+            raise ValueError(f"SigmoidGateKernel.tau must be positive; got {self.tau}")
+
+
+@dataclass(frozen=True, eq=False)
+class RMSNormKernel:
+    """A per-head RMSNorm of the attention output, o / sqrt(mean(o²) + eps) · weight.
+
+    Args:
+        eps: the norm's eps (>= 0); the layer may put it in the unshifted frame of safe-exp's
+            shifts (its `norm_eps_frame` option), as the norm's own forward does with `log_scale`.
+        weight: [V] (shared by the heads), or None for no affine weight.
+    """
+
+    eps: float
+    weight: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not self.eps >= 0:
+            raise ValueError(f"RMSNormKernel.eps must be >= 0; got {self.eps}")

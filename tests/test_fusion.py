@@ -17,7 +17,13 @@ pytest.importorskip("triton")
 
 from harness.config import AttentionConfig  # noqa: E402
 from harness.layers import LinearAttention  # noqa: E402
-from kernels.fusion import RefiningGateKernel, SafeExpKernel  # noqa: E402
+from kernels.fusion import (  # noqa: E402
+    IdentityKernel,
+    RefiningGateKernel,
+    RMSNormKernel,
+    SafeExpKernel,
+    SigmoidGateKernel,
+)
 from variants import FEATURE_MAPS, GATES, FeatureMap, FeatureOutput, Gate, GateOutput, feature_map, gate  # noqa: E402
 
 from .numerics import layer_outputs, rel_rms, worst  # noqa: E402
@@ -106,8 +112,13 @@ def test_built_in_plugins_declare_their_fused_forms():
     assert make_layer("safe_exp", "refined", axis="value").fused_plan() is None
     assert make_layer("safe_exp", "gla").fused_plan() is None
     assert make_layer("identity", "refined").fused_plan() is None
+    # Identity features and GLA's gate are forms of the fused decoding step, not of the chunked op.
+    gla = make_layer("identity", "gla", tau=8.0)
+    assert gla.feature_map.fused_kernel() == IdentityKernel()
+    assert isinstance(gla.gate.fused_kernel(), SigmoidGateKernel) and gla.gate.fused_kernel().tau == 8.0
+    assert isinstance(gla.norm.fused_kernel(), RMSNormKernel) and gla.norm.fused_kernel().weight is gla.norm.weight
     for name in FEATURE_MAPS.names():
-        if name != "safe_exp":
+        if name not in ("safe_exp", "identity"):
             assert FEATURE_MAPS.create(name, 16, 2).fused_kernel() is None, name
 
 
@@ -116,3 +127,7 @@ def test_fusion_descriptions_reject_values_the_kernel_cannot_take():
         SafeExpKernel(key_max="global")
     with pytest.raises(ValueError, match="tau must be positive"):
         RefiningGateKernel(lambda x, p: (x, x), tau=0.0)
+    with pytest.raises(ValueError, match="tau must be positive"):
+        SigmoidGateKernel(lambda x, p: x, tau=-1.0)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        RMSNormKernel(-1e-5)

@@ -3,15 +3,16 @@
 Feature map  `FeatureMap(head_dim, num_heads, **options)`
     forward(x [B, T, H, K], role "q" | "k", state=None) -> FeatureOutput
     `feature_dim` is the output size F; `kernel_scale` the scale handed to the attention op;
-    `fused_kernel()` a `kernels.fusion` description when the fused op can form the features.
+    `fused_kernel()` a `kernels.fusion` description when the fused ops can form the features.
 Norm         `OutputNorm(head_dim, num_heads, **options)`
     forward(o [B, T, H, V]) -> [B, T, H, V]; `uses_denominator` asks the op to divide by q·z;
-    with `scales_eps`, forward(o, log_scale=[B, T, H, 1]) puts its eps in the unshifted frame.
+    with `scales_eps`, forward(o, log_scale=[B, T, H, 1]) puts its eps in the unshifted frame;
+    `fused_kernel()` a `kernels.fusion` description when the fused decoding step can apply it.
 Gate         `Gate(d_model, num_heads, key_dim, value_dim, **options)`
     forward(x [B, T, D], x_prev [B, 1, D] | None) -> GateOutput with log-space decays <= 0
     on the key side [B, T, H, K or 1] and/or the value side [B, T, H, V or 1], an optional
     input scale for the keys [B, T, H, 1], and the raw activations for the saturation probes;
-    `fused_kernel()` a `kernels.fusion` description when the fused op can compute the gate.
+    `fused_kernel()` a `kernels.fusion` description when the fused ops can compute the gate.
 
 Options are keyword-only constructor arguments; the registry validates them and lists them
 in its errors. Each plugin class gets `registry_name` and `version` from its decorator.
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels.fusion import RefiningGateKernel, SafeExpKernel
+from kernels.fusion import IdentityKernel, RefiningGateKernel, RMSNormKernel, SafeExpKernel, SigmoidGateKernel
 
 Tensor = torch.Tensor
 
@@ -67,7 +68,7 @@ class FeatureMap(nn.Module):
     def kernel_scale(self) -> float:
         return 1.0
 
-    def fused_kernel(self) -> SafeExpKernel | None:
+    def fused_kernel(self) -> SafeExpKernel | IdentityKernel | None:
         """How the fused attention op forms these features inside its kernels (a description from
         `kernels.fusion`), or None when it cannot: the layer then takes the composed path."""
         return None
@@ -90,6 +91,11 @@ class OutputNorm(nn.Module):
         self.head_dim = head_dim
         self.num_heads = num_heads
 
+    def fused_kernel(self) -> RMSNormKernel | None:
+        """How the fused decoding step applies this norm (a description from `kernels.fusion`), or
+        None when it cannot: the layer then normalises the output itself."""
+        return None
+
 
 class Gate(nn.Module):
     """Base class: produces log-space decays from the layer input."""
@@ -106,7 +112,7 @@ class Gate(nn.Module):
         self.key_dim = key_dim
         self.value_dim = value_dim
 
-    def fused_kernel(self) -> RefiningGateKernel | None:
+    def fused_kernel(self) -> RefiningGateKernel | SigmoidGateKernel | None:
         """How the fused attention op computes this gate inside its kernels (a description from
         `kernels.fusion`), or None when it cannot: the layer then takes the composed path."""
         return None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fusion import SafeExpKernel
+from kernels.fusion import IdentityKernel, SafeExpKernel
 from kernels.safe_exp import KEY_MAX_SCOPES, key_shifts, query_shift
 
 from .base import FeatureMap, FeatureOutput
@@ -39,6 +39,9 @@ class Identity(FeatureMap):
     @property
     def kernel_scale(self) -> float:
         return self.head_dim**-0.5
+
+    def fused_kernel(self) -> IdentityKernel:
+        return IdentityKernel()
 
     def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
         return FeatureOutput(x)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fusion import RefiningGateKernel
+from kernels.fusion import RefiningGateKernel, SigmoidGateKernel
 
 from .base import Gate, GateOutput
 from .registry import Registry
@@ -248,8 +248,18 @@ class GLAGate(ProjectedGate):
         )
         self.proj = GateProjection(d_model, num_heads, self.width, rank, bias_init)
 
+    def fused_kernel(self) -> SigmoidGateKernel | None:
+        """The fused decoding step computes this gate from its logits when it acts on the keys."""
+        if self.axis != "key":
+            return None
+        return SigmoidGateKernel(self.logits, tau=self.tau, log_clamp=self.log_clamp)
+
+    def logits(self, x: Tensor, x_prev: Tensor | None = None) -> Tensor:
+        """The gate logits [B, T, H, width]: what a fused kernel takes instead of log α."""
+        return self.proj(self.select_input(x, x_prev))
+
     def forward(self, x: Tensor, x_prev: Tensor | None = None) -> GateOutput:
-        logits = self.proj(self.select_input(x, x_prev))
+        logits = self.logits(x, x_prev)
         log_alpha = self.clamp(F.logsigmoid(logits) / self.tau)
         return self.on_axis(log_alpha, activations={"alpha": log_alpha.exp()}, preactivations={"alpha": logits})
 

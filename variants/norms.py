@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.fusion import RMSNormKernel
+
 from .base import OutputNorm
 from .registry import Registry
 
@@ -81,6 +83,10 @@ class RMSNorm(_PerHeadOrFullWidth):
 
     def __init__(self, head_dim: int, num_heads: int, *, per_head: bool = True, eps: float = 1e-5, affine: bool = True):
         super().__init__(head_dim, num_heads, per_head, eps, affine)
+
+    def fused_kernel(self) -> RMSNormKernel | None:
+        """The fused decoding step normalises each head's output itself; full width is not per head."""
+        return RMSNormKernel(self.eps, self.weight) if self.per_head else None
 
     def forward(self, o: Tensor, log_scale: Tensor | None = None) -> Tensor:
         if log_scale is None or not self.per_head:

@@ -70,8 +70,9 @@ def profile_training_step(
 def profile_generation(
     model: LanguageModel, prompt_length: int, generation_lengths: list[int], device: torch.device, warmup: int
 ) -> list[dict[str, Any]]:
-    """Greedy generation of n tokens after a short prompt: total (prefill + decode) time and peak
-    memory, both from one call per length (decoding thousands of tokens is long enough to time
+    """Greedy generation of n tokens after a short prompt through `model.generate` (on CUDA its
+    defaults capture the decode step as CUDA graphs, the capture inside the time): total (prefill +
+    decode) time and peak memory, both from one call per length (decoding thousands of tokens is long enough to time
     once; a separate memory pass would double the cost). Warm-up runs a short generation."""
     records = []
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_length), device=device)
