@@ -19,6 +19,7 @@ from .grid import filter_runs, load_grid
 from .report import write_report
 from .runner import StageResult, preflight, run_grid, stage_status
 from .stages import STAGES
+from .tracking import TrackingOptions, check_available
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,6 +59,14 @@ def available_grids() -> list[str]:
     return sorted(str(p.relative_to(GRIDS_DIR).with_suffix("")) for p in GRIDS_DIR.rglob("*.yaml"))
 
 
+def tracking_options(args: argparse.Namespace) -> TrackingOptions | None:
+    """`--track NAME [--track-dir DIR]`: the tracker and where its files go (default
+    <runs dir>/tracking)."""
+    if not args.track:
+        return None
+    return TrackingOptions(args.track, Path(args.track_dir or Path(args.runs_dir) / "tracking"))
+
+
 def rerun_command(grid: str, scale: str | None, stages: str | None = None) -> str:
     """The command line a report names to regenerate its results (scale and stages included)."""
     command = f"python run_ablations.py run {grid}"
@@ -73,6 +82,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--runs-per-gpu must be a positive number of runs; got {args.runs_per_gpu}")
     if args.runs_per_gpu > 1 and not args.gpus:
         raise ConfigError("--runs-per-gpu needs --gpus N: it says how many runs share each of the N GPUs")
+    if args.track:
+        check_available(args.track)  # before anything runs: a missing package is named with its extra
     grid = load_grid(resolve_grid_path(args.grid), tuple(args.plugin), args.scale)
     runs = filter_runs(grid.runs, args.where)
     if not runs:
@@ -116,6 +127,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed,
         plugins=tuple(args.plugin),
         scale=args.scale,
+        track=args.track,
+        track_dir=str(Path(args.track_dir).resolve()) if args.track_dir else None,
     )
     if args.submit:
         cluster = ClusterOptions(
@@ -154,6 +167,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.no_progress,
             data_cache=data_cache,
+            tracking=tracking_options(args),
         )
     if not finish_distributed():
         return EXIT_OK  # under torchrun, rank 0 alone summarises and reports
@@ -299,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="with --gpus: put K runs on each GPU at once (small models leave a GPU mostly idle)",
     )
+    run.add_argument(
+        "--track",
+        metavar="TRACKER",
+        help="also mirror training curves and final metrics to a tracker: tensorboard "
+        "(pip install -e '.[tracking]'); Parquet stays the record",
+    )
+    run.add_argument("--track-dir", help="the tracker's folder (default: <runs-dir>/tracking)")
     run.add_argument("--only-run", action="append", default=[], metavar="RUN_ID", help=argparse.SUPPRESS)
     cluster = run.add_argument_group("cluster (submitit; pip install -e '.[cluster]')")
     cluster.add_argument(

@@ -41,6 +41,9 @@ class WorkerOptions:
     retry_failed: bool = False
     plugins: tuple[str, ...] = ()
     scale: str | None = None
+    #: `--track NAME` and its folder (None: tracking off)
+    track: str | None = None
+    track_dir: str | None = None
 
     def command(self, run_id: str) -> list[str]:
         command = [sys.executable, str(ENTRY_POINT)]
@@ -54,6 +57,10 @@ class WorkerOptions:
             command.append("--retry-failed")
         if self.scale:
             command += ["--scale", self.scale]
+        if self.track:
+            command += ["--track", self.track]
+            if self.track_dir:
+                command += ["--track-dir", self.track_dir]
         return command
 
 

@@ -35,6 +35,7 @@ from .progress import say
 from .results import advice_of, environment, make_rows, read_rows_or_set_aside, stage_failures, write_rows
 from .spec import RunSpec
 from .stages import STAGES, StageContext
+from .tracking import TrackingOptions
 from .train import Diverged
 
 
@@ -219,10 +220,12 @@ def run_grid(
     device: str = "auto",
     progress: bool = True,
     data_cache: dict | None = None,
+    tracking: TrackingOptions | None = None,
 ) -> list[StageResult]:
     """Run each stage of each spec unless its result already exists.
 
-    `data_cache`: prepared data by source and tokenizer, shared with `preflight`."""
+    `data_cache`: prepared data by source and tokenizer, shared with `preflight`. `tracking`:
+    mirror training curves to a tracker (harness.tracking); off by default."""
     runs = list(runs)
     stages = list(stages or grid.stages)
     runs_dir = Path(runs_dir)
@@ -248,7 +251,7 @@ def run_grid(
                 continue
             if dist.is_main:
                 atomic_write_text(directory / "spec.json", spec.to_json())
-            ctx = StageContext(directory, device, progress, data_cache, is_main=dist.is_main)
+            ctx = StageContext(directory, device, progress, data_cache, is_main=dist.is_main, tracking=tracking)
             for stage_name in stages:
                 result = _run_stage(
                     STAGES[stage_name], spec, ctx, runs_dir, force, retry_failed, env, progress, dist.is_main

@@ -25,6 +25,7 @@ from .model import LanguageModel, build_model
 from .progress import PlainProgress, say
 from .progress import bar as progress_bar
 from .spec import RunSpec
+from .tracking import NullTracker, Tracker
 
 
 class Diverged(RuntimeError):
@@ -127,13 +128,21 @@ def load_training_state(path: Path, device: torch.device) -> dict | None:
 
 
 def train(
-    spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto", progress: bool = True
+    spec: RunSpec,
+    data: Any,
+    run_dir: Path,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    tracker: Tracker | None = None,
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """Train `spec` on prepared `data`; returns the model and metric records.
 
     `data` provides `.tokenizer`, `.train` / `.validation` datasets (sample_batch / eval_batches)
-    and `.bytes_per_token` (per split), which turns the loss into bits per byte.
+    and `.bytes_per_token` (per split), which turns the loss into bits per byte. `tracker`
+    (harness.tracking) gets a copy of every record as it is written; it never changes the run.
     """
+    tracker = tracker or NullTracker()
     config = spec.train
     ctx = distributed_context()
     dev = pick_device(ctx, device)
@@ -150,6 +159,8 @@ def train(
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_step, records, trained_seconds = state["step"], state["records"], state["seconds"]
+    if ctx.is_main:
+        tracker.start(start_step)
     wrapped = (
         torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         if ctx.world_size > 1
@@ -206,11 +217,15 @@ def train(
         lines.update(step + 1, loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            records += [
+            logged = [
                 {"metric": "train/loss", "value": step_loss, "step": done, "split": "train"},
                 {"metric": "train/grad_norm", "value": grad_norm, "step": done, "split": "train"},
                 {"metric": "train/lr", "value": learning_rate(step, config), "step": done, "split": "train"},
+                {"metric": "train/step_tokens_per_second", "value": tokens_per_step / elapsed, "step": done},
             ]
+            records += logged[:3]  # the per-step throughput goes to the tracker only: too noisy for rows
+            if ctx.is_main:
+                tracker.log(logged)
         if done % config.eval_every == 0 or done == config.steps:
             val, failure = attempt(evaluate_loss, model, data.validation, config, dev)
             agree_on_failure(failure, ctx, dev)
@@ -219,7 +234,7 @@ def train(
             if show:
                 bpb = val * bits_per_nat / val_bytes_per_token
                 say(f"{spec.name}: step {done}/{config.steps} val loss {val:.4f} bpb {bpb:.4f}")
-            records += [
+            validation = [
                 {"metric": "val/loss", "value": val, "step": done, "split": "validation"},
                 {"metric": "val/perplexity", "value": math.exp(min(val, 700)), "step": done, "split": "validation"},
                 {
@@ -229,6 +244,9 @@ def train(
                     "split": "validation",
                 },
             ]
+            records += validation
+            if ctx.is_main:
+                tracker.log(validation)
         if ctx.is_main and (done % config.checkpoint_every == 0) and done < config.steps:
             save_training_state(
                 resume_path,
@@ -243,7 +261,7 @@ def train(
             )
     bar.close()
     final_val = next(r["value"] for r in reversed(records) if r["metric"] == "val/loss")
-    records += [
+    final = [
         {"metric": "final/val_loss", "value": final_val, "step": config.steps, "split": "validation"},
         {
             "metric": "final/val_perplexity",
@@ -262,4 +280,7 @@ def train(
         {"metric": "train/tokens_per_second", "value": tokens_per_step * config.steps / max(trained_seconds, 1e-9)},
         {"metric": "train/seconds", "value": trained_seconds},
     ]
+    records += final
+    if ctx.is_main:
+        tracker.log([{**record, "step": record.get("step", config.steps)} for record in final])
     return model, records

@@ -22,7 +22,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("registry",),  # the generic name -> object registry, imports nothing of the project
     ("kernels",),  # attention ops: torch references, Triton kernels, dispatch, fusion descriptions
     ("variants",),  # feature maps, norms, gates (use kernels' safe-exp shifts and fusion descriptions)
-    ("harness.atomic", "harness.measure", "harness.distributed", "harness.progress"),  # leaf utilities
+    # leaf utilities
+    ("harness.atomic", "harness.measure", "harness.distributed", "harness.progress", "harness.tracking"),
     ("harness.data",),  # corpora, tokenizers, token cache, batching
     ("harness.tasks",),  # lm-eval task files (the offline suite reads the data layer)
     ("harness.config",),  # every config dataclass (eval settings name the tasks)

@@ -15,6 +15,7 @@ from typing import Any
 from ..config import from_dict, to_dict
 from ..data import prepare_data
 from ..spec import RunSpec
+from ..tracking import Tracker, TrackingOptions, open_tracker
 
 
 @dataclass
@@ -27,6 +28,8 @@ class StageContext:
     data_cache: dict = field(default_factory=dict)
     #: False on the non-zero ranks of a torchrun job: they compute but write nothing
     is_main: bool = True
+    #: `run --track`: mirror training curves to a tracker (None: off)
+    tracking: TrackingOptions | None = None
 
     def data_for(self, spec: RunSpec) -> Any:
         """Prepared data, shared by all runs of a grid with the same source and tokenizer."""
@@ -34,6 +37,11 @@ class StageContext:
         if key not in self.data_cache:
             self.data_cache[key] = prepare_data(spec.data.source, spec.data.tokenizer, dict(spec.data.options))
         return self.data_cache[key]
+
+    def tracker_for(self, spec: RunSpec) -> Tracker:
+        """The run's tracker (harness.tracking); a no-op one when tracking is off or not rank 0."""
+        options = self.tracking if self.is_main else None
+        return open_tracker(options, spec.grid, spec.name, spec.run_id)
 
     @property
     def model_dir(self) -> Path:

@@ -23,7 +23,11 @@ class TrainStage(Stage):
 
     def run(self, spec: RunSpec, ctx: StageContext) -> list[dict[str, Any]]:
         data = ctx.data_for(spec)
-        model, records = train(spec, data, ctx.run_dir, device=ctx.device, progress=ctx.progress)
+        tracker = ctx.tracker_for(spec)
+        try:
+            model, records = train(spec, data, ctx.run_dir, device=ctx.device, progress=ctx.progress, tracker=tracker)
+        finally:
+            tracker.close(summary={"run": spec.name, "run_id": spec.run_id, "switches": spec.to_json()})
         if ctx.is_main:
             save_checkpoint(model, data.tokenizer, ctx.model_dir)
             state = ctx.run_dir / "training_state.pt"
