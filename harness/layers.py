@@ -3,6 +3,7 @@ be dropped into someone else's model (post-linearization), and returns its decod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -29,6 +30,8 @@ class LinearState:
     memory: Tensor  # [B, H, F, V] (V + 1 with the denominator)
     key_feature: Any  # the feature map's key state (e.g. safe_exp's running max)
     last_input: Tensor  # [B, 1, D], for gates fed with the previous token
+    #: tokens seen so far: the rotary offset of the next step
+    position: int = 0
 
 
 class FusedPlan(NamedTuple):
@@ -54,13 +57,24 @@ def _combine_log_decays(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a + b
 
 
+#: rotates (q, k) [B, T, H, K] for positions offset.. offset+T: a pretrained model's own rotary
+#: embedding, handed to LinearAttention.forward by a converted model (harness.postlin)
+Rotation = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+
+
 class LinearAttention(nn.Module):
     """phi(q), phi(k) from the feature-map registry, a forget gate from the gate registry, the
-    gated recurrence (kernels.gated_linear_attention), and an output norm from the norm registry."""
+    gated recurrence (kernels.gated_linear_attention), and an output norm from the norm registry.
 
-    def __init__(self, d_model: int, num_heads: int, head_dim: int, config: AttentionConfig):
+    With `config.rotary` q and k get rotary positions (base `rotary_base`) before the feature map,
+    as a softmax layer's do: what a layer converted from a pretrained softmax model keeps."""
+
+    def __init__(
+        self, d_model: int, num_heads: int, head_dim: int, config: AttentionConfig, rotary_base: float = 10000.0
+    ):
         super().__init__()
         self.num_heads, self.head_dim, self.config = num_heads, head_dim, config
+        self.rotary_base = rotary_base
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(d_model, inner, bias=False)
         self.k_proj = nn.Linear(d_model, inner, bias=False)
@@ -85,13 +99,20 @@ class LinearAttention(nn.Module):
         self.captured: GateOutput | None = None
 
     def forward(
-        self, x: Tensor, state: LinearState | None = None, use_cache: bool = False
+        self, x: Tensor, state: LinearState | None = None, use_cache: bool = False, rotation: Rotation | None = None
     ) -> tuple[Tensor, LinearState | None]:
+        """`rotation`: rotates q and k in place of the layer's own rotary (`config.rotary`)."""
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, K)
         k = self.k_proj(x).view(B, T, H, K)
         v = self.v_proj(x).view(B, T, H, K)
+        offset = state.position if state is not None else 0
+        if rotation is not None:
+            q, k = rotation(q, k, offset)
+        elif self.config.rotary:
+            q = _rotate(q.transpose(1, 2), offset, self.rotary_base).transpose(1, 2)
+            k = _rotate(k.transpose(1, 2), offset, self.rotary_base).transpose(1, 2)
         if self.takes_fused_path(q):
             o, memory, key_state, log_scale = self._fused_attention(x, q, k, v, state, use_cache)
         else:
@@ -100,7 +121,7 @@ class LinearAttention(nn.Module):
         if self.output_gate is not None:
             o = o * F.silu(self.output_gate(x)).view(B, T, H, K)
         y = self.o_proj(o.reshape(B, T, H * K))
-        new_state = LinearState(memory, key_state, x[:, -1:]) if use_cache else None
+        new_state = LinearState(memory, key_state, x[:, -1:], offset + T) if use_cache else None
         return y, new_state
 
     def fused_plan(self) -> FusedPlan | None:
@@ -277,7 +298,7 @@ class Block(nn.Module):
         self.attn = (
             SoftmaxAttention(D, H, K, config.rotary, config.rotary_base)
             if softmax
-            else LinearAttention(D, H, K, config.attention)
+            else LinearAttention(D, H, K, config.attention, config.rotary_base)
         )
         self.mlp = MLP(D, config.mlp, config.mlp_ratio)
         self.dropout = nn.Dropout(config.dropout)
