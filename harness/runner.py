@@ -29,7 +29,7 @@ from .atomic import atomic_write_text
 from .config import ConfigError
 from .data import DataError
 from .distributed import DistributedContext, distributed_context, pick_device
-from .grid import Grid
+from .grid import Grid, sources_first
 from .progress import bar as progress_bar
 from .progress import say
 from .results import advice_of, environment, make_rows, read_rows_or_set_aside, stage_failures, write_rows
@@ -223,7 +223,8 @@ def run_grid(
     """Run each stage of each spec unless its result already exists.
 
     `data_cache`: prepared data by source and tokenizer, shared with `preflight`."""
-    runs = list(runs)
+    # A run that starts from another run's model (model.init: run:<name>) waits for it.
+    runs = sources_first(list(runs))
     stages = list(stages or grid.stages)
     runs_dir = Path(runs_dir)
     # Under torchrun every rank walks the same grid; only rank 0 writes, and the ranks meet after

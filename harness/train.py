@@ -21,7 +21,8 @@ import torch
 from .atomic import atomic_write_bytes, atomic_write_text, file_digest, set_aside
 from .config import TrainConfig
 from .distributed import agree_on_failure, attempt, distributed_context, pick_device
-from .model import LanguageModel, build_model
+from .model import LanguageModel
+from .postlin.start import initial_model, new_parameters
 from .progress import PlainProgress, say
 from .progress import bar as progress_bar
 from .spec import RunSpec
@@ -131,8 +132,12 @@ def train(
     dev = pick_device(ctx, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    model = build_model(spec.model, data.tokenizer.vocab_size, spec.train.seed).to(dev)
+    # A fresh model, or with model.init a pretrained one converted (its source runs sit beside this run).
+    model = initial_model(spec.model, data.tokenizer, spec.train.seed, Path(run_dir).parent).to(dev)
     optimizer = make_optimizer(model, config)
+    only_new_until = spec.model.init.train_only_new_for_steps if spec.model.init is not None else 0
+    new = {id(p) for p in new_parameters(model)} if only_new_until else set()
+    pretrained = [p for p in model.parameters() if id(p) not in new]
     records: list[dict[str, Any]] = []
     start_step, trained_seconds = 0, 0.0
     resume_path = Path(run_dir) / "training_state.pt"
@@ -180,6 +185,11 @@ def train(
                     )
                 (loss / config.grad_accum).backward()
             step_loss += micro_loss / config.grad_accum
+        if step < only_new_until:
+            # Only the parameters the conversion added learn yet: AdamW skips a parameter
+            # without a gradient (no update, no weight decay, no moment change).
+            for parameter in pretrained:
+                parameter.grad = None
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

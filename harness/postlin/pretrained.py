@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AttentionConfig, ConfigError, layer_indices
-from ..data.tokenization import Tokenizer
+from ..config import AttentionConfig, layer_indices
+from ..data.tokenization import PretrainedTokenizer, pretrained_tokenizer
 from ..layers import KVCache, LinearAttention, LinearState
 from ..model import LanguageModel
 from .families import Family, Projection, Shape, UnsupportedModel, family_named, family_of
@@ -239,34 +239,14 @@ def convert_pretrained(
     return ConvertedLM(model, converted)
 
 
-class PretrainedTokenizer(Tokenizer):
-    """A transformers tokenizer behind the harness's Tokenizer interface; its end-of-sequence
-    token separates documents."""
-
-    def __init__(self, name: str, tokenizer: Any):
-        if tokenizer.eos_token_id is None:
-            raise ConfigError(f"tokenizer of {name!r} has no end-of-sequence token to separate documents")
-        self.name = name
-        self._tokenizer = tokenizer
-        self.vocab_size = len(tokenizer)
-        self.eot_id = int(tokenizer.eos_token_id)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False)
-
-    def decode(self, ids: Any) -> str:
-        return self._tokenizer.decode(list(ids))
-
-
 def load_pretrained(source: str, revision: str | None = None) -> tuple[nn.Module, PretrainedTokenizer]:
     """(transformers causal LM in fp32, its tokenizer) from a hub name or a local directory; the
     family is checked before the weights load."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     family_named(AutoConfig.from_pretrained(source, revision=revision).model_type)
     model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    return model, PretrainedTokenizer(source, tokenizer)
+    return model, pretrained_tokenizer(source, revision)
 
 
 __all__ = [
