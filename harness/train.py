@@ -119,6 +119,20 @@ def load_training_state(path: Path, device: torch.device) -> dict | None:
         return None
 
 
+def validation_records(val_loss: float, step: int, bytes_per_token: float) -> list[dict[str, Any]]:
+    """The validation rows of one evaluation: loss, perplexity and bits per byte."""
+    return [
+        {"metric": "val/loss", "value": val_loss, "step": step, "split": "validation"},
+        {"metric": "val/perplexity", "value": math.exp(min(val_loss, 700)), "step": step, "split": "validation"},
+        {
+            "metric": "val/bits_per_byte",
+            "value": val_loss * (1 / math.log(2)) / bytes_per_token,
+            "step": step,
+            "split": "validation",
+        },
+    ]
+
+
 def train(
     spec: RunSpec, data: Any, run_dir: Path, *, device: str = "auto", progress: bool = True
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
@@ -161,6 +175,11 @@ def train(
     lines = PlainProgress(spec.name, config.steps, initial=start_step, enabled=show)
     if show and start_step:
         say(f"{spec.name}: resuming at step {start_step}/{config.steps}")
+    if spec.model.init is not None and start_step == 0:
+        # Where a converted model starts: the validation loss right after the conversion.
+        val, failure = attempt(evaluate_loss, model, data.validation, config, dev)
+        agree_on_failure(failure, ctx, dev)
+        records += validation_records(val, 0, val_bytes_per_token)
     model.train()
     for step in range(start_step, config.steps):
         started = time.perf_counter()
@@ -215,16 +234,7 @@ def train(
             if show:
                 bpb = val * bits_per_nat / val_bytes_per_token
                 say(f"{spec.name}: step {done}/{config.steps} val loss {val:.4f} bpb {bpb:.4f}")
-            records += [
-                {"metric": "val/loss", "value": val, "step": done, "split": "validation"},
-                {"metric": "val/perplexity", "value": math.exp(min(val, 700)), "step": done, "split": "validation"},
-                {
-                    "metric": "val/bits_per_byte",
-                    "value": val * bits_per_nat / val_bytes_per_token,
-                    "step": done,
-                    "split": "validation",
-                },
-            ]
+            records += validation_records(val, done, val_bytes_per_token)
         if ctx.is_main and (done % config.checkpoint_every == 0) and done < config.steps:
             save_training_state(
                 resume_path,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from harness.config import AttentionConfig, ConfigError, InitConfig, ModelConfig
 from harness.data import prepare_data
 from harness.data.tokenization import ByteTokenizer, get_tokenizer
 from harness.executor import next_ready
-from harness.grid import expand_grid, sources_first
+from harness.grid import expand_grid, load_grid, sources_first
 from harness.layers import LinearAttention, SoftmaxAttention
 from harness.lm_eval_model import ReGLALM
 from harness.model import build_model
@@ -35,11 +36,14 @@ from harness.postlin.families import UnsupportedModel, family_named
 from harness.postlin.own import convert_language_model
 from harness.postlin.pretrained import LinearAdapter, SoftmaxAdapter, convert_pretrained
 from harness.postlin.start import initial_model, load_trained, new_parameters, save_trained, source_identity
+from harness.report import write_report
+from harness.results import load as load_results
 from harness.runner import run_grid
 from harness.spec import spec_from_dict
 from harness.train import train
 from tests.pipeline_helpers import tiny_grid
 
+ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 257  # the byte tokenizer's: a saved tiny model gets it as its tokenizer
 D, H, T = 32, 4, 12
 
@@ -387,11 +391,35 @@ def test_bad_source_references_are_refused_when_the_grid_loads(corpus):
 
 def test_a_converting_grid_runs_end_to_end(corpus, tmp_path):
     grid = expand_grid(converting_grid(corpus))
-    runs = [spec for spec in grid.runs if spec.name in ("hybrid/converted", "softmax/scratch")]
+    runs = [spec for spec in grid.runs if spec.name.startswith("hybrid/")] + [grid.runs[0]]
     results = run_grid(grid, runs, runs_dir=tmp_path, device="cpu", progress=False)
-    assert [(r.run.name, r.status) for r in results] == [("softmax/scratch", "ok"), ("hybrid/converted", "ok")]
+    order = ["hybrid/scratch", "softmax/scratch", "hybrid/converted"]  # runs from a source go after it
+    assert [(r.run.name, r.status) for r in results] == [(name, "ok") for name in order]
     converted, _ = load_trained(tmp_path / grid.name / runs[1].run_id / "model")
     assert len(converted.linear_attention_layers()) == 1 and converted.config.attention.rotary
+    # The report compares each variant converted and from scratch, from the converted model's start.
+    report = write_report(grid.name, tmp_path, tmp_path / "results", runs=runs)
+    assert (tmp_path / "results" / grid.name / "recovery.png").is_file()
+    assert "## Recovery" in (tmp_path / "results" / grid.name / "RESULTS.md").read_text(), report
+    frame = load_results(grid.name, tmp_path)
+    starts = frame[(frame["metric"] == "val/loss") & (frame["step"] == 0)]
+    assert list(starts["run_name"]) == ["hybrid/converted"]
     # A converted run whose source has not run says so.
     alone = run_grid(grid, [spec for spec in grid.runs if spec.name == "regla/converted"], runs_dir=tmp_path / "b")
     assert alone[0].status == "failed" and "has no trained model" in alone[0].error
+
+
+def test_the_offline_demonstration_grid_pairs_every_variant_with_its_conversion():
+    grid = load_grid(ROOT / "grids/paper/postlin_offline.yaml")
+    runs = {spec.name: spec for spec in grid.runs}
+    source = runs.pop("softmax/scratch")
+    variants = {"relu", "fast_decay", "gla", "regla", "hybrid_regla"}
+    assert set(runs) == {f"{v}/{init}" for v in variants for init in ("scratch", "converted")}
+    for name, spec in runs.items():
+        assert spec.train == source.train  # the same tokens
+        init = spec.model.init
+        assert (init is not None and init.source_id == source.run_id) == name.endswith("/converted")
+    gpu = load_grid(ROOT / "grids/paper/postlin_offline.yaml", scale="gpu")
+    with torch.device("meta"):
+        sizes = [build_model(spec.model, 4096, 0).num_parameters() for spec in gpu.runs]
+    assert min(sizes) >= 20e6

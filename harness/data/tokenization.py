@@ -257,6 +257,9 @@ class PretrainedTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids))
 
@@ -274,7 +277,14 @@ def pretrained_tokenizer(source: str, revision: str | None = None) -> Pretrained
     """The tokenizer of a hub model or a local transformers directory, named `hf:<source>`."""
     from transformers import AutoTokenizer  # heavy: only when a pretrained tokenizer is asked for
 
-    return PretrainedTokenizer(PRETRAINED_PREFIX + source, AutoTokenizer.from_pretrained(source, revision=revision))
+    try:
+        loaded = AutoTokenizer.from_pretrained(source, revision=revision)
+    except OSError as exc:  # transformers' error for a hub that cannot be reached or a missing name
+        raise DataError(
+            f"tokenizer {PRETRAINED_PREFIX + source!r} cannot be loaded: {str(exc).splitlines()[0]} (it needs the "
+            "Hugging Face hub, or a local directory with the model's tokenizer files)"
+        ) from exc
+    return PretrainedTokenizer(PRETRAINED_PREFIX + source, loaded)
 
 
 def get_tokenizer(name: str, source=None, cache_dir: str | Path | None = None) -> Tokenizer:
