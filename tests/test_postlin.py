@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import kernels
 from harness.checkpoint_io import save_checkpoint
 from harness.config import AttentionConfig, ConfigError, InitConfig, ModelConfig
 from harness.data import prepare_data
@@ -423,3 +424,22 @@ def test_the_offline_demonstration_grid_pairs_every_variant_with_its_conversion(
     with torch.device("meta"):
         sizes = [build_model(spec.model, 4096, 0).num_parameters() for spec in gpu.runs]
     assert min(sizes) >= 20e6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converted_layers_take_the_fused_triton_op_on_cuda(family, monkeypatch):
+    """On CUDA a converted ReGLA layer goes through the harness's dispatch to the fused Triton op,
+    and gives what the composed CPU path gives (the CPU tests above)."""
+    cpu = convert_pretrained(pretrained(family), REGLA, softmax_layers=[1]).eval()
+    gpu = copy.deepcopy(cpu).cuda()
+    calls = []
+    fused = kernels.triton_regla
+    monkeypatch.setattr(kernels, "triton_regla", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    idx = tokens()
+    with torch.no_grad():
+        got = gpu(idx.cuda())[0].cpu()
+        expected = cpu(idx)[0]
+    assert calls, "the converted layer did not take the fused op"
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
