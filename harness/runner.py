@@ -30,6 +30,7 @@ from .config import ConfigError
 from .data import DataError
 from .distributed import DistributedContext, distributed_context, pick_device
 from .grid import Grid, sources_first
+from .postlin.start import SourceMissing
 from .progress import bar as progress_bar
 from .progress import say
 from .results import advice_of, environment, make_rows, read_rows_or_set_aside, stage_failures, write_rows
@@ -121,6 +122,8 @@ def failure_advice(exc: BaseException, log: Path) -> tuple[str, str]:
         )
     if isinstance(exc, MissingPrerequisite):
         return "prerequisite", "run the stages it needs first (they failed or have not run)"
+    if isinstance(exc, SourceMissing):
+        return "prerequisite", "train the source run it starts from first (the error names it), then --retry-failed"
     return "error", f"--retry-failed runs it again; the traceback is in {log}"
 
 

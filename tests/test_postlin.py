@@ -25,6 +25,7 @@ from transformers import (
 
 import kernels
 from harness.checkpoint_io import save_checkpoint
+from harness.cluster import check_no_source_in_array
 from harness.config import AttentionConfig, ConfigError, InitConfig, ModelConfig
 from harness.data import prepare_data
 from harness.data.tokenization import ByteTokenizer, get_tokenizer
@@ -278,6 +279,8 @@ def test_a_local_source_enters_the_run_id_by_its_content(saved_neox, tmp_path):
     assert source_identity(InitConfig(from_pretrained="EleutherAI/pythia-160m")) == "hub:EleutherAI/pythia-160m@main"
     with pytest.raises(ConfigError, match="does not exist"):
         source_identity(InitConfig(from_pretrained=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="does not exist"):
+        source_identity(InitConfig(from_pretrained="runs/grid/abc/model"))
     changed = tmp_path / "changed"
     pretrained("gpt_neox", seed=1).save_pretrained(changed)
     assert source_identity(InitConfig(from_pretrained=str(changed))) != before
@@ -371,6 +374,10 @@ def test_a_source_run_enters_the_run_id_and_runs_first(corpus):
     pending = [runs["regla/converted"], runs["regla/scratch"]]
     assert next_ready(pending, {0: (None, source)}) is runs["regla/scratch"]
     assert next_ready(pending[:1], {}) is runs["regla/converted"]
+    # A job array starts its tasks in any order: it refuses a run whose source is in the same array.
+    with pytest.raises(ValueError, match="submit their source runs first"):
+        check_no_source_in_array(list(grid.runs))
+    check_no_source_in_array([spec for spec in grid.runs if spec.model.init is None])
     # Changing the source changes every run that starts from it.
     changed = converting_grid(corpus)
     changed["axes"]["variant"]["softmax"]["train.lr"] = 1e-3
@@ -408,6 +415,7 @@ def test_a_converting_grid_runs_end_to_end(corpus, tmp_path):
     # A converted run whose source has not run says so.
     alone = run_grid(grid, [spec for spec in grid.runs if spec.name == "regla/converted"], runs_dir=tmp_path / "b")
     assert alone[0].status == "failed" and "has no trained model" in alone[0].error
+    assert "train the source run" in alone[0].advice
 
 
 def test_the_offline_demonstration_grid_pairs_every_variant_with_its_conversion():

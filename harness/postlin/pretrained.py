@@ -204,9 +204,11 @@ def convert_pretrained(
     not in `softmax_layers` (a hybrid pattern, as model.softmax_layers) becomes linear attention
     built from `attention`; new parameters are drawn from `seed`.
 
-    New parameters are initialised as in a harness model (see `_init_new_linear_weights`): gates
-    start at their plugin's bias_init, so the converted layer starts with the decay the variant
-    would start with from scratch; the output norm starts at weight 1."""
+    New parameters are initialised as in a harness model (see `_init_new_linear_weights`), so that
+    a converted run and the same variant from scratch differ only in what was pretrained: gates
+    start at their plugin's bias_init (the decay the variant starts with from scratch), the output
+    norm at weight 1 (unit RMS per head: no weight reproduces softmax attention's output scale
+    exactly, so the pretrained output projection adapts in training), an output gate N(0, std)."""
     family = family_of(model)
     config = model.config
     shape = family.shape(config)

@@ -66,7 +66,8 @@ def source_identity(init: InitConfig) -> str:
     path = Path(init.from_pretrained).expanduser()
     if path.is_dir():
         return local_digest(path)
-    if init.from_pretrained.startswith((".", "/", "~")):
+    if init.from_pretrained.startswith((".", "/", "~")) or init.from_pretrained.count("/") > 1:
+        # Hub names are `name` or `owner/name`: anything else is meant as a directory.
         raise ConfigError(f"model.init.from_pretrained: directory {init.from_pretrained!r} does not exist")
     return f"hub:{init.from_pretrained}@{init.revision or 'main'}"
 
