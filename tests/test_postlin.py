@@ -451,3 +451,19 @@ def test_converted_layers_take_the_fused_triton_op_on_cuda(family, monkeypatch):
         expected = cpu(idx)[0]
     assert calls, "the converted layer did not take the fused op"
     torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_a_grid_continues_training_a_transformers_model(corpus, saved_neox, tmp_path):
+    """A transformers source through the whole pipeline: its own tokenizer prepares the data, the
+    converted model trains, is saved, read back and probed."""
+    grid = tiny_grid(corpus, steps=4, warmup_steps=1, eval_every=2, checkpoint_every=2)
+    grid["stages"] = ["train", "probe"]
+    grid["base"]["data"]["tokenizer"] = f"hf:{saved_neox}"
+    grid["base"]["model"]["init"] = {"from_pretrained": str(saved_neox), "train_only_new_for_steps": 1}
+    grid["base"]["model"]["softmax_layers"] = [0]
+    grid["axes"] = {"variant": {"regla": {"model.attention": {"feature_map": "safe_exp", "gate": "refined"}}}}
+    loaded = expand_grid(grid)
+    results = run_grid(loaded, loaded.runs, runs_dir=tmp_path, device="cpu", progress=False)
+    assert [(r.stage, r.status) for r in results] == [("train", "ok"), ("probe", "ok")]
+    frame = load_results(loaded.name, tmp_path)
+    assert set(frame[frame["metric"].str.startswith("gate/")]["step"]) == {0, 4}  # before and after
