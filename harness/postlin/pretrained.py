@@ -87,6 +87,8 @@ class LinearAdapter(nn.Module):
         rotation = None
         if self.apply_rotary is not None and kwargs.get("position_embeddings") is not None:
             cos, sin = kwargs["position_embeddings"]
+            # transformers computed cos and sin for this step's positions (the converted model
+            # passes position_ids from the decoding offset), so the offset argument is not needed.
             # [B, T, H, K]: the head axis is 2 (transformers' default is 1, for [B, H, T, K]).
             rotation = lambda q, k, offset: self.apply_rotary(q, k, cos, sin, unsqueeze_dim=2)  # noqa: E731
         y, self.step.new_state = self.attn(hidden_states, self.step.state, self.step.use_cache, rotation)
