@@ -312,6 +312,23 @@ def test_harness_model_conversion_reuses_the_trained_projections():
     assert torch.equal(same(idx)[0], source(idx)[0])
 
 
+def test_linear_layers_with_rotary_positions_decode_as_they_run_in_full():
+    config = ModelConfig(vocab_size=64, d_model=D, n_layers=2, n_heads=H, max_seq_len=32, softmax_layers=[1])
+    model = build_model(replace(config, attention=replace(REGLA, rotary=True)), 64, seed=0).eval()
+    unrotated = build_model(config, 64, seed=0).eval()
+    idx = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, _ = model(idx)
+        first, state = model(idx[:, :4], use_cache=True)
+        steps = [first]
+        for t in range(4, 10):
+            logits, state = model(idx[:, t : t + 1], state, use_cache=True)
+            steps.append(logits)
+        assert not torch.allclose(full, unrotated(idx)[0])  # the positions change what it computes
+    assert state[0].position == 10
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_harness_conversion_refuses_what_does_not_fit():
     source = harness_softmax()
     with pytest.raises(ConfigError, match=r"d_model \(64; the source has 32\)"):
