@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .executor import WorkerOptions, outcome
+from .grid import source_run_id
 from .runner import StageResult, stage_status
 from .spec import RunSpec
 
@@ -55,15 +56,28 @@ def pending_runs(runs: Iterable[RunSpec], options: WorkerOptions) -> list[RunSpe
     return wanted
 
 
+def check_no_source_in_array(runs: list[RunSpec]) -> None:
+    """An array's tasks start in any order: a run starting from another run of the same array
+    (model.init: run:<name>) could start before its source has trained, so it is refused."""
+    ids = {spec.run_id for spec in runs}
+    waiting = [spec.name for spec in runs if source_run_id(spec) in ids]
+    if waiting:
+        raise ValueError(
+            f"runs {', '.join(waiting)} start from other runs of this array (model.init: run:...), and array "
+            "tasks start in any order: submit their source runs first (e.g. --where init=scratch), then the rest"
+        )
+
+
 def submit(runs: Iterable[RunSpec], options: WorkerOptions, cluster: ClusterOptions, *, wait: bool) -> list:
     """Submit one array task per pending run; with `wait`, block until every task has ended."""
+    runs = list(runs)
+    check_no_source_in_array(runs)
     try:
         import submitit  # optional: pip install -e '.[cluster]'
     except ImportError as exc:
         raise ValueError("--submit needs submitit: pip install -e '.[cluster]' (or pip install submitit)") from exc
     if cluster.backend not in ("slurm", "local"):
         raise ValueError(f"--submit must be slurm or local; got {cluster.backend!r}")
-    runs = list(runs)
     if cluster.backend == "local":
         executor = submitit.LocalExecutor(folder=cluster.folder)
         executor.update_parameters(timeout_min=cluster.time_minutes)

@@ -108,6 +108,9 @@ class AttentionConfig:
     #: key-max scope gives the same output; or "shifted", eps on the shifted output as a plain
     #: RMSNorm applies it (what fla's norm gives; the shifts then leak through eps)
     norm_eps_frame: str = "unshifted"
+    #: rotary positions on q and k before the feature map (the model's rotary_base), as a softmax
+    #: layer has them: a layer converted from a pretrained model keeps them (model.init)
+    rotary: bool = False
 
     def __post_init__(self) -> None:
         _choice("attention.output_gate", self.output_gate, ("none", "swish"))
@@ -118,6 +121,65 @@ class AttentionConfig:
 
 
 HYBRID_PATTERNS = ("none", "all", "even", "odd", "first_half", "last_half")
+
+
+def layer_indices(pattern: str | tuple | list, n: int, where: str = "model.softmax_layers") -> tuple[int, ...]:
+    """The layers a hybrid pattern names among `n` layers: a name from HYBRID_PATTERNS or a list
+    of indices (negative ones count from the end), sorted and without repeats."""
+    if isinstance(pattern, str):
+        _choice(where, pattern, HYBRID_PATTERNS)
+        return {
+            "none": (),
+            "all": tuple(range(n)),
+            "even": tuple(range(0, n, 2)),
+            "odd": tuple(range(1, n, 2)),
+            "first_half": tuple(range(n // 2)),
+            "last_half": tuple(range(n - n // 2, n)),
+        }[pattern]
+    if not isinstance(pattern, (list, tuple)):
+        raise ConfigError(f"{where} must be one of {', '.join(HYBRID_PATTERNS)} or a list of layer indices")
+    bad = [i for i in pattern if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n]
+    if bad:
+        raise ConfigError(
+            f"{where}: indices {bad} out of range for {n} layers "
+            f"(allowed 0..{n - 1}, or one of {', '.join(HYBRID_PATTERNS)})"
+        )
+    return tuple(sorted({i % n for i in pattern}))
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Post-linearization: start from a pretrained causal LM instead of a random init, with its
+    attention layers converted to the run's `model.attention` (except `model.softmax_layers`).
+
+    `from_pretrained`: a Hugging Face hub name (GPT-NeoX/Pythia, GPT-2, Llama), a local directory
+    (a transformers checkpoint or a harness one), or `run:<run name>`: the trained model of another
+    run of the same grid, which then runs first.
+    """
+
+    from_pretrained: str = ""
+    #: for the first N steps only the parameters the conversion adds (gates, norms) learn
+    train_only_new_for_steps: int = 0
+    #: the hub revision (branch, tag or commit) of a hub model
+    revision: str | None = None
+    #: what the source is, set when the grid loads (never by hand): the source run's id, a local
+    #: checkpoint's content digest, or the hub name and revision. Part of the run id.
+    source_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.from_pretrained, str) or not self.from_pretrained.strip():
+            raise ConfigError(
+                "model.init.from_pretrained must name the pretrained model: a hub name, a local directory, "
+                "or run:<run name> for another run of the grid"
+            )
+        steps = self.train_only_new_for_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"model.init.train_only_new_for_steps must be an integer >= 0; got {steps!r}")
+
+    @property
+    def source_run(self) -> str | None:
+        """The run name of a `run:<name>` source, else None."""
+        return self.from_pretrained.removeprefix("run:") if self.from_pretrained.startswith("run:") else None
 
 
 @dataclass(frozen=True)
@@ -141,6 +203,8 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    #: start from a pretrained model (post-linearization); None: a random init
+    init: InitConfig | None = None
 
     def __post_init__(self) -> None:
         _choice("model.mlp", self.mlp, ("swiglu", "gelu"))
@@ -154,6 +218,8 @@ class ModelConfig:
             )
         if isinstance(self.attention, Mapping):
             object.__setattr__(self, "attention", from_dict(AttentionConfig, self.attention, "model.attention"))
+        if isinstance(self.init, Mapping):
+            object.__setattr__(self, "init", from_dict(InitConfig, self.init, "model.init"))
         if isinstance(self.softmax_layers, list):
             object.__setattr__(self, "softmax_layers", tuple(self.softmax_layers))
         self.softmax_layer_indices()  # validate now, not at model build time
@@ -163,26 +229,7 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     def softmax_layer_indices(self) -> tuple[int, ...]:
-        n = self.n_layers
-        pattern = self.softmax_layers
-        if isinstance(pattern, str):
-            _choice("model.softmax_layers", pattern, HYBRID_PATTERNS)
-            return {
-                "none": (),
-                "all": tuple(range(n)),
-                "even": tuple(range(0, n, 2)),
-                "odd": tuple(range(1, n, 2)),
-                "first_half": tuple(range(n // 2)),
-                "last_half": tuple(range(n - n // 2, n)),
-            }[pattern]
-        indices = tuple(pattern)
-        bad = [i for i in indices if not isinstance(i, int) or not -n <= i < n]
-        if bad:
-            raise ConfigError(
-                f"model.softmax_layers: indices {bad} out of range for {n} layers "
-                f"(allowed 0..{n - 1}, or one of {', '.join(HYBRID_PATTERNS)})"
-            )
-        return tuple(sorted({i % n for i in indices}))
+        return layer_indices(self.softmax_layers, self.n_layers)
 
 
 #: How training rows are cut from the token stream: "windows" (random windows of seq_len tokens,

@@ -115,7 +115,10 @@ class StaticDecoder:
         if torch.is_tensor(key_feature):
             key_feature = torch.empty(key_feature.shape, dtype=torch.float32, device=key_feature.device)
         memory = torch.empty(state.memory.shape, dtype=torch.float32, device=state.memory.device)
-        return LinearState(memory, key_feature, torch.empty_like(state.last_input), in_place=True)
+        # The shared position tensor: layers with rotary positions read their offset from it.
+        return LinearState(
+            memory, key_feature, torch.empty_like(state.last_input), in_place=True, position=self.position
+        )
 
     def load(self, prefill_cache: list, prompt_length: int) -> None:
         """Copy a prefill's decoding state into the buffers and set the position after the prompt."""

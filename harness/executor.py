@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .grid import source_run_id
 from .progress import bar as progress_bar
 from .progress import say
 from .runner import StageResult, stage_outcome
@@ -85,8 +86,9 @@ def run_on_devices(
     bar = progress_bar(total=len(runs), desc="runs", unit="run", enabled=progress)
     while pending or active:
         for slot in range(devices * runs_per_device):
-            if slot not in active and pending:
-                spec = pending.pop(0)
+            spec = next_ready(pending, active)
+            if slot not in active and spec is not None:
+                pending.remove(spec)
                 gpu = slot % devices
                 # The worker sees one GPU, as cuda:0; CPU-only machines ignore the variable.
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
@@ -102,6 +104,13 @@ def run_on_devices(
         time.sleep(0.2)
     bar.close()
     return [result for spec in runs for result in outcome(spec, options, exit_codes.get(spec.run_id, 0))]
+
+
+def next_ready(pending: list[RunSpec], active: dict[int, tuple[subprocess.Popen, RunSpec]]) -> RunSpec | None:
+    """The first pending run whose source run (model.init: run:<name>) is neither pending nor
+    still running: a converted run starts once its source has finished."""
+    unfinished = {spec.run_id for spec in pending} | {spec.run_id for _, spec in active.values()}
+    return next((spec for spec in pending if source_run_id(spec) not in unfinished), None)
 
 
 def outcome(spec: RunSpec, options: WorkerOptions, exit_code: int) -> list[StageResult]:

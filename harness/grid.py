@@ -25,7 +25,7 @@ import itertools
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ import yaml
 from variants import import_plugin_modules
 
 from .config import ConfigError
+from .postlin.own import check_compatible
+from .postlin.start import with_source_id
 from .spec import RunSpec, spec_from_dict
 from .stages import STAGES
 
@@ -255,8 +257,49 @@ def expand_grid(
         runs.append(spec)
     if not runs:
         raise ConfigError(f"grid {name!r} expands to no runs (check its exclude entries)")
+    runs = resolve_source_runs(runs, name)
     reference = _check_reference(data.get("reference"), {variant_name(r.axes) or r.name for r in runs})
     return Grid(name, str(data.get("description") or ""), stages, tuple(runs), tuple(names), path, reference)
+
+
+def resolve_source_runs(runs: list[RunSpec], grid_name: str) -> list[RunSpec]:
+    """Each `model.init.from_pretrained: run:<name>` pointed at that run of the grid (with seeds,
+    the same seed's run when the name leaves the seed out): its run id enters the run's id, and
+    the two models are checked to fit (same shape and tokenizer) now, before anything trains."""
+    by_name = {spec.name: spec for spec in runs}
+    resolved = []
+    for spec in runs:
+        init = spec.model.init
+        if init is None or init.source_run is None:
+            resolved.append(spec)
+            continue
+        where = f"run {spec.name!r}: model.init.from_pretrained {init.from_pretrained!r}"
+        candidates = [init.source_run, f"{init.source_run}/{spec.axes.get(SEED_AXIS, '')}"]
+        source = next((by_name[c] for c in candidates if c in by_name), None)
+        if source is None:
+            known = ", ".join(by_name)
+            raise ConfigError(f"{where}: the grid {grid_name!r} has no run of that name; its runs: {known}")
+        if source.model.init is not None and source.model.init.source_run is not None:
+            raise ConfigError(f"{where}: its source starts from another run itself; chains of runs are not supported")
+        check_compatible(source.model, spec.model, where)
+        if (source.data.source, source.data.tokenizer) != (spec.data.source, spec.data.tokenizer):
+            raise ConfigError(f"{where}: data.source and data.tokenizer must be the source run's (its tokenizer)")
+        resolved.append(replace(spec, model=with_source_id(spec.model, source.run_id)))
+    ids = [spec.run_id for spec in resolved]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"grid {grid_name!r}: two runs are the same run once their sources are resolved")
+    return resolved
+
+
+def sources_first(runs: list[RunSpec]) -> list[RunSpec]:
+    """The runs in their order, except that a run starting from another run comes after it."""
+    return sorted(runs, key=lambda spec: spec.model.init is not None and spec.model.init.source_run is not None)
+
+
+def source_run_id(spec: RunSpec) -> str | None:
+    """The id of the run that `spec` starts from, when it starts from one."""
+    init = spec.model.init
+    return init.source_id if init is not None and init.source_run is not None else None
 
 
 #: the axis a scale's `seeds` adds; reports average over it

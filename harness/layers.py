@@ -3,6 +3,7 @@ be dropped into someone else's model (post-linearization), and returns its decod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -39,6 +40,9 @@ class LinearState:
     #: static decoding buffers (CUDA graphs): the fused decoding step updates memory and key
     #: feature in place instead of returning new tensors
     in_place: bool = False
+    #: tokens seen so far: the rotary offset of the next step (a 0-dim tensor shared with the
+    #: decoder when decoding over static buffers, which advances it in place)
+    position: int | Tensor = 0
 
 
 class FusedPlan(NamedTuple):
@@ -94,13 +98,24 @@ def _combine_log_decays(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a + b
 
 
+#: rotates (q, k) [B, T, H, K] for positions offset.. offset+T: a pretrained model's own rotary
+#: embedding, handed to LinearAttention.forward by a converted model (harness.postlin)
+Rotation = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+
+
 class LinearAttention(nn.Module):
     """phi(q), phi(k) from the feature-map registry, a forget gate from the gate registry, the
-    gated recurrence (kernels.gated_linear_attention), and an output norm from the norm registry."""
+    gated recurrence (kernels.gated_linear_attention), and an output norm from the norm registry.
 
-    def __init__(self, d_model: int, num_heads: int, head_dim: int, config: AttentionConfig):
+    With `config.rotary` q and k get rotary positions (base `rotary_base`) before the feature map,
+    as a softmax layer's do: what a layer converted from a pretrained softmax model keeps."""
+
+    def __init__(
+        self, d_model: int, num_heads: int, head_dim: int, config: AttentionConfig, rotary_base: float = 10000.0
+    ):
         super().__init__()
         self.num_heads, self.head_dim, self.config = num_heads, head_dim, config
+        self.rotary_base = rotary_base
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(d_model, inner, bias=False)
         self.k_proj = nn.Linear(d_model, inner, bias=False)
@@ -128,20 +143,37 @@ class LinearAttention(nn.Module):
         self.captured: GateOutput | None = None
 
     def forward(
-        self, x: Tensor, state: LinearState | None = None, use_cache: bool = False, cu_seqlens: Tensor | None = None
+        self,
+        x: Tensor,
+        state: LinearState | None = None,
+        use_cache: bool = False,
+        cu_seqlens: Tensor | None = None,
+        rotation: Rotation | None = None,
     ) -> tuple[Tensor, LinearState | None]:
         """x [B, T, D] -> y [B, T, D] and, with `use_cache`, the decoding state.
 
         `cu_seqlens` ([N + 1] int offsets over the B·T tokens read row after row, every row start
         among them; `LanguageModel.forward`) packs documents into the rows: attention restarts at
-        each boundary. Training only: no state in or out."""
+        each boundary. Training only: no state in or out.
+        `rotation`: rotates q and k in place of the layer's own rotary (`config.rotary`)."""
         if cu_seqlens is not None:
+            if rotation is not None or self.config.rotary:
+                raise ValueError(
+                    "packed documents (cu_seqlens) are not supported in linear-attention layers with rotary "
+                    "positions (converted models); use data.packing: windows"
+                )
             return self._packed_forward(x, state, use_cache, cu_seqlens), None
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, K)
         k = self.k_proj(x).view(B, T, H, K)
         v = self.v_proj(x).view(B, T, H, K)
+        offset = state.position if state is not None else 0
+        if rotation is not None:
+            q, k = rotation(q, k, offset)
+        elif self.config.rotary:
+            q = _rotate(q.transpose(1, 2), offset, self.rotary_base).transpose(1, 2)
+            k = _rotate(k.transpose(1, 2), offset, self.rotary_base).transpose(1, 2)
         if self.takes_decode_step(q, state):
             o, memory, key_state = self._decode_step(x, q, k, v, state)  # normalised
         else:
@@ -151,9 +183,12 @@ class LinearAttention(nn.Module):
                 o, memory, key_state, log_scale = self._composed_attention(x, q, k, v, state, use_cache)
             o = self._norm(o, log_scale)
         y = self._output(x, o)
-        new_state = (
-            LinearState(memory, key_state, x[:, -1:], state is not None and state.in_place) if use_cache else None
-        )
+        new_state = None
+        if use_cache:
+            in_place = state is not None and state.in_place
+            # Static buffers keep their shared position tensor (the decoder advances it).
+            position = state.position if in_place else offset + T
+            new_state = LinearState(memory, key_state, x[:, -1:], in_place=in_place, position=position)
         return y, new_state
 
     def _norm(self, o: Tensor, log_scale: Tensor | None) -> Tensor:
@@ -548,7 +583,7 @@ class Block(nn.Module):
         self.attn = (
             SoftmaxAttention(D, H, K, config.rotary, config.rotary_base)
             if softmax
-            else LinearAttention(D, H, K, config.attention)
+            else LinearAttention(D, H, K, config.attention, config.rotary_base)
         )
         self.mlp = MLP(D, config.mlp, config.mlp_ratio)
         self.dropout = nn.Dropout(config.dropout)

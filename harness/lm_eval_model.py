@@ -17,9 +17,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .checkpoint_io import load_checkpoint
 from .data.tokenization import Tokenizer
 from .model import LanguageModel
+from .postlin.start import load_trained
 from .progress import bar as progress_bar
 
 
@@ -42,7 +42,7 @@ class ReGLALM(TemplateLM):
         if model is None:
             if checkpoint is None:
                 raise ValueError("ReGLALM needs a model and tokenizer, or pretrained=<checkpoint directory>")
-            model, saved_tokenizer = load_checkpoint(checkpoint, map_location=kwargs.get("device") or "cpu")
+            model, saved_tokenizer = load_trained(checkpoint, map_location=kwargs.get("device") or "cpu")
             tokenizer = tokenizer or saved_tokenizer
         if tokenizer is None:
             raise ValueError("ReGLALM needs the tokenizer the model was trained with")

@@ -210,6 +210,57 @@ def plot_profile(frame: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+#: the axis and levels of a post-linearization grid (grids/paper/postlin_offline.yaml)
+INIT_AXIS, CONVERTED, SCRATCH = "axis:init", "converted", "scratch"
+
+
+def tokens_per_step(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    train = spec["train"]
+    return train["batch_size"] * train["seq_len"] * train["grad_accum"] * spec.get("processes", 1)
+
+
+def recovery_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, the final validation bits per byte converted and from scratch, when the grid
+    has an `init` axis with both levels (a post-linearization grid); else empty."""
+    if INIT_AXIS not in frame or not {CONVERTED, SCRATCH} <= set(frame[INIT_AXIS].dropna()):
+        return pd.DataFrame()
+    final = frame[(frame["metric"] == "final/val_bits_per_byte") & (frame["status"] == "ok")].copy()
+    final["variant"] = final["run_name"].str.split("/").str[0]
+    table = final.pivot_table(index="variant", columns=INIT_AXIS, values="value", aggfunc="mean")
+    if not {CONVERTED, SCRATCH} <= set(table.columns):
+        return pd.DataFrame()
+    table = table[[CONVERTED, SCRATCH]].dropna()
+    table.columns = ["converted val bpb", "scratch val bpb"]
+    table["converted - scratch"] = table["converted val bpb"] - table["scratch val bpb"]
+    return table
+
+
+def plot_recovery(frame: pd.DataFrame, path: Path) -> bool:
+    """Validation bits per byte against training tokens: each variant converted (solid) and from
+    scratch (dashed), one colour per variant."""
+    if recovery_table(frame).empty:
+        return False
+    rows = frame[(frame["metric"] == "val/bits_per_byte") & (frame["status"] == "ok")].copy()
+    rows["variant"] = rows["run_name"].str.split("/").str[0]
+    colours = {v: f"C{i}" for i, v in enumerate(sorted(rows["variant"].unique()))}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (variant, init, run), group in rows.groupby(["variant", INIT_AXIS, "run_name"]):
+        group = group.sort_values("step")
+        tokens = group["step"] * tokens_per_step(group["spec_json"].iloc[0])
+        style = "-" if init == CONVERTED else "--"
+        ax.plot(tokens, group["value"], style, color=colours[variant], marker="o", markersize=3, label=run)
+    ax.set_xlabel("training tokens of the run (converted runs start from the trained softmax source)")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title("recovery: converted (solid) vs from scratch (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_report(
     grid: str,
     runs_dir: str | Path = "runs",
@@ -249,6 +300,7 @@ def write_report(
     has_final = plot_final_metrics(table, out / "final_metrics.png")
     has_probes = plot_gate_saturation(frame, out / "gate_saturation.png")
     has_profile = plot_profile(frame, out / "profile.png")
+    has_recovery = plot_recovery(frame, out / "recovery.png")
     env = frame.iloc[0]
     lines = [f"# Results: grid `{grid}`", ""]
     if source_note:
@@ -272,6 +324,15 @@ def write_report(
         lines += ["![loss curves](loss_curves.png)", ""]
     if has_final:
         lines += ["![final metrics](final_metrics.png)", ""]
+    if has_recovery:
+        lines += [
+            "## Recovery: converted from the softmax source vs trained from scratch (same tokens)",
+            "",
+            "![recovery](recovery.png)",
+            "",
+            markdown_table(recovery_table(frame)),
+            "",
+        ]
     if has_profile:
         profile = profile_table(frame)
         profile["x"] = profile["seq_len"].fillna(profile["generated"]) if "generated" in profile else profile["seq_len"]

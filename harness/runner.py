@@ -29,7 +29,8 @@ from .atomic import atomic_write_text
 from .config import ConfigError
 from .data import DataError
 from .distributed import DistributedContext, distributed_context, pick_device
-from .grid import Grid
+from .grid import Grid, sources_first
+from .postlin.start import SourceMissing
 from .progress import bar as progress_bar
 from .progress import say
 from .results import advice_of, environment, make_rows, read_rows_or_set_aside, stage_failures, write_rows
@@ -122,6 +123,8 @@ def failure_advice(exc: BaseException, log: Path) -> tuple[str, str]:
         )
     if isinstance(exc, MissingPrerequisite):
         return "prerequisite", "run the stages it needs first (they failed or have not run)"
+    if isinstance(exc, SourceMissing):
+        return "prerequisite", "train the source run it starts from first (the error names it), then --retry-failed"
     return "error", f"--retry-failed runs it again; the traceback is in {log}"
 
 
@@ -226,7 +229,8 @@ def run_grid(
 
     `data_cache`: prepared data by source and tokenizer, shared with `preflight`. `tracking`:
     mirror training curves to a tracker (harness.tracking); off by default."""
-    runs = list(runs)
+    # A run that starts from another run's model (model.init: run:<name>) waits for it.
+    runs = sources_first(list(runs))
     stages = list(stages or grid.stages)
     runs_dir = Path(runs_dir)
     # Under torchrun every rank walks the same grid; only rank 0 writes, and the ranks meet after

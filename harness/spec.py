@@ -26,6 +26,7 @@ from .config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
 from .data import get_source
 from .data.tokenization import check_tokenizer_name
 from .model import LanguageModel
+from .postlin.start import source_identity, with_source_id
 
 #: bump when the meaning of a spec field changes in a way that invalidates old runs
 SPEC_FORMAT = 2
@@ -72,7 +73,7 @@ class RunSpec:
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the trained weights, normalised."""
-        model = to_dict(self.model)
+        model = without_unset_additions(to_dict(self.model))
         if not self.plugin_versions():
             # A softmax-only model never builds the linear-attention plugins: their settings
             # must not make two identical softmax runs look different.
@@ -99,6 +100,16 @@ class RunSpec:
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), sort_keys=True)
+
+
+def without_unset_additions(model: dict[str, Any]) -> dict[str, Any]:
+    """The model settings added after SPEC_FORMAT 2 (`init`, `attention.rotary`) enter the run id
+    only when set, so that every run id from before they existed stays what it was."""
+    if model.get("init") is None:
+        model.pop("init", None)
+    if not model.get("attention", {}).get("rotary", True):
+        model["attention"].pop("rotary")
+    return model
 
 
 #: top-level packages of this project
@@ -164,6 +175,14 @@ def spec_from_dict(
         processes=processes,
     )
     check_names(spec)
+    init = spec.model.init
+    if init is not None and init.source_run is None:
+        # A hub or local source: its name and revision, or its content, enter the run id. (A
+        # `run:` source gets its run's id when the grid resolves it.)
+        try:
+            spec = replace(spec, model=with_source_id(spec.model, source_identity(init)))
+        except ConfigError as exc:
+            raise ConfigError(f"run {name!r}: {exc}") from exc
     return spec
 
 

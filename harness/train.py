@@ -21,7 +21,8 @@ import torch
 from .atomic import atomic_write_bytes, atomic_write_text, file_digest, set_aside
 from .config import TrainConfig
 from .distributed import agree_on_failure, attempt, distributed_context, pick_device
-from .model import LanguageModel, build_model
+from .model import LanguageModel
+from .postlin.start import initial_model, new_parameters
 from .progress import PlainProgress, say
 from .progress import bar as progress_bar
 from .spec import RunSpec
@@ -127,6 +128,20 @@ def load_training_state(path: Path, device: torch.device) -> dict | None:
         return None
 
 
+def validation_records(val_loss: float, step: int, bytes_per_token: float) -> list[dict[str, Any]]:
+    """The validation rows of one evaluation: loss, perplexity and bits per byte."""
+    return [
+        {"metric": "val/loss", "value": val_loss, "step": step, "split": "validation"},
+        {"metric": "val/perplexity", "value": math.exp(min(val_loss, 700)), "step": step, "split": "validation"},
+        {
+            "metric": "val/bits_per_byte",
+            "value": val_loss * (1 / math.log(2)) / bytes_per_token,
+            "step": step,
+            "split": "validation",
+        },
+    ]
+
+
 def train(
     spec: RunSpec,
     data: Any,
@@ -148,8 +163,12 @@ def train(
     dev = pick_device(ctx, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    model = build_model(spec.model, data.tokenizer.vocab_size, spec.train.seed).to(dev)
+    # A fresh model, or with model.init a pretrained one converted (its source runs sit beside this run).
+    model = initial_model(spec.model, data.tokenizer, spec.train.seed, Path(run_dir).parent).to(dev)
     optimizer = make_optimizer(model, config)
+    only_new_until = spec.model.init.train_only_new_for_steps if spec.model.init is not None else 0
+    new = {id(p) for p in new_parameters(model)} if only_new_until else set()
+    pretrained = [p for p in model.parameters() if id(p) not in new]
     records: list[dict[str, Any]] = []
     start_step, trained_seconds = 0, 0.0
     resume_path = Path(run_dir) / "training_state.pt"
@@ -175,6 +194,11 @@ def train(
     lines = PlainProgress(spec.name, config.steps, initial=start_step, enabled=show)
     if show and start_step:
         say(f"{spec.name}: resuming at step {start_step}/{config.steps}")
+    if spec.model.init is not None and start_step == 0:
+        # Where a converted model starts: the validation loss right after the conversion.
+        val, failure = attempt(evaluate_loss, model, data.validation, config, dev)
+        agree_on_failure(failure, ctx, dev)
+        records += validation_records(val, 0, val_bytes_per_token)
     model.train()
     for step in range(start_step, config.steps):
         started = time.perf_counter()
@@ -205,6 +229,11 @@ def train(
                     )
                 (loss / config.grad_accum).backward()
             step_loss += micro_loss / config.grad_accum
+        if step < only_new_until:
+            # Only the parameters the conversion added learn yet: AdamW skips a parameter
+            # without a gradient (no update, no weight decay, no moment change).
+            for parameter in pretrained:
+                parameter.grad = None
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -234,16 +263,7 @@ def train(
             if show:
                 bpb = val * bits_per_nat / val_bytes_per_token
                 say(f"{spec.name}: step {done}/{config.steps} val loss {val:.4f} bpb {bpb:.4f}")
-            validation = [
-                {"metric": "val/loss", "value": val, "step": done, "split": "validation"},
-                {"metric": "val/perplexity", "value": math.exp(min(val, 700)), "step": done, "split": "validation"},
-                {
-                    "metric": "val/bits_per_byte",
-                    "value": val * bits_per_nat / val_bytes_per_token,
-                    "step": done,
-                    "split": "validation",
-                },
-            ]
+            validation = validation_records(val, done, val_bytes_per_token)
             records += validation
             if ctx.is_main:
                 tracker.log(validation)

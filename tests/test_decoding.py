@@ -26,6 +26,10 @@ MODELS = {
     ),
     "softmax": dict(softmax_layers="all"),
     "hybrid": dict(softmax_layers="odd"),
+    # linear layers with rotary positions (converted from a softmax model): the position moves on
+    "regla_rotary": dict(
+        attention=AttentionConfig(feature_map="safe_exp", gate="refined", norm="rmsnorm", rotary=True)
+    ),
 }
 
 

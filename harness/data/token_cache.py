@@ -43,7 +43,8 @@ class TokenizedSplit:
 
 
 def split_paths(cache_dir: Path, source: Source, tokenizer: Tokenizer, split: str) -> tuple[Path, Path]:
-    directory = Path(cache_dir) / "tokens" / source.cache_key() / tokenizer.name
+    # A pretrained tokenizer's name holds a hub path ("hf:org/model"): one folder, not two.
+    directory = Path(cache_dir) / "tokens" / source.cache_key() / tokenizer.name.replace("/", "--")
     return directory / f"{split}.bin", directory / f"{split}.json"
 
 

@@ -22,13 +22,19 @@ from .sources import Source, get_source
 EOT_TEXT = "<|endoftext|>"
 _BPE_NAME = re.compile(r"^bpe-(\d+)$")
 WORD_CACHE_CAPACITY = 1_000_000
-ALLOWED = "gpt2, byte, bpe-<N> (a byte-level BPE of vocabulary N >= 257 trained on the source, e.g. bpe-8192)"
+#: a pretrained model's own tokenizer: hf:<hub name or local directory>
+PRETRAINED_PREFIX = "hf:"
+ALLOWED = (
+    "gpt2, byte, bpe-<N> (a byte-level BPE of vocabulary N >= 257 trained on the source, e.g. bpe-8192), "
+    "hf:<hub name or directory> (a pretrained model's tokenizer, through transformers)"
+)
 
 
 def check_tokenizer_name(name: str) -> None:
     """Raise the unknown-tokenizer error without building anything (grid files are checked early)."""
     match = _BPE_NAME.match(name)
-    if name not in ("gpt2", "byte") and not (match and int(match.group(1)) >= 257):
+    pretrained = name.startswith(PRETRAINED_PREFIX) and len(name) > len(PRETRAINED_PREFIX)
+    if name not in ("gpt2", "byte") and not (match and int(match.group(1)) >= 257) and not pretrained:
         raise ValueError(f"unknown tokenizer {name!r}; allowed: {ALLOWED}")
 
 
@@ -236,8 +242,56 @@ def _cached_bpe(name: str, path: Path, sidecar: Path, current_version: str | Non
     return HFTokenizer(name, tokenizers.Tokenizer.from_file(str(path)))
 
 
+class PretrainedTokenizer(Tokenizer):
+    """A pretrained model's transformers tokenizer (`hf:<hub name or directory>`); its
+    end-of-sequence token separates documents."""
+
+    def __init__(self, name: str, tokenizer):
+        if tokenizer.eos_token_id is None:
+            raise DataError(f"tokenizer {name!r} has no end-of-sequence token to separate documents")
+        self.name = name
+        self._tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.eot_id = int(tokenizer.eos_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids))
+
+    def fingerprint(self) -> str:
+        return hashlib.blake2b(self.to_tokenizers().to_str().encode(), digest_size=8).hexdigest()
+
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise DataError(f"tokenizer {self.name!r} is not a fast (tokenizers-backed) tokenizer")
+        return backend
+
+
+def pretrained_tokenizer(source: str, revision: str | None = None) -> PretrainedTokenizer:
+    """The tokenizer of a hub model or a local transformers directory, named `hf:<source>`."""
+    from transformers import AutoTokenizer  # heavy: only when a pretrained tokenizer is asked for
+
+    try:
+        loaded = AutoTokenizer.from_pretrained(source, revision=revision)
+    except OSError as exc:  # transformers' error for a hub that cannot be reached or a missing name
+        raise DataError(
+            f"tokenizer {PRETRAINED_PREFIX + source!r} cannot be loaded: {str(exc).splitlines()[0]} (it needs the "
+            "Hugging Face hub, or a local directory with the model's tokenizer files)"
+        ) from exc
+    return PretrainedTokenizer(PRETRAINED_PREFIX + source, loaded)
+
+
 def get_tokenizer(name: str, source=None, cache_dir: str | Path | None = None) -> Tokenizer:
-    """``gpt2`` | ``byte`` | ``bpe-<N>`` (needs ``source``: a Source or a source name)."""
+    """``gpt2`` | ``byte`` | ``bpe-<N>`` (needs ``source``: a Source or a source name) | ``hf:<model>``."""
+    if name.startswith(PRETRAINED_PREFIX):
+        check_tokenizer_name(name)
+        return pretrained_tokenizer(name.removeprefix(PRETRAINED_PREFIX))
     if name == "gpt2":
         return gpt2_tokenizer()
     if name == "byte":

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint_io import load_checkpoint
 from ..config import ProbeConfig
 from ..distributed import distributed_context, pick_device
-from ..model import LanguageModel, build_model
+from ..model import LanguageModel
+from ..postlin.start import initial_model, load_trained
 from ..spec import RunSpec
 from .base import Stage, StageContext
 
@@ -101,8 +101,9 @@ class ProbeStage(Stage):
             (x.to(device), y.to(device))
             for x, y in data.validation.eval_batches(config.batch_size, spec.train.seq_len, config.batches)
         ]
-        initial = build_model(spec.model, data.tokenizer.vocab_size, spec.train.seed).to(device).train()
-        trained, _ = load_checkpoint(ctx.model_dir, map_location=device)
+        # Before training: the fresh model, or with model.init the converted source.
+        initial = initial_model(spec.model, data.tokenizer, spec.train.seed, ctx.run_dir.parent).to(device).train()
+        trained, _ = load_trained(ctx.model_dir, map_location=device)
         trained.to(device).train()
         if not initial.linear_attention_layers():
             return [{"metric": "gate/none", "value": 0.0, "extra": json.dumps({"reason": "softmax-only model"})}]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..checkpoint_io import load_checkpoint
 from ..config import EvalConfig
 from ..distributed import distributed_context, pick_device
+from ..postlin.start import load_trained
 from ..spec import RunSpec
 from .base import Stage, StageContext
 
@@ -25,7 +25,7 @@ class EvalStage(Stage):
         from ..evaluate import evaluate_model
 
         device = pick_device(distributed_context(), ctx.device)
-        model, _ = load_checkpoint(ctx.model_dir, map_location=device)
+        model, _ = load_trained(ctx.model_dir, map_location=device)
         tokenizer = ctx.data_for(spec).tokenizer
         raw_dir = ctx.run_dir / f"eval-{spec.stage_id(self.name)}-lm_eval" if ctx.is_main else None
         rows = evaluate_model(model.to(device), tokenizer, self.settings(spec), raw_dir=raw_dir)

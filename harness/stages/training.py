@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checkpoint_io import save_checkpoint
 from ..config import TrainConfig
+from ..postlin.start import save_trained
 from ..spec import RunSpec
 from ..train import digest_path, train
 from .base import Stage, StageContext
@@ -29,7 +29,7 @@ class TrainStage(Stage):
         finally:
             tracker.close(summary={"run": spec.name, "run_id": spec.run_id, "switches": spec.to_json()})
         if ctx.is_main:
-            save_checkpoint(model, data.tokenizer, ctx.model_dir)
+            save_trained(model, data.tokenizer, ctx.model_dir, spec.model)
             state = ctx.run_dir / "training_state.pt"
             state.unlink(missing_ok=True)
             digest_path(state).unlink(missing_ok=True)
