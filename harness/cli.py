@@ -17,7 +17,7 @@ from .distributed import finish_distributed
 from .executor import WorkerOptions, outcome, run_on_devices
 from .grid import filter_runs, load_grid
 from .report import write_report
-from .runner import StageResult, preflight, run_grid, stage_status
+from .runner import StageResult, preflight, restore_results, run_grid, stage_status
 from .stages import STAGES
 from .tracking import TrackingOptions, check_available
 
@@ -220,6 +220,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_restore(args: argparse.Namespace) -> int:
+    path = Path(args.parquet)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file {str(path)!r}; give a report's results.parquet")
+    done = restore_results(path, Path(args.runs_dir))
+    print(
+        f"restored {done.written} stage result(s) of {done.runs} run(s) of grid {', '.join(done.grids)} under "
+        f"{args.runs_dir} ({done.kept} already there, kept); `run` now skips them"
+    )
+    return EXIT_OK
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     """A grid file (by name or path) reports its current runs; a grid name with results under
     the runs folder but no grid file here (a user's grid run from elsewhere) reports every run
@@ -352,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--runs-dir", default=str(ROOT / "runs"))
     report.add_argument("--results-dir", default=str(ROOT / "results"))
     report.set_defaults(func=_cmd_report)
+
+    restore = sub.add_parser(
+        "restore",
+        help="write a results.parquet's rows back into run folders, so a grid resumes on another machine",
+    )
+    restore.add_argument("parquet", help="a report's results.parquet (e.g. results/paper-ablation-gpu/results.parquet)")
+    restore.add_argument("--runs-dir", default=str(ROOT / "runs"))
+    restore.set_defaults(func=_cmd_restore)
 
     prepare = sub.add_parser("prepare-data", help="tokenize a corpus into the on-disk cache")
     prepare.add_argument("--source", default="offline-english")

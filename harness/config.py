@@ -364,6 +364,10 @@ class ProfileConfig:
     prompt_length: int = 5
     warmup: int = 2
     repeats: int = 5
+    #: generation on CUDA: the decode step captured as CUDA graphs over static buffers (the
+    #: model's default), or false for the plain loop over the growing state. A setting, so that
+    #: the stage id (and with it every profile row) says which one was timed.
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)

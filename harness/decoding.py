@@ -97,7 +97,8 @@ class StaticDecoder:
         reference = next(s for s in prefill_cache if s is not None)
         device = (reference.memory if isinstance(reference, LinearState) else reference.keys).device
         self.position = torch.tensor(prompt_length, dtype=torch.long, device=device)
-        self.states = [self._allocate(state) for state in prefill_cache]
+        layers = [getattr(block, "attn", None) for block in getattr(model, "blocks", [])] or [None] * len(prefill_cache)
+        self.states = [self._allocate(state, layer) for state, layer in zip(prefill_cache, layers)]
         self.token = torch.zeros(prefill_cache_batch(prefill_cache), 1, dtype=torch.long, device=device)
         self.load(prefill_cache, prompt_length)
         self.has_softmax = any(isinstance(s, StaticKVCache) for s in self.states)
@@ -105,16 +106,21 @@ class StaticDecoder:
         self.windows = [w for w in windows_for(capacity) if w > prompt_length] if self.has_softmax else [capacity]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
-    def _allocate(self, state: LinearState | KVCache) -> LinearState | StaticKVCache:
+    def _allocate(self, state: LinearState | KVCache, layer: nn.Module | None) -> LinearState | StaticKVCache:
         if isinstance(state, KVCache):
             B, H, _, K = state.keys.shape
             keys = state.keys.new_zeros(B, H, self.capacity, K)
             return StaticKVCache(keys, torch.zeros_like(keys), self.position, self.capacity)
-        # fp32 and contiguous: what the fused decoding step updates in place. Filled by `load`.
+        # Contiguous buffers, filled by `load`: fp32 where the fused decoding step updates them in
+        # place (its state is fp32); the prefill's own dtypes where the composed step runs, whose
+        # ops take the state in the model's dtype.
+        fused = layer is not None and layer.fuses_decode_steps(state.memory.device)
         key_feature = state.key_feature
         if torch.is_tensor(key_feature):
-            key_feature = torch.empty(key_feature.shape, dtype=torch.float32, device=key_feature.device)
-        memory = torch.empty(state.memory.shape, dtype=torch.float32, device=state.memory.device)
+            dtype = torch.float32 if fused else key_feature.dtype
+            key_feature = torch.empty(key_feature.shape, dtype=dtype, device=key_feature.device)
+        memory_dtype = torch.float32 if fused else state.memory.dtype
+        memory = torch.empty(state.memory.shape, dtype=memory_dtype, device=state.memory.device)
         # The shared position tensor: layers with rotary positions read their offset from it.
         return LinearState(
             memory, key_feature, torch.empty_like(state.last_input), in_place=True, position=self.position

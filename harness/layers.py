@@ -299,20 +299,25 @@ class LinearAttention(nn.Module):
             return DecodePlan(features, gate, norm)
         return None
 
-    def takes_decode_step(self, q: Tensor, state: LinearState | None) -> bool:
-        """The fused decoding step (kernels.triton_decode) replaces feature map, gate, recurrence
-        and norm for one new token after earlier ones, on CUDA, with impl "auto", the
-        `fused_decode_step` switch on, no probe reading the gates, and plugins that all declare a
-        form it computes."""
+    def fuses_decode_steps(self, device: torch.device) -> bool:
+        """Whether one-token steps on `device` go through the fused decoding step: on CUDA, with
+        impl "auto", the `fused_decode_step` switch on, no probe reading the gates, and plugins
+        that all declare a form it computes."""
         return (
             kernels.triton_decode_step is not None
-            and q.is_cuda
-            and q.shape[1] == 1
-            and state is not None
+            and device.type == "cuda"
             and self.config.impl == "auto"
             and self.fused_decode_step
             and not self.capture_gates
             and self.decode_plan() is not None
+        )
+
+    def takes_decode_step(self, q: Tensor, state: LinearState | None) -> bool:
+        """The fused decoding step (kernels.triton_decode) replaces feature map, gate, recurrence
+        and norm for one new token after earlier ones (`fuses_decode_steps`), outside autograd:
+        the kernel has no backward, so a step whose gradients are wanted takes the composed path."""
+        return (
+            q.shape[1] == 1 and state is not None and not torch.is_grad_enabled() and self.fuses_decode_steps(q.device)
         )
 
     def _decode_step(self, x, q, k, v, state):

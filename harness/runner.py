@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from registry import RegistryError
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text
 from .config import ConfigError
 from .data import DataError
 from .distributed import DistributedContext, distributed_context, pick_device
@@ -60,8 +62,51 @@ def run_dir(runs_dir: Path, spec: RunSpec) -> Path:
     return Path(runs_dir) / spec.grid / spec.run_id
 
 
+def result_path(runs_dir: Path, grid: str, run_id: str, stage: str, stage_id: str) -> Path:
+    """Where a stage's result file lives (the layout in this module's docstring)."""
+    return Path(runs_dir) / grid / run_id / f"{stage}-{stage_id}.parquet"
+
+
 def stage_path(runs_dir: Path, spec: RunSpec, stage: str) -> Path:
-    return run_dir(runs_dir, spec) / f"{stage}-{spec.stage_id(stage)}.parquet"
+    return result_path(runs_dir, spec.grid, spec.run_id, stage, spec.stage_id(stage))
+
+
+@dataclass(frozen=True)
+class Restored:
+    grids: tuple[str, ...]
+    runs: int
+    written: int
+    kept: int
+
+
+def restore_results(parquet: Path, runs_dir: Path) -> Restored:
+    """Write the rows of a report's results.parquet back into run folders: one result file per
+    (run, stage) and each run's spec.json, as the runs wrote them. A grid finished in part on one
+    machine then resumes on another (`run` skips the restored stages; a stage that needs a
+    trained model still needs its run folder's model, which rows do not carry). Result files that
+    already exist are kept, never overwritten."""
+    table = pq.read_table(parquet)  # pyarrow, not pandas: the row types round-trip unchanged
+    missing = [c for c in ("run_id", "grid", "stage", "stage_id", "spec_json") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{parquet} is not a results file of this harness: it has no column(s) {', '.join(missing)}")
+    keys = table.select(["grid", "run_id", "stage", "stage_id"]).to_pandas().drop_duplicates()
+    written = kept = 0
+    for grid, run_id, stage, stage_id in keys.itertuples(index=False):
+        path = result_path(runs_dir, grid, run_id, stage, stage_id)
+        if path.exists():
+            kept += 1
+            continue
+        mask = pc.and_(pc.equal(table["run_id"], run_id), pc.equal(table["stage_id"], stage_id))
+        rows = table.filter(pc.and_(mask, pc.equal(table["stage"], stage)))
+        # Axis columns of other runs (all null here) are left out, as in the run's own file.
+        rows = rows.select([c for c in rows.column_names if not c.startswith("axis:") or rows[c].null_count == 0])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not (path.parent / "spec.json").exists():
+            atomic_write_text(path.parent / "spec.json", rows["spec_json"][0].as_py())
+        atomic_write_bytes(path, lambda tmp, rows=rows: pq.write_table(rows, tmp))
+        written += 1
+    grids = tuple(sorted(set(keys["grid"])))
+    return Restored(grids, keys["run_id"].nunique(), written, kept)
 
 
 #: what to do about a stage whose evaluation tasks partly failed

@@ -103,6 +103,9 @@ def test_bad_generation_settings_are_refused():
 
 @pytest.mark.gpu
 @requires_cuda
+# A capture that fails falls back to eager decoding with a warning: here that is a failure, or the
+# comparison below would compare eager decoding with itself.
+@pytest.mark.filterwarnings("error:decoding without CUDA graphs")
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("batch", [1, 4])
 def test_captured_decoding_gives_exactly_the_tokens_of_uncaptured_decoding(name, batch, small_windows):
@@ -120,3 +123,29 @@ def test_captured_decoding_gives_exactly_the_tokens_of_uncaptured_decoding(name,
     long_prompt = torch.randint(0, 512, (batch, 21), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
     for n in (1, 2):
         assert torch.equal(model.generate(long_prompt, n), model.generate(long_prompt, n, cuda_graph=False))
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_static_decoding_of_a_bf16_model_keeps_the_states_dtypes(norm):
+    """Layers on the composed step take their state in the model's dtype: the static buffers keep
+    the prefill's dtypes (fp32 buffers are for the fused step only)."""
+    torch.manual_seed(0)
+    attention = AttentionConfig(feature_map="safe_exp", gate="refined", norm=norm)
+    config = ModelConfig(vocab_size=41, d_model=16, n_layers=2, n_heads=2, mlp_ratio=2.0, attention=attention)
+    model = LanguageModel(config).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 41, (2, 3), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model.generate(prompt, 10, static=True), model.generate(prompt, 10, static=False))
+
+
+def test_the_fused_decoding_step_is_never_taken_where_gradients_are_wanted(monkeypatch):
+    """The fused step's kernel has no backward: with autograd on, one-token steps take the
+    composed path (whose gradients flow), whatever the device."""
+    model = model_of("regla")
+    layer = model.blocks[0].attn
+    monkeypatch.setattr(layer, "fuses_decode_steps", lambda device: True)
+    q = torch.zeros(1, 1, 2, 8)
+    _, state = model(torch.zeros(1, 3, dtype=torch.long), use_cache=True)
+    with torch.no_grad():
+        assert layer.takes_decode_step(q, state[0])
+    assert not layer.takes_decode_step(q, state[0])  # grad mode on
+    assert not layer.takes_decode_step(torch.zeros(1, 2, 2, 8), state[0])  # two tokens: the chunked path

@@ -53,6 +53,7 @@ def test_probe_and_profile_stages(corpus, tmp_path, monkeypatch):
         assert 0 < saved[16] < saved[32]  # activations kept for the backward grow with the length
         generation = rows[rows.metric == "profile/generate_total_ms"]
         assert sorted(json.loads(e)["generated"] for e in generation.extra) == [4, 8]
+        assert not any(json.loads(e)["cuda_graphs"] for e in generation.extra)  # CPU: the plain loop
 
     out = write_report("tiny", tmp_path / "runs", tmp_path / "results")
     assert (out / "gate_saturation.png").stat().st_size > 0

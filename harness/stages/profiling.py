@@ -68,19 +68,27 @@ def profile_training_step(
 
 @torch.no_grad()
 def profile_generation(
-    model: LanguageModel, prompt_length: int, generation_lengths: list[int], device: torch.device, warmup: int
+    model: LanguageModel,
+    prompt_length: int,
+    generation_lengths: list[int],
+    device: torch.device,
+    warmup: int,
+    cuda_graphs: bool = True,
 ) -> list[dict[str, Any]]:
     """Greedy generation of n tokens after a short prompt through `model.generate` (on CUDA its
-    defaults capture the decode step as CUDA graphs, the capture inside the time): total (prefill +
+    defaults capture the decode step as CUDA graphs, the capture inside the time; `cuda_graphs`
+    False: the plain decoding loop): total (prefill +
     decode) time and peak memory, both from one call per length (decoding thousands of tokens is long enough to time
     once; a separate memory pass would double the cost). Warm-up runs a short generation."""
     records = []
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_length), device=device)
+    graphs = cuda_graphs and device.type == "cuda"
+    generate = functools.partial(model.generate, cuda_graph=graphs, static=graphs)
     for _ in range(warmup):
-        model.generate(prompt, 8)
+        generate(prompt, 8)
     for n in generation_lengths:
-        elapsed_ms, peak = time_and_peak_memory(functools.partial(model.generate, prompt, n), device)
-        tag = _json({"prompt_length": prompt_length, "generated": n})
+        elapsed_ms, peak = time_and_peak_memory(functools.partial(generate, prompt, n), device)
+        tag = _json({"prompt_length": prompt_length, "generated": n, "cuda_graphs": graphs})
         records += [
             {"metric": "profile/generate_total_ms", "value": elapsed_ms, "extra": tag},
             {"metric": "profile/generate_peak_mib", "value": peak, "extra": tag},
@@ -109,6 +117,11 @@ class ProfileStage(Stage):
             model.train(), list(config.seq_lens), config.batch_size, device, config.warmup, config.repeats
         )
         records += profile_generation(
-            model.eval(), config.prompt_length, list(config.generation_lengths), device, config.warmup
+            model.eval(),
+            config.prompt_length,
+            list(config.generation_lengths),
+            device,
+            config.warmup,
+            config.cuda_graphs,
         )
         return records
