@@ -164,3 +164,44 @@ def test_a_report_names_the_scale_it_was_run_at():
 
     assert rerun_command("paper/ablation", "gpu") == "python run_ablations.py run paper/ablation --scale gpu"
     assert rerun_command("smoke", None, "eval") == "python run_ablations.py run smoke --stages eval"
+
+
+def test_a_grid_resumes_elsewhere_from_its_committed_results_parquet(corpus, tmp_path, capsys, monkeypatch):
+    """`restore` writes a report's results.parquet back into run folders: `run` on another machine
+    (another runs folder) then skips every restored stage, and the report has the same rows."""
+    monkeypatch.setenv("REGLA_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_grid(corpus, steps=4, eval_every=2)))
+    first = ["--runs-dir", str(tmp_path / "first"), "--results-dir", str(tmp_path / "results")]
+    assert cli_main(["run", str(path), *first, "--device", "cpu", "--no-progress"]) == EXIT_OK
+    committed = tmp_path / "results" / "tiny" / "results.parquet"
+    before = results_io.load("tiny", tmp_path / "first")
+    capsys.readouterr()
+
+    elsewhere = tmp_path / "elsewhere"
+    assert cli_main(["restore", str(committed), "--runs-dir", str(elsewhere)]) == EXIT_OK
+    assert "restored 2 stage result(s) of 2 run(s) of grid tiny" in capsys.readouterr().out
+    assert cli_main(["restore", str(committed), "--runs-dir", str(elsewhere)]) == EXIT_OK
+    assert "(2 already there, kept)" in capsys.readouterr().out  # nothing overwritten
+    command = ["run", str(path), "--runs-dir", str(elsewhere), "--results-dir", str(tmp_path / "results2")]
+    assert cli_main([*command, "--device", "cpu", "--no-progress"]) == EXIT_OK
+    assert not list(elsewhere.glob("tiny/*/model"))  # nothing trained again
+    after = results_io.load("tiny", elsewhere)
+    columns = ["run_id", "stage_id", "metric", "step", "value"]
+    key = ["run_id", "metric", "step"]
+    assert (
+        after[columns]
+        .sort_values(key)
+        .reset_index(drop=True)
+        .equals(before[columns].sort_values(key).reset_index(drop=True))
+    )
+
+
+def test_restore_refuses_a_file_that_is_not_a_results_file(tmp_path, capsys):
+    import pandas as pd
+
+    other = tmp_path / "other.parquet"
+    pd.DataFrame({"a": [1]}).to_parquet(other)
+    assert cli_main(["restore", str(other), "--runs-dir", str(tmp_path / "runs")]) == EXIT_INVALID
+    assert "not a results file of this harness" in capsys.readouterr().err
+    assert cli_main(["restore", str(tmp_path / "missing.parquet")]) == EXIT_INVALID
