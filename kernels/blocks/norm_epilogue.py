@@ -81,7 +81,8 @@ def row_eps(eps, qs_base, ks_base, rows, T, H, C: tl.constexpr, UNSHIFTED: tl.co
 def inverse_rms(o, row_eps, V):
     """1 / sqrt(mean(o²) + eps) per row of o [C, BV] (zero past V); 0 where both terms are 0."""
     denominator = tl.sum(o * o, axis=1) / V + row_eps
-    return tl.where(denominator > 0, 1.0 / tl.sqrt(denominator), 0.0)
+    positive = denominator > 0
+    return tl.where(positive, 1.0 / tl.sqrt(tl.where(positive, denominator, 1.0)), 0.0)
 
 
 @triton.jit
