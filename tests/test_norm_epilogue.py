@@ -29,7 +29,12 @@ from variants.feature_maps import SafeExp  # noqa: E402
 from variants.norms import RMSNorm  # noqa: E402
 
 from .numerics import rel_rms, worst  # noqa: E402
-from .test_triton_regla import nan_filled_buffers, refined_log_gate  # noqa: E402, F401
+from .test_triton_regla import (  # noqa: E402, F401
+    BF16_GATE_TOLERANCE,
+    GPU_TOLERANCE,
+    nan_filled_buffers,
+    refined_log_gate,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -247,20 +252,29 @@ def test_only_norms_that_declare_the_epilogue_get_it():
     assert layer.epilogue_norm() is None
 
 
+def check_gpu_errors(errors: dict, dtype: torch.dtype) -> None:
+    """The bounds of the op's own GPU tests (tests/test_triton_regla.py): in bf16 the refining gate's
+    logit gradients are looser than the rest."""
+    for name, error in errors.items():
+        loose = dtype == torch.bfloat16 and name in ("da", "db")
+        assert error <= (BF16_GATE_TOLERANCE if loose else GPU_TOLERANCE[dtype]), (name, error, errors)
+
+
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-@pytest.mark.parametrize("B, T, H, K", [(2, 1000, 4, 64), (1, 2048, 4, 128)])
-@pytest.mark.parametrize("frame, gated", [("unshifted", True), ("shifted", False)])
-def test_epilogue_at_realistic_shapes_on_gpu(B, T, H, K, dtype, tolerance, frame, gated):
-    inputs = {n: t.to(dtype) for n, t in make_inputs(B, T, H, K, gated=gated).items()}
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B, T, H, K", [(2, 999, 4, 64), (1, 2048, 4, 128)])
+@pytest.mark.parametrize("frame, gated, gate_shift", [("unshifted", True, 0.0), ("shifted", False, 8.0)])
+def test_epilogue_at_realistic_shapes_on_gpu(B, T, H, K, dtype, frame, gated, gate_shift):
+    inputs = {n: t.to(dtype) for n, t in make_inputs(B, T, H, K, gated=gated, gate_shift=gate_shift).items()}
     got = output_and_grads(fused, inputs, dtype, frame)
     want = output_and_grads(reference, inputs, torch.float64, frame)
     errors = errors_against(want, got)
-    print(f"{dtype} epilogue rel-RMS " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
-    assert worst(errors) <= tolerance, errors
+    print(f"\n{dtype} T={T} K={K} {frame} epilogue rel-RMS " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
+    check_gpu_errors(errors, dtype)
     separate = output_and_grads(composed, inputs, dtype, frame)
-    assert worst(errors_against(separate, got)) <= tolerance, errors_against(separate, got)
+    print("composed path rel-RMS " + " ".join(f"{n}={e:.2e}" for n, e in errors_against(want, separate).items()))
+    check_gpu_errors(errors_against(separate, got), dtype)
 
 
 @pytest.mark.gpu
