@@ -286,3 +286,19 @@ def test_a_model_with_the_epilogue_equals_the_model_without_on_gpu():
     on, off = logits_and_grads(model, tokens, True), logits_and_grads(model, tokens, False)
     errors = [rel_rms(a, b) for a, b in zip(on, off)]
     assert worst(errors) <= 1e-4, errors
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_a_model_with_the_epilogue_under_bf16_autocast_on_gpu():
+    # As training runs on one GPU: bf16 projections, an fp32 norm weight. The composed path rounds
+    # o to bf16 before the norm, the epilogue does not, so the two differ by bf16 rounding; the
+    # bounds are the op's bf16 ones (the refining gate's gradients are the loose ones).
+    model = regla_model()
+    tokens = torch.randint(0, 53, (2, 300), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        on, off = logits_and_grads(model, tokens, True), logits_and_grads(model, tokens, False)
+    errors = [rel_rms(a, b) for a, b in zip(on, off)]
+    print("\nbf16 autocast, epilogue on against off, rel-RMS of logits then every gradient:", errors)
+    assert errors[0] <= GPU_TOLERANCE[torch.bfloat16], errors
+    assert worst(errors) <= BF16_GATE_TOLERANCE, errors
