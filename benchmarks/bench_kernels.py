@@ -14,6 +14,15 @@ Implementations (bf16, key-side gate, the anchor shapes of results/kernels/ancho
   A2_sdpa         PyTorch SDPA, flash backend, causal
   A3_chunked      kernels.reference.chunked_gla in torch (small shapes only)
 
+With --epilogue (or when named in --impls), the output norm's epilogue side by side, the layers'
+math (running key max, per-head RMSNorm with eps in the unshifted frame, swish output gate g):
+  regla_norm_gate_separate  the fused op, then RMSNorm and silu(g) as torch passes
+  regla_norm_gate_epilogue  the fused op with norm and gate in its epilogue
+  layer_regla               a ReGLA LinearAttention layer (d_model = H·D, bf16), `fused_epilogue` off
+  layer_regla_epilogue      the same layer with the epilogue
+The layer rows take gradients of the layer input and every parameter, so their memory-floor
+columns count the parameters among the inputs and say little; compare their times.
+
 Forward and forward+backward are timed with triton.testing.do_bench (median, p20, p80); peak
 memory and the bytes kept for the backward (saved-tensor hooks) are read in separate, untimed
 calls. The memory floor of a call is the time its compulsory
@@ -25,7 +34,7 @@ fla's autotuning takes minutes per shape family on a fresh machine (> 200 s on t
 shape, seen twice), so fla runs after everything else and stops when --fla-budget-s is spent; to
 measure fla alone give it a call of its own, e.g. --impls A0_fla,A1_regla_fla --skip-correctness.
 
-    python3 benchmarks/bench_kernels.py [--out DIR] [--fla-budget-s 300] [--shapes all|small]
+    python3 benchmarks/bench_kernels.py [--out DIR] [--fla-budget-s 300] [--shapes all|small] [--epilogue]
 """
 
 from __future__ import annotations
@@ -53,9 +62,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from harness.config import AttentionConfig  # noqa: E402
+from harness.layers import LinearAttention  # noqa: E402
 from harness.measure import peak_memory_mib, saved_for_backward_mib  # noqa: E402
 from kernels.blocks.common import LAUNCH_OPTIONS  # noqa: E402
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
+from kernels.safe_exp import key_shifts, query_shift  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
 from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
 from kernels.triton_regla import triton_regla  # noqa: E402
@@ -144,6 +156,55 @@ def regla_fused(q, k, v, gate_logit, refine_logit, norm_weight, key_max="sequenc
     return F.rms_norm(o, (D,), norm_weight)
 
 
+EPILOGUE_IMPLS = ("regla_norm_gate_separate", "regla_norm_gate_epilogue", "layer_regla", "layer_regla_epilogue")
+NORM_EPS = 1e-5
+LAYER_CONFIG = AttentionConfig(
+    feature_map="safe_exp", gate="refined", norm="rmsnorm", output_gate="swish", norm_eps_frame="unshifted"
+)
+
+
+def regla_norm_gate(q, k, v, gate_logit, refine_logit, norm_weight, output_gate, epilogue):
+    """The fused op on the layers' math, its output normalised per head (eps in the unshifted frame)
+    and gated by silu(g): in the op's epilogue, or as separate torch passes as `variants.norms.RMSNorm`
+    and the layer compute them."""
+    scale = variance_reduction_factor(q.shape[-1])
+    options = dict(gate_logits=gate_logit, refine_logits=refine_logit, key_max="running", scale=scale)
+    if epilogue:
+        return triton_regla(
+            q, k, v, **options, norm_eps=NORM_EPS, norm_weight=norm_weight, eps_unshifted=True, output_gate=output_gate
+        ).output
+    o = triton_regla(q, k, v, **options).output
+    key_shift, _ = key_shifts(k.amax(-1), "running")
+    eps = NORM_EPS * torch.exp(-2 * (query_shift(q) + key_shift).float()).unsqueeze(-1)
+    x = o.float()
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight).to(o.dtype)
+    return normed * F.silu(output_gate)
+
+
+def add_layer_inputs(x):
+    """A ReGLA layer with d_model = H·D for x's shape, its input (q's values as [B, T, H·D]) and its
+    parameters, entered into x as `layer`, `lx` and `layer.<name>` (the gradients are taken of them)."""
+    B, T, H, D = x["q"].shape
+    torch.manual_seed(0)
+    layer = LinearAttention(H * D, H, D, LAYER_CONFIG).to(x["q"].device, x["q"].dtype)
+    x["layer"] = layer
+    x["lx"] = x["q"].detach().reshape(B, T, H * D).clone().requires_grad_(True)
+    x.update({f"layer.{name}": p for name, p in layer.named_parameters()})
+
+
+def layer_call(epilogue):
+    """The layer's forward with the epilogue switched on or off; its output viewed as [B, T, H, D]."""
+    names = ["lx"] + [f"layer.{name}" for name, _ in LinearAttention(16, 1, 16, LAYER_CONFIG).named_parameters()]
+
+    def call(x):
+        layer = x["layer"]
+        layer.fused_epilogue = epilogue
+        y, _ = layer(x["lx"])
+        return y.view_as(x["do"])
+
+    return call, names
+
+
 def make_implementations(chunk_gla_fla):
     def ours(q, k, v, g, scale):
         return triton_gla(q, k, v, g, None, scale=scale)[0]
@@ -185,6 +246,16 @@ def make_implementations(chunk_gla_fla):
         ),
         "A2_sdpa": (lambda x: sdpa(x["q"], x["k"], x["v"]), ["q", "k", "v"]),
         "A3_chunked": gla_call(chunked),
+        "regla_norm_gate_separate": (
+            lambda x: regla_norm_gate(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"], x["og"], epilogue=False),
+            ["q", "k", "v", "ag", "ar", "w", "og"],
+        ),
+        "regla_norm_gate_epilogue": (
+            lambda x: regla_norm_gate(x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"], x["og"], epilogue=True),
+            ["q", "k", "v", "ag", "ar", "w", "og"],
+        ),
+        "layer_regla": layer_call(epilogue=False),
+        "layer_regla_epilogue": layer_call(epilogue=True),
     }
     fla_impls = {}
     if chunk_gla_fla is not None:
@@ -204,6 +275,7 @@ def make_inputs(B, T, H, D, device, dtype=DTYPE, seed=0):
         ag=leaf(torch.randn(B, T, H, D, device=device)),
         ar=leaf(torch.randn(B, T, H, D, device=device)),
         w=leaf(torch.ones(D, device=device)),
+        og=leaf(torch.randn(B, T, H, D, device=device)),
         do=torch.randn(B, T, H, D, device=device, dtype=dtype),
     )
 
@@ -394,6 +466,13 @@ def main():
     parser.add_argument("--shapes", choices=["all", "small"], default="all")
     parser.add_argument("--impls", default="all", help="comma-separated implementation names, or all")
     parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument(
+        "--epilogue",
+        action="store_true",
+        help="time the output norm's epilogue: the op and the layer with and without it ("
+        + ", ".join(EPILOGUE_IMPLS)
+        + ")",
+    )
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel profiles")
     parser.add_argument("--launch-options", help="tune_kernels.json whose chosen launch options to use")
     parser.add_argument(
@@ -449,15 +528,19 @@ def main():
         x = make_inputs(*shape, device)
         breakdown_rows += [dict(r, impl=impl) for r in kernel_breakdown(impls[impl], x, shape, log)]
         del x
-    if args.impls != "all":
-        chosen = set(args.impls.split(","))
-        impls = {n: c for n, c in impls.items() if n in chosen}
-        fla_impls = {n: c for n, c in fla_impls.items() if n in chosen}
+    # The epilogue comparison runs when asked for (--epilogue) or named; "all" is the kernel table.
+    chosen = set(impls) - set(EPILOGUE_IMPLS) if args.impls == "all" else set(args.impls.split(","))
+    if args.epilogue:
+        chosen |= set(EPILOGUE_IMPLS)
+    impls = {n: c for n, c in impls.items() if n in chosen}
+    fla_impls = {n: c for n, c in fla_impls.items() if n in chosen}
     shapes = ANCHOR_SHAPES if args.shapes == "all" else ANCHOR_SHAPES[2:3] + ANCHOR_SHAPES[4:5]
     timing_rows = []
 
     def run(shape, names_calls):
         x = make_inputs(*shape, device)
+        if any(name.startswith("layer_") for name in names_calls):
+            add_layer_inputs(x)
         for name, call in names_calls.items():
             if name == "A3_chunked" and shape[0] * shape[1] * shape[2] > A3_MAX_TOKENS_X_HEADS:
                 continue

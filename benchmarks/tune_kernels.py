@@ -7,7 +7,10 @@ the fused ReGLA op over one D=128 and one D=64 shape is kept. Writes every measu
 tune_kernels.parquet and the chosen options to tune_kernels.json in --out; copy the JSON into
 kernels.blocks.common.LAUNCH_OPTIONS to adopt them.
 
-    python3 benchmarks/tune_kernels.py [--out DIR]
+With --epilogue the op runs with the output norm and the swish gate in its epilogue
+(`kernels.blocks.norm_epilogue`), and its two kernels are tuned (by default, only they).
+
+    python3 benchmarks/tune_kernels.py [--out DIR] [--epilogue]
 """
 
 from __future__ import annotations
@@ -42,19 +45,23 @@ KERNELS = [
     "state_backward_kernel",
     "gate_grad_kernel",
 ]
+EPILOGUE_KERNELS = ["normed_output_kernel", "normed_output_grad_kernel"]
 OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (1, 2, 3))]
 
 
-def make_step(B, T, H, D):
+def make_step(B, T, H, D, epilogue=False):
     torch.manual_seed(0)
     leaf = lambda: torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_(True)  # noqa: E731
-    q, k, v, a, r = (leaf() for _ in range(5))
+    q, k, v, a, r, g = (leaf() for _ in range(6))
+    weight = torch.ones(D, device="cuda", requires_grad=True)
     do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
     scale = variance_reduction_factor(D)
+    norm = dict(norm_eps=1e-5, norm_weight=weight, eps_unshifted=True, output_gate=g) if epilogue else {}
+    inputs = (q, k, v, a, r, weight, g) if epilogue else (q, k, v, a, r)
 
     def step():
-        o = triton_regla(q, k, v, gate_logits=a, refine_logits=r, key_max="running", scale=scale).output
-        torch.autograd.grad(o, (q, k, v, a, r), do)
+        o = triton_regla(q, k, v, gate_logits=a, refine_logits=r, key_max="running", scale=scale, **norm).output
+        torch.autograd.grad(o, inputs, do)
 
     return step
 
@@ -73,14 +80,15 @@ def main():
     parser.add_argument("--budget-s", type=float, default=400.0, help="stop tuning further kernels after this")
     parser.add_argument(
         "--kernels",
-        default=",".join(KERNELS),
-        help="comma-separated kernels to tune, in order; the others keep LAUNCH_OPTIONS",
+        help="comma-separated kernels to tune, in order; the others keep LAUNCH_OPTIONS "
+        f"(default: {', '.join(KERNELS)}; with --epilogue {', '.join(EPILOGUE_KERNELS)})",
     )
+    parser.add_argument("--epilogue", action="store_true", help="the op with the output norm in its epilogue")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = [make_step(*shape) for shape in SHAPES]
-    names = args.kernels.split(",")
+    steps = [make_step(*shape, epilogue=args.epilogue) for shape in SHAPES]
+    names = args.kernels.split(",") if args.kernels else (EPILOGUE_KERNELS if args.epilogue else KERNELS)
     for name in names:  # the kernels being tuned start from Triton's defaults
         LAUNCH_OPTIONS.pop(name, None)
     baseline = measure(steps)

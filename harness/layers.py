@@ -140,6 +140,9 @@ class LinearAttention(nn.Module):
         #: off: incremental steps take the composed path even where the fused step could run
         #: (benchmarks compare the two)
         self.fused_decode_step = True
+        #: off: the fused op's output goes through the norm and the output gate as separate passes
+        #: even where the norm declares the epilogue form (benchmarks compare the two)
+        self.fused_epilogue = True
         self.captured: GateOutput | None = None
 
     def forward(
@@ -176,13 +179,13 @@ class LinearAttention(nn.Module):
             k = _rotate(k.transpose(1, 2), offset, self.rotary_base).transpose(1, 2)
         if self.takes_decode_step(q, state):
             o, memory, key_state = self._decode_step(x, q, k, v, state)  # normalised
+            y = self._output(x, o)
+        elif self.takes_fused_path(q):
+            o, memory, key_state, log_scale = self._fused_attention(x, q, k, v, state, use_cache)
+            y = self._finish(x, o, log_scale, normalised=self.epilogue_norm() is not None)
         else:
-            if self.takes_fused_path(q):
-                o, memory, key_state, log_scale = self._fused_attention(x, q, k, v, state, use_cache)
-            else:
-                o, memory, key_state, log_scale = self._composed_attention(x, q, k, v, state, use_cache)
-            o = self._norm(o, log_scale)
-        y = self._output(x, o)
+            o, memory, key_state, log_scale = self._composed_attention(x, q, k, v, state, use_cache)
+            y = self._finish(x, o, log_scale)
         new_state = None
         if use_cache:
             in_place = state is not None and state.in_place
@@ -194,6 +197,14 @@ class LinearAttention(nn.Module):
     def _norm(self, o: Tensor, log_scale: Tensor | None) -> Tensor:
         """The per-head output norm of o [B, T, H, V] (`log_scale`: the eps frame's shift, if any)."""
         return self.norm(o, log_scale) if log_scale is not None else self.norm(o)
+
+    def _finish(self, x: Tensor, o: Tensor, log_scale: Tensor | None, normalised: bool = False) -> Tensor:
+        """The norm, output gate and projection of the attention output o [B, T, H, V]; with
+        `normalised`, the fused op applied norm and gate in its epilogue (`epilogue_norm`)."""
+        if normalised:
+            B, T, _ = x.shape
+            return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+        return self._output(x, self._norm(o, log_scale))
 
     def _output(self, x: Tensor, o: Tensor) -> Tensor:
         """The output gate and projection of the normalised attention output o [B, T, H, V]."""
@@ -216,9 +227,9 @@ class LinearAttention(nn.Module):
         )
         if self.takes_fused_path(q):
             o, _, _, log_scale = self._fused_attention(flat, q, k, v, None, False, cu_seqlens, bounds)
-        else:
-            o, log_scale = self._composed_packed(flat, q, k, v, cu_seqlens, bounds)
-        return self._output(flat, self._norm(o, log_scale)).view(B, T, D)
+            return self._finish(flat, o, log_scale, normalised=self.epilogue_norm() is not None).view(B, T, D)
+        o, log_scale = self._composed_packed(flat, q, k, v, cu_seqlens, bounds)
+        return self._finish(flat, o, log_scale).view(B, T, D)
 
     def gate_reads_one_token(self) -> bool:
         """Whether the gate of token t reads x_t alone (then one call covers packed documents). Only
@@ -285,6 +296,16 @@ class LinearAttention(nn.Module):
             and not self.capture_gates
             and self.fused_plan() is not None
         )
+
+    def epilogue_norm(self) -> RMSNormKernel | None:
+        """The norm's description when the fused op applies it (and the output gate) in its
+        epilogue: the `fused_epilogue` switch on, a norm that declares a form the epilogue computes
+        (`fused_kernel()`), and no denominator (which divides o before the norm). None: the layer
+        normalises and gates the op's output itself."""
+        norm = self.norm.fused_kernel()
+        if self.fused_epilogue and isinstance(norm, RMSNormKernel) and not self.uses_denominator:
+            return norm
+        return None
 
     def decode_plan(self) -> DecodePlan | None:
         """The feature map's, gate's and norm's descriptions for the fused decoding step, when all
@@ -399,10 +420,28 @@ class LinearAttention(nn.Module):
         )
         return o, memory, key.state, self.unshifted_frame(query.shift, key.shift)
 
+    def _epilogue_arguments(self, x: Tensor) -> dict:
+        """The fused op's norm and output-gate arguments when it takes the epilogue (`epilogue_norm`);
+        empty otherwise. The eps frame is the one `unshifted_frame` gives the composed path."""
+        norm = self.epilogue_norm()
+        if norm is None:
+            return {}
+        B, T, _ = x.shape
+        gate = None
+        if self.output_gate is not None:
+            gate = self.output_gate(x).view(B, T, self.num_heads, self.head_dim)
+        return dict(
+            norm_eps=norm.eps,
+            norm_weight=norm.weight,
+            eps_unshifted=self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps,
+            output_gate=gate,
+        )
+
     def _fused_attention(self, x, q, k, v, state, use_cache, cu_seqlens=None, bounds=None):
         """The same computation as `_composed_attention`, in one Triton op, for plugins that
         declare a fused form (`fused_plan`); with `cu_seqlens` (and `bounds`, its offsets as a list),
-        over packed documents (batch 1, no state)."""
+        over packed documents (batch 1, no state). With `epilogue_norm` the output is normalised and
+        gated already (log_scale then None)."""
         plan = self.fused_plan()
         if plan is None:
             raise RuntimeError(
@@ -417,6 +456,7 @@ class LinearAttention(nn.Module):
         gate_logits, refine_logits = gate.logits(x, state.last_input if state is not None else None)
         if self.uses_denominator:
             v, _ = with_denominator_column(v)
+        epilogue = self._epilogue_arguments(x)
         o, memory, key_max = kernels.triton_regla(
             q,
             k,
@@ -433,7 +473,10 @@ class LinearAttention(nn.Module):
             initial_key_max=state.key_feature if state is not None else None,
             output_final_state=use_cache,
             cu_seqlens=cu_seqlens,
+            **epilogue,
         )
+        if epilogue:
+            return o, memory, key_max.to(k.dtype), None
         if self.uses_denominator:
             # eps scaled as the composed path scales it: by the op scale there, which leaves a
             # query-side factor out (it multiplies φ(q) instead).

@@ -36,6 +36,7 @@ from . import reference
 from .blocks.chunk_state import chunk_state_grads, chunk_states
 from .blocks.common import Dims, SafeExpShifts, check_supported, dims_of, on_device_of
 from .blocks.gate import gate_cumsum, gate_grad
+from .blocks.norm_epilogue import NormEpilogue, normed_output
 from .blocks.output import chunk_output, intra_scores
 from .blocks.qkv_grad import intra_score_grads, query_key_grads, query_key_inter_grads, value_grads
 from .blocks.varlen import SequenceChunks, align, chunk_aligned_layout, unalign
@@ -55,6 +56,7 @@ def gla_forward_from_gate(
     dims: Dims,
     shifts: SafeExpShifts | None = None,
     sequences: SequenceChunks | None = None,
+    epilogue: NormEpilogue | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """The forward pass given the within-chunk cumulative log2 gates.
 
@@ -69,16 +71,38 @@ def gla_forward_from_gate(
         shifts: safe-exp shifts (q and k are then read as φ(q), φ(k)), or None.
         sequences: packed sequences, the inputs in the chunk-aligned layout of `blocks.varlen`
             (B = 1; initial and final states [N, H, K, V]), or None for one sequence per batch row.
+        epilogue: a per-head RMSNorm (and output gate) applied to o before it is stored
+            (`blocks.norm_epilogue`), or None.
 
     Returns:
-        o: [B, T, H, V] in q's dtype.
+        o: [B, T, H, V] in q's dtype (normalised and gated with `epilogue`).
         final: [B, H, K, V] ([N, H, K, V] with `sequences`) fp32, or None unless `output_final_state`.
         scores: [B, Tp, H, CHUNK] fp32 within-chunk scores, kept for `gla_backward`.
     """
     states, final = chunk_states(k, v, gc, initial_state, output_final_state, dims, shifts, sequences)
     scores = intra_scores(q, k, gc, dims, shifts)
-    o = chunk_output(q, v, gc, scores, states, scale, dims, shifts)
+    if epilogue is not None:
+        o = normed_output(q, v, gc, scores, states, scale, dims, shifts, epilogue)
+    else:
+        o = chunk_output(q, v, gc, scores, states, scale, dims, shifts)
     return o, final, scores
+
+
+def recompute_states(
+    k: Tensor,
+    v: Tensor,
+    gc: Tensor,
+    initial_state: Tensor | None,
+    dims: Dims,
+    shifts: SafeExpShifts | None = None,
+    sequences: SequenceChunks | None = None,
+) -> Tensor:
+    """The chunk-entry states [B, H, NT, K, V] fp32 for the backward, arguments as for `gla_forward_from_gate`.
+
+    Recomputed rather than kept from the forward: they would otherwise be held for the whole of the
+    model's backward."""
+    states, _ = chunk_states(k, v, gc, initial_state, False, dims, shifts, sequences)
+    return states
 
 
 def gla_backward(
@@ -95,6 +119,7 @@ def gla_backward(
     dg_dtype: torch.dtype,
     shifts: SafeExpShifts | None = None,
     sequences: SequenceChunks | None = None,
+    states: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The backward pass of `gla_forward_from_gate`.
 
@@ -106,6 +131,8 @@ def gla_backward(
             or None for zero.
         scale: the output's scale.
         dg_dtype: dtype of the log gate's gradient.
+        states: [B, H, NT, K, V] fp32 chunk-entry states, when the caller has recomputed them
+            already (`recompute_states`; the norm epilogue's backward needs them first), or None.
 
     Returns:
         dq, dk: [B, T, H, K]; in q's and k's dtypes without `shifts`; with `shifts`, the raw inputs'
@@ -116,9 +143,8 @@ def gla_backward(
         dh0: [B, H, K, V] ([N, H, K, V] with `sequences`) fp32, or None without an initial state.
         d_query_shift, d_key_shift: [B, T, H] fp32, the safe-exp shifts' gradients; None without `shifts`.
     """
-    # Chunk-entry states are recomputed rather than kept from the forward: [B, H, NT, K, V] fp32
-    # would otherwise be held for the whole of the model's backward.
-    states, _ = chunk_states(k, v, gc, initial_state, False, dims, shifts, sequences)
+    if states is None:
+        states = recompute_states(k, v, gc, initial_state, dims, shifts, sequences)
     dstates, dh0 = chunk_state_grads(q, do, gc, dht, initial_state is not None, scale, dims, shifts, sequences)
     score_grad = intra_score_grads(do, v, scale, dims)
     dv = value_grads(k, gc, scores, do, dstates, scale, dims, v.dtype, shifts)

@@ -17,7 +17,11 @@ terms nearly cancel at the maxima, so rounding them to bf16 first would lose the
 
 The gate is either ReGLA's refining gate (`gate_logits`, `refine_logits`, tau, log_clamp; the
 formula of `variants.gates.RefinedGate`, in fp32) or any given log gate (`log_gate`, e.g. GLA's).
-The output norm stays outside: it is one fused torch op (F.rms_norm) over o.
+Optionally the per-head RMSNorm of the output (its eps in the unshifted frame when asked) and
+the swish output gate are applied in the output kernel's epilogue (`kernels.blocks.norm_epilogue`),
+so the unnormalised o never reaches memory; its backward recomputes o from the chunk states,
+which the backward recomputes anyway. Nothing is kept for it beyond the norm weight and the gate's
+input g. Without it the norm stays outside (the layer's own norm over o).
 
 The op composes the gate building blocks (`kernels.blocks.gate`, `kernels.blocks.refined_gate`) with
 the forward and backward passes of `kernels.triton_gla`, which take the shifts; `harness.layers`
@@ -35,9 +39,10 @@ from . import safe_exp
 from .blocks.common import SafeExpShifts, check_supported, dims_of, on_device_of
 from .blocks.gate import gate_cumsum
 from .blocks.max_shift import add_max_gradient
+from .blocks.norm_epilogue import NormEpilogue, normed_output_grads
 from .blocks.refined_gate import refined_gate_cumsum, refined_gate_grads
 from .blocks.varlen import align, chunk_aligned_layout, unalign
-from .triton_gla import gla_backward, gla_forward_from_gate
+from .triton_gla import gla_backward, gla_forward_from_gate, recompute_states
 from .varlen import sequence_bounds
 
 Tensor = torch.Tensor
@@ -54,8 +59,14 @@ class _RefinedGate(NamedTuple):
     log_clamp: float | None
 
 
+class _Norm(NamedTuple):
+    eps: float
+    unshifted: bool  # eps · exp(−2 (query shift + key shift)): the frame without safe-exp's shifts
+
+
 class _Options(NamedTuple):
     refined: _RefinedGate | None  # None: the gate is a given log gate
+    norm: _Norm | None  # the output norm of the epilogue, or None for the plain output
     key_max: str
     chunk_size: int
     scale: float
@@ -107,12 +118,18 @@ class FusedReGLAFunction(torch.autograd.Function):
     """Inputs: q, k, v [B, T, H, ·], the initial state and key max (or None), the options, and the
     gate tensors (one log gate, or the two logits). Outputs: o, the final state, the last key max.
 
+    With options.norm the output is the normalised one, norm_weight ([V] or None) and output_gate
+    ([B, T, H, V] or None) take part in it; without, both are None.
+
     Packed sequences (options.bounds) run in the chunk-aligned layout of `kernels.blocks.varlen`: the
     shifts are formed per sequence on the packed maxima, then every kernel input is copied in. Added
-    rows get shift +inf (so φ = 0 there), log decay 0 and a log gate of exactly 0 (gate logit +inf)."""
+    rows get shift +inf (so φ = 0 there), log decay 0 and a log gate of exactly 0 (gate logit +inf);
+    the output gate gets 0 there."""
 
     @staticmethod
-    def forward(ctx, q, k, v, initial_state, initial_key_max, options, output_final_state, *gate):
+    def forward(
+        ctx, q, k, v, initial_state, initial_key_max, options, output_final_state, norm_weight, output_gate, *gate
+    ):
         # Maxima are exact in any dtype: no fp32 copy of q, k is made for them.
         query_shift = safe_exp.query_shift(q).float()
         token_max = k.amax(-1).float()
@@ -121,19 +138,20 @@ class FusedReGLAFunction(torch.autograd.Function):
         )
         layout = chunk_aligned_layout(options.bounds, q.device) if options.bounds is not None else None
         last_key_shift = key_shift[0, layout.ends] if layout is not None else key_shift[:, -1]
-        kernel_inputs = (q, k, v, query_shift, key_shift, log_decay, *gate)
+        kernel_inputs = (q, k, v, query_shift, key_shift, log_decay, output_gate, *gate)
         if layout is not None:
             gate_fill = (float("inf"), 0.0) if options.refined is not None else (0.0,)
-            fills = (0.0, 0.0, 0.0, float("inf"), float("inf"), 0.0, *gate_fill)
+            fills = (0.0, 0.0, 0.0, float("inf"), float("inf"), 0.0, 0.0, *gate_fill)
             kernel_inputs = tuple(
                 None if t is None else align(t, layout, fill) for t, fill in zip(kernel_inputs, fills)
             )
-        q_in, k_in, v_in, query_shift, key_shift, log_decay, *gate_in = (
+        q_in, k_in, v_in, query_shift, key_shift, log_decay, output_gate_in, *gate_in = (
             None if t is None else t.contiguous() for t in kernel_inputs
         )
         dims = dims_of(q_in, v_in)
         shifts = SafeExpShifts(query_shift, key_shift)
         gc = _gate_cumsum(tuple(gate_in), options.refined, log_decay, dims)
+        epilogue = _epilogue(options.norm, norm_weight, output_gate_in)
         o, final, scores = gla_forward_from_gate(
             q_in,
             k_in,
@@ -145,6 +163,7 @@ class FusedReGLAFunction(torch.autograd.Function):
             dims,
             shifts,
             layout.chunks if layout is not None else None,
+            epilogue,
         )
         ctx.save_for_backward(
             q,
@@ -159,6 +178,8 @@ class FusedReGLAFunction(torch.autograd.Function):
             scores,
             initial_state,
             initial_key_max,
+            norm_weight,
+            output_gate_in,
             *gate,
         )
         ctx.options, ctx.dims, ctx.has_log_decay, ctx.layout = options, dims, log_decay is not None, layout
@@ -182,9 +203,23 @@ class FusedReGLAFunction(torch.autograd.Function):
             scores,
             initial_state,
             initial_key_max,
+            norm_weight,
+            output_gate_in,
             *gate,
         ) = ctx.saved_tensors
-        options, layout = ctx.options, ctx.layout
+        options, layout, dims = ctx.options, ctx.layout, ctx.dims
+        shifts = SafeExpShifts(query_shift, key_shift)
+        sequences = layout.chunks if layout is not None else None
+        states = recompute_states(k_in, v_in, gc, initial_state, dims, shifts, sequences)
+        do = align(do, layout) if layout is not None else do.contiguous()
+        epilogue_grads = None
+        if options.norm is not None:
+            # Through the norm and the gate first, o recomputed: `do` becomes the gradient of o.
+            epilogue = _epilogue(options.norm, norm_weight, output_gate_in)
+            epilogue_grads = normed_output_grads(
+                q_in, v_in, gc, scores, states, do, options.scale, dims, shifts, epilogue
+            )
+            do = epilogue_grads.do
         dq, dk, dv, d_log_gate, dh0, d_query_shift, d_key_shift = gla_backward(
             q_in,
             k_in,
@@ -192,18 +227,27 @@ class FusedReGLAFunction(torch.autograd.Function):
             gc,
             scores,
             initial_state,
-            align(do, layout) if layout is not None else do.contiguous(),
+            do,
             dht.contiguous() if dht is not None else None,
             options.scale,
-            ctx.dims,
+            dims,
             torch.float32,
-            SafeExpShifts(query_shift, key_shift),
-            layout.chunks if layout is not None else None,
+            shifts,
+            sequences,
+            states,
         )
+        d_output_gate = d_norm_weight = None
+        if epilogue_grads is not None:
+            d_output_gate, d_norm_weight = epilogue_grads.d_gate, epilogue_grads.d_weight
+            if epilogue_grads.d_log_scale is not None:
+                # log_scale = −(query shift + key shift): the eps frame's part of the shifts' gradients.
+                d_query_shift = d_query_shift - epilogue_grads.d_log_scale
+                d_key_shift = d_key_shift - epilogue_grads.d_log_scale
         if layout is not None:
             dq, dk, dv, d_log_gate, d_query_shift, d_key_shift = (
                 unalign(t, layout) for t in (dq, dk, dv, d_log_gate, d_query_shift, d_key_shift)
             )
+            d_output_gate = unalign(d_output_gate, layout) if d_output_gate is not None else None
         # The key-max decay is added to every feature's log gate: its gradient is the feature sum.
         d_log_decay = d_log_gate.sum(-1) if ctx.has_log_decay else None
         if d_key_max is not None:
@@ -218,7 +262,15 @@ class FusedReGLAFunction(torch.autograd.Function):
         dk = add_max_gradient(k, dk.contiguous(), d_token_max)
         d_gate = _gate_grads(tuple(gate), options.refined, d_log_gate.contiguous())
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
-        return dq, dk, dv, dh0, d_initial_key_max, None, None, *d_gate
+        d_norm_weight = d_norm_weight.to(norm_weight.dtype) if d_norm_weight is not None else None
+        return dq, dk, dv, dh0, d_initial_key_max, None, None, d_norm_weight, d_output_gate, *d_gate
+
+
+def _epilogue(norm: _Norm | None, weight: Tensor | None, gate: Tensor | None) -> NormEpilogue | None:
+    """The output kernel's epilogue for a call with a norm; gate in the kernels' time layout."""
+    if norm is None:
+        return None
+    return NormEpilogue(norm.eps, weight.contiguous() if weight is not None else None, gate, norm.unshifted)
 
 
 def triton_regla(
@@ -238,6 +290,10 @@ def triton_regla(
     initial_key_max: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
+    norm_eps: float | None = None,
+    norm_weight: Tensor | None = None,
+    eps_unshifted: bool = False,
+    output_gate: Tensor | None = None,
 ) -> ReGLAOutput:
     """Gated linear attention with safe-exp features of the raw q, k, and a key-side gate.
 
@@ -262,10 +318,18 @@ def triton_regla(
         cu_seqlens: [N + 1] int offsets of N sequences packed along time (B = 1; `kernels.varlen`):
             state and key max restart at each boundary, and initial_state, initial_key_max, the
             final state and key_max are per sequence ([N, H, K, V], [N, H]). None: one per batch row.
+        norm_eps: with a value (>= 0), the output is normalised per head in the kernel's epilogue,
+            o / sqrt(mean(o²) + eps) · norm_weight (`variants.norms.RMSNorm` with per_head); None: o as is.
+        norm_weight: [V] the norm's weight (shared by the heads), or None for none.
+        eps_unshifted: the norm's eps in the frame without safe-exp's shifts, eps · exp(−2 (qs + ks))
+            per token and head (the layers' `norm_eps_frame: unshifted`).
+        output_gate: [B, T, H, V] g, the normalised output then multiplied by silu(g) (the swish
+            output gate); needs `norm_eps`.
 
     Returns:
-        ReGLAOutput: output [B, T, H, V] in q's dtype; final_state [B, H, K, V] fp32, or None unless
-        `output_final_state`; key_max [B, H] fp32, the last key shift (the decoding state of safe_exp).
+        ReGLAOutput: output [B, T, H, V] in q's dtype (normalised and gated as asked); final_state
+        [B, H, K, V] fp32, or None unless `output_final_state`; key_max [B, H] fp32, the last key
+        shift (the decoding state of safe_exp).
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, K]; got shape {tuple(q.shape)}")
@@ -304,14 +368,44 @@ def triton_regla(
     if chunk_size < 1:
         raise ValueError(f"chunk_size (of the `chunk` key-max scope) must be >= 1; got {chunk_size}")
     check_supported(q, v)
+    _check_norm(q, v, norm_eps, norm_weight, eps_unshifted, output_gate)
     gate = (gate_logits, refine_logits) if refined else (log_gate,)
     options = _Options(
-        _RefinedGate(float(tau), log_clamp) if refined else None, key_max, int(chunk_size), float(scale), bounds
+        _RefinedGate(float(tau), log_clamp) if refined else None,
+        _Norm(float(norm_eps), bool(eps_unshifted)) if norm_eps is not None else None,
+        key_max,
+        int(chunk_size),
+        float(scale),
+        bounds,
     )
     if key_max not in safe_exp.KEY_MAX_SCOPES:
         raise ValueError(f"key_max must be one of {', '.join(safe_exp.KEY_MAX_SCOPES)}; got {key_max!r}")
     q, k, v, *gate = (t.contiguous() for t in (q, k, v, *gate))
+    output_gate = output_gate.contiguous() if output_gate is not None else None
     with on_device_of(q):
         return ReGLAOutput(
-            *FusedReGLAFunction.apply(q, k, v, initial_state, initial_key_max, options, output_final_state, *gate)
+            *FusedReGLAFunction.apply(
+                q, k, v, initial_state, initial_key_max, options, output_final_state, norm_weight, output_gate, *gate
+            )
+        )
+
+
+def _check_norm(q, v, norm_eps, norm_weight, eps_unshifted, output_gate) -> None:
+    """The epilogue's arguments: a norm weight, an eps frame or an output gate only with a norm."""
+    if norm_eps is None:
+        if norm_weight is not None or output_gate is not None or eps_unshifted:
+            raise ValueError(
+                "norm_weight, eps_unshifted and output_gate belong to the output norm's epilogue: give norm_eps too"
+            )
+        return
+    if not norm_eps >= 0:
+        raise ValueError(f"norm_eps must be >= 0 or None; got {norm_eps}")
+    V = v.shape[-1]
+    if norm_weight is not None and tuple(norm_weight.shape) != (V,):
+        raise ValueError(
+            f"norm_weight must be [V] = ({V},), one weight per value feature; got {tuple(norm_weight.shape)}"
+        )
+    if output_gate is not None and output_gate.shape != v.shape:
+        raise ValueError(
+            f"output_gate must have v's shape [B, T, H, V] = {tuple(v.shape)}; got {tuple(output_gate.shape)}"
         )

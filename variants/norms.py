@@ -85,7 +85,8 @@ class RMSNorm(_PerHeadOrFullWidth):
         super().__init__(head_dim, num_heads, per_head, eps, affine)
 
     def fused_kernel(self) -> RMSNormKernel | None:
-        """The fused decoding step normalises each head's output itself; full width is not per head."""
+        """The fused decoding step and the fused op's epilogue normalise each head's output themselves;
+        full width is not per head."""
         return RMSNormKernel(self.eps, self.weight) if self.per_head else None
 
     def forward(self, o: Tensor, log_scale: Tensor | None = None) -> Tensor:

@@ -8,6 +8,8 @@ compose them.
     refined_gate  the same cumulative gates from ReGLA's refining-gate logits; the logits' gradients
     chunk_state   the states between chunks: a forward pass and a reverse (gradient) pass
     output        within-chunk scores and the output
+    norm_epilogue the output with the per-head RMSNorm and swish output gate applied before it is
+                  stored, and its backward (the output recomputed)
     qkv_grad      gradients of q, k and v, and the local term of the gate gradient
     max_shift     the gradient through safe-exp's per-token max over features
 """

@@ -97,6 +97,46 @@ def intra_scores_kernel(
 
 
 @triton.jit
+def output_tile(
+    q_base,
+    qs_base,
+    v_base,
+    g_base,
+    a_base,
+    s_base,
+    t0,
+    v0,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+):
+    """(q * exp2(b)) @ state + A @ v for chunk rows t0.. and value columns v0.., unscaled, fp32 [C, BV].
+
+    The bases point at one (batch, head): q, qs, v, gc, A at row 0, the state at this chunk's entry
+    state. Shared by `output_kernel` and the norm epilogue (`kernels.blocks.norm_epilogue`), which
+    recomputes the output in its backward rather than keeping it."""
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q_tile = load_features(q_base, qs_base, t0, T, H * K, k0, K, H, C, BK, EXP)
+        g_tile = load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
+        state = load_rows(s_base, k0, K, V, v0, V, BK, BV)  # [BK, BV] fp32
+        q_from_start = (q_tile * tl.exp2(g_tile)).to(DOT)
+        acc += tl.dot(q_from_start, state.to(DOT), input_precision=PREC)
+    a_tile = load_rows(a_base, t0, Tp, H * C, 0, C, C, C)
+    v_tile = load_rows(v_base, t0, T, H * V, v0, V, C, BV).to(DOT)
+    acc += tl.dot(a_tile.to(DOT), v_tile, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def output_kernel(
     q,
     qs,
@@ -121,24 +161,28 @@ def output_kernel(
 ):
     """o = scale * ((q * exp2(b)) @ states[c] + A @ v) for one chunk and one block of value columns."""
     iv, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_base = q + head_offset(bh, H, T, K)
-    v_base = v + head_offset(bh, H, T, V)
-    g_base = gc + head_offset(bh, H, Tp, K)
-    qs_base = qs + head_offset(bh, H, T, 1)
-    s_base = states + (bh.to(tl.int64) * NT + c) * K * V
-    t0 = c * C
-    dt = DOT
-    acc = tl.zeros([C, BV], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        q_tile = load_features(q_base, qs_base, t0, T, H * K, k0, K, H, C, BK, EXP)
-        g_tile = load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
-        state = load_rows(s_base, k0, K, V, iv * BV, V, BK, BV)  # [BK, BV] fp32
-        q_from_start = (q_tile * tl.exp2(g_tile)).to(dt)
-        acc += tl.dot(q_from_start, state.to(dt), input_precision=PREC)
-    a_tile = load_rows(A + head_offset(bh, H, Tp, C), t0, Tp, H * C, 0, C, C, C)
-    v_tile = load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV).to(dt)
-    acc += tl.dot(a_tile.to(dt), v_tile, input_precision=PREC)
-    store_rows(o + head_offset(bh, H, T, V), acc * scale, t0, T, H * V, iv * BV, V, C, BV)
+    acc = output_tile(
+        q + head_offset(bh, H, T, K),
+        qs + head_offset(bh, H, T, 1),
+        v + head_offset(bh, H, T, V),
+        gc + head_offset(bh, H, Tp, K),
+        A + head_offset(bh, H, Tp, C),
+        states + (bh.to(tl.int64) * NT + c) * K * V,
+        c * C,
+        iv * BV,
+        T,
+        Tp,
+        H,
+        K,
+        V,
+        C,
+        BK,
+        BV,
+        PREC,
+        DOT,
+        EXP,
+    )
+    store_rows(o + head_offset(bh, H, T, V), acc * scale, c * C, T, H * V, iv * BV, V, C, BV)
 
 
 def intra_scores(q: Tensor, k: Tensor, gc: Tensor, dims: Dims, shifts: SafeExpShifts | None = None) -> Tensor:

@@ -1,0 +1,378 @@
+"""Output building block with an epilogue: the per-head RMSNorm of the output and the swish output
+gate, applied to each output tile before it is stored, and their backward.
+
+    o = scale · ((q ⊙ e^b) states[c] + A v)              (as `kernels.blocks.output`)
+    y = o / sqrt(mean(o²) + eps_t) ⊙ w ⊙ silu(g),    eps_t = eps, or eps · exp(−2 (qs_t + ks_t))
+
+The second eps is the norm's eps in the frame without safe-exp's shifts (`variants.norms.scaled_eps`
+with the layer's `log_scale` = −(query shift + key shift)). One program holds a chunk's rows over
+all V columns (V <= 256), so each row's mean square is complete in registers: o itself is never
+written. The backward recomputes o the same way from what the forward keeps anyway (q, v, the
+cumulative gates, the scores, and the chunk states, which the backward recomputes regardless), and
+writes the gradient of o for the attention's own backward, the gate's gradient, per-chunk partial
+sums of the weight's gradient, and the gradient of the eps frame's log scale, which the caller
+routes to the shifts. Everything is in fp32 until the store.
+
+A row whose mean square and eps are both zero (the padding rows of packed sequences, where φ = 0 and
+the shifts are +inf) gets a zero output and zero gradients rather than 0 · inf.
+
+Used by the forward and backward passes of `kernels.triton_gla` when the op (`kernels.triton_regla`)
+is given a norm.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    CHUNK,
+    Dims,
+    SafeExpShifts,
+    empty,
+    feature_args,
+    head_offset,
+    launch_options,
+    load_row,
+    load_rows,
+    store_rows,
+)
+from .output import output_tile
+
+Tensor = torch.Tensor
+
+# A [CHUNK, BK] q tile and a [BK, V] state tile next to the [CHUNK, V] output: narrower key tiles
+# for wide values keep the three within registers (8192 elements per tile).
+_TILE_ELEMENTS = 8192
+
+
+class NormEpilogue(NamedTuple):
+    """What the epilogue applies to the output: a per-head RMSNorm, and optionally the swish gate."""
+
+    eps: float  # >= 0
+    weight: Tensor | None  # [V] shared by the heads, or None for no affine weight
+    gate: Tensor | None  # [B, T, H, V] contiguous, in the kernels' time layout, or None for no gate
+    unshifted: bool  # eps · exp(−2 (query shift + key shift)) per row (needs safe-exp shifts)
+
+
+class EpilogueGrads(NamedTuple):
+    do: Tensor  # [B, T, H, V] in q's dtype: the gradient of the unnormalised output
+    d_gate: Tensor | None  # [B, T, H, V] in the gate's dtype
+    d_weight: Tensor | None  # [V] fp32
+    d_log_scale: Tensor | None  # [B, T, H] fp32, with `unshifted`: ∂L/∂log_scale, log_scale = −(qs + ks)
+
+
+@triton.jit
+def row_eps(eps, qs_base, ks_base, rows, T, H, C: tl.constexpr, UNSHIFTED: tl.constexpr):
+    """The norm's eps for each of C rows: eps, or eps · exp(−2 (qs + ks)) in the unshifted frame."""
+    if UNSHIFTED:
+        inside = rows < T
+        shift = tl.load(qs_base + rows * H, mask=inside, other=0.0) + tl.load(
+            ks_base + rows * H, mask=inside, other=0.0
+        )
+        return eps * tl.exp(-2.0 * shift)
+    return tl.zeros([C], dtype=tl.float32) + eps
+
+
+@triton.jit
+def inverse_rms(o, row_eps, V):
+    """1 / sqrt(mean(o²) + eps) per row of o [C, BV] (zero past V); 0 where both terms are 0."""
+    denominator = tl.sum(o * o, axis=1) / V + row_eps
+    positive = denominator > 0
+    return tl.where(positive, 1.0 / tl.sqrt(tl.where(positive, denominator, 1.0)), 0.0)
+
+
+@triton.jit
+def normed_output_kernel(
+    q,
+    qs,
+    ks,
+    v,
+    gc,
+    A,
+    states,
+    gate,
+    weight,
+    y,
+    scale,
+    eps,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+    UNSHIFTED: tl.constexpr,
+    AFFINE: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    """y = norm(o) ⊙ w ⊙ silu(g) for one chunk of one (batch, head), all V columns at once."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    t0 = c * C
+    qs_base = qs + head_offset(bh, H, T, 1)
+    o = output_tile(
+        q + head_offset(bh, H, T, K),
+        qs_base,
+        v + head_offset(bh, H, T, V),
+        gc + head_offset(bh, H, Tp, K),
+        A + head_offset(bh, H, Tp, C),
+        states + (bh.to(tl.int64) * NT + c) * K * V,
+        t0,
+        0,
+        T,
+        Tp,
+        H,
+        K,
+        V,
+        C,
+        BK,
+        BV,
+        PREC,
+        DOT,
+        EXP,
+    )
+    o = o * scale
+    rows = t0 + tl.arange(0, C)
+    out = o * inverse_rms(o, row_eps(eps, qs_base, ks + head_offset(bh, H, T, 1), rows, T, H, C, UNSHIFTED), V)[:, None]
+    if AFFINE:
+        out = out * load_row(weight, 0, 1, 0, V, BV).to(tl.float32)[None, :]
+    if GATED:
+        g = load_rows(gate + head_offset(bh, H, T, V), t0, T, H * V, 0, V, C, BV).to(tl.float32)
+        out = out * g * tl.sigmoid(g)
+    store_rows(y + head_offset(bh, H, T, V), out, t0, T, H * V, 0, V, C, BV)
+
+
+@triton.jit
+def normed_output_grad_kernel(
+    q,
+    qs,
+    ks,
+    v,
+    gc,
+    A,
+    states,
+    gate,
+    weight,
+    dy,
+    do,
+    d_gate,
+    d_weight,
+    d_log_scale,
+    scale,
+    eps,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+    UNSHIFTED: tl.constexpr,
+    AFFINE: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    """The backward of `normed_output_kernel` for one chunk of one (batch, head), o recomputed:
+
+    with n = o · r, r = 1 / sqrt(mean(o²) + eps_t) and dn the gradient reaching n ⊙ w (after the gate),
+    do = r (dn ⊙ w − n · mean(dn ⊙ w ⊙ n)), dw = Σ_rows dn ⊙ n, dg = dy ⊙ n ⊙ w ⊙ silu'(g), and
+    ∂L/∂log_scale = −r² eps_t Σ dn ⊙ w ⊙ n (eps_t = eps · exp(2 log_scale) in the unshifted frame).
+    """
+    c, bh = tl.program_id(0), tl.program_id(1)
+    t0 = c * C
+    qs_base = qs + head_offset(bh, H, T, 1)
+    o = output_tile(
+        q + head_offset(bh, H, T, K),
+        qs_base,
+        v + head_offset(bh, H, T, V),
+        gc + head_offset(bh, H, Tp, K),
+        A + head_offset(bh, H, Tp, C),
+        states + (bh.to(tl.int64) * NT + c) * K * V,
+        t0,
+        0,
+        T,
+        Tp,
+        H,
+        K,
+        V,
+        C,
+        BK,
+        BV,
+        PREC,
+        DOT,
+        EXP,
+    )
+    o = o * scale
+    rows = t0 + tl.arange(0, C)
+    eps_t = row_eps(eps, qs_base, ks + head_offset(bh, H, T, 1), rows, T, H, C, UNSHIFTED)
+    r = inverse_rms(o, eps_t, V)
+    n = o * r[:, None]
+    grad = load_rows(dy + head_offset(bh, H, T, V), t0, T, H * V, 0, V, C, BV).to(tl.float32)
+    if AFFINE:
+        w = load_row(weight, 0, 1, 0, V, BV).to(tl.float32)[None, :]
+    if GATED:
+        g = load_rows(gate + head_offset(bh, H, T, V), t0, T, H * V, 0, V, C, BV).to(tl.float32)
+        sig = tl.sigmoid(g)
+        normed = n
+        if AFFINE:
+            normed = n * w
+        dg = grad * normed * sig * (1.0 + g * (1.0 - sig))
+        store_rows(d_gate + head_offset(bh, H, T, V), dg, t0, T, H * V, 0, V, C, BV)
+        grad = grad * g * sig
+    if AFFINE:
+        # One partial sum per (chunk, batch·head), summed by the host: no atomics, a fixed order.
+        cols = tl.arange(0, BV)
+        partial = d_weight + (c.to(tl.int64) * tl.num_programs(1) + bh) * V
+        tl.store(partial + cols, tl.sum(grad * n, axis=0), mask=cols < V)
+        grad = grad * w
+    inner = tl.sum(grad * n, axis=1)  # [C]: Σ over features of dn ⊙ n
+    d_o = r[:, None] * (grad - n * (inner / V)[:, None])
+    store_rows(do + head_offset(bh, H, T, V), d_o, t0, T, H * V, 0, V, C, BV)
+    if UNSHIFTED:
+        tl.store(d_log_scale + head_offset(bh, H, T, 1) + rows * H, -r * r * eps_t * inner, mask=rows < T)
+
+
+def _tiles(dims: Dims) -> tuple[int, int]:
+    """Key columns per tile and the (whole) value width of the epilogue's tiles."""
+    full_v = max(16, triton.next_power_of_2(dims.V))
+    return min(dims.BK, max(16, _TILE_ELEMENTS // full_v)), full_v
+
+
+def _common_args(q, v, gc, scores, states, epilogue: NormEpilogue, shifts: SafeExpShifts | None):
+    """The pointer arguments both kernels start with, and their switches."""
+    if epilogue.unshifted and shifts is None:
+        raise ValueError("the norm's eps in the unshifted frame needs the safe-exp shifts")
+    features = feature_args(shifts, q)
+    placeholder = gc  # pointers the kernels never read under their switches
+    return (
+        (
+            q,
+            features["qs"],
+            shifts.key if shifts is not None else placeholder,
+            v,
+            gc,
+            scores,
+            states,
+            epilogue.gate if epilogue.gate is not None else placeholder,
+            epilogue.weight if epilogue.weight is not None else placeholder,
+        ),
+        dict(EXP=features["EXP"], UNSHIFTED=epilogue.unshifted, AFFINE=epilogue.weight is not None),
+    )
+
+
+def normed_output(
+    q: Tensor,
+    v: Tensor,
+    gc: Tensor,
+    scores: Tensor,
+    states: Tensor,
+    scale: float,
+    dims: Dims,
+    shifts: SafeExpShifts | None,
+    epilogue: NormEpilogue,
+) -> Tensor:
+    """The normalised (and gated) output, from the chunk states and the within-chunk scores.
+
+    Args:
+        q, v, gc, scores, states, scale, dims, shifts: as for `kernels.blocks.output.chunk_output`.
+        epilogue: the norm's eps, weight and frame, and the output gate.
+
+    Returns:
+        y: [B, T, H, V] in q's dtype.
+    """
+    B, T, H, K, V, NT, _, _, dot = dims
+    BK, BV = _tiles(dims)
+    y = empty((B, T, H, V), q.dtype, q.device)
+    pointers, switches = _common_args(q, v, gc, scores, states, epilogue, shifts)
+    normed_output_kernel[(NT, B * H)](
+        *pointers,
+        y,
+        scale,
+        float(epilogue.eps),
+        T,
+        gc.shape[1],
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        GATED=epilogue.gate is not None,
+        **switches,
+        **dot,
+        **launch_options("normed_output_kernel"),
+    )
+    return y
+
+
+def normed_output_grads(
+    q: Tensor,
+    v: Tensor,
+    gc: Tensor,
+    scores: Tensor,
+    states: Tensor,
+    dy: Tensor,
+    scale: float,
+    dims: Dims,
+    shifts: SafeExpShifts | None,
+    epilogue: NormEpilogue,
+) -> EpilogueGrads:
+    """The gradients through `normed_output`, the output recomputed.
+
+    Args:
+        q, v, gc, scores, states, scale, dims, shifts, epilogue: as given to `normed_output` (states
+            recomputed by the backward).
+        dy: [B, T, H, V] the gradient of the normalised output, contiguous.
+
+    Returns:
+        EpilogueGrads: the gradient of the unnormalised output (for `kernels.triton_gla.gla_backward`),
+        of the gate, of the weight, and of the eps frame's log scale.
+    """
+    B, T, H, K, V, NT, _, _, dot = dims
+    BK, BV = _tiles(dims)
+    do = empty((B, T, H, V), q.dtype, q.device)
+    gate, weight = epilogue.gate, epilogue.weight
+    d_gate = empty(gate.shape, gate.dtype, gate.device) if gate is not None else None
+    weight_parts = empty((NT, B * H, V), torch.float32, q.device) if weight is not None else None
+    d_log_scale = empty((B, T, H), torch.float32, q.device) if epilogue.unshifted else None
+    pointers, switches = _common_args(q, v, gc, scores, states, epilogue, shifts)
+    placeholder = gc
+    normed_output_grad_kernel[(NT, B * H)](
+        *pointers,
+        dy,
+        do,
+        d_gate if d_gate is not None else placeholder,
+        weight_parts if weight_parts is not None else placeholder,
+        d_log_scale if d_log_scale is not None else placeholder,
+        scale,
+        float(epilogue.eps),
+        T,
+        gc.shape[1],
+        H,
+        K,
+        V,
+        NT,
+        C=CHUNK,
+        BK=BK,
+        BV=BV,
+        GATED=gate is not None,
+        **switches,
+        **dot,
+        **launch_options("normed_output_grad_kernel"),
+    )
+    d_weight = weight_parts.sum((0, 1)) if weight_parts is not None else None
+    return EpilogueGrads(do, d_gate, d_weight, d_log_scale)
