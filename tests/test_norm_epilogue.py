@@ -236,6 +236,7 @@ def test_a_model_with_the_epilogue_equals_the_model_without(monkeypatch):
     model = regla_model()
     for layer in model.linear_attention_layers():
         torch.nn.init.normal_(layer.norm.weight, 1.0, 0.3)
+        layer.fused_epilogue = True
     assert all(layer.epilogue_norm() is not None for layer in model.linear_attention_layers())
     tokens = torch.randint(0, 53, (1, 21), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     on, off = logits_and_grads(model, tokens, True), logits_and_grads(model, tokens, False)
@@ -245,11 +246,13 @@ def test_a_model_with_the_epilogue_equals_the_model_without(monkeypatch):
 
 def test_only_norms_that_declare_the_epilogue_get_it():
     model = regla_model(norm="layernorm")
+    for layer in model.linear_attention_layers():
+        layer.fused_epilogue = True
     assert all(layer.epilogue_norm() is None for layer in model.linear_attention_layers())
     layer = regla_model().linear_attention_layers()[0]
+    assert layer.epilogue_norm() is None  # off by default (see LinearAttention.fused_epilogue)
+    layer.fused_epilogue = True
     assert layer.epilogue_norm() is not None
-    layer.fused_epilogue = False
-    assert layer.epilogue_norm() is None
 
 
 def check_gpu_errors(errors: dict, dtype: torch.dtype) -> None:
