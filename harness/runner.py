@@ -37,7 +37,7 @@ from .progress import bar as progress_bar
 from .progress import say
 from .results import advice_of, environment, make_rows, read_rows_or_set_aside, stage_failures, write_rows
 from .spec import RunSpec
-from .stages import STAGES, StageContext
+from .stages import STAGES, StageContext, StageNotApplicable
 from .tracking import TrackingOptions
 from .train import Diverged
 
@@ -152,6 +152,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def failure_advice(exc: BaseException, log: Path) -> tuple[str, str]:
     """(kind, advice) for a failed stage: what to do about it depends on its cause, since
     `--retry-failed` only helps where the same settings can succeed on a second try."""
+    if isinstance(exc, StageNotApplicable):
+        return "not applicable", exc.advice
     if isinstance(exc, (ConfigError, RegistryError)) or type(exc) is ValueError:
         return "configuration", "fix the grid file (the error names the setting), then run again"
     if isinstance(exc, DataError):

@@ -37,7 +37,15 @@ from harness.model import build_model
 from harness.postlin.families import UnsupportedModel, family_named
 from harness.postlin.own import convert_language_model
 from harness.postlin.pretrained import LinearAdapter, SoftmaxAdapter, convert_pretrained
-from harness.postlin.start import initial_model, load_trained, new_parameters, save_trained, source_identity
+from harness.postlin.start import (
+    architecture_model,
+    initial_model,
+    is_transformers_source,
+    load_trained,
+    new_parameters,
+    save_trained,
+    source_identity,
+)
 from harness.report import write_report
 from harness.results import load as load_results
 from harness.runner import run_grid
@@ -484,3 +492,39 @@ def test_a_grid_continues_training_a_transformers_model(corpus, saved_neox, tmp_
     assert [(r.stage, r.status) for r in results] == [("train", "ok"), ("probe", "ok")]
     frame = load_results(loaded.name, tmp_path)
     assert set(frame[frame["metric"].str.startswith("gate/")]["step"]) == {0, 4}  # before and after
+
+
+# -- stages that build the run's architecture: profile and mqar -----------------------------------
+
+
+def test_a_converted_transformers_run_is_profiled_as_converted_and_refused_by_mqar(corpus, saved_neox, tmp_path):
+    """profile times the converted GPT-NeoX (its kept softmax layer, its partial rotary), not a
+    harness model of the grid's sizes; mqar, which would train the source family from scratch,
+    records a failure that says what to run instead."""
+    config = ModelConfig(n_layers=2, softmax_layers=[0], attention=REGLA, init={"from_pretrained": str(saved_neox)})
+    converted = initial_model(config, get_tokenizer(f"hf:{saved_neox}"), seed=0, runs_dir=tmp_path)
+    timed = architecture_model(config, None, seed=0, min_seq_len=100)
+    assert [type(a) for a in timed.adapters] == [SoftmaxAdapter, LinearAdapter]
+    assert timed.adapters[1].apply_rotary is not None and timed.config.max_seq_len == 100
+    shapes = lambda model: {n: p.shape for n, p in model.named_parameters()}  # noqa: E731
+    assert shapes(timed) == shapes(converted)  # the same modules, random weights
+    assert not is_transformers_source(InitConfig(from_pretrained="run:softmax/scratch"))
+
+    grid = tiny_grid(corpus)
+    grid["stages"] = ["profile", "mqar"]
+    grid["base"]["data"]["tokenizer"] = f"hf:{saved_neox}"
+    grid["base"]["model"].update(softmax_layers=[0], init={"from_pretrained": str(saved_neox)})
+    grid["base"]["profile"] = dict(
+        seq_lens=[16], batch_size=2, generation_lengths=[8], prompt_length=4, warmup=1, repeats=1
+    )
+    grid["base"]["mqar"] = dict(settings=[[16, 2]], steps=2, batch_size=2, eval_every=1)
+    grid["axes"] = {"variant": {"regla": {"model.attention": {"feature_map": "safe_exp", "gate": "refined"}}}}
+    loaded = expand_grid(grid)
+    results = run_grid(loaded, loaded.runs, runs_dir=tmp_path, device="cpu", progress=False)
+    assert [(r.stage, r.status) for r in results] == [("profile", "ok"), ("mqar", "failed")]
+    assert "converts the transformers model" in results[1].error
+    assert "leave mqar out" in results[1].advice
+    frame = load_results(loaded.name, tmp_path)
+    generation = frame[frame.metric == "profile/generate_total_ms"]
+    assert len(generation) == 1 and '"cuda_graphs": false' in generation.extra.iloc[0]
+    assert frame[frame.metric == "profile/train_tokens_per_second"].value.iloc[0] > 0
