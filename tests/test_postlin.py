@@ -9,6 +9,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ from harness.postlin.start import (
     save_trained,
     source_identity,
 )
-from harness.report import write_report
+from harness.report import recovery_table, write_report
 from harness.results import load as load_results
 from harness.runner import run_grid
 from harness.spec import spec_from_dict
@@ -583,3 +584,18 @@ def test_a_converted_transformers_run_is_profiled_as_converted_and_refused_by_mq
     generation = frame[frame.metric == "profile/generate_total_ms"]
     assert len(generation) == 1 and '"cuda_graphs": false' in generation.extra.iloc[0]
     assert frame[frame.metric == "profile/train_tokens_per_second"].value.iloc[0] > 0
+
+
+def test_the_recovery_table_sets_task_accuracy_beside_bits_per_byte():
+    def row(run, init, metric, value, stage="train", task=None, shots=None):
+        return dict(run_name=run, **{"axis:init": init}, metric=metric, value=value, status="ok", stage=stage,
+                    task=task, shots=shots)  # fmt: skip
+
+    rows = []
+    for init, bpb, accuracies in (("converted", 1.5, (0.6, 0.8)), ("scratch", 2.0, (0.5, 0.5))):
+        rows.append(row(f"regla/{init}", init, "final/val_bits_per_byte", bpb))
+        rows += [row(f"regla/{init}", init, "acc", a, "eval", f"task{i}", 0) for i, a in enumerate(accuracies)]
+    table = recovery_table(pd.DataFrame(rows))
+    assert table.loc["regla", "converted - scratch"] == pytest.approx(-0.5)
+    assert table.loc["regla", "converted mean acc (2 task-shots)"] == pytest.approx(0.7)
+    assert table.loc["regla", "scratch mean acc (2 task-shots)"] == pytest.approx(0.5)
