@@ -46,7 +46,9 @@ def train_converted(neox: Path, corpus: Path, cache: Path, out: Path, batch_size
             "max_seq_len": 64,
             "softmax_layers": [0],  # a hybrid: the kept softmax layer trains its pretrained module
             "attention": {"feature_map": "safe_exp", "norm": "rmsnorm", "gate": "refined"},
-            "init": {"from_pretrained": str(neox)},
+            # The first step trains only the parameters the conversion added (the others get no
+            # gradient after the all-reduce), the second all of them.
+            "init": {"from_pretrained": str(neox), "train_only_new_for_steps": 1},
         },
         "train": dict(
             steps=2, batch_size=batch_size, seq_len=16, lr=1e-2, warmup_steps=0, eval_every=2,

@@ -118,10 +118,11 @@ def test_a_failure_on_one_rank_stops_every_rank_and_the_grid_goes_on(corpus, tmp
 
 
 def test_a_converted_transformers_model_trains_under_ddp_as_on_one_process(corpus, tmp_path):
-    """A tiny GPT-NeoX (saved locally) converted to a ReGLA hybrid: two steps on two processes (gloo) of
-    batch 4 end where one process of batch 8 over the same global batches ends: the same weights
-    (kept softmax layer, converted layer and the new gate parameters alike) and the same validation
-    loss. (train/loss rows are rank 0's own rows' loss, so they are not what is compared.)"""
+    """A tiny GPT-NeoX (saved locally) converted to a ReGLA hybrid: two steps on two processes
+    (gloo) of batch 4 end where one process of batch 8 over the same global batches ends: the same
+    weights (kept softmax layer, converted layer and the new gate parameters alike, the first step
+    training only the new ones) and the same validation loss. (train/loss rows hold rank 0's loss
+    on its own rows, so they are not what is compared.)"""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
     from harness.data.tokenization import ByteTokenizer
