@@ -15,7 +15,7 @@ from .config import ConfigError
 from .data import DataError, prepare_data
 from .distributed import finish_distributed
 from .executor import WorkerOptions, outcome, run_on_devices
-from .grid import filter_runs, load_grid
+from .grid import filter_runs, load_grid, sources_first
 from .report import write_report
 from .runner import StageResult, preflight, restore_results, run_grid, stage_status
 from .stages import STAGES
@@ -100,23 +100,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for stage in stages:
         if stage not in STAGES:
             raise ConfigError(f"--stages: {STAGES.unknown(stage)}")
-    # Checked before compute, the dry run included: output directories, device, data sizes.
+    # Checked before compute, the dry run included: output directories, device, data sizes (a dry
+    # run downloads nothing: data from the hub is left to the run itself, and the notes say so).
     data_cache: dict = {}
-    preflight(
+    unchecked = preflight(
         runs,
         stages,
         runs_dir=args.runs_dir,
         results_dir=None if args.dry_run else args.results_dir,
         device=args.device,
         data_cache=data_cache,
+        dry_run=args.dry_run,
     )
     if args.dry_run:
         header = ["run_id", "run_name", *stages]
         print(" | ".join(header))
-        for spec in runs:
+        for spec in sources_first(list(runs)):  # the order `run` takes them in
             states = [stage_status(Path(args.runs_dir), spec, s)[0] for s in stages]
             print(" | ".join([spec.run_id, spec.name, *states]))
         print(f"{len(runs)} runs, stages: {', '.join(stages)}")
+        for note in unchecked:
+            print(f"note: {note}")
         return 0
     options = WorkerOptions(
         grid_path=str(resolve_grid_path(args.grid).resolve()),

@@ -233,6 +233,17 @@ def recovery_table(frame: pd.DataFrame) -> pd.DataFrame:
     table = table[[CONVERTED, SCRATCH]].dropna()
     table.columns = ["converted val bpb", "scratch val bpb"]
     table["converted - scratch"] = table["converted val bpb"] - table["scratch val bpb"]
+    # The eval stage's scores beside them: each run's mean accuracy over its tasks and shots (the
+    # offline suite's), so that a recovery in loss can be read against one in the tasks.
+    scores = frame[(frame["stage"] == "eval") & (frame["status"] == "ok") & (frame["metric"] == "acc")].copy()
+    if len(scores):
+        scores["variant"] = scores["run_name"].str.split("/").str[0]
+        per_run = scores.groupby(["variant", INIT_AXIS, "run_name"])["value"].mean().reset_index()
+        accuracy = per_run.pivot_table(index="variant", columns=INIT_AXIS, values="value", aggfunc="mean")
+        tasks = scores.groupby("run_name")[["task", "shots"]].apply(lambda g: len(g.drop_duplicates())).max()
+        for init in (CONVERTED, SCRATCH):
+            if init in accuracy:
+                table[f"{init} mean acc ({tasks} task-shots)"] = accuracy[init]
     return table
 
 

@@ -29,7 +29,7 @@ from registry import RegistryError
 
 from .atomic import atomic_write_bytes, atomic_write_text
 from .config import ConfigError
-from .data import DataError
+from .data import DataError, hub_downloads
 from .distributed import DistributedContext, distributed_context, pick_device
 from .grid import Grid, sources_first
 from .postlin.start import SourceMissing
@@ -37,7 +37,7 @@ from .progress import bar as progress_bar
 from .progress import say
 from .results import advice_of, environment, make_rows, read_rows_or_set_aside, stage_failures, write_rows
 from .spec import RunSpec
-from .stages import STAGES, StageContext
+from .stages import STAGES, StageContext, StageNotApplicable
 from .tracking import TrackingOptions
 from .train import Diverged
 
@@ -152,6 +152,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def failure_advice(exc: BaseException, log: Path) -> tuple[str, str]:
     """(kind, advice) for a failed stage: what to do about it depends on its cause, since
     `--retry-failed` only helps where the same settings can succeed on a second try."""
+    if isinstance(exc, StageNotApplicable):
+        return "not applicable", exc.advice
     if isinstance(exc, (ConfigError, RegistryError)) or type(exc) is ValueError:
         return "configuration", "fix the grid file (the error names the setting), then run again"
     if isinstance(exc, DataError):
@@ -241,20 +243,35 @@ def preflight(
     results_dir: str | Path | None,
     device: str,
     data_cache: dict,
-) -> None:
+    dry_run: bool = False,
+) -> list[str]:
     """Everything that can be checked before compute: output directories, the device, and that
     every run's data fills the windows its stages read. Data prepared here is kept in
-    `data_cache` for the run itself. Raises ConfigError / DataError naming the problem."""
+    `data_cache` for the run itself. Raises ConfigError / DataError naming the problem.
+
+    `dry_run`: download nothing. Data that preparing would download from the Hugging Face hub (a
+    hub tokenizer or dataset) is not checked; the returned notes say which, and why (empty when
+    every run's data was checked). A real run checks it all, strictly."""
     stages = list(stages)
     check_writable(runs_dir, "runs directory")
     if results_dir is not None:
         check_writable(results_dir, "results directory")
     pick_device(distributed_context(), device)
     if not {"train", "probe"} & set(stages):
-        return
+        return []
+    unchecked: dict[str, list[str]] = {}
     for spec in runs:
+        downloads = hub_downloads(spec.data.source, spec.data.tokenizer, dict(spec.data.options)) if dry_run else []
+        if downloads:
+            unchecked.setdefault(" and ".join(downloads), []).append(spec.name)
+            continue
         context = StageContext(Path(runs_dir), device, False, data_cache)
         check_data_fits(spec, context.data_for(spec), stages)
+    return [
+        f"data not checked for {len(names)} run(s) ({', '.join(names)}): preparing it downloads {what} from "
+        "the Hugging Face hub, which a dry run does not do; `run` (or prepare-data) checks it before training"
+        for what, names in unchecked.items()
+    ]
 
 
 def run_grid(

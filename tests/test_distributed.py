@@ -3,11 +3,15 @@ writes results, once."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from harness import results as results_io
@@ -111,3 +115,60 @@ def test_a_failure_on_one_rank_stops_every_rank_and_the_grid_goes_on(corpus, tmp
     assert "rank 1 failed: RuntimeError: injected failure on rank 1" in broken.error.iloc[0]
     softmax = frame[(frame.run_name == "softmax") & (frame.stage == "train")]
     assert set(softmax.status) == {"ok"} and (softmax.metric == "final/val_loss").sum() == 1
+
+
+def test_a_converted_transformers_model_trains_under_ddp_as_on_one_process(corpus, tmp_path):
+    """A tiny GPT-NeoX (saved locally) converted to a ReGLA hybrid: two steps on two processes
+    (gloo) of batch 4 end where one process of batch 8 over the same global batches ends: the same
+    weights (kept softmax layer, converted layer and the new gate parameters alike, the first step
+    training only the new ones) and the same validation loss. (train/loss rows hold rank 0's loss
+    on its own rows, so they are not what is compared.)"""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    from harness.data.tokenization import ByteTokenizer
+
+    from .postlin_ddp_worker import train_as_rank, train_converted
+
+    neox = tmp_path / "neox"
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, rotary_pct=0.25, eos_token_id=256, bos_token_id=256,
+    )  # fmt: skip
+    GPTNeoXForCausalLM(config).save_pretrained(neox)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=ByteTokenizer().to_tokenizers(), eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(neox)
+    cache = tmp_path / "cache"
+    prepare_data("text-files", f"hf:{neox}", {"pattern": str(corpus / "*.txt")}, cache_dir=cache, progress=False)
+
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    for out in (ddp, single):
+        out.mkdir()
+    # Two processes forked from this one, each with the environment torchrun gives its workers:
+    # they inherit torch and transformers already imported (two fresh interpreters would spend
+    # most of this test importing them). One intra-op thread each, as DataLoader workers do.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fork = multiprocessing.get_context("fork")
+    ranks = [
+        fork.Process(target=train_as_rank, args=(rank, port, (neox, corpus, cache, ddp, 4, 4))) for rank in range(2)
+    ]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=300)
+        if process.is_alive():
+            process.kill()
+        assert process.exitcode == 0, f"a rank exited with {process.exitcode} (its traceback is above)"
+    train_converted(neox, corpus, cache, single, batch_size=8, eval_batches=2)  # 2 x 8 = 4 x 4 windows
+    two, one = (torch.load(out / "result.pt", weights_only=False) for out in (ddp, single))
+    assert two["state"].keys() == one["state"].keys()
+    for name, tensor in two["state"].items():
+        torch.testing.assert_close(tensor, one["state"][name], atol=2e-5, rtol=1e-4, msg=name)
+    val = lambda result, step: next(  # noqa: E731
+        r["value"] for r in result["records"] if r["metric"] == "val/loss" and r["step"] == step
+    )
+    assert val(two, 0) == pytest.approx(val(one, 0), abs=1e-6)  # the converted start
+    assert val(two, 2) == pytest.approx(val(one, 2), abs=1e-5)
+    assert val(one, 2) < val(one, 0)  # the steps changed the model

@@ -9,6 +9,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,13 @@ from transformers import (
 )
 
 import kernels
+from harness import cli as cli_module
 from harness.checkpoint_io import save_checkpoint
+from harness.cli import EXIT_INVALID, EXIT_OK
+from harness.cli import main as cli_main
 from harness.cluster import check_no_source_in_array
 from harness.config import AttentionConfig, ConfigError, InitConfig, ModelConfig
-from harness.data import prepare_data
+from harness.data import DataError, prepare_data
 from harness.data.tokenization import ByteTokenizer, get_tokenizer
 from harness.executor import next_ready
 from harness.grid import expand_grid, load_grid, sources_first
@@ -37,11 +41,20 @@ from harness.model import build_model
 from harness.postlin.families import UnsupportedModel, family_named
 from harness.postlin.own import convert_language_model
 from harness.postlin.pretrained import LinearAdapter, SoftmaxAdapter, convert_pretrained
-from harness.postlin.start import initial_model, load_trained, new_parameters, save_trained, source_identity
-from harness.report import write_report
+from harness.postlin.start import (
+    architecture_model,
+    initial_model,
+    is_transformers_source,
+    load_trained,
+    new_parameters,
+    save_trained,
+    source_identity,
+)
+from harness.report import recovery_table, write_report
 from harness.results import load as load_results
 from harness.runner import run_grid
 from harness.spec import spec_from_dict
+from harness.stages import StageContext
 from harness.train import train
 from tests.pipeline_helpers import tiny_grid
 
@@ -426,6 +439,15 @@ def test_a_converting_grid_runs_end_to_end(corpus, tmp_path):
     report = write_report(grid.name, tmp_path, tmp_path / "results", runs=runs)
     assert (tmp_path / "results" / grid.name / "recovery.png").is_file()
     assert "## Recovery" in (tmp_path / "results" / grid.name / "RESULTS.md").read_text(), report
+    # A committed report is rewritten from its results.parquet alone (no runs folder): the same
+    # recovery table and plot.
+    parquet = tmp_path / "results" / grid.name / "results.parquet"
+    again = ["--runs-dir", str(tmp_path / "none"), "--results-dir", str(tmp_path / "again")]
+    assert cli_main(["report", grid.name, "--from-parquet", str(parquet), *again]) == EXIT_OK
+    recovery = lambda path: path.read_text().split("## Recovery")[1].split("\n## ")[0]  # noqa: E731
+    assert (tmp_path / "again" / grid.name / "recovery.png").is_file()
+    first = recovery(tmp_path / "results" / grid.name / "RESULTS.md")
+    assert recovery(tmp_path / "again" / grid.name / "RESULTS.md") == first and "| hybrid |" in first
     frame = load_results(grid.name, tmp_path)
     starts = frame[(frame["metric"] == "val/loss") & (frame["step"] == 0)]
     assert list(starts["run_name"]) == ["hybrid/converted"]
@@ -449,6 +471,48 @@ def test_the_offline_demonstration_grid_pairs_every_variant_with_its_conversion(
     with torch.device("meta"):
         sizes = [build_model(spec.model, 4096, 0).num_parameters() for spec in gpu.runs]
     assert min(sizes) >= 20e6
+    # At the gpu scale: the same 11 runs, the source first (in the grid's order and in the order
+    # runs go), every converted run pointing at it, and ids that a second load gives again.
+    assert [spec.name for spec in gpu.runs] == [spec.name for spec in grid.runs]
+    assert gpu.runs[0].name == "softmax/scratch"
+    converted = [spec for spec in gpu.runs if spec.model.init is not None]
+    reordered = [spec.name for spec in sources_first(list(reversed(gpu.runs)))]
+    assert reordered.index("softmax/scratch") < min(reordered.index(spec.name) for spec in converted)
+    assert len(converted) == 5 and {spec.model.init.source_id for spec in converted} == {gpu.runs[0].run_id}
+    again = load_grid(ROOT / "grids/paper/postlin_offline.yaml", scale="gpu")
+    assert [spec.run_id for spec in again.runs] == [spec.run_id for spec in gpu.runs]
+    assert len({spec.run_id for spec in gpu.runs} | {spec.run_id for spec in grid.runs}) == 22
+    assert {spec.train.steps * spec.train.batch_size * spec.train.seq_len for spec in gpu.runs} == {20_480_000}
+
+
+def test_a_dry_run_lists_runs_in_the_order_they_go_and_leaves_hub_data_unchecked(tmp_path, capsys, monkeypatch):
+    """A dry run downloads nothing: the Table 5 grid (a hub tokenizer and dataset) lists offline
+    and says its data was not checked; a real run still prepares the data first and stops there.
+    The offline grid's dry run lists its source run first."""
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
+    prepared = []
+
+    def prepare(self, spec):
+        prepared.append(spec.name)
+        raise DataError(f"tokenizer {spec.data.tokenizer!r} cannot be loaded (no hub here)")
+
+    monkeypatch.setattr(StageContext, "data_for", prepare)
+    table5 = str(ROOT / "grids/paper/table5_postlin.yaml")
+    assert cli_main(["run", table5, "--dry-run", *runs]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "7 runs, stages: train, eval" in out and "| hybrid_regla | pending | pending" in out
+    assert "note: data not checked for 7 run(s)" in out
+    assert "tokenizer 'hf:EleutherAI/pythia-160m' and dataset 'cerebras/SlimPajama-627B'" in out
+    assert not prepared
+    assert cli_main(["run", table5, *runs]) == EXIT_INVALID
+    assert "cannot be loaded (no hub here)" in capsys.readouterr().err and prepared == ["softmax"]
+    assert not (tmp_path / "runs").exists()
+
+    monkeypatch.setattr(cli_module, "preflight", lambda *args, **kwargs: [])  # its data needs `make data`
+    offline = str(ROOT / "grids/paper/postlin_offline.yaml")
+    assert cli_main(["run", offline, "--scale", "gpu", "--dry-run", *runs]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split(" | ")[1] == "softmax/scratch" and lines[-1] == "11 runs, stages: train, eval"
 
 
 @pytest.mark.gpu
@@ -484,3 +548,54 @@ def test_a_grid_continues_training_a_transformers_model(corpus, saved_neox, tmp_
     assert [(r.stage, r.status) for r in results] == [("train", "ok"), ("probe", "ok")]
     frame = load_results(loaded.name, tmp_path)
     assert set(frame[frame["metric"].str.startswith("gate/")]["step"]) == {0, 4}  # before and after
+
+
+# -- stages that build the run's architecture: profile and mqar -----------------------------------
+
+
+def test_a_converted_transformers_run_is_profiled_as_converted_and_refused_by_mqar(corpus, saved_neox, tmp_path):
+    """profile times the converted GPT-NeoX (its kept softmax layer, its partial rotary), not a
+    harness model of the grid's sizes; mqar, which would train the source family from scratch,
+    records a failure that says what to run instead."""
+    config = ModelConfig(n_layers=2, softmax_layers=[0], attention=REGLA, init={"from_pretrained": str(saved_neox)})
+    converted = initial_model(config, get_tokenizer(f"hf:{saved_neox}"), seed=0, runs_dir=tmp_path)
+    timed = architecture_model(config, None, seed=0, min_seq_len=100)
+    assert [type(a) for a in timed.adapters] == [SoftmaxAdapter, LinearAdapter]
+    assert timed.adapters[1].apply_rotary is not None and timed.config.max_seq_len == 100
+    shapes = lambda model: {n: p.shape for n, p in model.named_parameters()}  # noqa: E731
+    assert shapes(timed) == shapes(converted)  # the same modules, random weights
+    assert not is_transformers_source(InitConfig(from_pretrained="run:softmax/scratch"))
+
+    grid = tiny_grid(corpus)
+    grid["stages"] = ["profile", "mqar"]
+    grid["base"]["data"]["tokenizer"] = f"hf:{saved_neox}"
+    grid["base"]["model"].update(softmax_layers=[0], init={"from_pretrained": str(saved_neox)})
+    grid["base"]["profile"] = dict(
+        seq_lens=[16], batch_size=2, generation_lengths=[8], prompt_length=4, warmup=1, repeats=1
+    )
+    grid["base"]["mqar"] = dict(settings=[[16, 2]], steps=2, batch_size=2, eval_every=1)
+    grid["axes"] = {"variant": {"regla": {"model.attention": {"feature_map": "safe_exp", "gate": "refined"}}}}
+    loaded = expand_grid(grid)
+    results = run_grid(loaded, loaded.runs, runs_dir=tmp_path, device="cpu", progress=False)
+    assert [(r.stage, r.status) for r in results] == [("profile", "ok"), ("mqar", "failed")]
+    assert "converts the transformers model" in results[1].error
+    assert "leave mqar out" in results[1].advice
+    frame = load_results(loaded.name, tmp_path)
+    generation = frame[frame.metric == "profile/generate_total_ms"]
+    assert len(generation) == 1 and '"cuda_graphs": false' in generation.extra.iloc[0]
+    assert frame[frame.metric == "profile/train_tokens_per_second"].value.iloc[0] > 0
+
+
+def test_the_recovery_table_sets_task_accuracy_beside_bits_per_byte():
+    def row(run, init, metric, value, stage="train", task=None, shots=None):
+        return dict(run_name=run, **{"axis:init": init}, metric=metric, value=value, status="ok", stage=stage,
+                    task=task, shots=shots)  # fmt: skip
+
+    rows = []
+    for init, bpb, accuracies in (("converted", 1.5, (0.6, 0.8)), ("scratch", 2.0, (0.5, 0.5))):
+        rows.append(row(f"regla/{init}", init, "final/val_bits_per_byte", bpb))
+        rows += [row(f"regla/{init}", init, "acc", a, "eval", f"task{i}", 0) for i, a in enumerate(accuracies)]
+    table = recovery_table(pd.DataFrame(rows))
+    assert table.loc["regla", "converted - scratch"] == pytest.approx(-0.5)
+    assert table.loc["regla", "converted mean acc (2 task-shots)"] == pytest.approx(0.7)
+    assert table.loc["regla", "scratch mean acc (2 task-shots)"] == pytest.approx(0.5)

@@ -13,7 +13,7 @@ from .batching import TokenDataset
 from .documents import SPLITS, Document, split_by_hash, stable_unit_hash
 from .errors import CorpusNotFoundError, DataError, UnreadablePathError
 from .paths import cache_dir, corpora_dir
-from .prepare import PreparedData, iter_documents, prepare_data
+from .prepare import PreparedData, hub_downloads, iter_documents, prepare_data
 from .sources import Source, available_sources, get_source, register_source
 from .token_cache import TokenizedSplit, token_dtype, tokenized_split
 from .tokenization import ByteTokenizer, HFTokenizer, Tokenizer, get_tokenizer
@@ -36,6 +36,7 @@ __all__ = [
     "corpora_dir",
     "get_source",
     "get_tokenizer",
+    "hub_downloads",
     "iter_documents",
     "prepare_data",
     "register_source",

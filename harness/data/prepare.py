@@ -12,7 +12,7 @@ from .documents import SPLITS, Document
 from .paths import cache_dir as default_cache_dir
 from .sources import Source, get_source
 from .token_cache import tokenized_split
-from .tokenization import Tokenizer, get_tokenizer
+from .tokenization import Tokenizer, get_tokenizer, hub_tokenizer
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,16 @@ def prepare_data(
         test=TokenDataset(splits["test"].tokens, splits["test"].meta.get("eot_id")),
         stats={split: t.meta for split, t in splits.items()},
     )
+
+
+def hub_downloads(source: str, tokenizer: str, source_options: dict[str, Any] | None = None) -> list[str]:
+    """What preparing this data downloads from the Hugging Face hub (empty: it is all local), as
+    phrases for a message; nothing is read or downloaded to find out."""
+    found = [f"tokenizer {tokenizer!r}"] if hub_tokenizer(tokenizer) else []
+    dataset = _resolve_source(source, source_options).hub_dataset()
+    if dataset is not None:
+        found.append(f"dataset {dataset!r}")
+    return found
 
 
 def iter_documents(source: str | Source, split: str, **options: Any) -> Iterator[Document]:

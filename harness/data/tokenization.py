@@ -287,6 +287,12 @@ def pretrained_tokenizer(source: str, revision: str | None = None) -> Pretrained
     return PretrainedTokenizer(PRETRAINED_PREFIX + source, loaded)
 
 
+def hub_tokenizer(name: str) -> bool:
+    """Whether tokenizer `name` is downloaded from the Hugging Face hub (`hf:<hub name>`, not a
+    local directory)."""
+    return name.startswith(PRETRAINED_PREFIX) and not Path(name.removeprefix(PRETRAINED_PREFIX)).expanduser().is_dir()
+
+
 def get_tokenizer(name: str, source=None, cache_dir: str | Path | None = None) -> Tokenizer:
     """``gpt2`` | ``byte`` | ``bpe-<N>`` (needs ``source``: a Source or a source name) | ``hf:<model>``."""
     if name.startswith(PRETRAINED_PREFIX):

@@ -137,6 +137,7 @@ class ConvertedConfig:
     model_type: str
     n_layers: int
     max_seq_len: int
+    vocab_size: int
     softmax_layers: tuple[int, ...]
     attention: AttentionConfig
     tie_embeddings: bool
@@ -248,6 +249,7 @@ def convert_pretrained(
         model_type=family.model_type,
         n_layers=len(layers),
         max_seq_len=int(getattr(config, family.max_positions_attr)),
+        vocab_size=int(config.vocab_size),
         softmax_layers=kept,
         attention=attention,
         tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
@@ -265,6 +267,22 @@ def load_pretrained(source: str, revision: str | None = None) -> tuple[nn.Module
     return model, pretrained_tokenizer(source, revision)
 
 
+def random_pretrained(source: str, revision: str | None, min_positions: int, seed: int) -> nn.Module:
+    """A transformers causal LM of `source`'s architecture with random weights (fp32), from its
+    config alone (no weights are read), its position limit raised to `min_positions` where that
+    is more: for timing and memory, which depend on the architecture, not on the weights. With
+    rotary positions (GPT-NeoX, Llama) the limit is a number only; GPT-2's learned position table
+    grows to it (a lookup: its size does not change the speed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, revision=revision)
+    family = family_named(config.model_type)
+    positions = family.max_positions_attr
+    setattr(config, positions, max(int(getattr(config, positions)), min_positions))
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).float()
+
+
 __all__ = [
     "ConvertedConfig",
     "ConvertedLM",
@@ -274,4 +292,5 @@ __all__ = [
     "UnsupportedModel",
     "convert_pretrained",
     "load_pretrained",
+    "random_pretrained",
 ]

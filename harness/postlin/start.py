@@ -29,7 +29,7 @@ from ..config import AttentionConfig, ConfigError, InitConfig, ModelConfig, from
 from ..data.tokenization import PRETRAINED_PREFIX, Tokenizer
 from ..model import LanguageModel, build_model
 from .own import convert_language_model
-from .pretrained import ConvertedLM, convert_pretrained, load_pretrained
+from .pretrained import ConvertedLM, convert_pretrained, load_pretrained, random_pretrained
 
 CONVERTED_FILE = "postlin.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -110,14 +110,46 @@ def convert_transformers(init: InitConfig, model_config: ModelConfig, tokenizer:
             f"model.init: a transformers model reads its own tokenizer: set data.tokenizer to {expected!r} "
             f"(it is {tokenizer.name!r})"
         )
+    return _converted(hf_model, init, model_config, seed).train()
+
+
+def _converted(hf_model: nn.Module, init: InitConfig, model_config: ModelConfig, seed: int) -> ConvertedLM:
     n_layers = hf_model.config.num_hidden_layers
     if n_layers != model_config.n_layers:
         raise ConfigError(
             f"model.n_layers ({model_config.n_layers}) must equal the layers of {init.from_pretrained!r} "
             f"({n_layers}): model.softmax_layers is read against it"
         )
-    model = convert_pretrained(hf_model, model_config.attention, model_config.softmax_layers, seed)
-    return model.train()
+    return convert_pretrained(hf_model, model_config.attention, model_config.softmax_layers, seed)
+
+
+def is_transformers_source(init: InitConfig) -> bool:
+    """Whether a conversion starts from a transformers model (a hub name or a local transformers
+    directory) rather than a harness model (a `run:` source or a local harness checkpoint)."""
+    if init.source_run is not None:
+        return False
+    path = Path(init.from_pretrained).expanduser()
+    return not (path.is_dir() and is_harness_checkpoint(path))
+
+
+def architecture_model(model_config: ModelConfig, vocab_size: int | None, seed: int, min_seq_len: int) -> nn.Module:
+    """A model of the run's architecture, as training gets it, with random weights and room for
+    `min_seq_len` positions (for stages that time or probe the architecture, not the weights).
+
+    From scratch, or converted from a harness model: the harness model of `model_config` (a
+    conversion builds exactly that model and copies weights into it). Converted from a
+    transformers model: that family's modules at the source's sizes (vocabulary, MLP, norms,
+    positions) converted as the run converts them (kept softmax layers, the family's rotary);
+    only the source's config is read, so this works without its weights. `vocab_size`: the
+    tokenizer's, for a harness model (a transformers source has its own; None is fine there)."""
+    init = model_config.init
+    if init is None or not is_transformers_source(init):
+        if vocab_size is None:
+            raise ValueError("architecture_model: a harness model needs the tokenizer's vocab_size")
+        longer = replace(model_config, max_seq_len=max(model_config.max_seq_len, min_seq_len))
+        return build_model(longer, vocab_size, seed)
+    hf_model = random_pretrained(init.from_pretrained, init.revision, min_seq_len, seed)
+    return _converted(hf_model, init, model_config, seed)
 
 
 def check_same_tokenizer(source: Tokenizer, data: Tokenizer, directory: Path) -> None:

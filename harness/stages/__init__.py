@@ -14,14 +14,24 @@ from __future__ import annotations
 
 from registry import Registry
 
-from .base import Stage, StageContext
+from .base import Stage, StageContext, StageNotApplicable
 from .probing import ProbeStage
 from .profiling import ProfileStage
 from .recall import MQARStage
 from .scoring import EvalStage
 from .training import TrainStage
 
-__all__ = ["STAGES", "EvalStage", "MQARStage", "ProbeStage", "ProfileStage", "Stage", "StageContext", "TrainStage"]
+__all__ = [
+    "STAGES",
+    "EvalStage",
+    "MQARStage",
+    "ProbeStage",
+    "ProfileStage",
+    "Stage",
+    "StageContext",
+    "StageNotApplicable",
+    "TrainStage",
+]
 
 #: Stage instances by name, in registration order (which `list` and error messages show).
 STAGES: Registry[Stage] = Registry("stage", hint="A stage is a harness.stages.Stage registered in harness.stages.")

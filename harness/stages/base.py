@@ -18,6 +18,15 @@ from ..spec import RunSpec
 from ..tracking import Tracker, TrackingOptions, open_tracker
 
 
+class StageNotApplicable(ValueError):
+    """A stage that has no meaningful result for this run (its message says why); `advice` says
+    what to run instead. Recorded as the stage's failure with that advice."""
+
+    def __init__(self, message: str, advice: str):
+        super().__init__(message)
+        self.advice = advice
+
+
 @dataclass
 class StageContext:
     """What the runner hands every stage: where to write, which device, shared caches."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,7 +19,8 @@ import torch
 from ..config import ProfileConfig
 from ..distributed import distributed_context, pick_device
 from ..measure import peak_memory_mib, saved_for_backward_mib, time_and_peak_memory, time_call
-from ..model import LanguageModel, build_model
+from ..model import LanguageModel
+from ..postlin.start import architecture_model, is_transformers_source
 from ..spec import RunSpec
 from .base import Stage, StageContext
 
@@ -101,7 +101,15 @@ def _json(data: dict) -> str:
 
 
 class ProfileStage(Stage):
-    """Times the run's architecture (random weights: speed does not depend on them)."""
+    """Times the run's architecture with random weights (speed and memory do not depend on them).
+
+    A run with `model.init` is timed as the architecture it trains: converted from a harness
+    model, the harness model of its config (what the conversion builds); converted from a
+    transformers model, that family's modules at the source's sizes with the run's layers
+    converted and its kept softmax layers and rotary as they are (`architecture_model`; only the
+    source's config is read, not its weights). A converted transformers model decodes without
+    static buffers or CUDA graphs, so its generation is timed on the plain decoding loop whatever
+    `cuda_graphs` says, and its rows record `cuda_graphs: false`."""
 
     name = "profile"
     config_class = ProfileConfig
@@ -109,10 +117,11 @@ class ProfileStage(Stage):
     def run(self, spec: RunSpec, ctx: StageContext) -> list[dict[str, Any]]:
         config: ProfileConfig = self.settings(spec)
         device = pick_device(distributed_context(), ctx.device)
-        vocab = spec.model.vocab_size or ctx.data_for(spec).tokenizer.vocab_size
         longest = max([*config.seq_lens, config.prompt_length + max(config.generation_lengths, default=0)])
-        model_config = replace(spec.model, max_seq_len=max(spec.model.max_seq_len, longest))
-        model = build_model(model_config, vocab, spec.train.seed).to(device)
+        vocab = None  # a transformers source has its own vocabulary: no data needs preparing
+        if spec.model.init is None or not is_transformers_source(spec.model.init):
+            vocab = spec.model.vocab_size or ctx.data_for(spec).tokenizer.vocab_size
+        model = architecture_model(spec.model, vocab, spec.train.seed, longest).to(device)
         records = profile_training_step(
             model.train(), list(config.seq_lens), config.batch_size, device, config.warmup, config.repeats
         )
@@ -122,6 +131,6 @@ class ProfileStage(Stage):
             list(config.generation_lengths),
             device,
             config.warmup,
-            config.cuda_graphs,
+            config.cuda_graphs and isinstance(model, LanguageModel),
         )
         return records

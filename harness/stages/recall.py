@@ -7,6 +7,14 @@ once as a query at a power-law distributed gap; the loss and the accuracy count 
 after each query (its value). Keys come from [1, V/2), values from [V/2, V). One model is trained
 on a mix of all settings; accuracy is reported per setting on held-out sequences, and training
 stops early once every setting reaches the target.
+
+A run with `model.init` (a converted model): no trained weight enters this stage, only the
+architecture. Converted from a harness model, that architecture is the harness model of the
+run's config, so the stage trains it as for the same variant from scratch (and gets its result).
+Converted from a transformers model, the architecture would be the source family's modules at
+the source's size (Pythia-160m for the paper's Table 5), trained from scratch on recall: rarely
+what a post-linearization grid means, and at that size slow. The stage refuses such runs
+(`StageNotApplicable`, recorded as its failure with what to run instead) rather than guess.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import torch.nn.functional as F
 from ..config import MQARConfig
 from ..distributed import distributed_context, pick_device
 from ..model import build_model
+from ..postlin.start import is_transformers_source
 from ..spec import RunSpec
 from ..train import autocast_context, learning_rate, make_optimizer
-from .base import Stage, StageContext
+from .base import Stage, StageContext, StageNotApplicable
 
 
 def mqar_batch(
@@ -64,6 +73,15 @@ class MQARStage(Stage):
 
     def run(self, spec: RunSpec, ctx: StageContext) -> list[dict[str, Any]]:
         config: MQARConfig = self.settings(spec)
+        init = spec.model.init
+        if init is not None and is_transformers_source(init):
+            raise StageNotApplicable(
+                f"mqar trains a fresh model of the run's architecture, and this run converts the "
+                f"transformers model {init.from_pretrained!r}: its weights would not enter, and its "
+                "architecture from scratch is not the run's subject",
+                "leave mqar out of this run's stages (--stages, or the grid's stages:), and measure "
+                "recall of the variant with a run without model.init (its model.attention from scratch)",
+            )
         device = pick_device(distributed_context(), ctx.device)
         longest = max(length for length, _ in config.settings)
         model_config = replace(

@@ -43,6 +43,11 @@ class Source(ABC):
         Raises CorpusNotFoundError / UnreadablePathError when the corpus cannot be read.
         """
 
+    def hub_dataset(self) -> str | None:
+        """The Hugging Face hub dataset that reading this source downloads; None when it reads
+        local files only (a dry run checks the data of such sources, and downloads nothing)."""
+        return None
+
     def cache_key(self) -> str:
         """Readable and unique per (source, options): the directory name of derived caches."""
         canonical = json.dumps(self.options, sort_keys=True, default=str)

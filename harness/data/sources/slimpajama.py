@@ -28,6 +28,10 @@ class SlimPajama(Source):
         "subsets": None,
     }
 
+    def hub_dataset(self) -> str | None:
+        o = self.options
+        return None if o["data_files"] or o["data_dir"] else o["hf_path"]
+
     def version(self) -> str:
         o = self.options
         return version_of(

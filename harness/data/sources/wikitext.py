@@ -48,6 +48,10 @@ class _WikiText(Source):
             revision=o["revision"],
         )
 
+    def hub_dataset(self) -> str | None:
+        o = self.options
+        return None if o["data_files"] or o["data_dir"] else o["hf_path"]
+
     def version(self) -> str:
         o = self.options
         return version_of(
