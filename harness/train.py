@@ -30,7 +30,55 @@ from .tracking import NullTracker, Tracker
 
 
 class Diverged(RuntimeError):
-    """Training produced a non-finite loss."""
+    """Training produced a non-finite loss (or gradient)."""
+
+
+def non_finite(model: torch.nn.Module, gradients: bool = False) -> list[str]:
+    """The names of the parameters holding a non-finite value, in the model's order (input to
+    output) or, with `gradients`, of those with a non-finite gradient, deepest first: a NaN
+    made in the backward spreads to every parameter before the layer that made it, so the
+    deepest names are nearest to where it arose (a NaN made in the forward: the first names)."""
+    named = list(model.named_parameters())
+    names = []
+    for name, parameter in reversed(named) if gradients else named:
+        tensor = parameter.grad if gradients else parameter
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            names.append(name)
+    return names
+
+
+def listed(names: list[str], total: int, limit: int = 3) -> str:
+    """The first `limit` names, and how many of `total` parameter tensors there are in all."""
+    more = f", ... ({len(names)} of {total} parameter tensors)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> tuple[float, list[str]]:
+    """`clip_grad_norm_` over the model's parameters: the total gradient norm before clipping, and,
+    when it is not finite, the parameters whose gradients are not (`non_finite`), read before
+    clipping by a NaN norm makes every gradient NaN (empty when only the norm overflowed)."""
+    utils = torch.nn.utils
+    if not hasattr(utils, "get_total_norm"):  # torch < 2.6: one call, the gradients read after it
+        norm = float(utils.clip_grad_norm_(model.parameters(), max_norm))
+        return norm, ([] if math.isfinite(norm) else non_finite(model, gradients=True))
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    total = utils.get_total_norm([p.grad for p in parameters])
+    norm = float(total)
+    broken = [] if math.isfinite(norm) else non_finite(model, gradients=True)
+    utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return norm, broken
+
+
+def divergence_context(model: torch.nn.Module, last_grad_norm: tuple[int, float] | None) -> str:
+    """What a Diverged message adds to locate a divergence: the gradient norm of the last step
+    (before clipping) and the first parameters that are no longer finite, if any."""
+    parts = []
+    if last_grad_norm is not None:
+        parts.append(f"grad norm before clipping {last_grad_norm[1]:.4g} at step {last_grad_norm[0]}")
+    broken = non_finite(model)
+    total = len(list(model.parameters()))
+    parts.append(f"non-finite parameters: {listed(broken, total)}" if broken else "all parameters finite")
+    return "; ".join(parts)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -200,6 +248,7 @@ def train(
         agree_on_failure(failure, ctx, dev)
         records += validation_records(val, 0, val_bytes_per_token)
     model.train()
+    last_grad_norm: tuple[int, float] | None = None  # (step, norm before clipping), for Diverged messages
     for step in range(start_step, config.steps):
         started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -220,12 +269,16 @@ def train(
                 loss, failure = attempt(micro_step_loss, wrapped, x, y, dev, config.precision, cu_seqlens)
                 micro_loss = loss.item() if failure is None else None
                 if isinstance(failure, FloatingPointError):  # an op met NaN activations: divergence
-                    failure = Diverged(f"non-finite values in the forward at step {step}: {failure}")
+                    failure = Diverged(
+                        f"non-finite values in the forward at step {step}: {failure} "
+                        f"({divergence_context(model, last_grad_norm)})"
+                    )
                 # Before the backward: its gradient all-reduce is where a failed or diverged rank
                 # would leave the others waiting.
                 if not agree_on_failure(failure, ctx, dev, micro_loss):
                     raise Diverged(
-                        f"non-finite training loss ({micro_loss} on rank {ctx.rank}; all ranks stop) at step {step}"
+                        f"non-finite training loss ({micro_loss} on rank {ctx.rank}; all ranks stop) at step {step} "
+                        f"({divergence_context(model, last_grad_norm)})"
                     )
                 (loss / config.grad_accum).backward()
             step_loss += micro_loss / config.grad_accum
@@ -234,7 +287,18 @@ def train(
             # without a gradient (no update, no weight decay, no moment change).
             for parameter in pretrained:
                 parameter.grad = None
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+        grad_norm, broken = clip_gradients(model, config.grad_clip)
+        if broken:
+            # The optimizer step would make these parameters non-finite (and, clipped by a NaN
+            # norm, every parameter), and the loss only at the next step: stop here, naming where
+            # it started. The gradients are the same on every rank after the all-reduce: all stop.
+            previous = f"{last_grad_norm[1]:.4g} at step {last_grad_norm[0]}" if last_grad_norm else "none"
+            raise Diverged(
+                f"non-finite gradients at step {step} (grad norm {grad_norm}, finite training loss "
+                f"{step_loss:.4g}); non-finite gradients, deepest first: "
+                f"{listed(broken, len(list(model.parameters())))}; previous grad norm before clipping {previous}"
+            )
+        last_grad_norm = (step, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if dev.type == "cuda":

@@ -143,6 +143,15 @@ def _intra_block_factorised(q: Tensor, k: Tensor, v: Tensor, bk: Tensor | None, 
     return out * shifted_v.exp() if bv is not None else out
 
 
+def _below_fp32(*tensors: Tensor | None) -> bool:
+    """Whether any given tensor is in a float dtype narrower than fp32, or autocast is on for
+    their device (it would run the matrix products in a narrower dtype)."""
+    present = [t for t in tensors if t is not None]
+    if torch.is_autocast_enabled(present[0].device.type):
+        return True
+    return any(t.is_floating_point() and torch.finfo(t.dtype).bits < 32 for t in present)
+
+
 def chunked_gla(
     q: Tensor,
     k: Tensor,
@@ -166,6 +175,9 @@ def chunked_gla(
 
     With `cu_seqlens` ([N + 1] offsets, batch 1) the sequences packed along time are run one by
     one (`kernels.varlen`); initial and final states are then [N, H, K, V].
+
+    Inputs narrower than fp32 (bf16, fp16), or any under autocast, are computed in fp32 and the
+    results returned in q's dtype: the log gates' gradient needs it (see the comment below).
     """
     if cu_seqlens is not None:
         return per_sequence(
@@ -181,6 +193,22 @@ def chunked_gla(
             output_final_state=output_final_state,
             chunk_size=chunk_size,
         )
+    if _below_fp32(q, k, v, gk, gv, initial_state):
+        # The gate gradient of this form is a difference of two sums that share their largest
+        # terms (each position's own q_t·k_t, which no gate decays): for small gates, e^g ≪ 1, what
+        # survives the cancellation is ~e^g of them, so rounding products and sums to bf16 (2^-8)
+        # left gradients many times their true size at log gates of -6..-8 (a closed gate). The
+        # computation runs in fp32 (autocast off, as autocast would round the products again);
+        # results come back in q's dtype.
+        with torch.autocast(q.device.type, enabled=False):
+            o, state = chunked_gla(
+                *(None if x is None else x.float() for x in (q, k, v, gk, gv)),
+                scale=scale,
+                initial_state=None if initial_state is None else initial_state.float(),
+                output_final_state=output_final_state,
+                chunk_size=chunk_size,
+            )
+        return o.to(q.dtype), (None if state is None else state.to(q.dtype))
     B, T, H, K = q.shape
     V = v.shape[-1]
     gk, gv = _expand_gate(gk, k), _expand_gate(gv, v)

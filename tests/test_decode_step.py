@@ -165,6 +165,36 @@ def test_decode_step_takes_a_per_head_scalar_gate_and_the_shifted_eps_frame():
     assert worst(errors) <= 1e-5, errors
 
 
+def test_decode_step_norm_takes_a_tiny_readout():
+    """A closed gate over a state of tiny values, and a new key far below the running key max:
+    the readout is ~1e-33 in the shifted frame, its square underflows fp32 (as does eps in
+    the unshifted frame); the normalised
+    output is an ordinary number and must equal the fp64 reference."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, K, V = 2, 2, 16, 8
+    x = make_step_inputs(B, H, K, V, "log", 0.0, K, gen)
+    x["a"] = torch.full((B, 1, H, K), -8.0)
+    weight = torch.rand(V, generator=gen) + 0.5
+    state = torch.randn(B, H, K, V, generator=gen) * 1e-33
+    key_max = torch.full((B, H), 75.0)
+    options = dict(features="safe_exp", gate="log", tau=1.0, log_clamp=-8.0, scale=0.3, eps_unshifted=True)
+    expected, _, _ = reference_step(x, state, key_max, weight=weight.double(), **options)
+    on = {n: t.to(DEVICE) if t is not None else None for n, t in x.items()}
+    out = triton_decode_step(
+        on["q"],
+        on["k"],
+        on["v"],
+        state.to(DEVICE),
+        key_max=key_max.to(DEVICE),
+        log_gate=on["a"],
+        norm_eps=EPS,
+        norm_weight=weight.to(DEVICE),
+        **options,
+    )
+    assert torch.isfinite(out.output).all()
+    assert rel_rms(out.output.cpu(), expected) <= 1e-5
+
+
 def test_decode_step_writes_new_tensors_unless_in_place():
     q = torch.randn(1, 1, 2, 16, device=DEVICE)
     state, key_max = torch.zeros(1, 2, 16, 8, device=DEVICE), torch.zeros(1, 2, device=DEVICE)

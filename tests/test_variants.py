@@ -529,6 +529,36 @@ def test_safe_exp_scopes_agree_under_the_norm_with_its_default_eps(norm):
     assert (shifted["running"] - shifted["sequence"]).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm", "groupnorm"])
+def test_norm_in_the_unshifted_frame_takes_tiny_outputs(norm, dtype):
+    """Under a closed gate, safe-exp's shifted attention output can be ~e^-(shifts): here 1e-20
+    with shifts of 50. The norm of it (eps in the unshifted frame) is an ordinary number, and so
+    are its gradients; squaring o directly underflowed in the forward (fp32, bf16) and the
+    backward of rsqrt overflowed from mean(o²) ~ 1e-26 on."""
+    torch.manual_seed(0)
+    module = NORMS.create(norm, K, H)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.uniform_(0.5, 1.5)
+    o = randn(B, T, H, K, seed=60) * 1e-20
+    log_scale = -50 - randn(B, T, H, 1, seed=61).abs()
+
+    def forward_and_grads(dtype):
+        leaves = [o.to(dtype).requires_grad_(True), log_scale.to(dtype).requires_grad_(True)]
+        out = module.to(torch.float64 if dtype == torch.float64 else torch.float32)(*leaves)
+        weights = randn(*out.shape, seed=62)
+        grads = torch.autograd.grad((out.double() * weights).sum(), leaves)
+        return [out.double(), grads[0].double() * 1e-20]  # d/do scaled back to an ordinary size
+
+    want = forward_and_grads(torch.float64)
+    got = forward_and_grads(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert ((g - w).norm() / w.norm()).item() <= tolerance
+
+
 def test_hedgehog_forms():
     x = randn(B, T, H, K, seed=41)
     paper = FEATURE_MAPS.create("hedgehog", K, H).to(DTYPE)

@@ -8,6 +8,8 @@ config's `denominator: true` switch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +59,27 @@ def scaled_eps(eps: float, log_scale: Tensor | None, like: Tensor) -> float | Te
     return eps * torch.exp(2 * log_scale.to(dtype))
 
 
+#: Largest log of the eps term relative to the row's mean square that `unit_rows` keeps: e^80
+#: ≫ 1 already makes the output ~e^-40 of the input (and the exponential stays finite in fp32).
+_LOG_EPS_LIMIT = 80.0
+
+
+def unit_rows(x: Tensor, eps: float, log_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """x [.., V] divided by its rows' largest magnitude, and the eps of the unshifted frame,
+    eps · exp(2 log_scale), divided by that magnitude squared: a norm of the two equals the norm
+    of x with that eps, but never squares a tiny x. In safe-exp's shifted frame the attention
+    output is as small as e^-(shifts) (under a closed gate, the state holds only recent keys,
+    and their features exp(k − running max) can be far below 1): mean(x²) underflowed, or the
+    backward of rsqrt (mean^-3/2) overflowed from mean(x²) ~ 1e-26 on, in fp32 and bf16.
+
+    The magnitude is detached: the normalised output does not depend on it (this is exact, not
+    an approximation). A zero row stays zero; the eps term is formed in log space and capped."""
+    magnitude = x.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    log_eps = math.log(eps) + 2 * (log_scale.to(x.dtype) - magnitude.log()) if eps > 0 else None
+    scaled = eps * 0.0 if log_eps is None else torch.exp(log_eps.clamp_max(_LOG_EPS_LIMIT))
+    return x / magnitude, scaled
+
+
 class _PerHeadOrFullWidth(OutputNorm):
     def __init__(self, head_dim: int, num_heads: int, per_head: bool, eps: float, affine: bool):
         super().__init__(head_dim, num_heads)
@@ -92,8 +115,8 @@ class RMSNorm(_PerHeadOrFullWidth):
     def forward(self, o: Tensor, log_scale: Tensor | None = None) -> Tensor:
         if log_scale is None or not self.per_head:
             return self._normalize(o, lambda x: F.rms_norm(x, self.normalized_shape, self.weight, self.eps))
-        x = o.to(torch.promote_types(o.dtype, torch.float32))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + scaled_eps(self.eps, log_scale, o))
+        x, eps = unit_rows(o.to(torch.promote_types(o.dtype, torch.float32)), self.eps, log_scale)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         return (x if self.weight is None else x * self.weight).to(o.dtype)
 
 
@@ -110,7 +133,7 @@ class LayerNorm(_PerHeadOrFullWidth):
             return self._normalize(
                 o, lambda x: F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
             )
-        return affine(standardize(o, scaled_eps(self.eps, log_scale, o)), self.weight, self.bias)
+        return affine(standardize(o, self.eps, log_scale), self.weight, self.bias)
 
 
 @norm("groupnorm")
@@ -130,13 +153,16 @@ class GroupNorm(OutputNorm):
         if log_scale is None:
             normalized = F.layer_norm(o, (self.head_dim,), eps=self.eps)
         else:
-            normalized = standardize(o, scaled_eps(self.eps, log_scale, o))
+            normalized = standardize(o, self.eps, log_scale)
         return affine(normalized, self.weight, self.bias)
 
 
-def standardize(o: Tensor, eps: float | Tensor) -> Tensor:
-    """(o − mean) / sqrt(var + eps) over the last dimension, in fp32 at least (eps may be per token)."""
+def standardize(o: Tensor, eps: float, log_scale: Tensor | None = None) -> Tensor:
+    """(o − mean) / sqrt(var + eps) over the last dimension, in fp32 at least; with `log_scale`,
+    eps in that frame (`scaled_eps`), through `unit_rows`."""
     x = o.to(torch.promote_types(o.dtype, torch.float32))
+    if log_scale is not None:
+        x, eps = unit_rows(x, eps, log_scale)
     centred = x - x.mean(-1, keepdim=True)
     return (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)).to(o.dtype)
 
