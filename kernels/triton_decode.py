@@ -129,7 +129,7 @@ def decode_step_kernel(
         readout = readout / magnitude
         log_eps = tl.log(eps) - 2.0 * tl.log(magnitude)
         if EPS_UNSHIFTED:
-            # The norm's eps in the frame without safe-exp's shifts, as `variants.norms.scaled_eps`.
+            # The norm's eps in the frame without safe-exp's shifts: eps · exp(2 log_scale), log_scale = -(shifts).
             log_eps = log_eps - 2.0 * (query_shift + key_shift)
         norm_eps = tl.exp(tl.minimum(log_eps, 80.0))
         mean_square = tl.sum(tl.where(in_v, readout * readout, 0.0), 0) / V

@@ -49,16 +49,6 @@ class Denominator(OutputNorm):
         return o
 
 
-def scaled_eps(eps: float, log_scale: Tensor | None, like: Tensor) -> float | Tensor:
-    """eps in the frame `log_scale` names: eps · exp(2 log_scale) [B, T, H, 1] (a norm of o·c with
-    eps·c² equals the norm of o with eps), or eps itself. Computed in fp32 at least: the factor
-    spans many orders of magnitude, and underflows harmlessly to 0 where o is enormous."""
-    if log_scale is None:
-        return eps
-    dtype = torch.promote_types(like.dtype, torch.float32)
-    return eps * torch.exp(2 * log_scale.to(dtype))
-
-
 #: Largest log of the eps term relative to the row's mean square that `unit_rows` keeps: e^80
 #: ≫ 1 already makes the output ~e^-40 of the input (and the exponential stays finite in fp32).
 _LOG_EPS_LIMIT = 80.0
@@ -159,7 +149,7 @@ class GroupNorm(OutputNorm):
 
 def standardize(o: Tensor, eps: float, log_scale: Tensor | None = None) -> Tensor:
     """(o − mean) / sqrt(var + eps) over the last dimension, in fp32 at least; with `log_scale`,
-    eps in that frame (`scaled_eps`), through `unit_rows`."""
+    eps in that frame (eps · exp(2 log_scale)), through `unit_rows`."""
     x = o.to(torch.promote_types(o.dtype, torch.float32))
     if log_scale is not None:
         x, eps = unit_rows(x, eps, log_scale)

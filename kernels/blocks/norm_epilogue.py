@@ -4,14 +4,18 @@ gate, applied to each output tile before it is stored, and their backward.
     o = scale · ((q ⊙ e^b) states[c] + A v)              (as `kernels.blocks.output`)
     y = o / sqrt(mean(o²) + eps_t) ⊙ w ⊙ silu(g),    eps_t = eps, or eps · exp(−2 (qs_t + ks_t))
 
-The second eps is the norm's eps in the frame without safe-exp's shifts (`variants.norms.scaled_eps`
-with the layer's `log_scale` = −(query shift + key shift)). One program holds a chunk's rows over
-all V columns (V <= 256), so each row's mean square is complete in registers: o itself is never
-written. The backward recomputes o the same way from what the forward keeps anyway (q, v, the
-cumulative gates, the scores, and the chunk states, which the backward recomputes regardless), and
-writes the gradient of o for the attention's own backward, the gate's gradient, per-chunk partial
-sums of the weight's gradient, and the gradient of the eps frame's log scale, which the caller
-routes to the shifts. Everything is in fp32 until the store.
+The second eps is the norm's eps in the frame without safe-exp's shifts (eps · exp(2 log_scale),
+with the layer's `log_scale` = −(query shift + key shift)). Known limit, and one reason the
+epilogue is off by default: it squares o as it is, so a tiny o (safe-exp's shifted frame under a
+closed gate) underflows here where the composed norm first divides rows by their largest
+magnitude (`variants.norms.unit_rows`); the same scaling belongs here before it is turned on.
+
+One program holds a chunk's rows over all V columns (V <= 256), so each row's mean square is
+complete in registers: o itself is never written. The backward recomputes o the same way from what
+the forward keeps anyway (q, v, the cumulative gates, the scores, and the chunk states, which the
+backward recomputes regardless), and writes the gradient of o for the attention's own backward, the
+gate's gradient, per-chunk partial sums of the weight's gradient, and the gradient of the eps
+frame's log scale, which the caller routes to the shifts. Everything is in fp32 until the store.
 
 A row whose mean square and eps are both zero (the padding rows of packed sequences, where φ = 0 and
 the shifts are +inf) gets a zero output and zero gradients rather than 0 · inf.
