@@ -135,6 +135,9 @@ class LinearAttention(nn.Module):
                 f"is positive; {config.feature_map!r} can give negative or zero values. Use one of "
                 f"{', '.join(positive)}, or a norm without the denominator."
             )
+        # Under a per-head norm with its eps in the unshifted frame the output does not depend on the
+        # feature map's shifts at all (`unshifted_frame`): no gradient needs to flow through them.
+        self.feature_map.detach_shifts = self.unshifted_frame_cancels_shifts()
         #: set by gate-saturation probes: the last GateOutput is kept when True
         self.capture_gates = False
         #: off: incremental steps take the composed path even where the fused step could run
@@ -212,6 +215,9 @@ class LinearAttention(nn.Module):
         B, T, _ = x.shape
         if self.output_gate is not None:
             o = o * F.silu(self.output_gate(x)).view(B, T, self.num_heads, self.head_dim)
+        # o may be fp32 where the composed path kept it so (`_op_precision`): the projection takes
+        # its own dtype (under autocast it casts for itself).
+        o = o.to(self.o_proj.weight.dtype)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
     def _packed_forward(self, x: Tensor, state, use_cache: bool, cu_seqlens: Tensor) -> Tensor:
@@ -242,6 +248,7 @@ class LinearAttention(nn.Module):
         """`_composed_attention` over packed documents x [1, T, D] (no state): feature maps and gate
         per document, one `gated_linear_attention` call with `cu_seqlens`."""
         spans = list(zip(bounds, bounds[1:]))
+        q, k, v = self._op_precision(q, k, v)
         queries = [self.feature_map(q[:, start:end], "q") for start, end in spans]
         keys = [self.feature_map(k[:, start:end], "k") for start, end in spans]
         if self.gate_reads_one_token():
@@ -386,6 +393,12 @@ class LinearAttention(nn.Module):
         key_state = step.key_max if safe_exp else state.key_feature
         return step.output, step.state, key_state
 
+    def unshifted_frame_cancels_shifts(self) -> bool:
+        """Whether the output norm cancels the feature map's shifts exactly, eps included: a
+        per-head norm with its eps in the unshifted frame, and no denominator (whose eps does not
+        follow the shifts)."""
+        return self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps and not self.uses_denominator
+
     def unshifted_frame(self, query_shift: Tensor | None, key_shift: Tensor | None) -> Tensor | None:
         """The norm's `log_scale` [B, T, H, 1]: the factor exp(−(q shift + key shift)) by which the
         feature map's shifts scale the output, when the norm should see its eps in the unshifted
@@ -400,6 +413,7 @@ class LinearAttention(nn.Module):
 
     def _composed_attention(self, x, q, k, v, state, use_cache):
         """Feature map, gate and kernel as separate steps: any combination of plugins."""
+        q, k, v = self._op_precision(q, k, v)
         query = self.feature_map(q, "q")
         key = self.feature_map(k, "k", state.key_feature if state is not None else None)
         gate = self.gate(x, state.last_input if state is not None else None)
@@ -420,6 +434,17 @@ class LinearAttention(nn.Module):
             impl=self.config.impl,
         )
         return o, memory, key.state, self.unshifted_frame(query.shift, key.shift)
+
+    def _op_precision(self, queries: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v for the composed path's feature map and op, in fp32 at least where the feature
+        map asks for it (`needs_fp32_op`); as they are otherwise. The op's output then stays fp32
+        through the norm too: rounding it, or the gradient the norm passes back, to bf16 left
+        q_proj's gradient wrong by ~70% relative (the norm's gradient is nearly orthogonal to o,
+        and the part that matters is small)."""
+        if not self.feature_map.needs_fp32_op:
+            return queries, keys, values
+        dtype = torch.promote_types(queries.dtype, torch.float32)
+        return queries.to(dtype), keys.to(dtype), values.to(dtype)
 
     def _epilogue_arguments(self, x: Tensor) -> dict:
         """The fused op's norm and output-gate arguments when it takes the epilogue (`epilogue_norm`);

@@ -57,6 +57,16 @@ class FeatureMap(nn.Module):
     positive_kernel: bool = False
     #: output at position t depends on inputs <= t only.
     causal: bool = True
+    #: set by the layer where its norm cancels the features' shifts exactly (`FeatureOutput.shift`:
+    #: a per-head norm with its eps in the unshifted frame): a feature map that shifts its inputs
+    #: then passes no gradient through the shifts, which is exact there and keeps a low-precision
+    #: backward from summing large terms that cancel.
+    detach_shifts: bool = False
+    #: the composed path runs the attention op on these features in fp32 at least (bf16 models
+    #: included): exponential features span many orders of magnitude, and the op's gradients with
+    #: respect to them, rounded to bf16, left q_proj's and k_proj's gradients wrong by O(1) (the
+    #: fused op keeps them in fp32 itself)
+    needs_fp32_op: bool = False
 
     def __init__(self, head_dim: int, num_heads: int):
         super().__init__()

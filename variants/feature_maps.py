@@ -81,6 +81,7 @@ class Exp(FeatureMap):
     ~88 in fp32: the instability the paper's ablation attributes to it, kept to measure it."""
 
     positive_kernel = True
+    needs_fp32_op = True
 
     def __init__(self, head_dim: int, num_heads: int):
         super().__init__(head_dim, num_heads)
@@ -263,6 +264,7 @@ class SafeExp(FeatureMap):
     """
 
     positive_kernel = True
+    needs_fp32_op = True
 
     def __init__(
         self,
@@ -298,13 +300,17 @@ class SafeExp(FeatureMap):
         return SafeExpKernel(key_max=self.key_max, chunk_size=self.chunk_size, query_factor=query_factor)
 
     def forward(self, x: Tensor, role: str, state: Any = None) -> FeatureOutput:
+        # The output's true gradient through the maxima is zero where the norm cancels them
+        # (`detach_shifts`); formed anyway, it is a difference of large terms that bf16 rounding
+        # leaves at several times the true weight gradients of q_proj and k_proj.
+        source = x.detach() if self.detach_shifts else x
         if role == "q":
-            shift = query_shift(x).unsqueeze(-1)
+            shift = query_shift(source).unsqueeze(-1)
             features = torch.exp(x - shift)
             if self.variance_factor == "query":
                 features = features * variance_reduction_factor(self.head_dim)
             return FeatureOutput(features, shift=shift)
-        shift, log_decay = key_shifts(x.amax(-1), self.key_max, self.chunk_size, state)
+        shift, log_decay = key_shifts(source.amax(-1), self.key_max, self.chunk_size, state)
         return FeatureOutput(
             torch.exp(x - shift.unsqueeze(-1)),
             log_decay.unsqueeze(-1) if log_decay is not None else None,
