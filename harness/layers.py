@@ -206,8 +206,7 @@ class LinearAttention(nn.Module):
         """The norm, output gate and projection of the attention output o [B, T, H, V]; with
         `normalised`, the fused op applied norm and gate in its epilogue (`epilogue_norm`)."""
         if normalised:
-            B, T, _ = x.shape
-            return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+            return self._project(o)
         return self._output(x, self._norm(o, log_scale))
 
     def _output(self, x: Tensor, o: Tensor) -> Tensor:
@@ -215,9 +214,15 @@ class LinearAttention(nn.Module):
         B, T, _ = x.shape
         if self.output_gate is not None:
             o = o * F.silu(self.output_gate(x)).view(B, T, self.num_heads, self.head_dim)
-        # o may be fp32 where the composed path kept it so (`_op_precision`): the projection takes
-        # its own dtype (under autocast it casts for itself).
-        o = o.to(self.o_proj.weight.dtype)
+        return self._project(o)
+
+    def _project(self, o: Tensor) -> Tensor:
+        """The output projection of o [B, T, H, V]. o may be fp32 where the composed path kept it so
+        (`_op_precision`): outside autocast it takes the projection's dtype (under autocast the
+        projection casts for itself, and a cast here would only add a pass on the fused path)."""
+        if not torch.is_autocast_enabled(o.device.type):
+            o = o.to(self.o_proj.weight.dtype)
+        B, T = o.shape[:2]
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
     def _packed_forward(self, x: Tensor, state, use_cache: bool, cu_seqlens: Tensor) -> Tensor:
