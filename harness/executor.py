@@ -86,8 +86,10 @@ def run_on_devices(
     bar = progress_bar(total=len(runs), desc="runs", unit="run", enabled=progress)
     while pending or active:
         for slot in range(devices * runs_per_device):
+            if slot in active:
+                continue
             spec = next_ready(pending, active)
-            if slot not in active and spec is not None:
+            if spec is not None:
                 pending.remove(spec)
                 gpu = slot % devices
                 # The worker sees one GPU, as cuda:0; CPU-only machines ignore the variable.

@@ -228,6 +228,13 @@ def train(
             start_step, records, trained_seconds = state["step"], state["records"], state["seconds"]
     if ctx.is_main:
         tracker.start(start_step)
+
+    def keep(rows: list[dict[str, Any]]) -> None:
+        """Rows into the run's records, and a copy to the tracker (rank 0 alone writes)."""
+        records.extend(rows)
+        if ctx.is_main:
+            tracker.log(rows)
+
     wrapped = (
         torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         if ctx.world_size > 1
@@ -235,7 +242,6 @@ def train(
     )
 
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * ctx.world_size
-    bits_per_nat = 1 / math.log(2)
     val_bytes_per_token = data.bytes_per_token["validation"]
     show = progress and ctx.is_main
     bar = progress_bar(total=config.steps, initial=start_step, desc=spec.name, unit="step", leave=False, enabled=show)
@@ -246,7 +252,7 @@ def train(
         # Where a converted model starts: the validation loss right after the conversion.
         val, failure = attempt(evaluate_loss, model, data.validation, config, dev)
         agree_on_failure(failure, ctx, dev)
-        records += validation_records(val, 0, val_bytes_per_token)
+        keep(validation_records(val, 0, val_bytes_per_token))
     model.train()
     last_grad_norm: tuple[int, float] | None = None  # (step, norm before clipping), for Diverged messages
     for step in range(start_step, config.steps):
@@ -324,13 +330,11 @@ def train(
             agree_on_failure(failure, ctx, dev)
             if not math.isfinite(val):
                 raise Diverged(f"non-finite validation loss ({val}) at step {done}")
-            if show:
-                bpb = val * bits_per_nat / val_bytes_per_token
-                say(f"{spec.name}: step {done}/{config.steps} val loss {val:.4f} bpb {bpb:.4f}")
             validation = validation_records(val, done, val_bytes_per_token)
-            records += validation
-            if ctx.is_main:
-                tracker.log(validation)
+            if show:
+                bpb = next(r["value"] for r in validation if r["metric"] == "val/bits_per_byte")
+                say(f"{spec.name}: step {done}/{config.steps} val loss {val:.4f} bpb {bpb:.4f}")
+            keep(validation)
         if ctx.is_main and (done % config.checkpoint_every == 0) and done < config.steps:
             save_training_state(
                 resume_path,
@@ -345,26 +349,18 @@ def train(
             )
     bar.close()
     final_val = next(r["value"] for r in reversed(records) if r["metric"] == "val/loss")
+    # The last evaluation again, as final/val_loss, final/val_perplexity, final/val_bits_per_byte.
     final = [
-        {"metric": "final/val_loss", "value": final_val, "step": config.steps, "split": "validation"},
-        {
-            "metric": "final/val_perplexity",
-            "value": math.exp(min(final_val, 700)),
-            "step": config.steps,
-            "split": "validation",
-        },
-        {
-            "metric": "final/val_bits_per_byte",
-            "value": final_val * bits_per_nat / val_bytes_per_token,
-            "step": config.steps,
-            "split": "validation",
-        },
+        {**row, "metric": row["metric"].replace("val/", "final/val_", 1)}
+        for row in validation_records(final_val, config.steps, val_bytes_per_token)
+    ]
+    final += [
         {"metric": "params", "value": float(model.num_parameters())},
         {"metric": "params_non_embedding", "value": float(model.num_parameters(exclude_embeddings=True))},
         {"metric": "train/tokens_per_second", "value": tokens_per_step * config.steps / max(trained_seconds, 1e-9)},
         {"metric": "train/seconds", "value": trained_seconds},
     ]
     records += final
-    if ctx.is_main:
+    if ctx.is_main:  # the tracker takes every row at a step: the run's totals at its last
         tracker.log([{**record, "step": record.get("step", config.steps)} for record in final])
     return model, records
