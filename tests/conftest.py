@@ -47,6 +47,22 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture
+def nan_filled_kernel_buffers(monkeypatch):
+    """Every buffer the Triton building blocks allocate (through `kernels.blocks.common.empty`)
+    starts as NaN, so an element a kernel leaves unwritten fails the check."""
+    import importlib
+    import pkgutil
+
+    import kernels.blocks
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    for module in pkgutil.iter_modules(kernels.blocks.__path__, "kernels.blocks."):
+        monkeypatch.setattr(importlib.import_module(module.name), "empty", nan_empty)
+
+
+@pytest.fixture
 def bf16_products_as_on_gpu(monkeypatch):
     """Under the interpreter, run the GPU's bf16 operand path: the kernels round operands to bf16
     as on a GPU, and the interpreter's (wrong) bf16 product is replaced by an exact one of the

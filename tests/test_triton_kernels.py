@@ -7,9 +7,7 @@ Every buffer a kernel writes is pre-filled with NaN, so an unwritten element fai
 
 from __future__ import annotations
 
-import importlib
 import math
-import pkgutil
 
 import pytest
 import torch
@@ -25,22 +23,12 @@ from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
 
 from .numerics import rel_rms, worst  # noqa: E402
 
-# The building blocks allocate every buffer their kernels write (through kernels.blocks.common.empty).
-KERNEL_MODULES = [info.name for info in pkgutil.iter_modules(kernels.blocks.__path__, "kernels.blocks.")]
-
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def nan_filled_buffers(monkeypatch):
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    for name in KERNEL_MODULES:
-        monkeypatch.setattr(importlib.import_module(name), "empty", nan_empty)
+# Every buffer the kernels write starts as NaN, so an element left unwritten fails the check.
+pytestmark = pytest.mark.usefixtures("nan_filled_kernel_buffers")
 
 
 def make_inputs(B, T, H, K, V, *, dtype, gate="vector", gate_min=-8.0, gate_spread=2.0, seed=0):

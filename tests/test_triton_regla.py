@@ -9,16 +9,12 @@ Without CUDA the kernels run under Triton's interpreter (tests/conftest.py) on t
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-import kernels.blocks  # noqa: E402
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.safe_exp import KEY_MAX_SCOPES  # noqa: E402
 from kernels.triton_regla import triton_regla  # noqa: E402
@@ -30,19 +26,8 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-# The building blocks allocate every buffer their kernels write (through kernels.blocks.common.empty).
-KERNEL_MODULES = [info.name for info in pkgutil.iter_modules(kernels.blocks.__path__, "kernels.blocks.")]
-
-
-@pytest.fixture(autouse=True)
-def nan_filled_buffers(monkeypatch):
-    """Every buffer the kernels write starts as NaN, so an element left unwritten fails the check."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    for name in KERNEL_MODULES:
-        monkeypatch.setattr(importlib.import_module(name), "empty", nan_empty)
+# Every buffer the kernels write starts as NaN, so an element left unwritten fails the check.
+pytestmark = pytest.mark.usefixtures("nan_filled_kernel_buffers")
 
 
 def refined_log_gate(a, b, tau, log_clamp):

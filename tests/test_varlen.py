@@ -10,9 +10,6 @@ chunk and one spans two; the `chunk` key-max scope uses chunks of 16.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,23 +25,13 @@ from variants.feature_maps import SafeExp  # noqa: E402
 
 from .numerics import rel_rms, worst  # noqa: E402
 
-KERNEL_MODULES = [info.name for info in pkgutil.iter_modules(kernels.blocks.__path__, "kernels.blocks.")]
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# Every buffer the kernels write starts as NaN, so an element left unwritten fails the check.
+pytestmark = pytest.mark.usefixtures("nan_filled_kernel_buffers")
 LENGTHS = (1, 7, 70)
-
-
-@pytest.fixture(autouse=True)
-def nan_filled_buffers(monkeypatch):
-    """Every buffer the kernels write starts as NaN, so an element left unwritten fails the check."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    for name in KERNEL_MODULES:
-        monkeypatch.setattr(importlib.import_module(name), "empty", nan_empty)
 
 
 def offsets(lengths) -> torch.Tensor:
