@@ -29,16 +29,13 @@ from variants.feature_maps import SafeExp  # noqa: E402
 from variants.norms import RMSNorm  # noqa: E402
 
 from .numerics import rel_rms, worst  # noqa: E402
-from .test_triton_regla import (  # noqa: E402, F401
-    BF16_GATE_TOLERANCE,
-    GPU_TOLERANCE,
-    nan_filled_buffers,
-    refined_log_gate,
-)
+from .test_triton_regla import BF16_GATE_TOLERANCE, GPU_TOLERANCE, refined_log_gate  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# Every buffer the kernels write starts as NaN, so an element left unwritten fails the check.
+pytestmark = pytest.mark.usefixtures("nan_filled_kernel_buffers")
 TAU, CLAMP = 1.0, -8.0
 # eps of the order of mean(o²) in its frame (the unshifted frame multiplies it by exp(−2 (qs + ks)),
 # here ~1e-6): smaller, and neither eps nor its frame would change the result or the gradients.
