@@ -310,9 +310,12 @@ def test_layers_take_the_decode_step_on_gpu_unless_switched_off():
     layer = LinearAttention(32, 2, 16, AttentionConfig(feature_map="safe_exp", gate="refined", norm="rmsnorm")).cuda()
     q = torch.zeros(1, 1, 2, 16, device="cuda")
     state = LinearState(torch.zeros(1, 2, 16, 16, device="cuda"), torch.zeros(1, 2, device="cuda"), q)
-    assert layer.takes_decode_step(q, state)
-    layer.fused_decode_step = False
+    # The kernel has no backward: with autograd on, the step is the composed one.
     assert not layer.takes_decode_step(q, state)
+    with torch.no_grad():
+        assert layer.takes_decode_step(q, state)
+        layer.fused_decode_step = False
+        assert not layer.takes_decode_step(q, state)
 
 
 @pytest.mark.gpu
