@@ -49,7 +49,7 @@ class FusedPlan(NamedTuple):
     """What the fused op computes in place of the feature map and the gate."""
 
     features: SafeExpKernel
-    gate: RefiningGateKernel
+    gate: RefiningGateKernel | SigmoidGateKernel
 
 
 class DecodePlan(NamedTuple):
@@ -293,7 +293,7 @@ class LinearAttention(nn.Module):
         """The feature map's and the gate's descriptions for the fused op, when both plugins
         declare one (`fused_kernel()`); None when either cannot run inside it."""
         features, gate = self.feature_map.fused_kernel(), self.gate.fused_kernel()
-        if isinstance(features, SafeExpKernel) and isinstance(gate, RefiningGateKernel):
+        if isinstance(features, SafeExpKernel) and isinstance(gate, (RefiningGateKernel, SigmoidGateKernel)):
             return FusedPlan(features, gate)
         return None
 
@@ -484,7 +484,7 @@ class LinearAttention(nn.Module):
         # Over packed documents one call serves even a gate fed with the previous token: at a
         # document's first token that input reads the document before, but the gate there decays
         # a state that is zero (it restarts), so its value changes nothing, output or gradient.
-        gate_logits, refine_logits = gate.logits(x, state.last_input if state is not None else None)
+        gate_arguments = _fused_gate_arguments(gate, x, state.last_input if state is not None else None)
         if self.uses_denominator:
             v, _ = with_denominator_column(v)
         epilogue = self._epilogue_arguments(x)
@@ -492,10 +492,7 @@ class LinearAttention(nn.Module):
             q,
             k,
             v,
-            gate_logits=gate_logits,
-            refine_logits=refine_logits,
-            tau=gate.tau,
-            log_clamp=gate.log_clamp,
+            **gate_arguments,
             key_max=features.key_max,
             chunk_size=features.chunk_size,
             # A constant factor on φ(q) inside the kernel is the same factor on the op's scale.
@@ -522,6 +519,20 @@ class LinearAttention(nn.Module):
                 key_shift, _ = packed_key_shifts(k.amax(-1), features.key_max, features.chunk_size, None, bounds)
             log_scale = self.unshifted_frame(query_shift(q).unsqueeze(-1), key_shift.unsqueeze(-1))
         return o, memory, key_max.to(k.dtype), log_scale
+
+
+def _fused_gate_arguments(gate: RefiningGateKernel | SigmoidGateKernel, x: Tensor, x_prev: Tensor | None) -> dict:
+    """The fused op's gate arguments: the refining gate's two logits (its formula runs inside the
+    gate-scan kernel), or a sigmoid gate's log decay logσ(a)/τ, clamped, as the op's given log gate.
+    The latter is one elementwise pass in fp32 (the composed gate computes it in the logits' dtype,
+    bf16 under autocast); its backward is torch's."""
+    if isinstance(gate, RefiningGateKernel):
+        gate_logits, refine_logits = gate.logits(x, x_prev)
+        return dict(gate_logits=gate_logits, refine_logits=refine_logits, tau=gate.tau, log_clamp=gate.log_clamp)
+    log_gate = F.logsigmoid(gate.logits(x, x_prev).float()) / gate.tau
+    if gate.log_clamp is not None:
+        log_gate = log_gate.clamp_min(gate.log_clamp)
+    return dict(log_gate=log_gate)
 
 
 def _rotate(x: Tensor, offset: int | Tensor, base: float, positions: Tensor | None = None) -> Tensor:

@@ -6,7 +6,9 @@ A plugin opts in to the fused paths by returning one of these from its `fused_ke
 checking their classes, so a third-party plugin whose math is one of these gets the fused kernels
 too, and one that is not keeps the composed path. Each op takes the descriptions it computes:
 
-- the chunked ReGLA op (`kernels.triton_regla`): `SafeExpKernel` and `RefiningGateKernel`, and
+- the chunked ReGLA op (`kernels.triton_regla`): `SafeExpKernel` with `RefiningGateKernel` (its
+  formula inside the gate scan) or `SigmoidGateKernel` (logσ(a)/τ formed by the layer, the op's
+  given log gate), and
   `RMSNormKernel` in its output kernel's epilogue (with the swish output gate, when the layer has one);
 - the single-token decoding step (`kernels.triton_decode`): `SafeExpKernel` or `IdentityKernel`,
   `RefiningGateKernel` or `SigmoidGateKernel`, and `RMSNormKernel`.

@@ -93,6 +93,35 @@ def test_a_third_party_gate_that_declares_a_fused_form_gets_the_fused_path(exter
     assert all(g.abs().sum() > 0 for g in fused[1:])
 
 
+@pytest.mark.parametrize(
+    "gate_options, tolerance",
+    [
+        ({}, 1e-4),  # GLA's gate: τ = 16, rank 16
+        # A plain sigmoid gate nearly closed (σ(−6)), the clamp at −8 binding for some features:
+        # q_proj's and k_proj's gradients are ill-conditioned there. Against the fp64 composed
+        # layer, fp32 gives 1.9e-4 fused and 7e-5 composed, as for the refining gate's fused path
+        # at the same gate (1.9e-4 / 6e-5): the chunked kernels' property, not the gate's.
+        ({"tau": 1.0, "rank": None, "log_clamp": -8.0, "bias_init": -6.0}, 5e-4),
+        ({"tau": 1.0, "rank": None, "bias_init": 6.0}, 1e-4),  # saturated open
+    ],
+    ids=["gla", "plain-closed-clamped", "plain-open"],
+)
+def test_safe_exp_with_a_sigmoid_gate_through_the_fused_op_equals_the_composed_path(
+    gate_options, tolerance, monkeypatch
+):
+    """The sigmoid gate's log decay goes into the fused op as a given log gate: output and every
+    parameter gradient (the gate's projection included) equal the composed path, at an odd length."""
+    layer = make_layer("safe_exp", "gla", **gate_options)
+    assert isinstance(layer.fused_plan().gate, SigmoidGateKernel)
+    x = torch.randn(2, 29, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    fused = layer_outputs(layer, x, True, monkeypatch)
+    composed = layer_outputs(layer, x, False, monkeypatch)
+    errors = [rel_rms(a, b) for a, b in zip(fused, composed)]
+    assert errors[0] <= 1e-5 and worst(errors) <= tolerance, errors
+    gate_grads = [p.grad for p in layer.gate.parameters()]
+    assert gate_grads and all(torch.isfinite(g).all() for g in gate_grads)
+
+
 def test_a_plugin_that_declares_nothing_keeps_the_composed_path(external_plugins):
     layer = make_layer("shift_free_exp_external", "refined")
     assert layer.gate.fused_kernel() is not None
@@ -108,10 +137,15 @@ def test_built_in_plugins_declare_their_fused_forms():
     layer = make_layer("safe_exp", "refined", tau=3.0, log_clamp=-5.0)
     plan = layer.fused_plan()
     assert plan.gate.tau == 3.0 and plan.gate.log_clamp == -5.0
-    # A value-side refining gate is not what the kernel computes; neither is a GLA gate.
+    # A value-side gate is not what the kernel computes; neither are identity features.
     assert make_layer("safe_exp", "refined", axis="value").fused_plan() is None
-    assert make_layer("safe_exp", "gla").fused_plan() is None
+    assert make_layer("safe_exp", "gla", axis="value").fused_plan() is None
     assert make_layer("identity", "refined").fused_plan() is None
+    # GLA's sigmoid gate with safe-exp features is (the ablation's plain-gate and GLA-gate rows).
+    sigmoid = make_layer("safe_exp", "gla", tau=1.0, log_clamp=-8.0).fused_plan()
+    assert isinstance(sigmoid.gate, SigmoidGateKernel) and sigmoid.gate.tau == 1.0 and sigmoid.gate.log_clamp == -8.0
+    # Gated RFA's scalar gate also scales the value input: it has no fused form.
+    assert make_layer("safe_exp", "scalar").fused_plan() is None
     # Identity features and GLA's gate are forms of the fused decoding step, not of the chunked op.
     gla = make_layer("identity", "gla", tau=8.0)
     assert gla.feature_map.fused_kernel() == IdentityKernel()
