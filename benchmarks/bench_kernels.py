@@ -529,7 +529,11 @@ def main():
         breakdown_rows += [dict(r, impl=impl) for r in kernel_breakdown(impls[impl], x, shape, log)]
         del x
     # The epilogue comparison runs when asked for (--epilogue) or named; "all" is the kernel table.
-    chosen = set(impls) - set(EPILOGUE_IMPLS) if args.impls == "all" else set(args.impls.split(","))
+    known = set(impls) | set(fla_impls)  # fla's anchors belong to "all" too (timed last, within their budget)
+    chosen = known - set(EPILOGUE_IMPLS) if args.impls == "all" else set(args.impls.split(","))
+    unknown = chosen - known - set(EPILOGUE_IMPLS) - {"A0_fla", "A1_regla_fla"}
+    if unknown:
+        parser.error(f"unknown --impls {', '.join(sorted(unknown))}; known: {', '.join(sorted(known | set(EPILOGUE_IMPLS)))}")
     if args.epilogue:
         chosen |= set(EPILOGUE_IMPLS)
     impls = {n: c for n, c in impls.items() if n in chosen}

@@ -148,6 +148,10 @@ class LinearAttention(nn.Module):
         #: timed against the separate passes (BENCHMARKS.md); checked on CPU under the interpreter.
         self.fused_epilogue = False
         self.captured: GateOutput | None = None
+        #: the path the last forward took, one of ATTENTION_PATHS (None before any): runs record it
+        #: (`attention_path_counts`), since the paths compute in different precisions (the fused op
+        #: in the input dtype with fp32 gates; the composed path in fp32 for exponential features)
+        self.attention_path: str | None = None
 
     def forward(
         self,
@@ -182,12 +186,15 @@ class LinearAttention(nn.Module):
             q = _rotate(q.transpose(1, 2), offset, self.rotary_base).transpose(1, 2)
             k = _rotate(k.transpose(1, 2), offset, self.rotary_base).transpose(1, 2)
         if self.takes_decode_step(q, state):
+            self.attention_path = "decode_step"
             o, memory, key_state = self._decode_step(x, q, k, v, state)  # normalised
             y = self._output(x, o)
         elif self.takes_fused_path(q):
+            self.attention_path = "fused_epilogue" if self.epilogue_norm() is not None else "fused"
             o, memory, key_state, log_scale = self._fused_attention(x, q, k, v, state, use_cache)
             y = self._finish(x, o, log_scale, normalised=self.epilogue_norm() is not None)
         else:
+            self.attention_path = "composed"
             o, memory, key_state, log_scale = self._composed_attention(x, q, k, v, state, use_cache)
             y = self._finish(x, o, log_scale)
         new_state = None
@@ -238,8 +245,10 @@ class LinearAttention(nn.Module):
             proj(flat).view(1, B * T, self.num_heads, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         if self.takes_fused_path(q):
+            self.attention_path = "fused_epilogue" if self.epilogue_norm() is not None else "fused"
             o, _, _, log_scale = self._fused_attention(flat, q, k, v, None, False, cu_seqlens, bounds)
             return self._finish(flat, o, log_scale, normalised=self.epilogue_norm() is not None).view(B, T, D)
+        self.attention_path = "composed"
         o, log_scale = self._composed_packed(flat, q, k, v, cu_seqlens, bounds)
         return self._finish(flat, o, log_scale).view(B, T, D)
 
@@ -519,6 +528,25 @@ class LinearAttention(nn.Module):
                 key_shift, _ = packed_key_shifts(k.amax(-1), features.key_max, features.chunk_size, None, bounds)
             log_scale = self.unshifted_frame(query_shift(q).unsqueeze(-1), key_shift.unsqueeze(-1))
         return o, memory, key_max.to(k.dtype), log_scale
+
+
+#: the computations a linear-attention layer's forward can take: the fused ReGLA op (with the norm
+#: and output gate in its epilogue, or not), feature map + gate + op as separate torch passes, or
+#: the fused single-token decoding step
+ATTENTION_PATHS = ("fused", "fused_epilogue", "composed", "decode_step")
+
+
+def attention_path_counts(model: nn.Module) -> dict[str, int]:
+    """How many of `model`'s linear-attention layers took each path (ATTENTION_PATHS) in their
+    last forward; empty for a model without linear attention."""
+    layers = [module for module in model.modules() if isinstance(module, LinearAttention)]
+    if not layers:
+        return {}
+    counts = dict.fromkeys(ATTENTION_PATHS, 0)
+    for layer in layers:
+        if layer.attention_path is not None:
+            counts[layer.attention_path] += 1
+    return counts
 
 
 def _fused_gate_arguments(gate: RefiningGateKernel | SigmoidGateKernel, x: Tensor, x_prev: Tensor | None) -> dict:

@@ -50,6 +50,9 @@ def run_table(frame: pd.DataFrame) -> pd.DataFrame:
         values = train[train["metric"] == metric].groupby("run_id")["value"].last()
         if len(values):
             table[label] = values
+    paths = attention_paths(train)
+    if len(paths):
+        table["attention path"] = paths
     evals = frame[(frame["stage"] == "eval") & (frame["status"] == "ok") & frame["task"].notna()]
     if len(evals):
         preferred = evals[evals["metric"].isin(["acc", "acc_norm", "bits_per_byte", "word_perplexity"])]
@@ -61,6 +64,16 @@ def run_table(frame: pd.DataFrame) -> pd.DataFrame:
         setting = json.loads(extra)
         table[f"mqar acc T{setting['seq_len']} x{setting['pairs']}"] = group.groupby("run_id")["value"].last()
     return table.reset_index().drop(columns=["run_id"]).set_index(index[0])
+
+
+def attention_paths(train: pd.DataFrame) -> pd.Series:
+    """Per run, the paths its linear-attention layers trained through (`attention/layers_*` rows),
+    e.g. "fused 6" or "fused 3, composed 3"; runs without those rows are left out."""
+    rows = train[train["metric"].str.startswith("attention/layers_") & (train["value"] > 0)]
+    return rows.groupby("run_id").apply(
+        lambda g: ", ".join(f"{m.removeprefix('attention/layers_')} {int(v)}" for m, v in zip(g["metric"], g["value"])),
+        include_groups=False,
+    )
 
 
 def markdown_table(table: pd.DataFrame, float_format: str = "{:.4g}") -> str:

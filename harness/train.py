@@ -21,6 +21,7 @@ import torch
 from .atomic import atomic_write_bytes, atomic_write_text, file_digest, set_aside
 from .config import TrainConfig
 from .distributed import agree_on_failure, attempt, distributed_context, pick_device
+from .layers import attention_path_counts
 from .model import LanguageModel
 from .postlin.start import initial_model, new_parameters
 from .progress import PlainProgress, say
@@ -255,6 +256,7 @@ def train(
         keep(validation_records(val, 0, val_bytes_per_token))
     model.train()
     last_grad_norm: tuple[int, float] | None = None  # (step, norm before clipping), for Diverged messages
+    paths: dict[str, int] | None = None  # the attention layers' paths in this process's first step
     for step in range(start_step, config.steps):
         started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -287,6 +289,8 @@ def train(
                         f"({divergence_context(model, last_grad_norm)})"
                     )
                 (loss / config.grad_accum).backward()
+                if paths is None:
+                    paths = attention_path_counts(model)
             step_loss += micro_loss / config.grad_accum
         if step < only_new_until:
             # Only the parameters the conversion added learn yet: AdamW skips a parameter
@@ -360,6 +364,9 @@ def train(
         {"metric": "train/tokens_per_second", "value": tokens_per_step * config.steps / max(trained_seconds, 1e-9)},
         {"metric": "train/seconds", "value": trained_seconds},
     ]
+    # Which computation the linear layers trained through (fused op or composed passes): the
+    # paths differ in precision, so a comparison across them is worth knowing about.
+    final += [{"metric": f"attention/layers_{path}", "value": float(n)} for path, n in (paths or {}).items()]
     records += final
     if ctx.is_main:  # the tracker takes every row at a step: the run's totals at its last
         tracker.log([{**record, "step": record.get("step", config.steps)} for record in final])

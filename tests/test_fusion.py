@@ -165,3 +165,28 @@ def test_fusion_descriptions_reject_values_the_kernel_cannot_take():
         SigmoidGateKernel(lambda x, p: x, tau=-1.0)
     with pytest.raises(ValueError, match="eps must be >= 0"):
         RMSNormKernel(-1e-5)
+
+
+def test_layers_record_the_path_they_took(monkeypatch):
+    """`attention_path` says which computation the last forward took; `attention_path_counts`
+    counts them over a model (what each training run records)."""
+    from harness.layers import attention_path_counts
+
+    layer = make_layer("safe_exp", "refined")
+    x = torch.randn(1, 9, 32).to(DEVICE)
+    assert layer.attention_path is None and attention_path_counts(layer)["composed"] == 0
+    monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q: True)
+    layer(x)
+    assert layer.attention_path == "fused"
+    layer.fused_epilogue = True
+    layer(x)
+    assert layer.attention_path == "fused_epilogue"
+    monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q: False)
+    layer(x)
+    assert attention_path_counts(torch.nn.Sequential(layer, torch.nn.Linear(2, 2))) == {
+        "fused": 0,
+        "fused_epilogue": 0,
+        "composed": 1,
+        "decode_step": 0,
+    }
+    assert attention_path_counts(torch.nn.Linear(2, 2)) == {}

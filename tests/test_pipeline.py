@@ -191,6 +191,16 @@ def test_training_lowers_the_loss_and_writes_parquet_rows(corpus, tmp_path):
         assert val[-1] < math.log(257), (run_name, val)  # better than uniform over the byte vocabulary
         bpb = rows[rows.metric == "final/val_bits_per_byte"]["value"].item()
         assert 0 < bpb < 8
+    # The path the linear layers trained through is recorded (on CPU: the composed passes); the
+    # softmax model has no linear layers and no such rows.
+    paths = frame[frame.metric.str.startswith("attention/layers_")]
+    assert set(paths.run_name) == {"regla"}
+    assert dict(zip(paths.metric, paths.value)) == {
+        "attention/layers_fused": 0.0,
+        "attention/layers_fused_epilogue": 0.0,
+        "attention/layers_composed": 2.0,
+        "attention/layers_decode_step": 0.0,
+    }
     # Every row carries identity, axes, spec and environment.
     assert set(frame["axis:variant"]) == {"softmax", "regla"}
     assert frame["spec_json"].str.contains('"feature_map"').all()
@@ -322,6 +332,7 @@ def test_report_writes_table_plots_and_parquet(corpus, tmp_path):
     text = (out / "RESULTS.md").read_text()
     assert "| softmax |" in text and "| regla |" in text and "val bpb" in text
     assert "feature_map=safe_exp" in text
+    assert "attention path" in text and "composed 2" in text
     # Rows of runs that are no longer in the grid (here: all but the first) stay out of its report.
     grid = expand_grid(tiny_grid(corpus))
     out = write_report("tiny", tmp_path / "runs", tmp_path / "results", runs=grid.runs[:1])
