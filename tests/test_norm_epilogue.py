@@ -3,14 +3,16 @@
 gate as separate torch passes) and against the fp64 reference (torch safe-exp features, refining
 gate, recurrence, norm, gate): the output and every gradient, the norm weight's and the gate
 input's included, in both eps frames, with and without the gate, over odd lengths, gates near 0
-and 1, and packed sequences. At the layer level a model with the epilogue on equals the same model
-with it off.
+and 1, outputs far below 1 (safe-exp's shifted frame under a closed gate), and packed sequences.
+At the layer level a model with the epilogue on equals the same model with it off.
 
 Without CUDA the kernels run under Triton's interpreter (tests/conftest.py) on tiny shapes; the
 `gpu` tests take realistic shapes in fp32 and bf16.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -183,6 +185,52 @@ def test_packed_sequences_with_the_epilogue():
     got = output_and_grads(fused, inputs, torch.float32, "unshifted", cu_seqlens)
     want = output_and_grads(reference, inputs, torch.float64, "unshifted", cu_seqlens)
     assert worst(errors_against(want, got)) <= 1e-4, errors_against(want, got)
+
+
+@pytest.mark.parametrize(
+    "factor, frame, eps_follows",
+    [
+        (1e-20, "unshifted", True),
+        (1e-30, "unshifted", True),
+        (1e-20, "shifted", True),
+        (1e-30, "shifted", True),
+        # eps dominates: y ~ o / sqrt(eps), as tiny as o (a cap on eps / max|o|², as
+        # `variants.norms.unit_rows` has, would make it ~100 times too large here)
+        (1e-20, "shifted", False),
+    ],
+)
+def test_epilogue_takes_tiny_outputs(factor, frame, eps_follows, monkeypatch):
+    """o scaled by `factor` (through v), as in safe-exp's shifted frame under a closed gate, and eps_t
+    by factor², so that the norm is that of an ordinary o: in the unshifted frame through q and k
+    raised by log(1/factor) / 2 each (safe-exp's features stay the same, qs + ks grows by
+    log(1/factor)), in the shifted frame through eps itself. Squared as they are, mean(o²) and eps_t
+    underflow fp32. The composed path's shifted-frame norm squares o too: only the unshifted frame
+    is also checked against it."""
+    shift = -math.log(factor) / 2
+    inputs = make_inputs(1, 21, 1, 16)
+    inputs.update(q=inputs["q"] + shift, k=inputs["k"] + shift, v=inputs["v"] * factor)
+    if frame == "shifted" and eps_follows:
+        monkeypatch.setitem(EPS, "shifted", EPS["shifted"] * factor**2)
+    got = output_and_grads(fused, inputs, torch.float32, frame)
+    assert all(torch.isfinite(t).all() for t in got.values())
+    want = output_and_grads(reference, inputs, torch.float64, frame)
+    assert worst(errors_against(want, got)) <= 1e-4, errors_against(want, got)
+    if frame == "unshifted":
+        separate = output_and_grads(composed, inputs, torch.float32, frame)
+        assert worst(errors_against(separate, got)) <= 1e-4, errors_against(separate, got)
+
+
+def test_epilogue_after_a_key_spike_under_a_closed_gate():
+    # A key 60 above the rest at t = 0 raises the running key max, the shift of every later row, by
+    # 60, and gates on the clamp (e^-8 a step) soon erase it: o's later rows are ~e^-60 and eps_t in
+    # the unshifted frame ~e^-120, a mix of ordinary and tiny rows in one sequence.
+    inputs = make_inputs(1, 37, 1, 16, gate_shift=-8.0)
+    inputs["k"][:, 0] += 60.0
+    got = output_and_grads(fused, inputs, torch.float32, "unshifted")
+    want = output_and_grads(reference, inputs, torch.float64, "unshifted")
+    assert worst(errors_against(want, got)) <= 1e-4, errors_against(want, got)
+    separate = output_and_grads(composed, inputs, torch.float32, "unshifted")
+    assert worst(errors_against(separate, got)) <= 1e-4, errors_against(separate, got)
 
 
 def test_bf16_epilogue(bf16_products_as_on_gpu):

@@ -5,10 +5,11 @@ gate, applied to each output tile before it is stored, and their backward.
     y = o / sqrt(mean(o²) + eps_t) ⊙ w ⊙ silu(g),    eps_t = eps, or eps · exp(−2 (qs_t + ks_t))
 
 The second eps is the norm's eps in the frame without safe-exp's shifts (eps · exp(2 log_scale),
-with the layer's `log_scale` = −(query shift + key shift)). Known limit, and one reason the
-epilogue is off by default: it squares o as it is, so a tiny o (safe-exp's shifted frame under a
-closed gate) underflows here where the composed norm first divides rows by their largest
-magnitude (`variants.norms.unit_rows`); the same scaling belongs here before it is turned on.
+with the layer's `log_scale` = −(query shift + key shift)). As the composed norm does
+(`variants.norms.unit_rows`), each row is divided by its largest magnitude, or by sqrt(eps_t) where
+that is larger, and eps_t by the square of that, formed in log space: the norm is unchanged, but
+neither o nor eps_t is squared as it is. In safe-exp's shifted frame under a closed gate o can be
+~1e-20 and below, and its square (and eps_t in the unshifted frame) underflows fp32.
 
 One program holds a chunk's rows over all V columns (V <= 256), so each row's mean square is
 complete in registers: o itself is never written. The backward recomputes o the same way from what
@@ -26,6 +27,7 @@ is given a norm.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -51,6 +53,7 @@ Tensor = torch.Tensor
 # A [CHUNK, BK] q tile and a [BK, V] state tile next to the [CHUNK, V] output: narrower key tiles
 # for wide values keep the three within registers (8192 elements per tile).
 _TILE_ELEMENTS = 8192
+_FP32_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 
 
 class NormEpilogue(NamedTuple):
@@ -70,15 +73,28 @@ class EpilogueGrads(NamedTuple):
 
 
 @triton.jit
-def row_eps(eps, qs_base, ks_base, rows, T, H, C: tl.constexpr, UNSHIFTED: tl.constexpr):
-    """The norm's eps for each of C rows: eps, or eps · exp(−2 (qs + ks)) in the unshifted frame."""
+def row_log_eps(log_eps, qs_base, ks_base, rows, T, H, C: tl.constexpr, UNSHIFTED: tl.constexpr):
+    """log eps_t for each of C rows: log eps, or log eps − 2 (qs + ks) in the unshifted frame
+    (−inf for padding rows, whose shifts are +inf, and for eps = 0)."""
     if UNSHIFTED:
         inside = rows < T
         shift = tl.load(qs_base + rows * H, mask=inside, other=0.0) + tl.load(
             ks_base + rows * H, mask=inside, other=0.0
         )
-        return eps * tl.exp(-2.0 * shift)
-    return tl.zeros([C], dtype=tl.float32) + eps
+        return log_eps - 2.0 * shift
+    return tl.zeros([C], dtype=tl.float32) + log_eps
+
+
+@triton.jit
+def unit_rows(o, log_eps):
+    """x = o [C, BV] / s, eps_t / s² (from log eps_t) and s per row, s the row's largest magnitude
+    or sqrt(eps_t) where that is larger: the norm of x with eps_t / s² equals the norm of o with
+    eps_t. Either mean(x²) >= 1 / V or eps_t / s² = 1, so mean(x²) + eps_t / s² lies in [1 / V, 2]
+    however small or large o and eps_t are, and it needs no cap (`variants.norms.unit_rows`, which
+    divides by the magnitude alone, caps its eps term). s cancels in the norm: it takes no gradient."""
+    magnitude = tl.maximum(tl.max(tl.abs(o), axis=1), tl.exp(0.5 * log_eps))
+    magnitude = tl.maximum(magnitude, _FP32_TINY)
+    return o / magnitude[:, None], tl.exp(log_eps - 2.0 * tl.log(magnitude)), magnitude
 
 
 @triton.jit
@@ -102,7 +118,7 @@ def normed_output_kernel(
     weight,
     y,
     scale,
-    eps,
+    log_eps,
     T,
     Tp,
     H,
@@ -144,9 +160,10 @@ def normed_output_kernel(
         DOT,
         EXP,
     )
-    o = o * scale
     rows = t0 + tl.arange(0, C)
-    out = o * inverse_rms(o, row_eps(eps, qs_base, ks + head_offset(bh, H, T, 1), rows, T, H, C, UNSHIFTED), V)[:, None]
+    log_eps_t = row_log_eps(log_eps, qs_base, ks + head_offset(bh, H, T, 1), rows, T, H, C, UNSHIFTED)
+    x, eps_x, _ = unit_rows(o * scale, log_eps_t)
+    out = x * inverse_rms(x, eps_x, V)[:, None]
     if AFFINE:
         out = out * load_row(weight, 0, 1, 0, V, BV).to(tl.float32)[None, :]
     if GATED:
@@ -172,7 +189,7 @@ def normed_output_grad_kernel(
     d_weight,
     d_log_scale,
     scale,
-    eps,
+    log_eps,
     T,
     Tp,
     H,
@@ -191,9 +208,10 @@ def normed_output_grad_kernel(
 ):
     """The backward of `normed_output_kernel` for one chunk of one (batch, head), o recomputed:
 
-    with n = o · r, r = 1 / sqrt(mean(o²) + eps_t) and dn the gradient reaching n ⊙ w (after the gate),
-    do = r (dn ⊙ w − n · mean(dn ⊙ w ⊙ n)), dw = Σ_rows dn ⊙ n, dg = dy ⊙ n ⊙ w ⊙ silu'(g), and
-    ∂L/∂log_scale = −r² eps_t Σ dn ⊙ w ⊙ n (eps_t = eps · exp(2 log_scale) in the unshifted frame).
+    with x = o / s and eps_t / s² from `unit_rows`, n = x · r, r = 1 / sqrt(mean(x²) + eps_t / s²)
+    (so n = o / sqrt(mean(o²) + eps_t)) and dn the gradient reaching n ⊙ w (after the gate),
+    do = r / s (dn ⊙ w − n · mean(dn ⊙ w ⊙ n)), dw = Σ_rows dn ⊙ n, dg = dy ⊙ n ⊙ w ⊙ silu'(g), and
+    ∂L/∂log_scale = −r² (eps_t / s²) Σ dn ⊙ w ⊙ n (eps_t = eps · exp(2 log_scale) in the unshifted frame).
     """
     c, bh = tl.program_id(0), tl.program_id(1)
     t0 = c * C
@@ -219,11 +237,11 @@ def normed_output_grad_kernel(
         DOT,
         EXP,
     )
-    o = o * scale
     rows = t0 + tl.arange(0, C)
-    eps_t = row_eps(eps, qs_base, ks + head_offset(bh, H, T, 1), rows, T, H, C, UNSHIFTED)
-    r = inverse_rms(o, eps_t, V)
-    n = o * r[:, None]
+    log_eps_t = row_log_eps(log_eps, qs_base, ks + head_offset(bh, H, T, 1), rows, T, H, C, UNSHIFTED)
+    x, eps_x, s = unit_rows(o * scale, log_eps_t)
+    r = inverse_rms(x, eps_x, V)
+    n = x * r[:, None]
     grad = load_rows(dy + head_offset(bh, H, T, V), t0, T, H * V, 0, V, C, BV).to(tl.float32)
     if AFFINE:
         w = load_row(weight, 0, 1, 0, V, BV).to(tl.float32)[None, :]
@@ -243,10 +261,15 @@ def normed_output_grad_kernel(
         tl.store(partial + cols, tl.sum(grad * n, axis=0), mask=cols < V)
         grad = grad * w
     inner = tl.sum(grad * n, axis=1)  # [C]: Σ over features of dn ⊙ n
-    d_o = r[:, None] * (grad - n * (inner / V)[:, None])
+    d_o = r[:, None] * (grad - n * (inner / V)[:, None]) / s[:, None]
     store_rows(do + head_offset(bh, H, T, V), d_o, t0, T, H * V, 0, V, C, BV)
     if UNSHIFTED:
-        tl.store(d_log_scale + head_offset(bh, H, T, 1) + rows * H, -r * r * eps_t * inner, mask=rows < T)
+        tl.store(d_log_scale + head_offset(bh, H, T, 1) + rows * H, -r * r * eps_x * inner, mask=rows < T)
+
+
+def _log(eps: float) -> float:
+    """log eps, computed on the host in double precision (an eps below fp32's range is still exact)."""
+    return math.log(eps) if eps > 0 else -math.inf
 
 
 def _tiles(dims: Dims) -> tuple[int, int]:
@@ -305,7 +328,7 @@ def normed_output(
         *pointers,
         y,
         scale,
-        float(epilogue.eps),
+        _log(epilogue.eps),
         T,
         gc.shape[1],
         H,
@@ -363,7 +386,7 @@ def normed_output_grads(
         weight_parts if weight_parts is not None else placeholder,
         d_log_scale if d_log_scale is not None else placeholder,
         scale,
-        float(epilogue.eps),
+        _log(epilogue.eps),
         T,
         gc.shape[1],
         H,
