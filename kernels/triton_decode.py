@@ -122,16 +122,17 @@ def decode_step_kernel(
         readout += tl.sum(queries[:, None] * state, 0)
     readout = readout * scale
     if NORM:
-        # As `variants.norms.unit_rows`: the readout divided by its largest magnitude and eps by
-        # its square (in log space), so that a tiny readout (safe-exp's shifted frame under a
-        # closed gate) is never squared; the result is the same.
+        # As `variants.norms.unit_rows`: the readout divided by s, its largest magnitude or
+        # sqrt(eps_t) where that is larger, and eps_t by s² (in log space), so that a tiny readout
+        # (safe-exp's shifted frame under a closed gate) is never squared; the result is the same.
         magnitude = tl.maximum(tl.max(tl.where(in_v, tl.abs(readout), 0.0), 0), 1.1754943508222875e-38)
-        readout = readout / magnitude
-        log_eps = tl.log(eps) - 2.0 * tl.log(magnitude)
+        log_eps = tl.log(eps)
         if EPS_UNSHIFTED:
             # The norm's eps in the frame without safe-exp's shifts: eps · exp(2 log_scale), log_scale = -(shifts).
             log_eps = log_eps - 2.0 * (query_shift + key_shift)
-        norm_eps = tl.exp(tl.minimum(log_eps, 80.0))
+        log_s = tl.maximum(tl.log(magnitude), 0.5 * log_eps)
+        readout = readout * tl.exp(-log_s)
+        norm_eps = tl.exp(log_eps - 2.0 * log_s)
         mean_square = tl.sum(tl.where(in_v, readout * readout, 0.0), 0) / V
         readout = readout / tl.sqrt(mean_square + norm_eps)
         if AFFINE:

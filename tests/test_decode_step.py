@@ -195,6 +195,36 @@ def test_decode_step_norm_takes_a_tiny_readout():
     assert rel_rms(out.output.cpu(), expected) <= 1e-5
 
 
+def test_decode_step_norm_in_the_shifted_frame_where_eps_dominates():
+    """A tiny readout (~1e-33) normalised with an ordinary eps in the shifted frame: the output is
+    readout / sqrt(eps), as tiny, and must equal the fp64 reference (a cap on eps / max|readout|²
+    made it many orders of magnitude too large)."""
+    gen = torch.Generator().manual_seed(6)
+    B, H, K, V = 2, 2, 16, 8
+    x = make_step_inputs(B, H, K, V, "log", 0.0, K, gen)
+    x["a"] = torch.full((B, 1, H, K), -8.0)
+    weight = torch.rand(V, generator=gen) + 0.5
+    state = torch.randn(B, H, K, V, generator=gen) * 1e-33
+    key_max = torch.full((B, H), 75.0)
+    options = dict(features="safe_exp", gate="log", tau=1.0, log_clamp=-8.0, scale=0.3, eps_unshifted=False)
+    expected, _, _ = reference_step(x, state, key_max, weight=weight.double(), **options)
+    on = {n: t.to(DEVICE) if t is not None else None for n, t in x.items()}
+    out = triton_decode_step(
+        on["q"],
+        on["k"],
+        on["v"],
+        state.to(DEVICE),
+        key_max=key_max.to(DEVICE),
+        log_gate=on["a"],
+        norm_eps=EPS,
+        norm_weight=weight.to(DEVICE),
+        **options,
+    )
+    assert expected.abs().max() < 1e-25  # the regime: eps dominates
+    assert torch.isfinite(out.output).all()
+    assert rel_rms(out.output.cpu().double(), expected) <= 1e-5
+
+
 def test_decode_step_writes_new_tensors_unless_in_place():
     q = torch.randn(1, 1, 2, 16, device=DEVICE)
     state, key_max = torch.zeros(1, 2, 16, 8, device=DEVICE), torch.zeros(1, 2, device=DEVICE)

@@ -194,8 +194,8 @@ def test_packed_sequences_with_the_epilogue():
         (1e-30, "unshifted", True),
         (1e-20, "shifted", True),
         (1e-30, "shifted", True),
-        # eps dominates: y ~ o / sqrt(eps), as tiny as o (a cap on eps / max|o|², as
-        # `variants.norms.unit_rows` has, would make it ~100 times too large here)
+        # eps dominates: y ~ o / sqrt(eps), as tiny as o (a cap on eps / max|o|² instead of the
+        # scale sqrt(eps) would make it ~100 times too large here)
         (1e-20, "shifted", False),
     ],
 )

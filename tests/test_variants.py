@@ -559,6 +559,35 @@ def test_norm_in_the_unshifted_frame_takes_tiny_outputs(norm, dtype):
         assert ((g - w).norm() / w.norm()).item() <= tolerance
 
 
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_norm_in_the_unshifted_frame_where_eps_dominates(norm):
+    """eps_t = eps · exp(2 log_scale) far above o's square (shifts of −50): the output is
+    o / sqrt(eps_t), tiny, and exact in fp32 (a cap on eps_t / max|o|² made it ~e^-40 of the row
+    instead); its gradients are finite and exact too."""
+    torch.manual_seed(0)
+    module = NORMS.create(norm, K, H)
+    o = randn(B, T, H, K, seed=63)
+    log_scale = 50 + randn(B, T, H, 1, seed=64).abs()
+
+    def direct(o, log_scale):  # the definition, in fp64, with nothing rescaled
+        centred = o - o.mean(-1, keepdim=True) if norm == "layernorm" else o
+        out = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + module.eps * torch.exp(2 * log_scale))
+        return out * module.weight.double() + (module.bias.double() if norm == "layernorm" else 0)
+
+    def forward_and_grads(fn, dtype):
+        leaves = [o.to(dtype).requires_grad_(True), log_scale.to(dtype).requires_grad_(True)]
+        out = fn(*leaves)
+        grads = torch.autograd.grad((out.double() * randn(*out.shape, seed=65)).sum(), leaves)
+        return [out.double(), *(g.double() for g in grads)]
+
+    want = forward_and_grads(direct, torch.float64)
+    got = forward_and_grads(module.float(), torch.float32)
+    assert want[0].abs().max() < 1e-15  # the regime: eps dominates by far
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert ((g - w).norm() / w.norm()).item() <= 1e-5
+
+
 def test_hedgehog_forms():
     x = randn(B, T, H, K, seed=41)
     paper = FEATURE_MAPS.create("hedgehog", K, H).to(DTYPE)

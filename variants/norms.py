@@ -49,25 +49,25 @@ class Denominator(OutputNorm):
         return o
 
 
-#: Largest log of the eps term relative to the row's mean square that `unit_rows` keeps: e^80
-#: ≫ 1 already makes the output ~e^-40 of the input (and the exponential stays finite in fp32).
-_LOG_EPS_LIMIT = 80.0
-
-
 def unit_rows(x: Tensor, eps: float, log_scale: Tensor) -> tuple[Tensor, Tensor]:
-    """x [.., V] divided by its rows' largest magnitude, and the eps of the unshifted frame,
-    eps · exp(2 log_scale), divided by that magnitude squared: a norm of the two equals the norm
-    of x with that eps, but never squares a tiny x. In safe-exp's shifted frame the attention
-    output is as small as e^-(shifts) (under a closed gate, the state holds only recent keys,
-    and their features exp(k − running max) can be far below 1): mean(x²) underflowed, or the
-    backward of rsqrt (mean^-3/2) overflowed from mean(x²) ~ 1e-26 on, in fp32 and bf16.
+    """x [.., V] divided by a per-row scale s, and the eps of the unshifted frame,
+    eps_t = eps · exp(2 log_scale), divided by s²: a norm of the two equals the norm of x with
+    eps_t, but never squares a tiny x. In safe-exp's shifted frame the attention output is as
+    small as e^-(shifts) (under a closed gate, the state holds only recent keys, and their
+    features exp(k − running max) can be far below 1): mean(x²) underflowed, or the backward of
+    rsqrt (mean^-3/2) overflowed from mean(x²) ~ 1e-26 on, in fp32 and bf16.
 
-    The magnitude is detached: the normalised output does not depend on it (this is exact, not
-    an approximation). A zero row stays zero; the eps term is formed in log space and capped."""
-    magnitude = x.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    log_eps = math.log(eps) + 2 * (log_scale.to(x.dtype) - magnitude.log()) if eps > 0 else None
-    scaled = eps * 0.0 if log_eps is None else torch.exp(log_eps.clamp_max(_LOG_EPS_LIMIT))
-    return x / magnitude, scaled
+    s is the row's largest magnitude, or sqrt(eps_t) where that is larger, chosen in log space:
+    then either mean((x/s)²) >= 1/V or eps_t/s² = 1, so the sum under the root lies in [1/V, 2]
+    however small or large x and eps_t are, and nothing needs a cap. s is detached: the
+    normalised output does not depend on it (exact, not an approximation); eps_t/s² keeps its
+    gradient with respect to log_scale. A zero row stays zero."""
+    log_magnitude = x.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny).log()
+    if not eps > 0:
+        return x * torch.exp(-log_magnitude), torch.zeros_like(log_magnitude)
+    log_eps = math.log(eps) + 2 * log_scale.to(x.dtype)
+    log_s = torch.maximum(log_magnitude, 0.5 * log_eps.detach())
+    return x * torch.exp(-log_s), torch.exp(log_eps - 2 * log_s)
 
 
 class _PerHeadOrFullWidth(OutputNorm):
