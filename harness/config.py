@@ -99,10 +99,15 @@ class AttentionConfig:
     denominator_eps: float = 1e-6
     #: fla GLA's swish output gate before the output projection
     output_gate: str = "none"
-    #: "auto": on CUDA the fused ReGLA op for safe_exp + refined (kernels.triton_regla), else the
-    #: Triton GLA kernel; the torch chunked form on CPU. Or a name from kernels.IMPLEMENTATIONS,
-    #: which always takes the composed path (feature map, gate, then that kernel).
+    #: "auto": on CUDA the fused ReGLA op for safe_exp with the refined or GLA's sigmoid gate
+    #: (kernels.triton_regla), else the Triton GLA kernel; the torch chunked form on CPU. Or a name
+    #: from kernels.IMPLEMENTATIONS, which always takes the composed path (feature map, gate, then
+    #: that kernel).
     impl: str = "auto"
+    #: where the fused op runs: apply a per-head RMSNorm (and the swish output gate) in the op's
+    #: output kernel instead of as separate passes (kernels.blocks.norm_epilogue). Off by default
+    #: until model-level training through it has been timed and compared (BENCHMARKS.md).
+    fused_epilogue: bool = False
     #: where a per-head output norm's eps lives when the feature map shifts its exponent
     #: (safe_exp): "unshifted", the frame without the shifts, so they cancel exactly and every
     #: key-max scope gives the same output; or "shifted", eps on the shifted output as a plain
@@ -115,6 +120,8 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         _choice("attention.output_gate", self.output_gate, ("none", "swish"))
         _choice("attention.norm_eps_frame", self.norm_eps_frame, ("unshifted", "shifted"))
+        if not isinstance(self.fused_epilogue, bool):
+            raise ConfigError(f"attention.fused_epilogue must be true or false; got {self.fused_epilogue!r}")
         for name in ("feature_map_options", "norm_options", "gate_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ConfigError(f"attention.{name} must be a mapping of option names to values")

@@ -144,9 +144,8 @@ class LinearAttention(nn.Module):
         #: (benchmarks compare the two)
         self.fused_decode_step = True
         #: on: the fused op applies the norm and the output gate in its epilogue where the norm
-        #: declares that form. Off by default until its kernels have passed their GPU tests and been
-        #: timed against the separate passes (BENCHMARKS.md); checked on CPU under the interpreter.
-        self.fused_epilogue = False
+        #: declares that form (`config.fused_epilogue`; benchmarks flip it on a built layer)
+        self.fused_epilogue = config.fused_epilogue
         self.captured: GateOutput | None = None
         #: the path the last forward took, one of ATTENTION_PATHS (None before any): runs record it
         #: (`attention_path_counts`), since the paths compute in different precisions (the fused op

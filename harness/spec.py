@@ -103,12 +103,14 @@ class RunSpec:
 
 
 def without_unset_additions(model: dict[str, Any]) -> dict[str, Any]:
-    """The model settings added after SPEC_FORMAT 2 (`init`, `attention.rotary`) enter the run id
-    only when set, so that every run id from before they existed stays what it was."""
+    """The model settings added after SPEC_FORMAT 2 (`init`, `attention.rotary`,
+    `attention.fused_epilogue`) enter the run id only when set, so that every run id from before
+    they existed stays what it was."""
     if model.get("init") is None:
         model.pop("init", None)
-    if not model.get("attention", {}).get("rotary", True):
-        model["attention"].pop("rotary")
+    for switch in ("rotary", "fused_epilogue"):
+        if not model.get("attention", {}).get(switch, True):
+            model["attention"].pop(switch)
     return model
 
 

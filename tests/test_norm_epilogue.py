@@ -12,6 +12,7 @@ Without CUDA the kernels run under Triton's interpreter (tests/conftest.py) on t
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -22,7 +23,7 @@ pytest.importorskip("triton")
 
 from torch.func import functional_call  # noqa: E402
 
-from harness.config import AttentionConfig, ModelConfig  # noqa: E402
+from harness.config import AttentionConfig, ConfigError, ModelConfig  # noqa: E402
 from harness.model import LanguageModel  # noqa: E402
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.safe_exp import key_shifts, packed_key_shifts, query_shift  # noqa: E402
@@ -295,9 +296,27 @@ def test_only_norms_that_declare_the_epilogue_get_it():
         layer.fused_epilogue = True
     assert all(layer.epilogue_norm() is None for layer in model.linear_attention_layers())
     layer = regla_model().linear_attention_layers()[0]
-    assert layer.epilogue_norm() is None  # off by default (see LinearAttention.fused_epilogue)
+    assert layer.epilogue_norm() is None  # off by default (see AttentionConfig.fused_epilogue)
     layer.fused_epilogue = True
     assert layer.epilogue_norm() is not None
+
+
+def test_grids_switch_the_epilogue_on_and_it_enters_the_run_id():
+    """`model.attention.fused_epilogue: true` reaches every linear layer; off (the default) leaves
+    run ids as they were before the switch existed, on gives the run its own id."""
+    from harness.spec import spec_from_dict
+
+    on = LanguageModel(
+        ModelConfig(vocab_size=53, d_model=32, n_layers=2, n_heads=2, attention=AttentionConfig(fused_epilogue=True))
+    )
+    assert all(layer.fused_epilogue for layer in on.linear_attention_layers())
+    base = {"data": {"source": "offline-english", "tokenizer": "bpe-4096"}, "model": {"d_model": 32}}
+    default = spec_from_dict(base, name="x")
+    assert "fused_epilogue" not in json.dumps(default.identity())
+    switched = spec_from_dict({**base, "model": {"d_model": 32, "attention": {"fused_epilogue": True}}}, name="x")
+    assert switched.run_id != default.run_id
+    with pytest.raises(ConfigError, match="attention.fused_epilogue must be true or false"):
+        AttentionConfig(fused_epilogue="yes")
 
 
 def check_gpu_errors(errors: dict, dtype: torch.dtype) -> None:
