@@ -35,7 +35,7 @@ from variants import import_plugin_modules
 
 from .config import ConfigError
 from .postlin.own import check_compatible
-from .postlin.start import with_source_id
+from .postlin.start import is_transformers_source, with_source_id
 from .spec import RunSpec, spec_from_dict
 from .stages import STAGES
 
@@ -281,6 +281,14 @@ def resolve_source_runs(runs: list[RunSpec], grid_name: str) -> list[RunSpec]:
             raise ConfigError(f"{where}: the grid {grid_name!r} has no run of that name; its runs: {known}")
         if source.model.init is not None and source.model.init.source_run is not None:
             raise ConfigError(f"{where}: its source starts from another run itself; chains of runs are not supported")
+        if source.model.init is not None and is_transformers_source(source.model.init):
+            # Such a run is saved as its recipe over the transformers model (harness.postlin.start),
+            # which a second conversion cannot start from.
+            raise ConfigError(
+                f"{where}: its source is converted from the transformers model "
+                f"{source.model.init.from_pretrained!r}; a `run:` source must be a harness model (trained "
+                "from scratch or converted from one). Start from that model.init.from_pretrained instead"
+            )
         check_compatible(source.model, spec.model, where)
         if (source.data.source, source.data.tokenizer) != (spec.data.source, spec.data.tokenizer):
             raise ConfigError(f"{where}: data.source and data.tokenizer must be the source run's (its tokenizer)")

@@ -550,6 +550,23 @@ def test_a_grid_continues_training_a_transformers_model(corpus, saved_neox, tmp_
     assert set(frame[frame["metric"].str.startswith("gate/")]["step"]) == {0, 4}  # before and after
 
 
+def test_a_run_source_that_is_a_converted_transformers_model_is_refused_when_the_grid_loads(corpus, saved_neox):
+    """A `run:` source must be a harness model: one converted from a transformers model is saved as
+    a recipe over that model, which a second conversion cannot start from. The grid says so, and
+    what to do instead, before anything trains."""
+    grid = tiny_grid(corpus)
+    grid["base"]["data"]["tokenizer"] = f"hf:{saved_neox}"
+    grid["base"]["model"].update(softmax_layers=[0], attention={"feature_map": "safe_exp", "gate": "refined"})
+    grid["axes"] = {
+        "init": {
+            "first": {"model.init": {"from_pretrained": str(saved_neox)}},
+            "second": {"model.init": {"from_pretrained": "run:first"}},
+        }
+    }
+    with pytest.raises(ConfigError, match="its source is converted from the transformers model .*Start from that"):
+        expand_grid(grid)
+
+
 # -- stages that build the run's architecture: profile and mqar -----------------------------------
 
 
