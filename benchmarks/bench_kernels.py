@@ -533,7 +533,8 @@ def main():
     chosen = known - set(EPILOGUE_IMPLS) if args.impls == "all" else set(args.impls.split(","))
     unknown = chosen - known - set(EPILOGUE_IMPLS) - {"A0_fla", "A1_regla_fla"}
     if unknown:
-        parser.error(f"unknown --impls {', '.join(sorted(unknown))}; known: {', '.join(sorted(known | set(EPILOGUE_IMPLS)))}")
+        names = ", ".join(sorted(known | set(EPILOGUE_IMPLS)))
+        parser.error(f"unknown --impls {', '.join(sorted(unknown))}; known: {names}")
     if args.epilogue:
         chosen |= set(EPILOGUE_IMPLS)
     impls = {n: c for n, c in impls.items() if n in chosen}
