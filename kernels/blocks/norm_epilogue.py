@@ -106,6 +106,66 @@ def inverse_rms(o, row_eps, V):
 
 
 @triton.jit
+def normalised_tile(
+    q,
+    qs,
+    ks,
+    v,
+    gc,
+    A,
+    states,
+    scale,
+    log_eps,
+    c,
+    bh,
+    T,
+    Tp,
+    H,
+    K,
+    V,
+    NT,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT: tl.constexpr,
+    EXP: tl.constexpr,
+    UNSHIFTED: tl.constexpr,
+):
+    """Chunk c of (batch, head) bh: o recomputed (`output_tile`) and normalised, as the forward
+    and the backward both need it. Returns n = o / sqrt(mean(o²) + eps_t) [C, BV], and from
+    `unit_rows` r = 1 / sqrt(mean(x²) + eps_t / s²), eps_t / s² and s per row (x = o / s)."""
+    t0 = c * C
+    qs_base = qs + head_offset(bh, H, T, 1)
+    o = output_tile(
+        q + head_offset(bh, H, T, K),
+        qs_base,
+        v + head_offset(bh, H, T, V),
+        gc + head_offset(bh, H, Tp, K),
+        A + head_offset(bh, H, Tp, C),
+        states + (bh.to(tl.int64) * NT + c) * K * V,
+        t0,
+        0,
+        T,
+        Tp,
+        H,
+        K,
+        V,
+        C,
+        BK,
+        BV,
+        PREC,
+        DOT,
+        EXP,
+    )
+    rows = t0 + tl.arange(0, C)
+    log_eps_t = row_log_eps(log_eps, qs_base, ks + head_offset(bh, H, T, 1), rows, T, H, C, UNSHIFTED)
+    x, eps_x, s = unit_rows(o * scale, log_eps_t)
+    r = inverse_rms(x, eps_x, V)
+    return x * r[:, None], r, eps_x, s
+
+
+@triton.jit
 def normed_output_kernel(
     q,
     qs,
@@ -138,32 +198,9 @@ def normed_output_kernel(
     """y = norm(o) ⊙ w ⊙ silu(g) for one chunk of one (batch, head), all V columns at once."""
     c, bh = tl.program_id(0), tl.program_id(1)
     t0 = c * C
-    qs_base = qs + head_offset(bh, H, T, 1)
-    o = output_tile(
-        q + head_offset(bh, H, T, K),
-        qs_base,
-        v + head_offset(bh, H, T, V),
-        gc + head_offset(bh, H, Tp, K),
-        A + head_offset(bh, H, Tp, C),
-        states + (bh.to(tl.int64) * NT + c) * K * V,
-        t0,
-        0,
-        T,
-        Tp,
-        H,
-        K,
-        V,
-        C,
-        BK,
-        BV,
-        PREC,
-        DOT,
-        EXP,
+    out, _, _, _ = normalised_tile(
+        q, qs, ks, v, gc, A, states, scale, log_eps, c, bh, T, Tp, H, K, V, NT, C, BK, BV, PREC, DOT, EXP, UNSHIFTED
     )
-    rows = t0 + tl.arange(0, C)
-    log_eps_t = row_log_eps(log_eps, qs_base, ks + head_offset(bh, H, T, 1), rows, T, H, C, UNSHIFTED)
-    x, eps_x, _ = unit_rows(o * scale, log_eps_t)
-    out = x * inverse_rms(x, eps_x, V)[:, None]
     if AFFINE:
         out = out * load_row(weight, 0, 1, 0, V, BV).to(tl.float32)[None, :]
     if GATED:
@@ -215,33 +252,10 @@ def normed_output_grad_kernel(
     """
     c, bh = tl.program_id(0), tl.program_id(1)
     t0 = c * C
-    qs_base = qs + head_offset(bh, H, T, 1)
-    o = output_tile(
-        q + head_offset(bh, H, T, K),
-        qs_base,
-        v + head_offset(bh, H, T, V),
-        gc + head_offset(bh, H, Tp, K),
-        A + head_offset(bh, H, Tp, C),
-        states + (bh.to(tl.int64) * NT + c) * K * V,
-        t0,
-        0,
-        T,
-        Tp,
-        H,
-        K,
-        V,
-        C,
-        BK,
-        BV,
-        PREC,
-        DOT,
-        EXP,
-    )
     rows = t0 + tl.arange(0, C)
-    log_eps_t = row_log_eps(log_eps, qs_base, ks + head_offset(bh, H, T, 1), rows, T, H, C, UNSHIFTED)
-    x, eps_x, s = unit_rows(o * scale, log_eps_t)
-    r = inverse_rms(x, eps_x, V)
-    n = x * r[:, None]
+    n, r, eps_x, s = normalised_tile(
+        q, qs, ks, v, gc, A, states, scale, log_eps, c, bh, T, Tp, H, K, V, NT, C, BK, BV, PREC, DOT, EXP, UNSHIFTED
+    )
     grad = load_rows(dy + head_offset(bh, H, T, V), t0, T, H * V, 0, V, C, BV).to(tl.float32)
     if AFFINE:
         w = load_row(weight, 0, 1, 0, V, BV).to(tl.float32)[None, :]
