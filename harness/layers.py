@@ -379,6 +379,8 @@ class LinearAttention(nn.Module):
             if isinstance(gate, RefiningGateKernel)
             else dict(gate_logits=logits)
         )
+        if isinstance(gate, SigmoidGateKernel) and gate.scales_keys:
+            v = v * torch.sigmoid(-logits).to(v.dtype)  # gated RFA's 1 − g on the keys, as a factor on v
         memory = state.memory
         if memory.dtype != torch.float32 or not memory.is_contiguous():
             memory = memory.float().contiguous()  # the prefill's state in another dtype: converted once
@@ -492,9 +494,11 @@ class LinearAttention(nn.Module):
         # Over packed documents one call serves even a gate fed with the previous token: at a
         # document's first token that input reads the document before, but the gate there decays
         # a state that is zero (it restarts), so its value changes nothing, output or gradient.
-        gate_arguments = _fused_gate_arguments(gate, x, state.last_input if state is not None else None)
+        gate_arguments, key_scale = _fused_gate_arguments(gate, x, state.last_input if state is not None else None)
         if self.uses_denominator:
             v, _ = with_denominator_column(v)
+        if key_scale is not None:
+            v = v * key_scale.to(v.dtype)  # after the ones column: the denominator sums the scaled keys too
         epilogue = self._epilogue_arguments(x)
         o, memory, key_max = kernels.triton_regla(
             q,
@@ -548,18 +552,22 @@ def attention_path_counts(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def _fused_gate_arguments(gate: RefiningGateKernel | SigmoidGateKernel, x: Tensor, x_prev: Tensor | None) -> dict:
+def _fused_gate_arguments(
+    gate: RefiningGateKernel | SigmoidGateKernel, x: Tensor, x_prev: Tensor | None
+) -> tuple[dict, Tensor | None]:
     """The fused op's gate arguments: the refining gate's two logits (its formula runs inside the
     gate-scan kernel), or a sigmoid gate's log decay logσ(a)/τ, clamped, as the op's given log gate.
     The latter is one elementwise pass in fp32 (the composed gate computes it in the logits' dtype,
-    bf16 under autocast); its backward is torch's."""
+    bf16 under autocast); its backward is torch's. Second: the factor σ(−a) [B, T, H, 1] on the
+    keys of a gate that `scales_keys` (applied to v by the caller), else None."""
     if isinstance(gate, RefiningGateKernel):
         gate_logits, refine_logits = gate.logits(x, x_prev)
-        return dict(gate_logits=gate_logits, refine_logits=refine_logits, tau=gate.tau, log_clamp=gate.log_clamp)
-    log_gate = F.logsigmoid(gate.logits(x, x_prev).float()) / gate.tau
+        return dict(gate_logits=gate_logits, refine_logits=refine_logits, tau=gate.tau, log_clamp=gate.log_clamp), None
+    logits = gate.logits(x, x_prev)
+    log_gate = F.logsigmoid(logits.float()) / gate.tau
     if gate.log_clamp is not None:
         log_gate = log_gate.clamp_min(gate.log_clamp)
-    return dict(log_gate=log_gate)
+    return dict(log_gate=log_gate), (torch.sigmoid(-logits) if gate.scales_keys else None)
 
 
 def _rotate(x: Tensor, offset: int | Tensor, base: float, positions: Tensor | None = None) -> Tensor:

@@ -8,7 +8,7 @@ too, and one that is not keeps the composed path. Each op takes the descriptions
 
 - the chunked ReGLA op (`kernels.triton_regla`): `SafeExpKernel` with `RefiningGateKernel` (its
   formula inside the gate scan) or `SigmoidGateKernel` (logσ(a)/τ formed by the layer, the op's
-  given log gate), and
+  given log gate; with `scales_keys`, σ(−a) on v), and
   `RMSNormKernel` in its output kernel's epilogue (with the swish output gate, when the layer has one);
 - the single-token decoding step (`kernels.triton_decode`): `SafeExpKernel` or `IdentityKernel`,
   `RefiningGateKernel` or `SigmoidGateKernel`, and `RMSNormKernel`.
@@ -86,11 +86,16 @@ class SigmoidGateKernel:
             plugin's own projection.
         tau: the temperature τ > 0.
         log_clamp: lower bound of log α (None: unclamped).
+        scales_keys: gated RFA's form: the keys' features also multiplied by 1 − σ(a) = σ(−a)
+            (`GateOutput.input_scale`); needs a per-head a ([B, T, H, 1]). A per-token, per-head
+            factor on φ(k) is the same factor on the state's outer products, so the layer applies
+            it to v (and to a denominator's ones column) before the op.
     """
 
     logits: Callable[[Tensor, Tensor | None], Tensor]
     tau: float = 1.0
     log_clamp: float | None = None
+    scales_keys: bool = False
 
     def __post_init__(self) -> None:
         if not self.tau > 0:

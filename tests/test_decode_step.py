@@ -256,6 +256,8 @@ LAYER_CONFIGS = {
     "regla_shifted_gate_input": dict(
         feature_map="safe_exp", gate="refined", norm="rmsnorm", gate_options={"input": "x_shift"}
     ),
+    # gated RFA: a per-head sigmoid gate whose 1 − g also scales the keys (a factor on v here)
+    "scalar": dict(feature_map="safe_exp", gate="scalar", norm="rmsnorm"),
 }
 
 

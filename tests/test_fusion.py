@@ -73,9 +73,11 @@ def external_plugins():
     FEATURE_MAPS.unregister("shift_free_exp_external")
 
 
-def make_layer(feature_map_name, gate_name, **gate_options):
+def make_layer(feature_map_name, gate_name, attention=None, **gate_options):
     torch.manual_seed(0)
-    config = AttentionConfig(feature_map=feature_map_name, gate=gate_name, gate_options=gate_options)
+    config = AttentionConfig(
+        feature_map=feature_map_name, gate=gate_name, gate_options=gate_options, **(attention or {})
+    )
     return LinearAttention(32, 2, 16, config).to(DEVICE)
 
 
@@ -94,24 +96,27 @@ def test_a_third_party_gate_that_declares_a_fused_form_gets_the_fused_path(exter
 
 
 @pytest.mark.parametrize(
-    "gate_options, tolerance",
+    "gate_name, gate_options, attention, tolerance",
     [
-        ({}, 1e-4),  # GLA's gate: τ = 16, rank 16
+        ("gla", {}, {}, 1e-4),  # GLA's gate: τ = 16, rank 16
         # A plain sigmoid gate nearly closed (σ(−6)), the clamp at −8 binding for some features:
         # q_proj's and k_proj's gradients are ill-conditioned there. Against the fp64 composed
         # layer, fp32 gives 1.9e-4 fused and 7e-5 composed, as for the refining gate's fused path
         # at the same gate (1.9e-4 / 6e-5): the chunked kernels' property, not the gate's.
-        ({"tau": 1.0, "rank": None, "log_clamp": -8.0, "bias_init": -6.0}, 5e-4),
-        ({"tau": 1.0, "rank": None, "bias_init": 6.0}, 1e-4),  # saturated open
+        ("gla", {"tau": 1.0, "rank": None, "log_clamp": -8.0, "bias_init": -6.0}, {}, 5e-4),
+        ("gla", {"tau": 1.0, "rank": None, "bias_init": 6.0}, {}, 1e-4),  # saturated open
+        ("scalar", {}, {}, 1e-4),  # gated RFA: 1 − g scales the keys
+        ("scalar", {"bias_init": 2.0}, {"denominator": True}, 1e-4),  # ... and the denominator's sum of keys
     ],
-    ids=["gla", "plain-closed-clamped", "plain-open"],
+    ids=["gla", "plain-closed-clamped", "plain-open", "scalar", "scalar-denominator"],
 )
 def test_safe_exp_with_a_sigmoid_gate_through_the_fused_op_equals_the_composed_path(
-    gate_options, tolerance, monkeypatch
+    gate_name, gate_options, attention, tolerance, monkeypatch
 ):
-    """The sigmoid gate's log decay goes into the fused op as a given log gate: output and every
-    parameter gradient (the gate's projection included) equal the composed path, at an odd length."""
-    layer = make_layer("safe_exp", "gla", **gate_options)
+    """The sigmoid gate's log decay goes into the fused op as a given log gate (and gated RFA's
+    key factor onto v): output and every parameter gradient (the gate's projection included) equal
+    the composed path, at an odd length."""
+    layer = make_layer("safe_exp", gate_name, attention, **gate_options)
     assert isinstance(layer.fused_plan().gate, SigmoidGateKernel)
     x = torch.randn(2, 29, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     fused = layer_outputs(layer, x, True, monkeypatch)
@@ -144,8 +149,9 @@ def test_built_in_plugins_declare_their_fused_forms():
     # GLA's sigmoid gate with safe-exp features is (the ablation's plain-gate and GLA-gate rows).
     sigmoid = make_layer("safe_exp", "gla", tau=1.0, log_clamp=-8.0).fused_plan()
     assert isinstance(sigmoid.gate, SigmoidGateKernel) and sigmoid.gate.tau == 1.0 and sigmoid.gate.log_clamp == -8.0
-    # Gated RFA's scalar gate also scales the value input: it has no fused form.
-    assert make_layer("safe_exp", "scalar").fused_plan() is None
+    # Gated RFA's scalar gate: a sigmoid gate per head whose 1 − g also scales the keys.
+    scalar = make_layer("safe_exp", "scalar").fused_plan()
+    assert isinstance(scalar.gate, SigmoidGateKernel) and scalar.gate.scales_keys and scalar.gate.tau == 1.0
     # Identity features and GLA's gate are forms of the fused decoding step, not of the chunked op.
     gla = make_layer("identity", "gla", tau=8.0)
     assert gla.feature_map.fused_kernel() == IdentityKernel()

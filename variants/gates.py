@@ -152,8 +152,17 @@ class ScalarGate(ProjectedGate):
         )
         self.proj = GateProjection(d_model, num_heads, 1, None, bias_init)
 
+    def fused_kernel(self) -> SigmoidGateKernel:
+        """A sigmoid gate per head (τ = 1) whose 1 − g also scales the keys: the fused op and the
+        fused decoding step compute it from its logits."""
+        return SigmoidGateKernel(self.logits, tau=1.0, log_clamp=self.log_clamp, scales_keys=True)
+
+    def logits(self, x: Tensor, x_prev: Tensor | None = None) -> Tensor:
+        """The gate logits [B, T, H, 1]."""
+        return self.proj(self.select_input(x, x_prev))
+
     def forward(self, x: Tensor, x_prev: Tensor | None = None) -> GateOutput:
-        logits = self.proj(self.select_input(x, x_prev))  # [B, T, H, 1]
+        logits = self.logits(x, x_prev)  # [B, T, H, 1]
         log_g = self.clamp(F.logsigmoid(logits))
         return GateOutput(
             log_k=log_g,
