@@ -380,7 +380,7 @@ class LinearAttention(nn.Module):
             else dict(gate_logits=logits)
         )
         if isinstance(gate, SigmoidGateKernel) and gate.scales_keys:
-            v = v * torch.sigmoid(-logits).to(v.dtype)  # gated RFA's 1 − g on the keys, as a factor on v
+            v = v * _key_scale(gate, logits).to(v.dtype)  # gated RFA's 1 − g on the keys, as a factor on v
         memory = state.memory
         if memory.dtype != torch.float32 or not memory.is_contiguous():
             memory = memory.float().contiguous()  # the prefill's state in another dtype: converted once
@@ -494,7 +494,14 @@ class LinearAttention(nn.Module):
         # Over packed documents one call serves even a gate fed with the previous token: at a
         # document's first token that input reads the document before, but the gate there decays
         # a state that is zero (it restarts), so its value changes nothing, output or gradient.
-        gate_arguments, key_scale = _fused_gate_arguments(gate, x, state.last_input if state is not None else None)
+        # A gate whose logits also scale the keys (`scales_keys`) is another matter: that factor
+        # reaches the output at the first token, so such a gate reads each document on its own.
+        spans = None
+        if bounds is not None and not self.gate_reads_one_token():
+            spans = list(zip(bounds, bounds[1:]))
+        gate_arguments, key_scale = _fused_gate_arguments(
+            gate, x, state.last_input if state is not None else None, spans
+        )
         if self.uses_denominator:
             v, _ = with_denominator_column(v)
         if key_scale is not None:
@@ -553,21 +560,40 @@ def attention_path_counts(model: nn.Module) -> dict[str, int]:
 
 
 def _fused_gate_arguments(
-    gate: RefiningGateKernel | SigmoidGateKernel, x: Tensor, x_prev: Tensor | None
+    gate: RefiningGateKernel | SigmoidGateKernel,
+    x: Tensor,
+    x_prev: Tensor | None,
+    spans: list[tuple[int, int]] | None = None,
 ) -> tuple[dict, Tensor | None]:
     """The fused op's gate arguments: the refining gate's two logits (its formula runs inside the
     gate-scan kernel), or a sigmoid gate's log decay logσ(a)/τ, clamped, as the op's given log gate.
     The latter is one elementwise pass in fp32 (the composed gate computes it in the logits' dtype,
     bf16 under autocast); its backward is torch's. Second: the factor σ(−a) [B, T, H, 1] on the
-    keys of a gate that `scales_keys` (applied to v by the caller), else None."""
+    keys of a gate that `scales_keys` (applied to v by the caller), else None. `spans`: the packed
+    documents' (start, end), for a gate that scales the keys and reads beyond its own token: its
+    logits are then taken one document at a time."""
     if isinstance(gate, RefiningGateKernel):
         gate_logits, refine_logits = gate.logits(x, x_prev)
         return dict(gate_logits=gate_logits, refine_logits=refine_logits, tau=gate.tau, log_clamp=gate.log_clamp), None
-    logits = gate.logits(x, x_prev)
+    if gate.scales_keys and spans is not None:
+        logits = torch.cat([gate.logits(x[:, start:end], None) for start, end in spans], dim=1)
+    else:
+        logits = gate.logits(x, x_prev)
     log_gate = F.logsigmoid(logits.float()) / gate.tau
     if gate.log_clamp is not None:
         log_gate = log_gate.clamp_min(gate.log_clamp)
-    return dict(log_gate=log_gate), (torch.sigmoid(-logits) if gate.scales_keys else None)
+    return dict(log_gate=log_gate), (_key_scale(gate, logits) if gate.scales_keys else None)
+
+
+def _key_scale(gate: SigmoidGateKernel, logits: Tensor) -> Tensor:
+    """Gated RFA's factor 1 − σ(a) = σ(−a) on the keys, per head: a factor on v is the same only
+    where it is one number per token and head."""
+    if logits.shape[-1] != 1:
+        raise ValueError(
+            f"a sigmoid gate that scales the keys (SigmoidGateKernel.scales_keys) needs one logit per head, "
+            f"[B, T, H, 1]; got {tuple(logits.shape)}"
+        )
+    return torch.sigmoid(-logits)
 
 
 def _rotate(x: Tensor, offset: int | Tensor, base: float, positions: Tensor | None = None) -> Tensor:

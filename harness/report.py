@@ -70,10 +70,8 @@ def attention_paths(train: pd.DataFrame) -> pd.Series:
     """Per run, the paths its linear-attention layers trained through (`attention/layers_*` rows),
     e.g. "fused 6" or "fused 3, composed 3"; runs without those rows are left out."""
     rows = train[train["metric"].str.startswith("attention/layers_") & (train["value"] > 0)]
-    return rows.groupby("run_id").apply(
-        lambda g: ", ".join(f"{m.removeprefix('attention/layers_')} {int(v)}" for m, v in zip(g["metric"], g["value"])),
-        include_groups=False,
-    )
+    labels = rows["metric"].str.removeprefix("attention/layers_") + " " + rows["value"].astype(int).astype(str)
+    return labels.groupby(rows["run_id"]).agg(", ".join)
 
 
 def markdown_table(table: pd.DataFrame, float_format: str = "{:.4g}") -> str:

@@ -196,3 +196,53 @@ def test_layers_record_the_path_they_took(monkeypatch):
         "decode_step": 0,
     }
     assert attention_path_counts(torch.nn.Linear(2, 2)) == {}
+
+
+@pytest.mark.parametrize("gate_input", ["x", "x_shift"])
+def test_packed_documents_through_the_fused_op_with_the_scalar_gate(gate_input, monkeypatch):
+    """Over packed documents the scalar gate's key factor at a document's first token must not read
+    the document before (with `input: x_shift`): the fused layer equals the composed one, and both
+    equal each document run on its own."""
+    layer = make_layer("safe_exp", "scalar", input=gate_input, bias_init=-1.0)
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    cu_seqlens = torch.tensor([0, 5, 12, 17, 24])
+    outputs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q, fused=fused: fused)
+        with torch.no_grad():
+            outputs[fused] = layer(x, cu_seqlens=cu_seqlens)[0]
+        flat = x.reshape(1, 24, 32)
+        with torch.no_grad():
+            alone = torch.cat([layer(flat[:, a:b])[0] for a, b in [(0, 5), (5, 12), (12, 17), (17, 24)]], 1)
+        assert rel_rms(outputs[fused], alone.view(2, 12, 32)) <= 1e-5, fused
+
+
+class PerFeatureKeyScalingGate(Gate):
+    """A gate that declares the key-scaling sigmoid form with one logit per key feature: not a
+    factor the fused paths can move onto v."""
+
+    def __init__(self, d_model, num_heads, key_dim, value_dim):
+        super().__init__(d_model, num_heads, key_dim, value_dim)
+        self.proj = torch.nn.Linear(d_model, num_heads * key_dim)
+
+    def logits(self, x, x_prev=None):
+        B, T, _ = x.shape
+        return self.proj(x).view(B, T, self.num_heads, self.key_dim)
+
+    def fused_kernel(self):
+        return SigmoidGateKernel(self.logits, scales_keys=True)
+
+    def forward(self, x, x_prev=None):
+        logits = self.logits(x)
+        return GateOutput(log_k=F.logsigmoid(logits), input_scale=torch.sigmoid(-logits))
+
+
+def test_a_key_scaling_gate_needs_one_logit_per_head(monkeypatch):
+    gate("per_feature_key_scaling_external", version=1)(PerFeatureKeyScalingGate)
+    try:
+        layer = make_layer("safe_exp", "per_feature_key_scaling_external")
+        monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q: True)
+        with pytest.raises(ValueError, match=r"needs one logit per head, \[B, T, H, 1\]"):
+            layer(torch.randn(1, 9, 32).to(DEVICE))
+    finally:
+        GATES.unregister("per_feature_key_scaling_external")

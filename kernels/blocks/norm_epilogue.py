@@ -90,8 +90,8 @@ def unit_rows(o, log_eps):
     """x = o [C, BV] / s, eps_t / s² (from log eps_t) and s per row, s the row's largest magnitude
     or sqrt(eps_t) where that is larger: the norm of x with eps_t / s² equals the norm of o with
     eps_t. Either mean(x²) >= 1 / V or eps_t / s² = 1, so mean(x²) + eps_t / s² lies in [1 / V, 2]
-    however small or large o and eps_t are, and it needs no cap (`variants.norms.unit_rows`, which
-    divides by the magnitude alone, caps its eps term). s cancels in the norm: it takes no gradient."""
+    however small or large o and eps_t are, and it needs no cap (as `variants.norms.unit_rows`).
+    s cancels in the norm: it takes no gradient."""
     magnitude = tl.maximum(tl.max(tl.abs(o), axis=1), tl.exp(0.5 * log_eps))
     magnitude = tl.maximum(magnitude, _FP32_TINY)
     return o / magnitude[:, None], tl.exp(log_eps - 2.0 * tl.log(magnitude)), magnitude
