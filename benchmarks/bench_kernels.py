@@ -157,6 +157,8 @@ def regla_fused(q, k, v, gate_logit, refine_logit, norm_weight, key_max="sequenc
 
 
 EPILOGUE_IMPLS = ("regla_norm_gate_separate", "regla_norm_gate_epilogue", "layer_regla", "layer_regla_epilogue")
+#: the anchors on fla (its chunk_gla, and ReGLA composed on it): named even where fla is not installed
+FLA_IMPLS = ("A0_fla", "A1_regla_fla")
 NORM_EPS = 1e-5
 LAYER_CONFIG = AttentionConfig(
     feature_map="safe_exp", gate="refined", norm="rmsnorm", output_gate="swish", norm_eps_frame="unshifted"
@@ -259,7 +261,7 @@ def make_implementations(chunk_gla_fla):
     }
     fla_impls = {}
     if chunk_gla_fla is not None:
-        fla_impls = {"A0_fla": gla_call(fla), "A1_regla_fla": regla_call(fla)}
+        fla_impls = dict(zip(FLA_IMPLS, (gla_call(fla), regla_call(fla))))
     return impls, fla_impls
 
 
@@ -484,7 +486,7 @@ def main():
     parser.add_argument("--anchors", help="anchor JSON whose rows the plot draws too")
     args = parser.parse_args()
     if args.impls != "all":  # before any GPU work: a misspelt name should not cost the time of a call
-        known = set(make_implementations(None)[0]) | {"A0_fla", "A1_regla_fla"}
+        known = set(make_implementations(None)[0]) | set(FLA_IMPLS)
         unknown = set(args.impls.split(",")) - known
         if unknown:
             parser.error(f"unknown --impls {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
