@@ -385,6 +385,8 @@ class MQARConfig:
     `settings`: [sequence length, key-value pairs] each; keys and values come from disjoint
     halves of a `vocab_size` vocabulary; queries follow the pairs at power-law distributed gaps
     (`power_a`, as Zoology's). Training stops early once held-out accuracy reaches `target`.
+    `seed` (model init, training and held-out sequences): None takes the run's `train.seed`, so a
+    grid's seeds axis (`scales: {seeds: N}`) gives each seed its own model and data.
     """
 
     settings: list = field(default_factory=lambda: [[64, 4], [128, 8], [256, 16]])
@@ -397,7 +399,7 @@ class MQARConfig:
     eval_batch_size: int = 64
     target: float = 0.99
     power_a: float = 0.01
-    seed: int = 0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         require_positive_ints("mqar", self, ("vocab_size", "steps", "batch_size", "eval_every", "eval_batch_size"))

@@ -63,3 +63,37 @@ def test_the_mqar_preset_expands_at_both_scales():
     assert len(load_grid("grids/paper/mqar.yaml").runs) == 5
     gpu = load_grid("grids/paper/mqar.yaml", scale="gpu")
     assert len(gpu.runs) == 15 and gpu.runs[0].stages["mqar"]["vocab_size"] == 8192
+
+
+def test_each_seed_of_a_grid_trains_its_own_model_on_its_own_data(corpus, tmp_path, monkeypatch):
+    """mqar.seed left unset takes the run's train.seed (what a scale's seeds axis sets); set, it wins."""
+    import harness.stages.recall as recall
+
+    seen: list[int] = []
+    batches: list[int] = []
+    build, batch = recall.build_model, recall.mqar_batch
+
+    def recording_build(config, vocab, seed):
+        seen.append(seed)
+        return build(config, vocab, seed)
+
+    monkeypatch.setattr(recall, "build_model", recording_build)
+
+    def recording_batch(*args):
+        x, y = batch(*args)
+        batches.append(int(x.sum()))
+        return x, y
+
+    monkeypatch.setattr(recall, "mqar_batch", recording_batch)
+    data = tiny_grid(corpus)
+    data["stages"] = ["mqar"]
+    data["base"]["mqar"] = {"settings": [[16, 2]], "vocab_size": 32, "steps": 1, "batch_size": 4, "eval_every": 1}
+    data["axes"] = {
+        "seed": {"0": {"train.seed": 0}, "1": {"train.seed": 1}, "fixed": {"train.seed": 2, "mqar.seed": 7}}
+    }
+    grid = expand_grid(data)
+    results = run_grid(grid, grid.runs, runs_dir=tmp_path / "runs", progress=False, device="cpu")
+    assert [r.status for r in results] == ["ok"] * 3
+    assert seen == [0, 1, 7]
+    held_out, train = batches[0::2], batches[1::2]  # each run: its held-out batch, then one training batch
+    assert len(set(held_out)) == 3 and len(set(train)) == 3

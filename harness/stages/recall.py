@@ -87,7 +87,8 @@ class MQARStage(Stage):
         model_config = replace(
             spec.model, vocab_size=config.vocab_size, max_seq_len=max(spec.model.max_seq_len, longest)
         )
-        model = build_model(model_config, config.vocab_size, config.seed).to(device)
+        seed = spec.train.seed if config.seed is None else config.seed
+        model = build_model(model_config, config.vocab_size, seed).to(device)
         # The harness's AdamW (weight decay on matrices only) and schedule, at this stage's lr, decay
         # and steps, with Adam's default betas and clipping at 1.
         schedule = replace(
@@ -101,12 +102,12 @@ class MQARStage(Stage):
             grad_clip=1.0,
         )
         optimizer = make_optimizer(model, schedule)
-        train_rng = np.random.default_rng(config.seed)
+        train_rng = np.random.default_rng(seed)
         # Held-out sequences: a generator of their own, so they never appear in training.
         held_out = {
             (length, pairs): mqar_batch(
                 config.eval_batch_size, length, pairs, config.vocab_size, config.power_a,
-                np.random.default_rng([config.seed, length, pairs, 1]),
+                np.random.default_rng([seed, length, pairs, 1]),
             )
             for length, pairs in config.settings
         }  # fmt: skip
