@@ -18,7 +18,10 @@ Packed variable-length sequences (`cu_seqlens`, `kernels.varlen`) run in a chunk
 the inputs (`kernels.blocks.varlen`): each sequence starts on a chunk of its own, and the passes
 over chunks restart the state at each sequence.
 
-A value-side gate gv (Fast Decay) is not in the kernels: such calls run the torch chunked form.
+A value-side gate gv (Fast Decay), S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_tᵀ, runs on
+the same kernels by an exact rescaling of v and o over 64-token segments (`kernels.value_gate`);
+a call whose value gate decays by a factor below e^-30 within a segment, or one with packed sequences,
+runs the torch chunked form (`kernels.reference.chunked_gla`) instead.
 
 Numerics: cumulative gates, states and every accumulation in fp32; matrix products take their
 operands in the input dtype (bf16 on tensor cores; fp32 inputs use 3-pass tf32, close to fp32),
@@ -32,7 +35,6 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import reference
 from .blocks.chunk_state import chunk_state_grads, chunk_states
 from .blocks.common import Dims, SafeExpShifts, check_supported, dims_of, on_device_of
 from .blocks.gate import gate_cumsum, gate_grad
@@ -40,6 +42,7 @@ from .blocks.norm_epilogue import NormEpilogue, normed_output
 from .blocks.output import chunk_output, intra_scores
 from .blocks.qkv_grad import intra_score_grads, query_key_grads, query_key_inter_grads, value_grads
 from .blocks.varlen import SequenceChunks, align, chunk_aligned_layout, unalign
+from .value_gate import value_gated_gla
 from .varlen import check_sequence_states, sequence_bounds
 
 Tensor = torch.Tensor
@@ -218,15 +221,18 @@ def triton_gla(
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Gated linear attention, key-side gate, on the Triton kernels (same contract as the references).
+    """Gated linear attention on the Triton kernels (same contract as the references).
 
     Args:
         q, k: [B, T, H, K], K <= 256.
         v: [B, T, H, V], V <= 256; q, k, v of one float dtype (bf16 runs its products on tensor
             cores; fp32 in 3-pass tf32).
         gk: key-side log gate (<= 0), [B, T, H, K] or [B, T, H, 1] for one per head; None for no decay.
-        gv: value-side log gate [B, T, H, V] (Fast Decay): not in the kernels, so a call with one
-            runs `kernels.reference.chunked_gla`.
+        gv: value-side log gate [B, T, H, V] or [B, T, H, 1] (Fast Decay), or None. The kernels
+            take it through an exact rescaling of v and o over 64-token segments
+            (`kernels.value_gate`), at the cost of one device-to-host copy per call; a call whose
+            value gate decays by a factor below e^-30 within a segment (`value_gate.MAX_SPAN`), or one
+            with `cu_seqlens`, runs `kernels.reference.chunked_gla` instead.
         scale: the output's scale.
         initial_state: [B, H, K, V] ([N, H, K, V] with `cu_seqlens`), or None for zeros.
         output_final_state: whether to return the final state.
@@ -239,8 +245,9 @@ def triton_gla(
             `output_final_state`; fp32 on the kernels (the state is kept in fp32).
     """
     if gv is not None:
-        # A value-side gate (Fast Decay) is not in the kernels yet: the torch chunked form is exact.
-        return reference.chunked_gla(
+        # Fast Decay: this op on rescaled values, segment by segment (or the torch chunked form).
+        return value_gated_gla(
+            triton_gla,
             q,
             k,
             v,

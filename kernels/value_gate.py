@@ -1,0 +1,179 @@
+"""A value-side log gate gv (Fast Decay) on the key-gate-only GLA kernels, by exact rescaling.
+
+    S_t = diag(e^{gk_t}) S_{t-1} diag(e^{gv_t}) + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t
+
+The time axis is cut into segments of SEGMENT tokens. Inside a segment, with a_t = Σ gv_s over the
+segment's tokens s <= t (fp32), S'_t = S_t diag(e^{-a_t}) follows the key-gate-only recurrence
+
+    S'_t = diag(e^{gk_t}) S'_{t-1} + k_t v'_tᵀ,   v'_t = v_t ⊙ e^{-a_t},
+
+from S' = S at the segment's entry, and o_t = e^{a_t} ⊙ o'_t with o'_t = scale · S'_tᵀ q_t.
+Every segment is one batch row of a single call of the key-gate op (`kernels.triton_gla`) from a
+zero state, which gives the within-segment outputs and the segment's own final state F'. What the
+state entering a segment adds is carried in torch: with b_t the within-segment cumulative gk,
+
+    o'_t += scale · (q_t ⊙ e^{b_t})ᵀ S_entry,
+    S_exit = (diag(e^{b_end}) S_entry + F') diag(e^{a_end}),
+
+one step per segment on [B, H, K, V] fp32 states. Gradients flow through torch autograd (the
+Triton op is an autograd Function, the rest torch ops). Segments as batch rows of one call, rather
+than one call per segment chaining its final state into the next one's initial state, launch each
+kernel once per call with the chunk-parallel work of all segments together, where the chain would
+launch every kernel once per segment; what that costs is the torch step per segment above, and the
+entering states kept for the backward.
+
+Numerics: a_t, b_t, the rescaling, the carried states and the entering states' share of o in fp32
+(autocast off); v' is cast to v's dtype for the kernels, whose o' comes back in q's dtype. For
+fp32 inputs the result is as accurate as the key-gate op's. In bf16 the value gate's gradient, which
+autograd forms as a within-segment sum of do ⊙ o − v ⊙ dv (a cancelling difference of the kernels'
+bf16 outputs), is several times less accurate than the key gate's, which the kernels form in a
+rearranged fp32 form (`kernels.blocks.gate`); tests/test_value_gate.py gives the measured errors.
+
+Limits: the rescaling factor e^{-a_t} grows along a segment, so a call whose value gate decays by
+more than MAX_SPAN nats within some segment (in any batch row, head or value column) runs
+`kernels.reference.chunked_gla` instead (exact for any finite gate), as do calls with packed
+sequences (`cu_seqlens`). Choosing the path reads one number back from the device per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .blocks.common import CHUNK
+
+Tensor = torch.Tensor
+
+#: Tokens per segment: the kernels' chunk (64). A multiple of it adds no padded rows to the kernels'
+#: work (their chunk-parallel passes see as many chunks as in one call over the whole sequence), and
+#: the smallest such multiple lets the fastest value decay through before a call falls back: MAX_SPAN
+#: over 64 tokens, i.e. a column decaying on average by more than e^{-30/64} ≈ 0.63 a step over a
+#: whole segment (128 would fall back from 0.79 a step). The entering states kept for the backward
+#: are B · T/64 · H · K · V fp32 (the size of the kernels' own chunk-entry states, which they
+#: recompute instead), a few times over with autograd's copies of the carried states.
+SEGMENT = CHUNK
+
+#: Largest |a_t| (nats) allowed inside a segment. v' reaches at most e^30 ≈ 1.1e13 · |v|, so the
+#: kernels' states and outputs (sums of ≤ 64 products of q, k and v') stay below ~1e20 for
+#: activations up to 1e3, far from the fp32/bf16 limit of 3.4e38 (e^88.7); the output gradient
+#: entering the kernels, do ⊙ e^{a_t}, is at least e^{-30} ≈ 1e-13 · |do|, far above the smallest
+#: normal 1.2e-38 (e^-87.3) for any gradient above 1e-20. Inside that range the rescaling is exact up
+#: to rounding (products with exp factors, relative rounding only): accuracy does not depend on a_t.
+MAX_SPAN = 30.0
+
+KeyGateOp = Callable[..., tuple[Tensor, Tensor | None]]
+
+
+def value_gated_gla(
+    key_gate_op: KeyGateOp,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor | None,
+    gv: Tensor,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """GLA with a value-side gate through `key_gate_op` (a key-gate-only op with the references'
+    signature, e.g. `kernels.triton_gla.triton_gla`), or `kernels.reference.chunked_gla` when the
+    gate decays too fast for the rescaling (see the module docstring) or with `cu_seqlens`.
+
+    Args:
+        q, k: [B, T, H, K].
+        v: [B, T, H, V].
+        gk: key-side log gate [B, T, H, K] or [B, T, H, 1], or None.
+        gv: value-side log gate [B, T, H, V] or [B, T, H, 1].
+        scale, initial_state, output_final_state, cu_seqlens: as for `kernels.reference.chunked_gla`.
+
+    Returns:
+        o: [B, T, H, V] in q's dtype.
+        final_state: [B, H, K, V] ([N, H, K, V] with `cu_seqlens`) in fp32 (fp64 for fp64 inputs on
+            the fallback), or None unless `output_final_state`.
+    """
+    result = None
+    if cu_seqlens is None and q.shape[1] > 0:
+        # Autocast off: it would round the torch products here (the entering states' share of o) to bf16.
+        with torch.autocast(q.device.type, enabled=False):
+            result = _segmented(key_gate_op, q, k, v, gk, gv, scale, initial_state, output_final_state)
+    if result is not None:
+        return result
+    o, final = reference.chunked_gla(
+        q,
+        k,
+        v,
+        gk,
+        gv,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
+    # chunked_gla returns bf16/fp16 states in that dtype, having computed them in fp32.
+    return o, (final.to(torch.promote_types(final.dtype, torch.float32)) if final is not None else None)
+
+
+def _segmented(
+    key_gate_op: KeyGateOp,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor | None,
+    gv: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+) -> tuple[Tensor, Tensor | None] | None:
+    """The segmented form of the module docstring, arguments as for `value_gated_gla` (one sequence
+    per batch row, T >= 1); None when the value gate spans more than MAX_SPAN inside a segment."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    L = min(SEGMENT, T)
+    N = -(-T // L)
+    pad = N * L - T
+
+    def segments(x: Tensor) -> Tensor:
+        # [B, T, H, D] -> [B * N, L, H, D], one segment per row; zero padding after the end (zero
+        # keys, values and log gates) changes no real output and leaves the final state as it is.
+        return F.pad(x, (0, 0, 0, 0, 0, pad)).reshape(B * N, L, H, x.shape[-1])
+
+    a = segments(gv).float().cumsum(1)  # [B*N, L, H, V|1]: the within-segment cumulative value gate
+    # One device-to-host copy per call, to choose the path (a NaN gate also falls back, and
+    # chunked_gla then raises on it).
+    if not a.detach().abs().amax().item() <= MAX_SPAN:
+        return None
+
+    v_scaled = (segments(v).float() * torch.exp(-a)).to(v.dtype)
+    q_seg = segments(q)
+    gk_seg = segments(gk) if gk is not None else None
+    o_local, local_final = key_gate_op(
+        q_seg, segments(k), v_scaled, gk_seg, None, scale=scale, initial_state=None, output_final_state=True
+    )
+    o_scaled = o_local.float()  # [B*N, L, H, V]: o' from a zero state at each segment's entry
+    bk = gk_seg.float().cumsum(1) if gk_seg is not None else None  # [B*N, L, H, K|1]
+
+    state = initial_state.float() if initial_state is not None else None
+    if state is not None or N > 1 or output_final_state:
+        # The states entering each segment, one step per segment (zero entering the first one
+        # without an initial state), and the final state.
+        local_final = local_final.view(B, N, H, K, V)
+        key_decay = bk[:, -1].exp().view(B, N, H, -1, 1) if bk is not None else None
+        value_decay = a[:, -1].exp().view(B, N, H, 1, -1)
+        entries = []
+        for n in range(N):
+            entries.append(state if state is not None else local_final.new_zeros(B, H, K, V))
+            if n < N - 1 or output_final_state:
+                carried = local_final[:, n]
+                if state is not None:
+                    carried = carried + (state * key_decay[:, n] if key_decay is not None else state)
+                state = carried * value_decay[:, n]
+        if initial_state is not None or N > 1:
+            q_decayed = q_seg.float() * bk.exp() if bk is not None else q_seg.float()
+            entering = torch.stack(entries, 1).view(B * N, H, K, V)
+            o_scaled = o_scaled + scale * torch.einsum("rlhk,rhkv->rlhv", q_decayed, entering)
+    o = (torch.exp(a) * o_scaled).to(q.dtype).reshape(B, N * L, H, V)[:, :T]
+    return o, (state if output_final_state else None)
