@@ -3,6 +3,7 @@ be dropped into someone else's model (post-linearization), and returns its decod
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -22,6 +23,7 @@ from kernels.fusion import (
     SigmoidGateKernel,
 )
 from kernels.safe_exp import key_shifts, packed_key_shifts, query_shift
+from kernels.value_gate import PATH_COUNTS as VALUE_GATE_PATH_COUNTS
 from kernels.varlen import sequence_bounds
 from variants import FEATURE_MAPS, GATES, NORMS, GateOutput
 
@@ -544,6 +546,13 @@ class LinearAttention(nn.Module):
 #: and output gate in its epilogue, or not), feature map + gate + op as separate torch passes, or
 #: the fused single-token decoding step
 ATTENTION_PATHS = ("fused", "fused_epilogue", "composed", "decode_step")
+
+
+def value_gate_path_counts() -> Counter[str]:
+    """How many value-gated attention calls (Fast Decay's gate) took each path so far in this
+    process, the kernels or a fallback (`kernels.value_gate.PATH_COUNTS`): a snapshot, to subtract
+    from a later one."""
+    return Counter(VALUE_GATE_PATH_COUNTS)
 
 
 def attention_path_counts(model: nn.Module) -> dict[str, int]:

@@ -21,7 +21,7 @@ import torch
 from .atomic import atomic_write_bytes, atomic_write_text, file_digest, set_aside
 from .config import TrainConfig
 from .distributed import agree_on_failure, attempt, distributed_context, pick_device
-from .layers import attention_path_counts
+from .layers import attention_path_counts, value_gate_path_counts
 from .model import LanguageModel
 from .postlin.start import initial_model, new_parameters
 from .progress import PlainProgress, say
@@ -257,6 +257,7 @@ def train(
     model.train()
     last_grad_norm: tuple[int, float] | None = None  # (step, norm before clipping), for Diverged messages
     paths: dict[str, int] | None = None  # the attention layers' paths in this process's first step
+    value_gate_calls = value_gate_path_counts()  # subtracted at the end: this run's calls alone
     for step in range(start_step, config.steps):
         started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -367,6 +368,10 @@ def train(
     # Which computation the linear layers trained through (fused op or composed passes): the
     # paths differ in precision, so a comparison across them is worth knowing about.
     final += [{"metric": f"attention/layers_{path}", "value": float(n)} for path, n in (paths or {}).items()]
+    # A value-side gate (Fast Decay) runs on the kernels unless it decays too fast for them, then
+    # on a slower torch form: how many of this run's calls (training and validation) took each.
+    value_gate_calls = value_gate_path_counts() - value_gate_calls
+    final += [{"metric": f"attention/value_gate_{path}", "value": float(n)} for path, n in value_gate_calls.items()]
     records += final
     if ctx.is_main:  # the tracker takes every row at a step: the run's totals at its last
         tracker.log([{**record, "step": record.get("step", config.steps)} for record in final])

@@ -37,6 +37,8 @@ sequences (`cu_seqlens`). Choosing the path reads one number back from the devic
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -65,6 +67,12 @@ SEGMENT = CHUNK
 MAX_SPAN = 30.0
 
 KeyGateOp = Callable[..., tuple[Tensor, Tensor | None]]
+
+#: Calls of `value_gated_gla` in this process by the path they took: "kernels" (the segmented form)
+#: or why they fell back to the torch chunked form ("span": the gate decayed by more than MAX_SPAN
+#: inside a segment; "packed": `cu_seqlens`). Training records the counts of its own steps
+#: (`harness.train`), so a slow Fast Decay run shows whether it ran on the kernels.
+PATH_COUNTS: Counter[str] = Counter()
 
 
 def value_gated_gla(
@@ -101,7 +109,19 @@ def value_gated_gla(
         with torch.autocast(q.device.type, enabled=False):
             result = _segmented(key_gate_op, q, k, v, gk, gv, scale, initial_state, output_final_state)
     if result is not None:
+        PATH_COUNTS["kernels"] += 1
         return result
+    reason = "packed" if cu_seqlens is not None else "span"
+    if reason == "span" and not PATH_COUNTS["span"]:
+        # Once per process: the fallback is exact but several times slower, which a run's log should say.
+        warnings.warn(
+            f"a value-side gate decayed by more than {MAX_SPAN:g} nats within a {SEGMENT}-token segment: "
+            "this call and any like it run the torch chunked form (exact, several times slower than the "
+            "kernels); a run records how many did as attention/value_gate_span",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    PATH_COUNTS[reason] += 1
     o, final = reference.chunked_gla(
         q,
         k,

@@ -7,6 +7,9 @@ lengths span several 64-token segments, a partial last one included.
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,3 +218,53 @@ def test_gpu_against_recurrence(dtype, reference_calls):
     dgv_bound = GPU_BF16_VALUE_GATE_TOLERANCE if dtype == torch.bfloat16 else GPU_TOLERANCE[dtype]
     assert errors["dgv"] <= dgv_bound, errors
     assert worst({name: e for name, e in errors.items() if name != "dgv"}) <= GPU_TOLERANCE[dtype], errors
+
+
+@pytest.fixture
+def fresh_path_counts():
+    """value_gate.PATH_COUNTS emptied for the test and restored after (the first-fallback warning
+    is given when the count of span fallbacks is zero)."""
+    saved = Counter(value_gate.PATH_COUNTS)
+    value_gate.PATH_COUNTS.clear()
+    yield value_gate.PATH_COUNTS
+    value_gate.PATH_COUNTS.clear()
+    value_gate.PATH_COUNTS.update(saved)
+
+
+def test_calls_are_counted_by_path_and_the_first_slow_fallback_warns(fresh_path_counts):
+    call = lambda x, **kw: triton_gla(x["q"], x["k"], x["v"], x["gk"], x["gv"], **kw)  # noqa: E731
+    call(make_inputs(1, 20, 1, 8, 8))
+    assert fresh_path_counts == Counter(kernels=1)
+    closed = make_inputs(1, 20, 1, 8, 8, value_gate=-8.0)
+    with pytest.warns(RuntimeWarning, match=r"decayed by more than 30 nats within a 64-token segment"):
+        call(closed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only the first fallback of a process says so
+        call(closed)
+    call(make_inputs(1, 20, 1, 8, 8), cu_seqlens=torch.tensor([0, 5, 20], device=DEVICE))
+    assert fresh_path_counts == Counter(kernels=1, span=2, packed=1)
+
+
+def test_a_fast_decay_run_records_which_path_its_value_gate_took(corpus, tmp_path, fresh_path_counts):
+    from harness import results as results_io
+    from harness.grid import expand_grid
+    from harness.runner import run_grid
+
+    from .pipeline_helpers import tiny_grid
+
+    data = tiny_grid(corpus, steps=1, warmup_steps=0, batch_size=2, seq_len=16, eval_every=1, eval_batches=1)
+    data["base"]["model"].update(d_model=16, max_seq_len=16)
+    data["axes"] = {
+        "variant": {
+            "fast_decay": {"model.attention": {"feature_map": "identity", "norm": "rmsnorm", "gate": "fast_decay",
+                                               "impl": "triton"}},
+        }
+    }  # fmt: skip
+    grid = expand_grid(data)
+    [result] = run_grid(grid, grid.runs, runs_dir=tmp_path / "runs", progress=False, device="cpu")
+    assert result.status == "ok", result.error
+    frame = results_io.load("tiny", tmp_path / "runs")
+    recorded = dict(zip(frame.metric, frame.value))
+    # 2 layers: a training step, and the validation passes before and after it.
+    assert recorded["attention/value_gate_kernels"] >= 2 and "attention/value_gate_span" not in recorded
+    assert recorded["attention/value_gate_kernels"] == fresh_path_counts["kernels"]
