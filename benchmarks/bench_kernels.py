@@ -23,6 +23,14 @@ math (running key max, per-head RMSNorm with eps in the unshifted frame, swish o
 The layer rows take gradients of the layer input and every parameter, so their memory-floor
 columns count the parameters among the inputs and say little; compare their times.
 
+With --value-gate (or when named), a value-side gate gv as well (Fast Decay's), beside `triton`:
+  fast_decay_kernels   kernels.triton_gla with gv = logsigmoid(N(4, 1)) (≈ 0.98 a step, Fast
+                       Decay's init): the segmented rescaling onto the kernels (kernels.value_gate)
+  fast_decay_fallback  the same with gv = logsigmoid(N(0, 1)) clamped at -5 (≈ 0.5 a step): spans
+                       above 30 nats in a segment, so the call takes the value gate's fallback
+  fast_decay_torch     kernels.reference.chunked_gla with the first gv (small shapes only)
+`--shapes training` is the shape the `gpu` scales train at (B 32, T 512, H 8, D 64).
+
 Forward and forward+backward are timed with triton.testing.do_bench (median, p20, p80); peak
 memory and the bytes kept for the backward (saved-tensor hooks) are read in separate, untimed
 calls. The memory floor of a call is the time its compulsory
@@ -34,7 +42,8 @@ fla's autotuning takes minutes per shape family on a fresh machine (> 200 s on t
 shape, seen twice), so fla runs after everything else and stops when --fla-budget-s is spent; to
 measure fla alone give it a call of its own, e.g. --impls A0_fla,A1_regla_fla --skip-correctness.
 
-    python3 benchmarks/bench_kernels.py [--out DIR] [--fla-budget-s 300] [--shapes all|small] [--epilogue]
+    python3 benchmarks/bench_kernels.py [--out DIR] [--fla-budget-s 300] [--shapes all|small|training]
+                                        [--epilogue] [--value-gate]
 """
 
 from __future__ import annotations
@@ -82,8 +91,11 @@ ANCHOR_SHAPES = [
     (8, 2048, 12, 64),
     (16, 4096, 12, 64),
 ]
+# The shape the grids' `gpu` scales train at (32 × 512 tokens, 8 heads of 64).
+TRAINING_SHAPE = (32, 512, 8, 64)
 # The torch chunked reference is many small launches and large temporaries: small shapes only.
 A3_MAX_TOKENS_X_HEADS = 8 * 2048 * 12
+TORCH_FORMS = ("A3_chunked", "fast_decay_torch")
 DTYPE = torch.bfloat16
 DEVICE = torch.device("cuda")
 
@@ -157,6 +169,7 @@ def regla_fused(q, k, v, gate_logit, refine_logit, norm_weight, key_max="sequenc
 
 
 EPILOGUE_IMPLS = ("regla_norm_gate_separate", "regla_norm_gate_epilogue", "layer_regla", "layer_regla_epilogue")
+VALUE_GATE_IMPLS = ("fast_decay_kernels", "fast_decay_fallback", "fast_decay_torch")
 #: the anchors on fla (its chunk_gla, and ReGLA composed on it): named even where fla is not installed
 FLA_IMPLS = ("A0_fla", "A1_regla_fla")
 NORM_EPS = 1e-5
@@ -225,6 +238,12 @@ def make_implementations(chunk_gla_fla):
     def gla_call(kernel):
         return (lambda x: kernel(x["q"], x["k"], x["v"], x["g"], x["q"].shape[-1] ** -0.5), ["q", "k", "v", "g"])
 
+    def value_gate_call(kernel, gv):
+        return (
+            lambda x: kernel(x["q"], x["k"], x["v"], x["g"], x[gv], scale=x["q"].shape[-1] ** -0.5)[0],
+            ["q", "k", "v", "g", gv],
+        )
+
     def regla_call(kernel):
         return (
             lambda x: regla_composed(kernel, x["q"], x["k"], x["v"], x["ag"], x["ar"], x["w"]),
@@ -258,6 +277,9 @@ def make_implementations(chunk_gla_fla):
         ),
         "layer_regla": layer_call(epilogue=False),
         "layer_regla_epilogue": layer_call(epilogue=True),
+        "fast_decay_kernels": value_gate_call(triton_gla, "gv_open"),
+        "fast_decay_fallback": value_gate_call(triton_gla, "gv_fast"),
+        "fast_decay_torch": value_gate_call(chunked_gla, "gv_open"),
     }
     fla_impls = {}
     if chunk_gla_fla is not None:
@@ -279,6 +301,10 @@ def make_inputs(B, T, H, D, device, dtype=DTYPE, seed=0):
         w=leaf(torch.ones(D, device=device)),
         og=leaf(torch.randn(B, T, H, D, device=device)),
         do=torch.randn(B, T, H, D, device=device, dtype=dtype),
+        # Value-side gates (drawn last, so the inputs above are those of earlier runs): Fast Decay's
+        # init, and one that decays too fast for the segmented rescaling (kernels.value_gate).
+        gv_open=leaf(F.logsigmoid(torch.randn(B, T, H, D, device=device) + 4.0)),
+        gv_fast=leaf(F.logsigmoid(torch.randn(B, T, H, D, device=device)).clamp_min(-5)),
     )
 
 
@@ -465,7 +491,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--fla-budget-s", type=float, default=300.0)
-    parser.add_argument("--shapes", choices=["all", "small"], default="all")
+    parser.add_argument("--shapes", choices=["all", "small", "training"], default="all")
     parser.add_argument("--impls", default="all", help="comma-separated implementation names, or all")
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument(
@@ -474,6 +500,11 @@ def main():
         help="time the output norm's epilogue: the op and the layer with and without it ("
         + ", ".join(EPILOGUE_IMPLS)
         + ")",
+    )
+    parser.add_argument(
+        "--value-gate",
+        action="store_true",
+        help="time a value-side gate (Fast Decay's) too: " + ", ".join(VALUE_GATE_IMPLS),
     )
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel profiles")
     parser.add_argument("--launch-options", help="tune_kernels.json whose chosen launch options to use")
@@ -535,14 +566,20 @@ def main():
         x = make_inputs(*shape, device)
         breakdown_rows += [dict(r, impl=impl) for r in kernel_breakdown(impls[impl], x, shape, log)]
         del x
-    # The epilogue comparison runs when asked for (--epilogue) or named; "all" is the kernel table.
+    # The epilogue and value-gate comparisons run when asked for (--epilogue, --value-gate) or named;
+    # "all" is the kernel table.
     known = set(impls) | set(fla_impls)  # fla's anchors belong to "all" too (timed last, within their budget)
-    chosen = known - set(EPILOGUE_IMPLS) if args.impls == "all" else set(args.impls.split(","))
+    opt_in = set(EPILOGUE_IMPLS) | set(VALUE_GATE_IMPLS)
+    chosen = known - opt_in if args.impls == "all" else set(args.impls.split(","))
     if args.epilogue:
         chosen |= set(EPILOGUE_IMPLS)
+    if args.value_gate:
+        chosen |= set(VALUE_GATE_IMPLS)
     impls = {n: c for n, c in impls.items() if n in chosen}
     fla_impls = {n: c for n, c in fla_impls.items() if n in chosen}
-    shapes = ANCHOR_SHAPES if args.shapes == "all" else ANCHOR_SHAPES[2:3] + ANCHOR_SHAPES[4:5]
+    shapes = {"all": ANCHOR_SHAPES, "small": ANCHOR_SHAPES[2:3] + ANCHOR_SHAPES[4:5], "training": [TRAINING_SHAPE]}[
+        args.shapes
+    ]
     timing_rows = []
 
     def run(shape, names_calls):
@@ -550,7 +587,7 @@ def main():
         if any(name.startswith("layer_") for name in names_calls):
             add_layer_inputs(x)
         for name, call in names_calls.items():
-            if name == "A3_chunked" and shape[0] * shape[1] * shape[2] > A3_MAX_TOKENS_X_HEADS:
+            if name in TORCH_FORMS and shape[0] * shape[1] * shape[2] > A3_MAX_TOKENS_X_HEADS:
                 continue
             start = time.time()
             row = measure(name, call, x, shape, meta)
