@@ -208,6 +208,9 @@ def recurrent_backward_kernel(
             dq_t = tl.sum(state * _load_step(pdo, row_v, col_in)[None, :], axis=1) * scale
             tl.store(pdq + row_k, dq_t, mask=key_in)
 
+    # The checkpoints were stored by other threads of this program than may load them in pass 2.
+    tl.debug_barrier()
+
     # Pass 2, backward in time, one segment at a time, latest first.
     dstate = tl.zeros([BK, BV], dtype=tl.float32)
     if FINAL_GRAD:
