@@ -3,7 +3,9 @@ kernels for CUDA, one dispatch function that picks between them, and ReGLA's att
 into the Triton kernels (`triton_regla`: safe-exp feature maps and refining gate inside).
 
 The Triton ops (`triton_gla`, `triton_gla_refined`, `triton_regla`) are composed of the building
-blocks in `kernels.blocks` (gate scans, chunk states, output, gradients)."""
+blocks in `kernels.blocks` (gate scans, chunk states, output, gradients); `triton_recurrent` is a
+fused token-by-token recurrence with key- and value-side gates, `triton_gla`'s exact fallback for
+value gates too fast for its chunk kernels."""
 
 from .dispatch import IMPLEMENTATIONS, gated_linear_attention, register_implementation
 from .reference import chunked_gla, parallel_gla, recurrent_gla

@@ -20,8 +20,10 @@ over chunks restart the state at each sequence.
 
 A value-side gate gv (Fast Decay), S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_tᵀ, runs on
 the same kernels by an exact rescaling of v and o over 64-token segments (`kernels.value_gate`);
-a call whose value gate decays by a factor below e^-30 within a segment, or one with packed sequences,
-runs the torch chunked form (`kernels.reference.chunked_gla`) instead.
+a call whose value gate decays by a factor below e^-30 within a segment runs the fused recurrent
+kernels (`kernels.triton_recurrent`, exact for any finite gate) instead, or the torch chunked form
+(`kernels.reference.chunked_gla`) when K exceeds their limit of 128; one with packed sequences runs
+the torch chunked form.
 
 Numerics: cumulative gates, states and every accumulation in fp32; matrix products take their
 operands in the input dtype (bf16 on tensor cores; fp32 inputs use 3-pass tf32, close to fp32),
@@ -42,6 +44,7 @@ from .blocks.norm_epilogue import NormEpilogue, normed_output
 from .blocks.output import chunk_output, intra_scores
 from .blocks.qkv_grad import intra_score_grads, query_key_grads, query_key_inter_grads, value_grads
 from .blocks.varlen import SequenceChunks, align, chunk_aligned_layout, unalign
+from .triton_recurrent import MAX_KEY_DIM, fused_recurrent_gla
 from .value_gate import value_gated_gla
 from .varlen import check_sequence_states, sequence_bounds
 
@@ -231,8 +234,9 @@ def triton_gla(
         gv: value-side log gate [B, T, H, V] or [B, T, H, 1] (Fast Decay), or None. The kernels
             take it through an exact rescaling of v and o over 64-token segments
             (`kernels.value_gate`), at the cost of one device-to-host copy per call; a call whose
-            value gate decays by a factor below e^-30 within a segment (`value_gate.MAX_SPAN`), or one
-            with `cu_seqlens`, runs `kernels.reference.chunked_gla` instead.
+            value gate decays by a factor below e^-30 within a segment (`value_gate.MAX_SPAN`) runs
+            the fused recurrent kernels (`kernels.triton_recurrent.fused_recurrent_gla`; the torch
+            chunked form for K > 128), and one with `cu_seqlens` runs `kernels.reference.chunked_gla`.
         scale: the output's scale.
         initial_state: [B, H, K, V] ([N, H, K, V] with `cu_seqlens`), or None for zeros.
         output_final_state: whether to return the final state.
@@ -245,7 +249,9 @@ def triton_gla(
             `output_final_state`; fp32 on the kernels (the state is kept in fp32).
     """
     if gv is not None:
-        # Fast Decay: this op on rescaled values, segment by segment (or the torch chunked form).
+        # Fast Decay: this op on rescaled values, segment by segment, or the fused recurrence for gates
+        # too fast for that (within its key-dim limit; else the torch chunked form).
+        fallback = fused_recurrent_gla if q.shape[-1] <= MAX_KEY_DIM else None
         return value_gated_gla(
             triton_gla,
             q,
@@ -257,6 +263,7 @@ def triton_gla(
             initial_state=initial_state,
             output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
+            fallback_op=fallback,
         )
     check_supported(q, v)
     B, T, H, K = q.shape

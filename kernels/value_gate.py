@@ -30,9 +30,12 @@ bf16 outputs), is several times less accurate than the key gate's, which the ker
 rearranged fp32 form (`kernels.blocks.gate`); tests/test_value_gate.py gives the measured errors.
 
 Limits: the rescaling factor e^{-a_t} grows along a segment, so a call whose value gate decays by
-more than MAX_SPAN nats within some segment (in any batch row, head or value column) runs
-`kernels.reference.chunked_gla` instead (exact for any finite gate), as do calls with packed
-sequences (`cu_seqlens`). Choosing the path reads one number back from the device per call.
+more than MAX_SPAN nats within some segment (in any batch row, head or value column) runs the
+caller's `fallback_op` instead: `kernels.triton_gla` passes the fused recurrent kernels
+(`kernels.triton_recurrent`, exact for any finite gate, one token per step: slower than the chunk
+kernels, far faster than torch); without one, and for calls with packed sequences (`cu_seqlens`),
+`kernels.reference.chunked_gla` runs (exact for any finite gate, in torch). Choosing the path reads
+one number back from the device per call.
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ MAX_SPAN = 30.0
 KeyGateOp = Callable[..., tuple[Tensor, Tensor | None]]
 
 #: Calls of `value_gated_gla` in this process by the path they took: "kernels" (the segmented form)
-#: or why they fell back to the torch chunked form ("span": the gate decayed by more than MAX_SPAN
-#: inside a segment; "packed": `cu_seqlens`). Training records the counts of its own steps
-#: (`harness.train`), so a slow Fast Decay run shows whether it ran on the kernels.
+#: or why they fell back ("span": the gate decayed by more than MAX_SPAN inside a segment, and the
+#: call ran the caller's fallback op, the fused recurrent kernels for `kernels.triton_gla`, or the
+#: torch chunked form without one; "packed": `cu_seqlens`, the torch chunked form). Training records
+#: the counts of its own steps (`harness.train`), so a slow Fast Decay run shows which path it took.
 PATH_COUNTS: Counter[str] = Counter()
 
 
@@ -86,10 +90,12 @@ def value_gated_gla(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
+    fallback_op: KeyGateOp | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """GLA with a value-side gate through `key_gate_op` (a key-gate-only op with the references'
-    signature, e.g. `kernels.triton_gla.triton_gla`), or `kernels.reference.chunked_gla` when the
-    gate decays too fast for the rescaling (see the module docstring) or with `cu_seqlens`.
+    signature, e.g. `kernels.triton_gla.triton_gla`); `fallback_op` when the gate decays too fast
+    for the rescaling (see the module docstring), and `kernels.reference.chunked_gla` with
+    `cu_seqlens`.
 
     Args:
         q, k: [B, T, H, K].
@@ -97,11 +103,14 @@ def value_gated_gla(
         gk: key-side log gate [B, T, H, K] or [B, T, H, 1], or None.
         gv: value-side log gate [B, T, H, V] or [B, T, H, 1].
         scale, initial_state, output_final_state, cu_seqlens: as for `kernels.reference.chunked_gla`.
+        fallback_op: an op with the references' signature, exact for any finite gate and taking
+            both gates, e.g. `kernels.triton_recurrent.fused_recurrent_gla` (never given
+            `cu_seqlens`); None for `kernels.reference.chunked_gla`.
 
     Returns:
         o: [B, T, H, V] in q's dtype.
         final_state: [B, H, K, V] ([N, H, K, V] with `cu_seqlens`) in fp32 (fp64 for fp64 inputs on
-            the fallback), or None unless `output_final_state`.
+            the torch fallback), or None unless `output_final_state`.
     """
     result = None
     if cu_seqlens is None and q.shape[1] > 0:
@@ -112,16 +121,24 @@ def value_gated_gla(
         PATH_COUNTS["kernels"] += 1
         return result
     reason = "packed" if cu_seqlens is not None else "span"
+    fallback = fallback_op if reason == "span" and fallback_op is not None else None
     if reason == "span" and not PATH_COUNTS["span"]:
-        # Once per process: the fallback is exact but several times slower, which a run's log should say.
+        # Once per process: either fallback is exact but slower than the segmented form (the recurrent
+        # kernels take one token per step, the torch form is several times slower), which a run's log
+        # should say.
+        form = "the fused recurrent kernels" if fallback is not None else "the torch chunked form"
         warnings.warn(
             f"a value-side gate decayed by more than {MAX_SPAN:g} nats within a {SEGMENT}-token segment: "
-            "this call and any like it run the torch chunked form (exact, several times slower than the "
-            "kernels); a run records how many did as attention/value_gate_span",
+            f"this call and any like it run {form} (exact, slower than the chunk kernels); a run records "
+            "how many did as attention/value_gate_span",
             RuntimeWarning,
             stacklevel=2,
         )
     PATH_COUNTS[reason] += 1
+    if fallback is not None:
+        return fallback(
+            q, k, v, gk, gv, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        )
     o, final = reference.chunked_gla(
         q,
         k,

@@ -7,6 +7,7 @@ lengths span several 64-token segments, a partial last one included.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections import Counter
 
@@ -93,6 +94,23 @@ def reference_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def recurrent_calls(monkeypatch):
+    """The query shapes of the calls of the fused recurrent op that `triton_gla` hands to the
+    value-gated op as its fallback (`kernels.triton_recurrent`); it still runs."""
+    calls = []
+    # The module, not the `triton_gla` function that `kernels` exports under the same name.
+    triton_gla_module = importlib.import_module("kernels.triton_gla")
+    fused = triton_gla_module.fused_recurrent_gla
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(triton_gla_module, "fused_recurrent_gla", counted)
+    return calls
+
+
 #: Measured under the interpreter: every error <= 2.1e-6 (fp32 products, fp32 rescaling).
 FP32_BOUND = 1e-4
 
@@ -152,12 +170,22 @@ def test_decay_just_inside_the_bound_stays_on_the_kernels(reference_calls):
 
 
 @pytest.mark.parametrize("T, step", [(150, -8.0), (40, -1.0)], ids=["closed_value_gate", "span_40_nats"])
-def test_fast_value_decay_falls_back_to_the_torch_form(T, step, reference_calls):
+def test_fast_value_decay_runs_the_recurrent_kernels(T, step, reference_calls, recurrent_calls):
     # −8 a step (a closed gate, a log_clamp's floor) spans 512 nats a segment; −1 over 40 tokens, 40.
     inputs = make_inputs(1, T, 1, 8, 8, value_gate=step)
     errors = compare_to_recurrence(inputs)
-    assert reference_calls[:1] == [inputs["q"].shape]
-    # chunked_gla's gate gradients are a cancelling difference: 7e-4 in fp32 at closed gates (measured).
+    assert recurrent_calls == [inputs["q"].shape], "the span fallback did not run the fused recurrent op"
+    assert reference_calls == [], "the span fallback ran the torch chunked form"
+    # The recurrent kernels' gate gradients do not cancel (kernels.triton_recurrent): as exact as the
+    # rest, where chunked_gla's were 7e-4 in fp32 at closed gates. Measured: every error <= 1.7e-7.
+    assert worst(errors) <= FP32_BOUND, errors
+
+
+def test_fast_value_decay_beyond_the_recurrent_key_limit_runs_the_torch_form(reference_calls, recurrent_calls):
+    # K = 129 is past the recurrent kernels' limit (they hold all keys of the state in registers).
+    inputs = make_inputs(1, 5, 1, 129, 4, value_gate=-8.0)
+    errors = compare_to_recurrence(inputs)
+    assert recurrent_calls == [] and reference_calls[:1] == [inputs["q"].shape]
     gate_grads = {name: errors.pop(name) for name in ("dgk", "dgv")}
     assert worst(errors) <= FP32_BOUND and worst(gate_grads) <= 2e-3, (errors, gate_grads)
 
@@ -236,7 +264,8 @@ def test_calls_are_counted_by_path_and_the_first_slow_fallback_warns(fresh_path_
     call(make_inputs(1, 20, 1, 8, 8))
     assert fresh_path_counts == Counter(kernels=1)
     closed = make_inputs(1, 20, 1, 8, 8, value_gate=-8.0)
-    with pytest.warns(RuntimeWarning, match=r"decayed by more than 30 nats within a 64-token segment"):
+    warning = r"decayed by more than 30 nats within a 64-token segment: .* run the fused recurrent kernels"
+    with pytest.warns(RuntimeWarning, match=warning):
         call(closed)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # only the first fallback of a process says so

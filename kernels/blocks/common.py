@@ -1,6 +1,7 @@
 """What every Triton GLA building block shares: constants, launch options, the @triton.jit helpers for
 tile loads and stores, and the host helpers of the launchers. Used by every module of
-`kernels.blocks` and by the ops (`kernels.triton_gla`, `kernels.triton_gla_refined`, `kernels.triton_regla`).
+`kernels.blocks` and by the ops (`kernels.triton_gla`, `kernels.triton_gla_refined`, `kernels.triton_regla`;
+`kernels.triton_recurrent` takes the host helpers and `head_offset`).
 
 Layout: q, k, do: [B, T, H, K]; v, o: [B, T, H, V]; every tensor contiguous. The sequence is cut
 into chunks of C = 64 positions; chunk c covers rows [c*C, c*C + C). `gc` holds the cumulative
