@@ -27,7 +27,9 @@ With --value-gate (or when named), a value-side gate gv as well (Fast Decay's), 
   fast_decay_kernels   kernels.triton_gla with gv = logsigmoid(N(4, 1)) (≈ 0.98 a step, Fast
                        Decay's init): the segmented rescaling onto the kernels (kernels.value_gate)
   fast_decay_fallback  the same with gv = logsigmoid(N(0, 1)) clamped at -5 (≈ 0.5 a step): spans
-                       above 30 nats in a segment, so the call takes the value gate's fallback
+                       above 30 nats in a segment, so the call takes the value gate's fallback, the
+                       fused recurrent kernels (kernels.triton_recurrent)
+  fast_decay_recurrent kernels.triton_recurrent.fused_recurrent_gla with the first gv
   fast_decay_torch     kernels.reference.chunked_gla with the first gv (small shapes only)
 `--shapes training` is the shape the `gpu` scales train at (B 32, T 512, H 8, D 64).
 
@@ -79,6 +81,7 @@ from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.safe_exp import key_shifts, query_shift  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
 from kernels.triton_gla_refined import triton_gla_refined_gate  # noqa: E402
+from kernels.triton_recurrent import fused_recurrent_gla  # noqa: E402
 from kernels.triton_regla import triton_regla  # noqa: E402
 from variants.feature_maps import variance_reduction_factor  # noqa: E402
 
@@ -169,7 +172,7 @@ def regla_fused(q, k, v, gate_logit, refine_logit, norm_weight, key_max="sequenc
 
 
 EPILOGUE_IMPLS = ("regla_norm_gate_separate", "regla_norm_gate_epilogue", "layer_regla", "layer_regla_epilogue")
-VALUE_GATE_IMPLS = ("fast_decay_kernels", "fast_decay_fallback", "fast_decay_torch")
+VALUE_GATE_IMPLS = ("fast_decay_kernels", "fast_decay_fallback", "fast_decay_recurrent", "fast_decay_torch")
 #: the anchors on fla (its chunk_gla, and ReGLA composed on it): named even where fla is not installed
 FLA_IMPLS = ("A0_fla", "A1_regla_fla")
 NORM_EPS = 1e-5
@@ -279,6 +282,7 @@ def make_implementations(chunk_gla_fla):
         "layer_regla_epilogue": layer_call(epilogue=True),
         "fast_decay_kernels": value_gate_call(triton_gla, "gv_open"),
         "fast_decay_fallback": value_gate_call(triton_gla, "gv_fast"),
+        "fast_decay_recurrent": value_gate_call(fused_recurrent_gla, "gv_open"),
         "fast_decay_torch": value_gate_call(chunked_gla, "gv_open"),
     }
     fla_impls = {}
