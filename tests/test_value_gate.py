@@ -22,7 +22,7 @@ from kernels import value_gate  # noqa: E402
 from kernels.reference import recurrent_gla  # noqa: E402
 from kernels.triton_gla import triton_gla  # noqa: E402
 
-from .numerics import rel_rms, worst  # noqa: E402
+from .numerics import gla_results_with_grads, rel_rms, worst  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -46,33 +46,10 @@ def make_inputs(B, T, H, K, V, *, key_gate="vector", value_gate=None, value_shif
     return {name: t.to(DEVICE) for name, t in x.items() if t is not None}
 
 
-def run_with_grads(fn, inputs, dtype, scale, output_final_state=True, seed=1):
-    """Output, final state and the gradients of <o, do> (+ <S_T, dS_T>) w.r.t. every input."""
-    leaves = {name: t.to(dtype).requires_grad_(True) for name, t in inputs.items()}
-    o, final = fn(
-        leaves["q"],
-        leaves["k"],
-        leaves["v"],
-        leaves.get("gk"),
-        leaves["gv"],
-        scale=scale,
-        initial_state=leaves.get("h0"),
-        output_final_state=output_final_state,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    loss = (o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
-    results = {"o": o}
-    if output_final_state:
-        loss = loss + (final.double() * torch.randn(final.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
-        results["final_state"] = final
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return {**results, **{f"d{name}": g for name, g in zip(leaves, grads)}}
-
-
 def compare_to_recurrence(inputs, dtype=torch.float32, output_final_state=True):
     scale = inputs["q"].shape[-1] ** -0.5
-    got = run_with_grads(triton_gla, inputs, dtype, scale, output_final_state)
-    want = run_with_grads(recurrent_gla, inputs, torch.float64, scale, output_final_state)
+    got = gla_results_with_grads(triton_gla, inputs, dtype, scale, output_final_state)
+    want = gla_results_with_grads(recurrent_gla, inputs, torch.float64, scale, output_final_state)
     if output_final_state:
         assert got["final_state"].dtype == torch.float32
     assert got["o"].dtype == dtype
