@@ -15,7 +15,7 @@ from .config import ConfigError
 from .data import DataError, prepare_data
 from .distributed import finish_distributed
 from .executor import WorkerOptions, outcome, run_on_devices
-from .grid import filter_runs, load_grid, sources_first
+from .grid import filter_runs, load_grid, load_grid_data, sources_first
 from .report import write_report
 from .runner import StageResult, preflight, restore_results, run_grid, stage_status
 from .stages import STAGES
@@ -57,6 +57,18 @@ def resolve_grid_path(name_or_path: str) -> Path:
 
 def available_grids() -> list[str]:
     return sorted(str(p.relative_to(GRIDS_DIR).with_suffix("")) for p in GRIDS_DIR.rglob("*.yaml"))
+
+
+def reference_of_grid_named(name: str) -> dict | None:
+    """The `reference` section (published numbers) of the grid file in grids/ that expands to the grid
+    `name` (its `name:`, or that name with a scale's suffix, `-gpu`); None when no file does. A report
+    written from a results.parquet finds the paper's numbers this way, as the rows name only the grid."""
+    for path in sorted(GRIDS_DIR.rglob("*.yaml")):
+        data = load_grid_data(path)
+        base = data.get("name", path.stem)
+        if name == base or name in {f"{base}-{scale}" for scale in data.get("scales") or {}}:
+            return data.get("reference")
+    return None
 
 
 def tracking_options(args: argparse.Namespace) -> TrackingOptions | None:
@@ -248,7 +260,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
             f"--from-parquet {args.from_parquet}` (`make reports` rewrites every committed report this way); "
             f"the grid that produced them is named in each row's `spec_json`."
         )
-        out = write_report(args.grid, args.runs_dir, args.results_dir, frame=frame, source_note=note)
+        out = write_report(
+            args.grid,
+            args.runs_dir,
+            args.results_dir,
+            reference=reference_of_grid_named(args.grid),
+            frame=frame,
+            source_note=note,
+        )
         print(f"report: {out}/RESULTS.md (from {args.from_parquet})")
         return EXIT_OK
     try:

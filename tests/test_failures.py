@@ -448,3 +448,20 @@ def test_a_committed_report_is_regenerated_from_its_parquet(tmp_path, capsys):
     text = (tmp_path / "smoke" / "RESULTS.md").read_text()
     assert "Written from the rows in" in text and "| regla |" in text and "| softmax |" in text
     assert (tmp_path / "smoke" / "loss_curves.png").stat().st_size > 0
+
+
+def test_a_report_from_parquet_keeps_the_papers_numbers_of_its_grid_file(tmp_path):
+    # The rows name only the grid (with its scale's suffix); the published numbers live in the grid
+    # file, which the report finds by that name.
+    from harness.cli import reference_of_grid_named
+
+    root = Path(__file__).resolve().parent.parent
+    assert reference_of_grid_named("paper-wikitext103-gpu")["values"]["regla"] == 19.0
+    assert reference_of_grid_named("paper-wikitext103") == reference_of_grid_named("paper-wikitext103-smoke")
+    assert reference_of_grid_named("paper-wikitext103-nosuchscale") is None
+    assert reference_of_grid_named("smoke") is None
+    parquet = root / "results" / "paper-wikitext103-gpu" / "results.parquet"
+    code = cli_main(["report", "paper-wikitext103-gpu", "--from-parquet", str(parquet), "--results-dir", str(tmp_path)])
+    assert code == EXIT_OK
+    text = (tmp_path / "paper-wikitext103-gpu" / "RESULTS.md").read_text()
+    assert "## Beside the published numbers" in text and "Kendall's τ between the two rankings: 1.00" in text
