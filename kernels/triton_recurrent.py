@@ -67,6 +67,8 @@ VALUE_BLOCK = 32
 #: Steps between the states the backward keeps: T/32 states per (batch, head) are stored, and a
 #: segment of 32 recomputed states per program is scratch (sizes balanced for T in the thousands).
 CHECKPOINT = 32
+#: CUDA's limit on a launch grid's second and third axes (B·H is the second here).
+MAX_GRID_AXIS = 65535
 #: Untuned (no GPU measurements yet): a [128, 32] fp32 tile over 4 warps.
 NUM_WARPS = 4
 
@@ -364,17 +366,23 @@ class FusedRecurrentGLAFunction(torch.autograd.Function):
 
 
 def check_recurrent_supported(q: Tensor, v: Tensor) -> None:
-    """Key dims up to MAX_KEY_DIM; offsets inside one batch element must fit in 32 bits.
+    """Key dims up to MAX_KEY_DIM; B·H programs fit the launch grid's second axis; offsets inside
+    one batch element must fit in 32 bits.
 
     Raises:
         ValueError: when the kernels cannot take these shapes.
     """
-    _, T, H, K = q.shape
+    B, T, H, K = q.shape
     V = v.shape[-1]
     if K > MAX_KEY_DIM:
         raise ValueError(
             f"the fused recurrent GLA kernels hold all K rows of the state in registers and support "
             f"K up to {MAX_KEY_DIM}; got K={K}"
+        )
+    if B * H > MAX_GRID_AXIS:
+        raise ValueError(
+            f"the fused recurrent GLA kernels launch one program per batch row and head on a grid axis "
+            f"of at most {MAX_GRID_AXIS}; got B * H = {B * H} (B={B}, H={H}): split the batch"
         )
     if max(T, 1) * H * max(K, V) >= 2**31:
         raise ValueError(

@@ -74,7 +74,8 @@ KeyGateOp = Callable[..., tuple[Tensor, Tensor | None]]
 #: Calls of `value_gated_gla` in this process by the path they took: "kernels" (the segmented form)
 #: or why they fell back ("span": the gate decayed by more than MAX_SPAN inside a segment, and the
 #: call ran the caller's fallback op, the fused recurrent kernels for `kernels.triton_gla`, or the
-#: torch chunked form without one; "packed": `cu_seqlens`, the torch chunked form). Training records
+#: torch chunked form without one; "fp16": fp16 inputs, too narrow for the rescaling, the same
+#: fallback; "empty": T = 0; "packed": `cu_seqlens`, the torch chunked form). Training records
 #: the counts of its own steps (`harness.train`), so a slow Fast Decay run shows which path it took.
 PATH_COUNTS: Counter[str] = Counter()
 
@@ -112,16 +113,21 @@ def value_gated_gla(
         final_state: [B, H, K, V] ([N, H, K, V] with `cu_seqlens`) in fp32 (fp64 for fp64 inputs on
             the torch fallback), or None unless `output_final_state`.
     """
-    result = None
-    if cu_seqlens is None and q.shape[1] > 0:
+    if cu_seqlens is not None:
+        reason = "packed"
+    elif v.dtype == torch.float16:
+        reason = "fp16"  # fp16's range (6.5e4; normals from 6e-5) holds ~11 nats of rescaling, not MAX_SPAN
+    elif q.shape[1] == 0:
+        reason = "empty"
+    else:
         # Autocast off: it would round the torch products here (the entering states' share of o) to bf16.
         with torch.autocast(q.device.type, enabled=False):
             result = _segmented(key_gate_op, q, k, v, gk, gv, scale, initial_state, output_final_state)
-    if result is not None:
-        PATH_COUNTS["kernels"] += 1
-        return result
-    reason = "packed" if cu_seqlens is not None else "span"
-    fallback = fallback_op if reason == "span" and fallback_op is not None else None
+        if result is not None:
+            PATH_COUNTS["kernels"] += 1
+            return result
+        reason = "span"
+    fallback = fallback_op if reason != "packed" and fallback_op is not None else None
     if reason == "span" and not PATH_COUNTS["span"]:
         # Once per process: either fallback is exact but slower than the segmented form (the recurrent
         # kernels take one token per step, the torch form is several times slower), which a run's log
@@ -179,16 +185,17 @@ def _segmented(
         return F.pad(x, (0, 0, 0, 0, 0, pad)).reshape(B * N, L, H, x.shape[-1])
 
     a = segments(gv).float().cumsum(1)  # [B*N, L, H, V|1]: the within-segment cumulative value gate
-    # One device-to-host copy per call, to choose the path (a NaN gate also falls back, and
-    # chunked_gla then raises on it).
-    if not a.detach().abs().amax().item() <= MAX_SPAN:
+    # One device-to-host copy per call, to choose the path; aminmax reads `a` once and makes no
+    # temporary of its size. A NaN gate fails the test and takes the fallback too.
+    low, high = torch.aminmax(a.detach())
+    if not max(-low.item(), high.item()) <= MAX_SPAN:
         return None
 
     v_scaled = (segments(v).float() * torch.exp(-a)).to(v.dtype)
     q_seg = segments(q)
     gk_seg = segments(gk) if gk is not None else None
-    o_local, local_final = key_gate_op(
-        q_seg, segments(k), v_scaled, gk_seg, None, scale=scale, initial_state=None, output_final_state=True
+    o_local, local_final = _by_row_groups(
+        key_gate_op, H, q_seg, segments(k), v_scaled, gk_seg, scale=scale, initial_state=None, output_final_state=True
     )
     o_scaled = o_local.float()  # [B*N, L, H, V]: o' from a zero state at each segment's entry
     bk = gk_seg.float().cumsum(1) if gk_seg is not None else None  # [B*N, L, H, K|1]
@@ -214,3 +221,24 @@ def _segmented(
             o_scaled = o_scaled + scale * torch.einsum("rlhk,rhkv->rlhv", q_decayed, entering)
     o = (torch.exp(a) * o_scaled).to(q.dtype).reshape(B, N * L, H, V)[:, :T]
     return o, (state if output_final_state else None)
+
+
+#: CUDA's limit on a launch grid's second and third axes, where the chunk kernels put rows × heads.
+MAX_GRID_AXIS = 65535
+
+
+def _by_row_groups(key_gate_op: KeyGateOp, H: int, q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None, **options):
+    """`key_gate_op` over the rows of q, k, v, gk in groups of at most MAX_GRID_AXIS // H rows: the
+    segments as batch rows multiply the rows by T/64, and the kernels launch one program per row and
+    head on a grid axis CUDA caps at MAX_GRID_AXIS. Outputs (and final states) concatenated."""
+    rows = max(MAX_GRID_AXIS // H, 1)
+    if q.shape[0] <= rows:
+        return key_gate_op(q, k, v, gk, None, **options)
+    parts = [
+        key_gate_op(
+            q[i : i + rows], k[i : i + rows], v[i : i + rows], gk[i : i + rows] if gk is not None else None, None,
+            **options,
+        )
+        for i in range(0, q.shape[0], rows)
+    ]  # fmt: skip
+    return torch.cat([o for o, _ in parts]), torch.cat([final for _, final in parts])

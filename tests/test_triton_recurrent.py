@@ -122,6 +122,9 @@ def test_unsupported_calls_raise():
     wide = torch.zeros(1, 4, 1, triton_recurrent.MAX_KEY_DIM + 1, device=DEVICE)
     with pytest.raises(ValueError, match=f"K up to {triton_recurrent.MAX_KEY_DIM}"):
         fused_recurrent_gla(wide, wide, x["v"])
+    many = torch.empty(triton_recurrent.MAX_GRID_AXIS + 1, 4, 1, 8, device="meta")  # shapes only
+    with pytest.raises(ValueError, match=r"B \* H = 65536 .*split the batch"):
+        triton_recurrent.check_recurrent_supported(many, many)
 
 
 # --- realistic shapes on a GPU ---------------------------------------------------------------------

@@ -274,3 +274,32 @@ def test_a_fast_decay_run_records_which_path_its_value_gate_took(corpus, tmp_pat
     # 2 layers: a training step, and the validation passes before and after it.
     assert recorded["attention/value_gate_kernels"] >= 2 and "attention/value_gate_span" not in recorded
     assert recorded["attention/value_gate_kernels"] == fresh_path_counts["kernels"]
+
+
+def test_segments_beyond_the_launch_grid_go_through_the_kernels_in_row_groups(monkeypatch, fresh_path_counts):
+    # Segments become batch rows (B · T/64 of them, times H programs): past CUDA's grid-axis limit the
+    # rows are sent in groups. A limit of 2 forces groups of 2 rows on 3 segments x 2 batch rows.
+    monkeypatch.setattr(value_gate, "MAX_GRID_AXIS", 2)
+    import importlib
+
+    function = importlib.import_module("kernels.triton_gla").ChunkedGLAFunction  # the module, not the op
+    calls = []
+    original = function.apply
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return original(*args)
+
+    monkeypatch.setattr(function, "apply", counted)
+    inputs = make_inputs(2, 150, 1, 8, 8)
+    errors = compare_to_recurrence(inputs)
+    assert calls[:3] == [2, 2, 2] and fresh_path_counts["kernels"] == 1
+    assert worst(errors) <= FP32_BOUND, errors
+
+
+def test_fp16_takes_the_exact_fallback(fresh_path_counts):
+    x = make_inputs(1, 70, 1, 8, 8)
+    o, _ = triton_gla(*(x[n].half() for n in ("q", "k", "v", "gk", "gv")), scale=0.5)
+    want, _ = recurrent_gla(*(x[n].half().double() for n in ("q", "k", "v", "gk", "gv")), scale=0.5)
+    assert fresh_path_counts == Counter(fp16=1) and o.dtype == torch.float16
+    assert rel_rms(o, want) <= 2e-3
