@@ -84,3 +84,23 @@ def test_report_of_a_scaled_grid_shows_seeds_and_the_paper(corpus, tmp_path, cap
     assert "## Over seeds (final validation bits per byte)" in text and "| regla |" in text and "| 2 |" in text
     assert "Kendall's τ between the two rankings" in text and "(p = " in text
     assert (tmp_path / "results" / "tiny-bigger" / "ranking_agreement.png").stat().st_size > 0
+
+
+def test_every_paper_preset_expands_at_each_of_its_scales():
+    from pathlib import Path
+
+    from harness.grid import load_grid, load_grid_data
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "grids" / "paper").glob("*.yaml"))
+    assert len(presets) >= 7
+    for path in presets:
+        scales = [None, *(load_grid_data(path).get("scales") or {})]
+        for scale in scales:
+            grid = load_grid(path, scale=scale)
+            assert grid.runs, (path.name, scale)
+            if scale == "gpu" and path.stem in ("ablation", "saturation", "wikitext103", "mqar"):
+                # the reproductions' presets: every configuration over >= 3 seeds
+                assert len({run.axes.get("seed") for run in grid.runs}) >= 3, path.name
+    # The presets whose base needs the hub or a GPU have a CPU smoke scale.
+    for name in ("wikitext103", "efficiency"):
+        assert "smoke" in load_grid_data(Path(presets[0].parent, f"{name}.yaml"))["scales"]
