@@ -34,8 +34,10 @@ more than MAX_SPAN nats within some segment (in any batch row, head or value col
 caller's `fallback_op` instead: `kernels.triton_gla` passes the fused recurrent kernels
 (`kernels.triton_recurrent`, exact for any finite gate, one token per step: slower than the chunk
 kernels, far faster than torch); without one, and for calls with packed sequences (`cu_seqlens`),
-`kernels.reference.chunked_gla` runs (exact for any finite gate, in torch). Choosing the path reads
-one number back from the device per call.
+`kernels.reference.chunked_gla` runs (exact for any finite gate, in torch). fp16 inputs take the
+fallback too (their range holds ~11 nats of rescaling). Choosing the path reads two numbers back
+from the device per call, so a call cannot be captured in a CUDA graph. The segments as batch rows
+are B · T/64 rows; they go to the kernels in groups that fit CUDA's grid axis (MAX_GRID_AXIS).
 """
 
 from __future__ import annotations
