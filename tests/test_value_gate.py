@@ -259,7 +259,7 @@ def test_a_fast_decay_run_records_which_path_its_value_gate_took(corpus, tmp_pat
     from .pipeline_helpers import tiny_grid
 
     data = tiny_grid(corpus, steps=1, warmup_steps=0, batch_size=2, seq_len=16, eval_every=1, eval_batches=1)
-    data["base"]["model"].update(d_model=16, max_seq_len=16)
+    data["base"]["model"].update(d_model=16, n_layers=1, max_seq_len=16)
     data["axes"] = {
         "variant": {
             "fast_decay": {"model.attention": {"feature_map": "identity", "norm": "rmsnorm", "gate": "fast_decay",
@@ -271,7 +271,7 @@ def test_a_fast_decay_run_records_which_path_its_value_gate_took(corpus, tmp_pat
     assert result.status == "ok", result.error
     frame = results_io.load("tiny", tmp_path / "runs")
     recorded = dict(zip(frame.metric, frame.value))
-    # 2 layers: a training step, and the validation passes before and after it.
+    # One layer: a training step, and the validation passes before and after it.
     assert recorded["attention/value_gate_kernels"] >= 2 and "attention/value_gate_span" not in recorded
     assert recorded["attention/value_gate_kernels"] == fresh_path_counts["kernels"]
 
