@@ -26,6 +26,21 @@ def test_mqar_sequences_query_every_key_once_after_the_pairs():
             assert y[row, position].item() == answers[x[row, position].item()]
 
 
+def test_mqar_query_gaps_follow_sequential_weighted_draws_without_replacement():
+    """The vectorised gap draw has the distribution of numpy's sequential weighted draws (the
+    per-row `rng.choice(..., replace=False, p=...)` it replaced), gap by gap."""
+    length, pairs, rows = 64, 4, 8000
+    slots = (length + 1 - 2 * pairs) // 2
+    weights = np.arange(1, slots + 1, dtype=np.float64) ** (0.01 - 1)
+    _, y = mqar_batch(rows, length, pairs, 64, 0.01, np.random.default_rng(1))
+    gaps = ((y != -100).nonzero()[:, 1].numpy() - 2 * pairs) // 2
+    rng = np.random.default_rng(2)
+    expected = np.concatenate([rng.choice(slots, pairs, replace=False, p=weights / weights.sum()) for _ in range(rows)])
+    ours, theirs = (np.bincount(g, minlength=slots) / g.size for g in (gaps, expected))
+    assert gaps.size == rows * pairs and np.abs(ours - theirs).max() < 0.01  # 3.5 sigma at the largest bin
+    assert ours[0] > 2 * ours[3] > 0  # the power law's short gaps dominate
+
+
 def test_mqar_settings_are_checked():
     with pytest.raises(ConfigError, match=r"needs pairs >= 1 and length >= 4 x pairs"):
         MQARConfig(settings=[[16, 8]])
