@@ -44,7 +44,7 @@ fla's autotuning takes minutes per shape family on a fresh machine (> 200 s on t
 shape, seen twice), so fla runs after everything else and stops when --fla-budget-s is spent; to
 measure fla alone give it a call of its own, e.g. --impls A0_fla,A1_regla_fla --skip-correctness.
 
-    python3 benchmarks/bench_kernels.py [--out DIR] [--fla-budget-s 300] [--shapes all|small|training]
+    python3 benchmarks/bench_kernels.py [--out DIR] [--fla-budget-s 300] [--shapes all|small|training|d64|d128]
                                         [--epilogue] [--value-gate]
 """
 
@@ -96,6 +96,26 @@ ANCHOR_SHAPES = [
 ]
 # The shape the grids' `gpu` scales train at (32 × 512 tokens, 8 heads of 64).
 TRAINING_SHAPE = (32, 512, 8, 64)
+#: Chunk length of the FLOP model below (this repository's kernels and fla's chunk_gla both use 64).
+FLOP_CHUNK = 64
+
+
+def model_flops(name: str, B: int, T: int, H: int, D: int) -> tuple[float, float]:
+    """(forward, forward+backward) FLOPs of one call by a stated model, for the TFLOP/s columns:
+    - linear attention in chunked form, chunk C = 64: per token and head, 4·C·D for the intra-chunk
+      scores and their product with V (full C×C blocks, as the kernels compute them) and 4·D² for
+      the state read (q·S) and the state update (kᵀv); forward+backward = 3 × forward (the backward
+      forms about twice the forward's products). Gates, feature maps and norms count nothing.
+    - SDPA, causal: 2·T·D per token and head (half of QKᵀ and PV, 4·T·D each way); forward+backward
+      = 3.5 × forward (FlashAttention's convention: backward = 2.5 × forward).
+    The same formula for every linear implementation, so their TFLOP/s compare as their times do."""
+    if name == "A2_sdpa":
+        forward = 2.0 * B * H * T * T * D
+        return forward, 3.5 * forward
+    forward = B * H * T * (4.0 * FLOP_CHUNK * D + 4.0 * D * D)
+    return forward, 3.0 * forward
+
+
 # The torch chunked reference is many small launches and large temporaries: small shapes only.
 A3_MAX_TOKENS_X_HEADS = 8 * 2048 * 12
 TORCH_FORMS = ("A3_chunked", "fast_decay_torch")
@@ -386,6 +406,8 @@ def measure(name, call, x, shape, meta):
             fwd_floor_fraction=floor_fwd_ms / fwd[0],
             fwdbwd_floor_fraction=floor_fwdbwd_ms / fb[0],
             fwd_GBps=(in_bytes + out_bytes) / (fwd[0] * 1e-3) / 1e9,
+            fwd_TFLOPs=model_flops(name, *shape)[0] / (fwd[0] * 1e-3) / 1e12,
+            fwdbwd_TFLOPs=model_flops(name, *shape)[1] / (fb[0] * 1e-3) / 1e12,
             saved_for_backward_mib=saved_for_backward_mib(lambda: fn(x)),
         )
     except Exception as error:  # a failing implementation is a result to record, not a crash
@@ -495,7 +517,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--fla-budget-s", type=float, default=300.0)
-    parser.add_argument("--shapes", choices=["all", "small", "training"], default="all")
+    parser.add_argument(
+        "--shapes",
+        choices=["all", "small", "training", "d64", "d128"],
+        default="all",
+        help="anchor shapes to time: all, two small ones, the training shape, or one head-dim family "
+        "(fla autotunes once per family: d128 or d64 alone fits fla's tuning and every row in one call)",
+    )
     parser.add_argument("--impls", default="all", help="comma-separated implementation names, or all")
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument(
@@ -581,9 +609,13 @@ def main():
         chosen |= set(VALUE_GATE_IMPLS)
     impls = {n: c for n, c in impls.items() if n in chosen}
     fla_impls = {n: c for n, c in fla_impls.items() if n in chosen}
-    shapes = {"all": ANCHOR_SHAPES, "small": ANCHOR_SHAPES[2:3] + ANCHOR_SHAPES[4:5], "training": [TRAINING_SHAPE]}[
-        args.shapes
-    ]
+    shapes = {
+        "all": ANCHOR_SHAPES,
+        "small": ANCHOR_SHAPES[2:3] + ANCHOR_SHAPES[4:5],
+        "training": [TRAINING_SHAPE],
+        "d64": [s for s in ANCHOR_SHAPES if s[3] == 64],
+        "d128": [s for s in ANCHOR_SHAPES if s[3] == 128],
+    }[args.shapes]
     timing_rows = []
 
     def run(shape, names_calls):
@@ -627,7 +659,7 @@ def main():
 def summarise(timing_rows, log):
     log(
         f"{'impl':20s} {'B':>2} {'T':>6} {'H':>3} {'D':>4} {'fwd_ms':>8} {'fb_ms':>8} {'peakMiB':>8} "
-        f"{'floor_f':>7} {'floor_fb':>8}"
+        f"{'floor_f':>7} {'floor_fb':>8} {'TFLOP/s':>8}"
     )
     for r in timing_rows:
         if "error" in r:
@@ -636,7 +668,7 @@ def summarise(timing_rows, log):
             log(
                 f"{r['impl']:20s} {r['B']:>2} {r['T']:>6} {r['H']:>3} {r['D']:>4} {r['fwd_ms']:8.3f} "
                 f"{r['fwdbwd_ms']:8.3f} {r['fwdbwd_peak_mib']:8.0f} {r['fwd_floor_fraction']:7.1%} "
-                f"{r['fwdbwd_floor_fraction']:8.1%}"
+                f"{r['fwdbwd_floor_fraction']:8.1%} {r['fwdbwd_TFLOPs']:8.1f}"
             )
 
 

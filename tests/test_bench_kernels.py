@@ -1,0 +1,40 @@
+"""The kernel benchmark's FLOP model (its TFLOP/s columns) and shape families, on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_linear_attention_flops_follow_the_stated_chunked_model(bench):
+    # Per token and head: 4·C·D (intra-chunk scores and their product with V) + 4·D² (state read and update).
+    forward, both = bench.model_flops("triton", 2, 128, 3, 64)
+    assert forward == 2 * 128 * 3 * (4 * 64 * 64 + 4 * 64 * 64)
+    assert both == 3 * forward
+    # Every linear implementation counts the same work, whatever its gate or feature map.
+    assert bench.model_flops("A0_fla", 2, 128, 3, 64) == bench.model_flops("regla_fused", 2, 128, 3, 64)
+
+
+def test_sdpa_flops_are_causal_and_quadratic_in_length(bench):
+    forward, both = bench.model_flops("A2_sdpa", 1, 1024, 1, 128)
+    assert forward == 2 * 1024 * 1024 * 128  # half of 4·T²·D: the causal mask
+    assert both == 3.5 * forward
+    assert bench.model_flops("A2_sdpa", 1, 2048, 1, 128)[0] == 4 * forward
+
+
+def test_each_head_dim_family_is_a_partition_of_the_anchor_shapes(bench):
+    d64 = [s for s in bench.ANCHOR_SHAPES if s[3] == 64]
+    d128 = [s for s in bench.ANCHOR_SHAPES if s[3] == 128]
+    assert sorted(d64 + d128) == sorted(bench.ANCHOR_SHAPES) and d64 and d128
