@@ -377,6 +377,11 @@ class ProfileConfig:
     cuda_graphs: bool = True
 
 
+#: Stages that train a model of their own from the run's architecture: their settings belong to the
+#: run's identity (harness.spec), where other stages' settings only name their own results.
+STAGES_THAT_TRAIN_THEIR_OWN_MODEL = ("mqar",)
+
+
 @dataclass(frozen=True)
 class MQARConfig:
     """Trained multi-query associative recall (Zoology, Arora et al. 2024): a fresh model of the
@@ -396,7 +401,8 @@ class MQARConfig:
     # 1e-3: at 3e-3 and 1e-2 a 2-layer softmax model (d 64, vocab 256, 64 tokens, 4 pairs) stayed at
     # 0.25 accuracy for 1000-2500 steps (a value from the context, the right one of four by chance); at
     # 1e-3 it formed its recall circuit by step 500 and reached 0.93 by 1100. Zoology sweeps the lr
-    # per architecture; a grid can too (`mqar.lr` as an axis).
+    # per architecture; a grid can too (`mqar.lr` as an axis: mqar's settings are part of a run's
+    # identity, STAGES_THAT_TRAIN_THEIR_OWN_MODEL).
     lr: float = 1e-3
     weight_decay: float = 0.1
     eval_every: int = 50

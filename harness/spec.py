@@ -22,7 +22,15 @@ import torch
 from variants import FEATURE_MAPS, GATES, NORMS
 
 from . import __version__
-from .config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from .config import (
+    STAGES_THAT_TRAIN_THEIR_OWN_MODEL,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    to_dict,
+)
 from .data import get_source
 from .data.tokenization import check_tokenizer_name
 from .model import LanguageModel
@@ -81,7 +89,7 @@ class RunSpec:
         data = to_dict(self.data)
         if data["packing"] == "windows":
             data.pop("packing")  # the default, as before the option existed: existing run ids stay valid
-        return {
+        identity = {
             "format": SPEC_FORMAT,
             "model": model,
             "data": data,
@@ -89,6 +97,13 @@ class RunSpec:
             "plugins": self.plugin_versions(),
             "processes": self.processes,
         }
+        # A stage that trains a model of its own (mqar) makes its settings part of what is trained:
+        # two runs that differ in them (an `mqar.lr` axis) are two runs. Added only when set, so
+        # every other run's id stays what it was.
+        own = {stage: self.stages[stage] for stage in STAGES_THAT_TRAIN_THEIR_OWN_MODEL if self.stages.get(stage)}
+        if own:
+            identity["stage_models"] = own
+        return identity
 
     @property
     def run_id(self) -> str:

@@ -112,3 +112,20 @@ def test_each_seed_of_a_grid_trains_its_own_model_on_its_own_data(corpus, tmp_pa
     assert seen == [0, 1, 7]
     held_out, train = batches[0::2], batches[1::2]  # each run: its held-out batch, then one training batch
     assert len(set(held_out)) == 3 and len(set(train)) == 3
+
+
+def test_an_mqar_learning_rate_axis_gives_distinct_runs_and_leaves_other_run_ids_alone(corpus):
+    """mqar trains its own model, so its settings are part of a run's identity: a sweep over
+    `mqar.lr` is a grid of distinct runs (it used to be refused as identical runs). A run with no
+    mqar settings keeps the id it had."""
+    data = tiny_grid(corpus)
+    plain_ids, plain_stages = [run.run_id for run in expand_grid(data).runs], data["stages"]
+    data["stages"] = ["mqar"]
+    data["base"]["mqar"] = {"settings": [[16, 2]], "vocab_size": 32, "steps": 5}
+    data["axes"]["lr"] = {"low": {"mqar.lr": 1e-3}, "high": {"mqar.lr": 3e-3}}
+    runs = expand_grid(data).runs
+    assert len({run.run_id for run in runs}) == len(runs)
+    assert all(run.identity()["stage_models"]["mqar"]["lr"] in (1e-3, 3e-3) for run in runs)
+    del data["base"]["mqar"], data["axes"]["lr"]
+    data["stages"] = plain_stages
+    assert [run.run_id for run in expand_grid(data).runs] == plain_ids
