@@ -31,6 +31,10 @@ With --value-gate (or when named), a value-side gate gv as well (Fast Decay's), 
                        fused recurrent kernels (kernels.triton_recurrent)
   fast_decay_recurrent kernels.triton_recurrent.fused_recurrent_gla with the first gv
   fast_decay_torch     kernels.reference.chunked_gla with the first gv (small shapes only)
+With --gate-grad-operands (or when named), the gate gradient's within-chunk products with bf16
+operands (as before they took fp32 ones, kernels.blocks.qkv_grad.GATE_GRADIENT_PRODUCTS = None):
+  triton_gate_grad_bf16       `triton` so
+  regla_fused_gate_grad_bf16  `regla_fused` so
 `--shapes training` is the shape the `gpu` scales train at (B 32, T 512, H 8, D 64).
 
 Forward and forward+backward are timed with triton.testing.do_bench (median, p20, p80); peak
@@ -51,6 +55,7 @@ measure fla alone give it a call of its own, e.g. --impls A0_fla,A1_regla_fla --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -76,6 +81,7 @@ from triton.testing import do_bench  # noqa: E402
 from harness.config import AttentionConfig  # noqa: E402
 from harness.layers import LinearAttention  # noqa: E402
 from harness.measure import peak_memory_mib, saved_for_backward_mib  # noqa: E402
+from kernels.blocks import qkv_grad  # noqa: E402
 from kernels.blocks.common import LAUNCH_OPTIONS  # noqa: E402
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
 from kernels.safe_exp import key_shifts, query_shift  # noqa: E402
@@ -193,6 +199,7 @@ def regla_fused(q, k, v, gate_logit, refine_logit, norm_weight, key_max="sequenc
 
 EPILOGUE_IMPLS = ("regla_norm_gate_separate", "regla_norm_gate_epilogue", "layer_regla", "layer_regla_epilogue")
 VALUE_GATE_IMPLS = ("fast_decay_kernels", "fast_decay_fallback", "fast_decay_recurrent", "fast_decay_torch")
+GATE_GRAD_IMPLS = ("triton_gate_grad_bf16", "regla_fused_gate_grad_bf16")
 #: the anchors on fla (its chunk_gla, and ReGLA composed on it): named even where fla is not installed
 FLA_IMPLS = ("A0_fla", "A1_regla_fla")
 NORM_EPS = 1e-5
@@ -241,6 +248,20 @@ def layer_call(epilogue):
         return y.view_as(x["do"])
 
     return call, names
+
+
+@contextlib.contextmanager
+def bf16_gate_gradient_products():
+    """The gate gradient's within-chunk products with bf16 operands (qkv_grad.GATE_GRADIENT_PRODUCTS
+    = None), as before they took fp32 ones: beside `triton` and `regla_fused` in the same process,
+    what the fp32 operands cost. The launcher reads the setting at each backward, so it is set
+    around the forward and the backward alike (`measure`)."""
+    previous = qkv_grad.GATE_GRADIENT_PRODUCTS
+    qkv_grad.GATE_GRADIENT_PRODUCTS = None
+    try:
+        yield
+    finally:
+        qkv_grad.GATE_GRADIENT_PRODUCTS = previous
 
 
 def make_implementations(chunk_gla_fla):
@@ -305,6 +326,9 @@ def make_implementations(chunk_gla_fla):
         "fast_decay_recurrent": value_gate_call(fused_recurrent_gla, "gv_open"),
         "fast_decay_torch": value_gate_call(chunked_gla, "gv_open"),
     }
+    # (call, inputs, setting): timed inside the setting's context (`measure`).
+    impls["triton_gate_grad_bf16"] = (*impls["triton"], bf16_gate_gradient_products)
+    impls["regla_fused_gate_grad_bf16"] = (*impls["regla_fused"], bf16_gate_gradient_products)
     fla_impls = {}
     if chunk_gla_fla is not None:
         fla_impls = dict(zip(FLA_IMPLS, (gla_call(fla), regla_call(fla))))
@@ -372,7 +396,12 @@ def check_correctness(chunk_gla_fla, device, log):
 
 
 def measure(name, call, x, shape, meta):
-    fn, input_names = call
+    fn, input_names, *setting = call
+    with (setting[0] if setting else contextlib.nullcontext)():
+        return measure_in_setting(name, fn, input_names, x, shape, meta)
+
+
+def measure_in_setting(name, fn, input_names, x, shape, meta):
     inputs = [x[n] for n in input_names]
 
     def forward():
@@ -418,7 +447,7 @@ def measure(name, call, x, shape, meta):
 
 def kernel_breakdown(call, x, shape, log, steps=5):
     """GPU time per kernel of `steps` forward+backward passes, from the PyTorch profiler."""
-    fn, input_names = call
+    fn, input_names = call[:2]
     inputs = [x[n] for n in input_names]
     for _ in range(2):  # compile and warm up outside the profile
         torch.autograd.grad(fn(x), inputs, x["do"])
@@ -538,6 +567,11 @@ def main():
         action="store_true",
         help="time a value-side gate (Fast Decay's) too: " + ", ".join(VALUE_GATE_IMPLS),
     )
+    parser.add_argument(
+        "--gate-grad-operands",
+        action="store_true",
+        help="time the gate gradient with bf16 operands beside the default fp32 ones: " + ", ".join(GATE_GRAD_IMPLS),
+    )
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel profiles")
     parser.add_argument("--launch-options", help="tune_kernels.json whose chosen launch options to use")
     parser.add_argument(
@@ -601,12 +635,14 @@ def main():
     # The epilogue and value-gate comparisons run when asked for (--epilogue, --value-gate) or named;
     # "all" is the kernel table.
     known = set(impls) | set(fla_impls)  # fla's anchors belong to "all" too (timed last, within their budget)
-    opt_in = set(EPILOGUE_IMPLS) | set(VALUE_GATE_IMPLS)
+    opt_in = set(EPILOGUE_IMPLS) | set(VALUE_GATE_IMPLS) | set(GATE_GRAD_IMPLS)
     chosen = known - opt_in if args.impls == "all" else set(args.impls.split(","))
     if args.epilogue:
         chosen |= set(EPILOGUE_IMPLS)
     if args.value_gate:
         chosen |= set(VALUE_GATE_IMPLS)
+    if args.gate_grad_operands:
+        chosen |= set(GATE_GRAD_IMPLS)
     impls = {n: c for n, c in impls.items() if n in chosen}
     fla_impls = {n: c for n, c in fla_impls.items() if n in chosen}
     shapes = {

@@ -38,3 +38,27 @@ def test_each_head_dim_family_is_a_partition_of_the_anchor_shapes(bench):
     d64 = [s for s in bench.ANCHOR_SHAPES if s[3] == 64]
     d128 = [s for s in bench.ANCHOR_SHAPES if s[3] == 128]
     assert sorted(d64 + d128) == sorted(bench.ANCHOR_SHAPES) and d64 and d128
+
+
+def test_bf16_gate_gradient_setting_holds_for_forward_and_backward_and_is_restored(bench):
+    """The `*_gate_grad_bf16` rows run their forward and backward with bf16 operands for the gate
+    gradient's products (the launcher reads the setting at backward time), and leave the default
+    in place for every other row."""
+    import torch
+
+    from kernels.blocks import qkv_grad
+
+    default = qkv_grad.GATE_GRADIENT_PRODUCTS
+    impls, _ = bench.make_implementations(None)
+    fn, names, setting = impls["triton_gate_grad_bf16"]
+    assert (fn, names) == impls["triton"][:2]
+    seen = []
+    with setting():
+        x = bench.make_inputs(1, 16, 1, 16, "cpu", dtype=torch.float32)
+        out = fn(x)
+        seen.append(qkv_grad.GATE_GRADIENT_PRODUCTS)
+        torch.autograd.grad(out, [x[n] for n in names], x["do"])
+    assert seen == [None] and qkv_grad.GATE_GRADIENT_PRODUCTS is default is not None
+    with pytest.raises(RuntimeError), setting():
+        raise RuntimeError("a failing row")
+    assert qkv_grad.GATE_GRADIENT_PRODUCTS is default
