@@ -35,7 +35,9 @@ With --gate-grad-operands (or when named), the gate gradient's within-chunk prod
 operands (as before they took fp32 ones, kernels.blocks.qkv_grad.GATE_GRADIENT_PRODUCTS = None):
   triton_gate_grad_bf16       `triton` so
   regla_fused_gate_grad_bf16  `regla_fused` so
-`--shapes training` is the shape the `gpu` scales train at (B 32, T 512, H 8, D 64).
+`--shapes training` is the shape the `gpu` scales train at (B 32, T 512, H 8, D 64); `--shapes
+length` times T = 512 ... 32768 at B · T = 32768 (H 16, D 128) and plots time against T
+(kernels_time_vs_length.png).
 
 Forward and forward+backward are timed with triton.testing.do_bench (median, p20, p80); peak
 memory and the bytes kept for the backward (saved-tensor hooks) are read in separate, untimed
@@ -48,7 +50,7 @@ fla's autotuning takes minutes per shape family on a fresh machine (> 200 s on t
 shape, seen twice), so fla runs after everything else and stops when --fla-budget-s is spent; to
 measure fla alone give it a call of its own, e.g. --impls A0_fla,A1_regla_fla --skip-correctness.
 
-    python3 benchmarks/bench_kernels.py [--out DIR] [--fla-budget-s 300] [--shapes all|small|training|d64|d128]
+    python3 benchmarks/bench_kernels.py [--out DIR] [--fla-budget-s 300] [--shapes all|small|training|d64|d128|length]
                                         [--epilogue] [--value-gate]
 """
 
@@ -102,6 +104,10 @@ ANCHOR_SHAPES = [
 ]
 # The shape the grids' `gpu` scales train at (32 × 512 tokens, 8 heads of 64).
 TRAINING_SHAPE = (32, 512, 8, 64)
+#: Time against sequence length at a fixed number of tokens per call (B · T = 32768, 16 heads of
+#: 128): the curve on which linear attention's cost stays flat and softmax's grows with T.
+LENGTH_SWEEP_TOKENS = 32768
+LENGTH_SWEEP_SHAPES = [(LENGTH_SWEEP_TOKENS // T, T, 16, 128) for T in (512, 1024, 2048, 4096, 8192, 16384, 32768)]
 #: Chunk length of the FLOP model below (this repository's kernels and fla's chunk_gla both use 64).
 FLOP_CHUNK = 64
 
@@ -540,6 +546,38 @@ def plot(out: Path, timing_rows, anchor_json: str | None = None):
     fig.subplots_adjust(top=0.9, bottom=0.1, hspace=0.45, wspace=0.15)
     fig.savefig(out / "kernels_timing.png", dpi=110)
     plt.close(fig)
+    plot_against_length(out, rows)
+
+
+def length_sweeps(rows) -> dict[tuple[int, int, int], list[dict]]:
+    """Rows grouped by (B · T, H, D) where a group holds at least three lengths: the series of a
+    time-against-length plot at a fixed number of tokens per call."""
+    groups: dict[tuple[int, int, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["B"] * r["T"], r["H"], r["D"]), []).append(r)
+    return {key: group for key, group in groups.items() if len({r["T"] for r in group}) >= 3}
+
+
+def plot_against_length(out: Path, rows):
+    """Forward+backward time against T at fixed B · T, one line per impl, for each such series
+    (`--shapes length`): kernels_time_vs_length.png."""
+    sweeps = length_sweeps(rows)
+    if not sweeps:
+        return
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(8 * len(sweeps), 5.5), squeeze=False)
+    for ax, ((tokens, H, D), group) in zip(axes.flat, sorted(sweeps.items())):
+        for impl in dict.fromkeys(r["impl"] for r in group):
+            points = sorted((r["T"], r["fwdbwd_ms"]) for r in group if r["impl"] == impl)
+            ax.plot(*zip(*points), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"sequence length T (B = {tokens} / T, H {H}, D {D}, bf16)")
+        ax.set_ylabel("forward+backward ms (median)")
+        ax.set_title(f"time against length at {tokens} tokens per call")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "kernels_time_vs_length.png", dpi=110)
+    plt.close(fig)
 
 
 def main():
@@ -548,10 +586,11 @@ def main():
     parser.add_argument("--fla-budget-s", type=float, default=300.0)
     parser.add_argument(
         "--shapes",
-        choices=["all", "small", "training", "d64", "d128"],
+        choices=["all", "small", "training", "d64", "d128", "length"],
         default="all",
         help="anchor shapes to time: all, two small ones, the training shape, or one head-dim family "
-        "(fla autotunes once per family: d128 or d64 alone fits fla's tuning and every row in one call)",
+        "(fla autotunes once per family: d128 or d64 alone fits fla's tuning and every row in one call); "
+        "or `length`: T from 512 to 32768 at B · T = 32768 (16 heads of 128), plotted against T",
     )
     parser.add_argument("--impls", default="all", help="comma-separated implementation names, or all")
     parser.add_argument("--skip-correctness", action="store_true")
@@ -651,6 +690,7 @@ def main():
         "training": [TRAINING_SHAPE],
         "d64": [s for s in ANCHOR_SHAPES if s[3] == 64],
         "d128": [s for s in ANCHOR_SHAPES if s[3] == 128],
+        "length": LENGTH_SWEEP_SHAPES,
     }[args.shapes]
     timing_rows = []
 

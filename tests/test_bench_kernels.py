@@ -62,3 +62,18 @@ def test_bf16_gate_gradient_setting_holds_for_forward_and_backward_and_is_restor
     with pytest.raises(RuntimeError), setting():
         raise RuntimeError("a failing row")
     assert qkv_grad.GATE_GRADIENT_PRODUCTS is default
+
+
+def test_length_sweep_keeps_tokens_per_call_fixed_and_is_plotted_against_length(bench, tmp_path):
+    shapes = bench.LENGTH_SWEEP_SHAPES
+    assert {B * T for B, T, _, _ in shapes} == {bench.LENGTH_SWEEP_TOKENS}
+    assert [T for _, T, _, _ in shapes] == sorted(T for _, T, _, _ in shapes) and len(shapes) >= 3
+    rows = [
+        dict(impl=impl, B=B, T=T, H=H, D=D, fwdbwd_ms=cost * T)
+        for impl, cost in (("A2_sdpa", 1e-3), ("triton", 1e-4))
+        for B, T, H, D in shapes
+    ]
+    rows.append(dict(impl="triton", B=4, T=2048, H=16, D=64, fwdbwd_ms=1.0))  # another family: no series
+    assert list(bench.length_sweeps(rows)) == [(bench.LENGTH_SWEEP_TOKENS, 16, 128)]
+    bench.plot_against_length(tmp_path, rows)
+    assert (tmp_path / "kernels_time_vs_length.png").stat().st_size > 10_000
