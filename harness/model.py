@@ -56,6 +56,15 @@ class LanguageModel(nn.Module):
         """`cu_seqlens`: [N + 1] offsets of documents packed into the rows of idx (over the B·T tokens
         read row after row, every row start among them); no attention crosses a boundary. None:
         each row is one sequence. Best kept on the host: the ops read the offsets as host values."""
+        hidden, new_cache = self.hidden_states(idx, cache, use_cache, cu_seqlens)
+        return self.lm_head(hidden), new_cache
+
+    def hidden_states(
+        self, idx: Tensor, cache: list[Any] | None = None, use_cache: bool = False, cu_seqlens: Tensor | None = None
+    ) -> tuple[Tensor, list[Any] | None]:
+        """The final-normed hidden states [B, T, d_model] that `forward` feeds the LM head: for a
+        loss on a few positions (trained recall scores one token in many), the head applied to
+        those alone gives the same logits for a fraction of the head's cost."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be [batch, time] token ids; got shape {tuple(idx.shape)}")
         x = self.embed(idx)
@@ -64,7 +73,7 @@ class LanguageModel(nn.Module):
             x, state = block(x, cache[i] if cache is not None else None, use_cache, cu_seqlens)
             if use_cache:
                 new_cache.append(state)
-        return self.lm_head(self.final_norm(x)), new_cache
+        return self.final_norm(x), new_cache
 
     def loss(self, idx: Tensor, targets: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         logits, _ = self(idx, cu_seqlens=cu_seqlens)

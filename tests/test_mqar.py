@@ -129,3 +129,19 @@ def test_an_mqar_learning_rate_axis_gives_distinct_runs_and_leaves_other_run_ids
     del data["base"]["mqar"], data["axes"]["lr"]
     data["stages"] = plain_stages
     assert [run.run_id for run in expand_grid(data).runs] == plain_ids
+
+
+def test_the_head_on_query_positions_alone_gives_the_full_forwards_logits_there():
+    import torch
+
+    from harness.config import ModelConfig
+    from harness.model import build_model
+    from harness.stages.recall import query_logits
+
+    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=48), 64, 0).double()
+    x, y = mqar_batch(3, 48, 4, 64, 0.01, np.random.default_rng(0))
+    logits, targets = query_logits(model, x, y)
+    full, _ = model(x)
+    mask = y != -100
+    assert logits.shape == (int(mask.sum()), 64) and torch.equal(targets, y[mask])
+    torch.testing.assert_close(logits, full[mask], rtol=1e-12, atol=1e-12)
