@@ -4,22 +4,17 @@ Parquet and the plot are written. The H200 run takes the same code path at the p
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .benchmark_modules import load_benchmark
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_generation", ROOT / "benchmarks" / "bench_generation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_generation")
 
 
 def test_the_benchmark_writes_a_row_per_point_and_a_plot(bench, tmp_path):
