@@ -380,16 +380,23 @@ def write_report(
         ]
     if reference:
         lines += [f"`paper` column: {reference['source']}.", ""]
-    seeds = seed_table(frame)
-    if len(seeds):
-        lines += [
-            "## Over seeds (final validation bits per byte)",
-            "",
-            "Mean and 95% t-interval over each configuration's seeds; each compared with the best by Welch's t-test.",
-            "",
-            markdown_table(seeds),
-            "",
-        ]
+    for title, seeds in (
+        ("final validation bits per byte", seed_table(frame)),
+        (
+            "trained recall, accuracy averaged over the settings",
+            seed_table(frame, "mqar/mean_accuracy", stage="mqar", higher_is_better=True),
+        ),
+    ):
+        if len(seeds):
+            lines += [
+                f"## Over seeds ({title})",
+                "",
+                "Mean and 95% t-interval over each configuration's seeds; each compared with the best by "
+                "Welch's t-test.",
+                "",
+                markdown_table(seeds),
+                "",
+            ]
     if reference:
         compared, tau, p_value, disagreements = reference_comparison(frame, reference)
         if len(compared):
@@ -447,17 +454,23 @@ def variant_of(frame: pd.DataFrame) -> pd.Series:
     return frame[axes].astype(str).agg("/".join, axis=1)
 
 
-def seed_table(frame: pd.DataFrame, metric: str = "final/val_bits_per_byte") -> pd.DataFrame:
+def seed_table(
+    frame: pd.DataFrame,
+    metric: str = "final/val_bits_per_byte",
+    stage: str = "train",
+    higher_is_better: bool = False,
+) -> pd.DataFrame:
     """Per configuration over its seeds: mean, 95% t-interval half-width, number of seeds, and
-    whether it differs from the best configuration (Welch's t-test, p < 0.05). Empty without seeds."""
+    whether it differs from the best configuration (Welch's t-test, p < 0.05), best first. Empty
+    without seeds. Lower is better unless `higher_is_better` (accuracies)."""
     if f"axis:{SEED_AXIS}" not in frame:
         return pd.DataFrame()
-    rows = frame[(frame["stage"] == "train") & (frame["metric"] == metric) & (frame["status"] == "ok")]
+    rows = frame[(frame["stage"] == stage) & (frame["metric"] == metric) & (frame["status"] == "ok")]
     if rows.empty:
         return pd.DataFrame()
     samples = rows.assign(variant=variant_of(rows)).groupby("variant")["value"].apply(list)
     means = samples.map(lambda v: float(np.mean(v)))
-    best = means.idxmin()
+    best = means.idxmax() if higher_is_better else means.idxmin()
     table = []
     for variant, values in samples.items():
         n = len(values)
@@ -470,7 +483,7 @@ def seed_table(frame: pd.DataFrame, metric: str = "final/val_bits_per_byte") -> 
         else:
             verdict = "one seed: untested"
         table.append({"configuration": variant, "mean": means[variant], "± 95%": half, "seeds": n, "vs best": verdict})
-    return pd.DataFrame(table).sort_values("mean").set_index("configuration")
+    return pd.DataFrame(table).sort_values("mean", ascending=not higher_is_better).set_index("configuration")
 
 
 def reference_comparison(frame: pd.DataFrame, reference: dict) -> tuple[pd.DataFrame, float, float, list[str]]:

@@ -41,9 +41,11 @@ def test_a_scale_overrides_the_base_and_adds_seeds(corpus):
         expand_grid(data, scale="bigger")
 
 
-def frame_of(values: dict[str, list[float]], metric: str = "final/val_bits_per_byte") -> pd.DataFrame:
+def frame_of(
+    values: dict[str, list[float]], metric: str = "final/val_bits_per_byte", stage: str = "train"
+) -> pd.DataFrame:
     rows = [
-        {"stage": "train", "metric": metric, "status": "ok", "value": v, "run_name": f"{name}/{seed}",
+        {"stage": stage, "metric": metric, "status": "ok", "value": v, "run_name": f"{name}/{seed}",
          "axis:variant": name, "axis:seed": str(seed)}
         for name, samples in values.items()
         for seed, v in enumerate(samples)
@@ -60,6 +62,14 @@ def test_seed_table_gives_intervals_and_tests_against_the_best():
     # t(0.975, 2) = 4.303; sd of [2.0, 2.1, 1.9] = 0.1 -> half-width 0.248
     assert table.loc["b", "± 95%"] == pytest.approx(4.3027 * 0.1 / 3**0.5, rel=1e-3)
     assert seed_table(frame_of({"a": [1.0]}).drop(columns=["axis:seed"])).empty
+
+
+def test_seed_table_of_an_accuracy_puts_the_highest_first():
+    frame = frame_of({"gla": [0.0, 0.01, 0.0], "softmax": [0.49, 0.5, 0.48]}, "mqar/mean_accuracy", stage="mqar")
+    assert seed_table(frame).empty  # the default is the training stage's bits per byte
+    table = seed_table(frame, "mqar/mean_accuracy", stage="mqar", higher_is_better=True)
+    assert list(table.index) == ["softmax", "gla"] and table.loc["softmax", "vs best"] == "best"
+    assert table.loc["gla", "vs best"].startswith("worse (p = ")
 
 
 def test_reference_comparison_gives_kendall_tau_and_names_each_disagreement():
