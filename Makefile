@@ -6,7 +6,7 @@ PY := .venv/bin/python
 GRID ?= smoke
 ARGS ?=
 # Test processes (pytest-xdist): one per core. The suite is mostly single-threaded work (the Triton
-# interpreter, small models), so on CI's 2 cores two workers take it from ~12.5 to ~6.5 minutes.
+# interpreter, small models): on a 2-core machine two workers took pytest from 743 s to 399-508 s.
 TEST_WORKERS ?= auto
 
 .PHONY: run test lint format setup data report reports bench-gpu clean-runs

@@ -52,7 +52,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .blocks import common  # `common.empty`, looked up at call time: the tests swap in NaN-filled buffers
-from .blocks.common import head_offset, on_device_of
+from .blocks.common import MAX_GRID_AXIS, head_offset, on_device_of
 
 Tensor = torch.Tensor
 
@@ -67,8 +67,6 @@ VALUE_BLOCK = 32
 #: Steps between the states the backward keeps: T/32 states per (batch, head) are stored, and a
 #: segment of 32 recomputed states per program is scratch (sizes balanced for T in the thousands).
 CHECKPOINT = 32
-#: CUDA's limit on a launch grid's second and third axes (B·H is the second here).
-MAX_GRID_AXIS = 65535
 #: Untuned (no GPU measurements yet): a [128, 32] fp32 tile over 4 warps.
 NUM_WARPS = 4
 

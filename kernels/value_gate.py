@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .blocks.common import CHUNK
+from .blocks.common import CHUNK, MAX_GRID_AXIS
 
 Tensor = torch.Tensor
 
@@ -223,10 +223,6 @@ def _segmented(
             o_scaled = o_scaled + scale * torch.einsum("rlhk,rhkv->rlhv", q_decayed, entering)
     o = (torch.exp(a) * o_scaled).to(q.dtype).reshape(B, N * L, H, V)[:, :T]
     return o, (state if output_final_state else None)
-
-
-#: CUDA's limit on a launch grid's second and third axes, where the chunk kernels put rows × heads.
-MAX_GRID_AXIS = 65535
 
 
 def _by_row_groups(key_gate_op: KeyGateOp, H: int, q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None, **options):

@@ -280,8 +280,6 @@ def test_segments_beyond_the_launch_grid_go_through_the_kernels_in_row_groups(mo
     # Segments become batch rows (B · T/64 of them, times H programs): past CUDA's grid-axis limit the
     # rows are sent in groups. A limit of 2 forces groups of 2 rows on 3 segments x 2 batch rows.
     monkeypatch.setattr(value_gate, "MAX_GRID_AXIS", 2)
-    import importlib
-
     function = importlib.import_module("kernels.triton_gla").ChunkedGLAFunction  # the module, not the op
     calls = []
     original = function.apply

@@ -40,6 +40,10 @@ Tensor = torch.Tensor
 
 CHUNK = 64
 SUB_CHUNK = 16
+#: CUDA's limit on a launch grid's second and third axes: the value gate's segments as batch rows
+#: (`kernels.value_gate`) and the recurrent kernels' batch rows × heads (`kernels.triton_recurrent`)
+#: must fit under it.
+MAX_GRID_AXIS = 65535
 # Feature columns per [SUB_CHUNK, SUB_CHUNK, features] fp32 decay tensor of a diagonal block: 32
 # keeps one such tensor at 64 registers a thread over 4 warps; 64 columns would double that.
 DIAG_FEATURES = 32
