@@ -116,9 +116,22 @@ class AttentionConfig:
     #: rotary positions on q and k before the feature map (the model's rotary_base), as a softmax
     #: layer has them: a layer converted from a pretrained model keeps them (model.init)
     rotary: bool = False
+    #: width of a causal depthwise convolution (then SiLU) over q, k and v before the feature map,
+    #: as fla's GLA `use_short_conv` (width 4 there) and Zoology's mixers have it; 0: none (the
+    #: paper's layer). Recorded with every run: it changes what a layer can learn (harness.short_conv)
+    short_conv: int = 0
 
     def __post_init__(self) -> None:
         _choice("attention.output_gate", self.output_gate, ("none", "swish"))
+        if (
+            isinstance(self.short_conv, bool)
+            or not isinstance(self.short_conv, int)
+            or not (self.short_conv == 0 or self.short_conv >= 2)
+        ):
+            raise ConfigError(
+                f"attention.short_conv is a convolution width in tokens, 0 (none) or at least 2; "
+                f"got {self.short_conv!r}"
+            )
         _choice("attention.norm_eps_frame", self.norm_eps_frame, ("unshifted", "shifted"))
         if not isinstance(self.fused_epilogue, bool):
             raise ConfigError(f"attention.fused_epilogue must be true or false; got {self.fused_epilogue!r}")

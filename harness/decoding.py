@@ -122,8 +122,14 @@ class StaticDecoder:
         memory_dtype = torch.float32 if fused else state.memory.dtype
         memory = torch.empty(state.memory.shape, dtype=memory_dtype, device=state.memory.device)
         # The shared position tensor: layers with rotary positions read their offset from it.
+        conv_inputs = None if state.conv_inputs is None else torch.empty_like(state.conv_inputs)
         return LinearState(
-            memory, key_feature, torch.empty_like(state.last_input), in_place=True, position=self.position
+            memory,
+            key_feature,
+            torch.empty_like(state.last_input),
+            in_place=True,
+            position=self.position,
+            conv_inputs=conv_inputs,
         )
 
     def load(self, prefill_cache: list, prompt_length: int) -> None:
@@ -197,7 +203,7 @@ def prefill_cache_batch(cache: list) -> int:
 
 def copy_state(static: LinearState, new: LinearState) -> None:
     """Bring a static linear state to `new`, copying only what is not already the same tensor."""
-    for name in ("memory", "key_feature", "last_input"):
+    for name in ("memory", "key_feature", "last_input", "conv_inputs"):
         target, source = getattr(static, name), getattr(new, name)
         if torch.is_tensor(target) and source is not target:
             target.copy_(source)

@@ -170,8 +170,13 @@ def reorder_state(state: LinearState | KVCache, index: torch.Tensor) -> LinearSt
     if isinstance(state, KVCache):
         return KVCache(state.keys.index_select(0, index), state.values.index_select(0, index))
     key_feature = state.key_feature.index_select(0, index) if torch.is_tensor(state.key_feature) else state.key_feature
+    conv_inputs = None if state.conv_inputs is None else state.conv_inputs.index_select(0, index)
     return LinearState(
-        state.memory.index_select(0, index), key_feature, state.last_input.index_select(0, index), state.position
+        state.memory.index_select(0, index),
+        key_feature,
+        state.last_input.index_select(0, index),
+        state.position,
+        conv_inputs=conv_inputs,
     )
 
 

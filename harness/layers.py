@@ -28,6 +28,7 @@ from kernels.varlen import sequence_bounds
 from variants import FEATURE_MAPS, GATES, NORMS, GateOutput
 
 from .config import AttentionConfig, ConfigError, ModelConfig
+from .short_conv import ShortConvolution
 
 Tensor = torch.Tensor
 
@@ -45,6 +46,9 @@ class LinearState:
     #: tokens seen so far: the rotary offset of the next step (a 0-dim tensor shared with the
     #: decoder when decoding over static buffers, which advances it in place)
     position: int | Tensor = 0
+    #: the last W − 1 q, k, v projections [B, W − 1, 3·H·K] before the short convolution, where
+    #: the layer has one (`config.short_conv` = W); None without
+    conv_inputs: Tensor | None = None
 
 
 class FusedPlan(NamedTuple):
@@ -129,6 +133,8 @@ class LinearAttention(nn.Module):
             config.gate, d_model, num_heads, self.feature_map.feature_dim, head_dim, **config.gate_options
         )
         self.output_gate = nn.Linear(d_model, inner, bias=False) if config.output_gate == "swish" else None
+        #: over q, k and v together (one module, channels in that order)
+        self.short_conv = ShortConvolution(3 * inner, config.short_conv) if config.short_conv else None
         self.uses_denominator = config.denominator or self.norm.uses_denominator
         if self.uses_denominator and not self.feature_map.positive_kernel:
             positive = [n for n in FEATURE_MAPS.names() if FEATURE_MAPS.get(n).positive_kernel]
@@ -176,10 +182,7 @@ class LinearAttention(nn.Module):
                 )
             return self._packed_forward(x, state, use_cache, cu_seqlens), None
         B, T, _ = x.shape
-        H, K = self.num_heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, K)
-        k = self.k_proj(x).view(B, T, H, K)
-        v = self.v_proj(x).view(B, T, H, K)
+        q, k, v, conv_inputs = self._queries_keys_values(x, state.conv_inputs if state is not None else None)
         offset = state.position if state is not None else 0
         if rotation is not None:
             q, k = rotation(q, k, offset)
@@ -203,8 +206,26 @@ class LinearAttention(nn.Module):
             in_place = state is not None and state.in_place
             # Static buffers keep their shared position tensor (the decoder advances it).
             position = state.position if in_place else offset + T
-            new_state = LinearState(memory, key_state, x[:, -1:], in_place=in_place, position=position)
+            new_state = LinearState(
+                memory, key_state, x[:, -1:], in_place=in_place, position=position, conv_inputs=conv_inputs
+            )
         return y, new_state
+
+    def _queries_keys_values(
+        self, x: Tensor, conv_history: Tensor | None = None, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """q, k, v [B, T, H, K] of x [B, T, D], through the short convolution where the layer has
+        one (continuing from `conv_history`; `positions`: each token's position in its packed
+        document), and the convolution's last inputs for the next call (None without one)."""
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        projections = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        conv_inputs = None
+        if self.short_conv is not None:
+            mixed, conv_inputs = self.short_conv(torch.cat(projections, dim=-1), conv_history, positions)
+            projections = [part.contiguous() for part in mixed.chunk(3, dim=-1)]
+        q, k, v = (p.reshape(B, T, H, K) for p in projections)
+        return q, k, v, conv_inputs
 
     def _norm(self, o: Tensor, log_scale: Tensor | None) -> Tensor:
         """The per-head output norm of o [B, T, H, V] (`log_scale`: the eps frame's shift, if any)."""
@@ -242,9 +263,10 @@ class LinearAttention(nn.Module):
         B, T, D = x.shape
         bounds = check_row_starts(cu_seqlens, B, T)
         flat = x.reshape(1, B * T, D)
-        q, k, v = (
-            proj(flat).view(1, B * T, self.num_heads, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        positions = None
+        if self.short_conv is not None:
+            positions = packed_positions(cu_seqlens, B, T, x.device)[1].reshape(1, B * T)
+        q, k, v, _ = self._queries_keys_values(flat, positions=positions)
         if self.takes_fused_path(q):
             self.attention_path = "fused_epilogue" if self.epilogue_norm() is not None else "fused"
             o, _, _, log_scale = self._fused_attention(flat, q, k, v, None, False, cu_seqlens, bounds)

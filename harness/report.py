@@ -568,5 +568,6 @@ def _recorded_switches(frame: pd.DataFrame) -> str:
             f"{attention['norm_options'] or ''}; denominator={attention['denominator']}; "
             f"gate={attention['gate']} {attention['gate_options'] or ''}; "
             f"output_gate={attention['output_gate']}"
+            + (f"; short_conv={attention['short_conv']}" if attention.get("short_conv") else "")
         )
     return "\n".join(lines)

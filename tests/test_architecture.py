@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("harness.data",),  # corpora, tokenizers, token cache, batching
     ("harness.tasks",),  # lm-eval task files (the offline suite reads the data layer)
     ("harness.config",),  # every config dataclass (eval settings name the tasks)
-    ("harness.layers", "harness.decoding", "harness.model", "harness.checkpoint_io"),  # the model
+    ("harness.short_conv", "harness.layers", "harness.decoding", "harness.model", "harness.checkpoint_io"),  # the model
     ("harness.postlin",),  # a pretrained model converted to linear attention (post-linearization)
     ("harness.spec",),  # RunSpec and its ids (checks plugin and data names)
     ("harness.train", "harness.lm_eval_model", "harness.evaluate"),  # what stages run

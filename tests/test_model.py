@@ -263,6 +263,8 @@ DECODING_CASES = {
         )
     ),
     "no gate, relu": dict(attention=attention_config(feature_map="relu", gate="none")),
+    "gla with a short convolution": dict(attention=attention_config(feature_map="identity", gate="gla", short_conv=4)),
+    "regla with a short convolution of width 2": dict(attention=attention_config(short_conv=2)),
     "softmax": dict(softmax_layers="all"),
     "hybrid even": dict(softmax_layers="even"),
     "hybrid [1] of 3 layers": dict(softmax_layers=[1], n_layers=3),

@@ -52,8 +52,9 @@ def tiny_model(softmax_layers: str = "odd", **attention) -> LanguageModel:
         {"gate": "scalar", "gate_options": {"input": "x_shift"}},
         {"feature_map": "elu_plus_one", "gate": "fast_decay", "norm": "denominator"},
         {"feature_map": "identity", "gate": "gla", "output_gate": "swish"},
+        {"feature_map": "identity", "gate": "gla", "short_conv": 4},
     ],
-    ids=["regla", "key_scaling_gate_of_previous_token", "fast_decay_denominator", "gla_output_gate"],
+    ids=["regla", "key_scaling_gate_of_previous_token", "fast_decay_denominator", "gla_output_gate", "gla_short_conv"],
 )
 def test_packed_loss_is_the_mean_of_per_document_losses(attention):
     # A hybrid: layer 0 linear, layer 1 softmax with rotary positions.
