@@ -159,9 +159,9 @@ def failure_advice(exc: BaseException, log: Path) -> tuple[str, str]:
     if isinstance(exc, DataError):
         return "data", "provide the data the error names (make data, or the source's options), then --retry-failed"
     if isinstance(exc, (Diverged, FloatingPointError)):
+        settings = getattr(exc, "settings", "train.lr or raise train.warmup_steps")
         return "diverged", (
-            "the loss became non-finite: lower train.lr or raise train.warmup_steps in the grid "
-            "(the same settings diverge again)"
+            f"the loss became non-finite: lower {settings} in the grid (the same settings diverge again)"
         )
     if is_out_of_memory(exc):
         return "out of memory", (

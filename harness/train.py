@@ -31,7 +31,12 @@ from .tracking import NullTracker, Tracker
 
 
 class Diverged(RuntimeError):
-    """Training produced a non-finite loss (or gradient)."""
+    """Training produced a non-finite loss (or gradient). `settings`: the settings that govern the
+    divergence, for the failure's advice (a stage that trains with its own, e.g. mqar.lr)."""
+
+    def __init__(self, message: str, settings: str = "train.lr or raise train.warmup_steps"):
+        super().__init__(message)
+        self.settings = settings
 
 
 def non_finite(model: torch.nn.Module, gradients: bool = False) -> list[str]:

@@ -145,3 +145,16 @@ def test_the_head_on_query_positions_alone_gives_the_full_forwards_logits_there(
     mask = y != -100
     assert logits.shape == (int(mask.sum()), 64) and torch.equal(targets, y[mask])
     torch.testing.assert_close(logits, full[mask], rtol=1e-12, atol=1e-12)
+
+
+def test_a_diverging_mqar_run_fails_with_advice_that_names_its_own_learning_rate(corpus, tmp_path):
+    """mqar trains with its own settings: the advice for a non-finite loss points at mqar.lr,
+    not at train.lr, which this stage does not read."""
+    data = tiny_grid(corpus)
+    data["stages"] = ["mqar"]
+    data["base"]["mqar"] = {"settings": [[16, 2]], "vocab_size": 32, "steps": 20, "batch_size": 4, "lr": 1e30}
+    data["axes"]["variant"] = {"softmax": {"model.softmax_layers": "all"}}
+    grid = expand_grid(data)
+    [result] = run_grid(grid, grid.runs, runs_dir=tmp_path / "runs", progress=False, device="cpu")
+    assert result.status == "failed" and "non-finite training loss" in result.error
+    assert "lower mqar.lr in the grid" in result.advice and "train.lr" not in result.advice

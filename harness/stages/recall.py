@@ -33,7 +33,7 @@ from ..distributed import distributed_context, pick_device
 from ..model import build_model
 from ..postlin.start import is_transformers_source
 from ..spec import RunSpec
-from ..train import autocast_context, learning_rate, make_optimizer
+from ..train import Diverged, autocast_context, learning_rate, make_optimizer
 from .base import Stage, StageContext, StageNotApplicable
 
 
@@ -142,7 +142,7 @@ class MQARStage(Stage):
                 logits, targets = query_logits(model, x.to(device), y.to(device))
             loss, _ = masked_loss_and_accuracy(logits, targets)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"mqar: non-finite training loss at step {step}")
+                raise Diverged(f"mqar: non-finite training loss at step {step}", settings="mqar.lr")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
             optimizer.step()
