@@ -32,6 +32,7 @@ from .config import ConfigError
 from .data import DataError, hub_downloads
 from .distributed import DistributedContext, distributed_context, pick_device
 from .grid import Grid, sources_first
+from .measure import release_device_memory
 from .postlin.start import SourceMissing
 from .progress import bar as progress_bar
 from .progress import say
@@ -372,6 +373,9 @@ def _run_stage(
         result = StageResult(spec, stage_name, "failed", error, advice)
         if progress:
             say(f"[failed] {spec.name} {stage_name}: {error} ({kind}: {advice})")
+    # Outside the handler, where the exception and its frames are unreachable: free them now, not
+    # when the collector next runs, so that the next stage or run gets the memory back.
+    release_device_memory()
     if is_main:
         write_rows(stage_path(runs_dir, spec, stage_name), make_rows(spec, stage_name, records, env, created))
     return result

@@ -18,7 +18,13 @@ import torch
 
 from ..config import ProfileConfig
 from ..distributed import distributed_context, pick_device
-from ..measure import peak_memory_mib, saved_for_backward_mib, time_and_peak_memory, time_call
+from ..measure import (
+    peak_memory_mib,
+    release_device_memory,
+    saved_for_backward_mib,
+    time_and_peak_memory,
+    time_call,
+)
 from ..model import LanguageModel
 from ..postlin.start import architecture_model, is_transformers_source
 from ..spec import RunSpec
@@ -28,7 +34,11 @@ from .base import Stage, StageContext
 def profile_training_step(
     model: LanguageModel, seq_lens: list[int], batch_size: int, device: torch.device, warmup: int, repeats: int
 ) -> list[dict[str, Any]]:
-    """A full training step (forward, backward, AdamW update) on random tokens at each length."""
+    """A full training step (forward, backward, AdamW update) on random tokens at each length.
+
+    A length that runs out of memory gets a failed row naming it (the stage is then partial) and
+    ends the sweep, since longer ones need more: the lengths before it keep their numbers, which
+    is where a crossover with another model is read off."""
     records = []
     vocab = model.config.vocab_size
     use_bf16 = device.type == "cuda"
@@ -45,25 +55,48 @@ def profile_training_step(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        timing = time_call(step, device, warmup, repeats)
         tag = {"seq_len": seq_len, "batch_size": batch_size}
-        records += [
-            {"metric": "profile/train_step_ms", "value": timing["median_ms"], "extra": _json(tag | timing)},
-            {
-                "metric": "profile/train_tokens_per_second",
-                "value": batch_size * seq_len / timing["median_ms"] * 1e3,
-                "extra": _json(tag),
-            },
-            {"metric": "profile/train_peak_mib", "value": peak_memory_mib(step, device), "extra": _json(tag)},
-            # What autograd holds between forward and backward (weights included): the activation
-            # memory a fused kernel saves shows here, on any device.
-            {
-                "metric": "profile/train_saved_for_backward_mib",
-                "value": saved_for_backward_mib(forward),
-                "extra": _json(tag),
-            },
-        ]
+        out_of_memory = None
+        try:
+            records += _training_step_records(step, forward, batch_size, seq_len, tag, device, warmup, repeats)
+        except torch.OutOfMemoryError as exc:
+            out_of_memory = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        if out_of_memory is not None:
+            # Outside the handler: the exception's frames, and the step's tensors with them, are gone.
+            optimizer.zero_grad(set_to_none=True)
+            del tokens, forward, step
+            release_device_memory()
+            records.append(
+                {
+                    "metric": "profile/train_step_ms",
+                    "status": "failed",
+                    "error": f"out of memory at T = {seq_len}, batch {batch_size}: {out_of_memory}",
+                    "extra": _json(tag),
+                }
+            )
+            break
     return records
+
+
+def _training_step_records(step, forward, batch_size, seq_len, tag, device, warmup, repeats) -> list[dict[str, Any]]:
+    """Time, tokens/s, peak memory and saved-for-backward memory of one length's training step."""
+    timing = time_call(step, device, warmup, repeats)
+    return [
+        {"metric": "profile/train_step_ms", "value": timing["median_ms"], "extra": _json(tag | timing)},
+        {
+            "metric": "profile/train_tokens_per_second",
+            "value": batch_size * seq_len / timing["median_ms"] * 1e3,
+            "extra": _json(tag),
+        },
+        {"metric": "profile/train_peak_mib", "value": peak_memory_mib(step, device), "extra": _json(tag)},
+        # What autograd holds between forward and backward (weights included): the activation
+        # memory a fused kernel saves shows here, on any device.
+        {
+            "metric": "profile/train_saved_for_backward_mib",
+            "value": saved_for_backward_mib(forward),
+            "extra": _json(tag),
+        },
+    ]
 
 
 @torch.no_grad()
