@@ -65,6 +65,22 @@ class WorkerOptions:
         return command
 
 
+def visible_devices(devices: int) -> list[str]:
+    """The first `devices` GPUs this process may use, as CUDA_VISIBLE_DEVICES names them: the
+    workers get GPUs from that list (`CUDA_VISIBLE_DEVICES=2,3 run --gpus 2` uses GPUs 2 and 3,
+    not 0 and 1), or 0 … devices − 1 where the variable is unset."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None or not listed.strip():
+        return [str(i) for i in range(devices)]
+    names = [name.strip() for name in listed.split(",") if name.strip()]
+    if len(names) < devices:
+        raise ValueError(
+            f"--gpus {devices} needs {devices} GPUs, and CUDA_VISIBLE_DEVICES={listed!r} makes "
+            f"{len(names)} visible; ask for at most {len(names)} or widen CUDA_VISIBLE_DEVICES"
+        )
+    return names[:devices]
+
+
 def run_on_devices(
     runs: Iterable[RunSpec],
     options: WorkerOptions,
@@ -80,6 +96,7 @@ def run_on_devices(
     if runs_per_device < 1:
         raise ValueError(f"--runs-per-gpu must be a positive number of runs; got {runs_per_device}")
     runs = list(runs)
+    visible = visible_devices(devices)
     pending = list(runs)
     active: dict[int, tuple[subprocess.Popen, RunSpec]] = {}
     exit_codes: dict[str, int] = {}
@@ -91,9 +108,9 @@ def run_on_devices(
             spec = next_ready(pending, active)
             if spec is not None:
                 pending.remove(spec)
-                gpu = slot % devices
+                gpu = visible[slot % devices]
                 # The worker sees one GPU, as cuda:0; CPU-only machines ignore the variable.
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
                 active[slot] = (subprocess.Popen(options.command(spec.run_id), env=env), spec)
                 if progress:
                     say(f"[gpu {gpu}] {spec.name} ({spec.run_id})")

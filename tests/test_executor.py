@@ -3,6 +3,7 @@ results and report of a sequential run. Tested with CPU workers standing in for 
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from harness import results as results_io
@@ -68,6 +69,7 @@ def test_workers_get_one_gpu_slot_each_and_failures_come_back(corpus, tmp_path, 
             return 3 if self.polls > 1 else None
 
     monkeypatch.setattr(subprocess, "Popen", FakeWorker)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     grid = expand_grid(three_run_grid(corpus))
     options = WorkerOptions(str(tmp_path / "tiny.yaml"), ("train",), str(tmp_path / "runs"), device="cpu")
     results = run_on_devices(grid.runs, options, devices=2, progress=False)
@@ -100,6 +102,7 @@ def test_several_runs_share_a_gpu_with_runs_per_gpu(corpus, tmp_path, monkeypatc
             return None
 
     monkeypatch.setattr(subprocess, "Popen", FakeWorker)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     grid = expand_grid(three_run_grid(corpus))
     runs = grid.runs * 2  # six workers
     options = WorkerOptions(str(tmp_path / "tiny.yaml"), ("train",), str(tmp_path / "runs"), device="cpu")
@@ -205,3 +208,19 @@ def test_restore_refuses_a_file_that_is_not_a_results_file(tmp_path, capsys):
     assert cli_main(["restore", str(other), "--runs-dir", str(tmp_path / "runs")]) == EXIT_INVALID
     assert "not a results file of this harness" in capsys.readouterr().err
     assert cli_main(["restore", str(tmp_path / "missing.parquet")]) == EXIT_INVALID
+
+
+def test_workers_get_the_gpus_cuda_visible_devices_allows(monkeypatch):
+    """A grid started on GPU 1 alone (CUDA_VISIBLE_DEVICES=1, --gpus 1) must not put its workers
+    on GPU 0, where another job may be running."""
+    from harness.executor import visible_devices
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_devices(2) == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert visible_devices(1) == ["1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5,6")
+    assert visible_devices(2) == ["3", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with pytest.raises(ValueError, match=r"--gpus 2 needs 2 GPUs, and CUDA_VISIBLE_DEVICES='1' makes 1 visible"):
+        visible_devices(2)
