@@ -58,7 +58,10 @@ def saved_for_backward_mib(fn: Callable[[], Any]) -> float:
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         storages[(storage.data_ptr(), t.device.index or 0)] = storage.nbytes()
-        return t
+        # Detached: an op's saved output packed as itself would hold its own grad_fn, a cycle
+        # through autograd's C++ nodes that no collector frees (the forward's activations and,
+        # through the graph's leaves, the model would live for the rest of the process).
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()

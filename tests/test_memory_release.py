@@ -13,6 +13,7 @@ import torch
 import harness.stages.profiling as profiling
 from harness.config import ModelConfig
 from harness.grid import expand_grid
+from harness.measure import saved_for_backward_mib
 from harness.model import LanguageModel
 from harness.runner import run_grid
 from harness.stages.recall import MQARStage
@@ -67,3 +68,23 @@ def test_profile_records_the_length_that_ran_out_of_memory_and_keeps_the_shorter
     assert failed["error"].startswith(
         "out of memory at T = 24, batch 2: CUDA out of memory. Tried to allocate 2.00 GiB."
     )
+
+
+def test_measuring_saved_tensors_does_not_keep_the_model_alive():
+    """The saved-tensor hooks see the outputs an op saves; packing the tensor itself would store it
+    with its grad_fn inside that grad_fn's node, a cycle through C++ that no collector frees: the
+    forward's activations and, through the graph's leaves, the whole model, for good (a profile
+    grid lost ~14 GiB per run on a GPU that way)."""
+    weight = measured_model_weight()
+    gc.collect()
+    assert weight() is None
+
+
+def measured_model_weight() -> weakref.ref:
+    """A weak reference to a parameter of a model whose forward was measured, once the model is
+    out of scope."""
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_seq_len=64))
+    tokens = torch.randint(0, 32, (2, 17))
+    assert saved_for_backward_mib(lambda: model.loss(tokens[:, :-1], tokens[:, 1:])) > 0
+    return weakref.ref(model.embed.weight)
