@@ -98,6 +98,16 @@ class StaticKVCache:
         return self.keys.shape[2]
 
 
+def compact(t: Any) -> Any:
+    """A tensor that owns its storage: a copy of a view into a larger one (the last token of the
+    layer's input, the last key max of a [B, T, H] tensor), else the tensor itself. A decoding
+    state that kept such views would keep every layer's whole prefill input alive, so a linear
+    model's state would grow with the prompt (it did: 384 MiB per layer at batch 16, 8192 tokens)."""
+    if torch.is_tensor(t) and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        return t.clone()
+    return t
+
+
 def _combine_log_decays(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None or b is None:
         return a if b is None else b
@@ -207,7 +217,12 @@ class LinearAttention(nn.Module):
             # Static buffers keep their shared position tensor (the decoder advances it).
             position = state.position if in_place else offset + T
             new_state = LinearState(
-                memory, key_state, x[:, -1:], in_place=in_place, position=position, conv_inputs=conv_inputs
+                memory,
+                compact(key_state),
+                compact(x[:, -1:]),
+                in_place=in_place,
+                position=position,
+                conv_inputs=compact(conv_inputs),
             )
         return y, new_state
 

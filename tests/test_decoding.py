@@ -11,6 +11,7 @@ import torch
 import harness.decoding
 from harness.config import AttentionConfig, ModelConfig
 from harness.decoding import Sampling, windows_for
+from harness.layers import LinearAttention
 from harness.model import LanguageModel
 
 HAS_CUDA = torch.cuda.is_available()
@@ -151,3 +152,16 @@ def test_the_fused_decoding_step_is_never_taken_where_gradients_are_wanted(monke
         assert layer.takes_decode_step(q, state[0])
     assert not layer.takes_decode_step(q, state[0])  # grad mode on
     assert not layer.takes_decode_step(torch.zeros(1, 2, 2, 8), state[0])  # two tokens: the chunked path
+
+
+@pytest.mark.parametrize("short_conv", [0, 4])
+def test_a_decoding_state_holds_its_own_small_tensors_not_views_of_the_prompt(short_conv):
+    """The state after a prefill is O(1) in the prompt's length: nothing in it keeps a view into
+    the layer's [B, T, ...] tensors alive."""
+    torch.manual_seed(0)
+    config = AttentionConfig(feature_map="safe_exp", gate="refined", short_conv=short_conv)
+    layer = LinearAttention(16, 2, 8, config).double()
+    _, state = layer(torch.randn(2, 50, 16, dtype=torch.float64), use_cache=True)
+    tensors = [state.memory, state.key_feature, state.last_input] + ([state.conv_inputs] if short_conv else [])
+    for t in tensors:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
