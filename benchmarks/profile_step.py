@@ -1,0 +1,126 @@
+"""Where one training step's time goes, kernel by kernel: torch.profiler over a few training steps
+(forward, backward, AdamW) of the runs of a grid, the models built exactly as the grid's profile
+stage builds them (random weights, bf16 autocast on CUDA).
+
+The model-level profile (`run paper/efficiency`) says how fast a step is; this says which kernels
+make it so, which is what a claim like "the fused op's backward costs X" needs (a profile of the
+slowest kernel, not a guess). On CUDA the rows are the GPU kernels (self device time, so nothing is
+counted twice); on CPU, where the test suite runs it at tiny sizes, the operators' self CPU time.
+
+    python3 benchmarks/profile_step.py --grid paper/efficiency --scale small --where depth=6 \\
+        --seq-len 512 --batch 32 --out DIR
+
+It writes `profile_step.parquet` (run, kernel, calls, ms per step, share of the step's total) and
+`profile_step.log` (the profiler's table per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.cli import resolve_grid_path  # noqa: E402
+from harness.grid import filter_runs, load_grid  # noqa: E402
+from harness.postlin.start import architecture_model  # noqa: E402
+from harness.spec import RunSpec  # noqa: E402
+
+
+def training_step(model: torch.nn.Module, tokens: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """One step as the profile stage times it: loss, backward, AdamW, gradients dropped."""
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=tokens.device.type == "cuda"):
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def kernel_rows(prof: profile, steps: int, device: torch.device) -> pd.DataFrame:
+    """Per kernel (CUDA) or operator (CPU): calls and self time per step, and its share of the sum."""
+    rows = []
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            self_us = event.self_device_time_total
+        else:
+            self_us = event.self_cpu_time_total
+        if self_us > 0:
+            rows.append({"kernel": event.key, "calls": event.count // steps, "ms_per_step": self_us / 1e3 / steps})
+    frame = pd.DataFrame(rows, columns=["kernel", "calls", "ms_per_step"])
+    frame["share"] = frame.ms_per_step / frame.ms_per_step.sum()
+    return frame.sort_values("ms_per_step", ascending=False, ignore_index=True)
+
+
+def profile_run(spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int, device: torch.device):
+    """(rows, the profiler's table) of `steps` training steps of `spec`'s architecture."""
+    model = architecture_model(spec.model, vocab, spec.train.seed, seq_len).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
+    for _ in range(2):  # compilation, autotuning and the allocator's first growth stay out
+        training_step(model, tokens, optimizer)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            training_step(model, tokens, optimizer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return kernel_rows(prof, steps, device), prof.key_averages().table(sort_by=sort_by, row_limit=25)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--grid", default="paper/efficiency", help="a grid name or file (its runs are profiled)")
+    parser.add_argument("--scale", default=None, help="the grid's scale")
+    parser.add_argument("--where", action="append", default=[], help="axis=level[,level] (repeatable), as `run`")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="profiled training steps per run")
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the model's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the Parquet and the log")
+    args = parser.parse_args(argv)
+    for name in ("seq_len", "batch", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    grid = load_grid(resolve_grid_path(args.grid), scale=args.scale)
+    runs = filter_runs(grid.runs, args.where)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frames, log = [], []
+    for spec in runs:
+        vocab = args.vocab or spec.model.vocab_size
+        if vocab is None:
+            raise SystemExit(f"{spec.name}: the model names no vocab_size; give --vocab")
+        rows, table = profile_run(spec, vocab, args.seq_len, args.batch, args.steps, device)
+        rows.insert(0, "run", spec.name)
+        frames.append(rows)
+        total = rows.ms_per_step.sum()
+        log.append(f"===== {spec.name}: {total:.2f} ms of {'kernel' if device.type == 'cuda' else 'CPU'} time per step "
+                   f"(B {args.batch}, T {args.seq_len}, {args.steps} steps)\n{table}")  # fmt: skip
+        print(log[-1].splitlines()[0], flush=True)
+    result = pd.concat(frames, ignore_index=True)
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result.to_parquet(out / "profile_step.parquet", index=False)
+    (out / "profile_step.log").write_text("\n\n".join(log) + "\n")
+    print(f"wrote {out / 'profile_step.parquet'} and {out / 'profile_step.log'}")
+
+
+if __name__ == "__main__":
+    main()
