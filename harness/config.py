@@ -123,21 +123,19 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         _choice("attention.output_gate", self.output_gate, ("none", "swish"))
-        if (
-            isinstance(self.short_conv, bool)
-            or not isinstance(self.short_conv, int)
-            or not (self.short_conv == 0 or self.short_conv >= 2)
-        ):
-            raise ConfigError(
-                f"attention.short_conv is a convolution width in tokens, 0 (none) or at least 2; "
-                f"got {self.short_conv!r}"
-            )
+        check_conv_width("attention.short_conv", self.short_conv)
         _choice("attention.norm_eps_frame", self.norm_eps_frame, ("unshifted", "shifted"))
         if not isinstance(self.fused_epilogue, bool):
             raise ConfigError(f"attention.fused_epilogue must be true or false; got {self.fused_epilogue!r}")
         for name in ("feature_map_options", "norm_options", "gate_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ConfigError(f"attention.{name} must be a mapping of option names to values")
+
+
+def check_conv_width(where: str, width: object) -> None:
+    """A short convolution's width: 0 (none) or an int of at least 2."""
+    if isinstance(width, bool) or not isinstance(width, int) or not (width == 0 or width >= 2):
+        raise ConfigError(f"{where} is a convolution width in tokens, 0 (none) or at least 2; got {width!r}")
 
 
 HYBRID_PATTERNS = ("none", "all", "even", "odd", "first_half", "last_half")
@@ -219,6 +217,9 @@ class ModelConfig:
     softmax_layers: str | tuple[int, ...] | list = "none"
     rotary: bool = True
     rotary_base: float = 10000.0
+    #: width of a short causal convolution over the softmax layers' q, k and v (as
+    #: `attention.short_conv` for the linear layers); 0: none, as in the paper's softmax layers
+    softmax_short_conv: int = 0
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
@@ -243,6 +244,7 @@ class ModelConfig:
         if isinstance(self.softmax_layers, list):
             object.__setattr__(self, "softmax_layers", tuple(self.softmax_layers))
         self.softmax_layer_indices()  # validate now, not at model build time
+        check_conv_width("model.softmax_short_conv", self.softmax_short_conv)
 
     @property
     def resolved_head_dim(self) -> int:

@@ -110,7 +110,8 @@ class StaticDecoder:
         if isinstance(state, KVCache):
             B, H, _, K = state.keys.shape
             keys = state.keys.new_zeros(B, H, self.capacity, K)
-            return StaticKVCache(keys, torch.zeros_like(keys), self.position, self.capacity)
+            conv_inputs = None if state.conv_inputs is None else torch.empty_like(state.conv_inputs)
+            return StaticKVCache(keys, torch.zeros_like(keys), self.position, self.capacity, conv_inputs)
         # Contiguous buffers, filled by `load`: fp32 where the fused decoding step updates them in
         # place (its state is fp32); the prefill's own dtypes where the composed step runs, whose
         # ops take the state in the model's dtype.
@@ -141,6 +142,8 @@ class StaticDecoder:
             if isinstance(static, StaticKVCache):
                 static.keys[:, :, :prompt_length].copy_(state.keys)
                 static.values[:, :, :prompt_length].copy_(state.values)
+                if static.conv_inputs is not None:
+                    static.conv_inputs.copy_(state.conv_inputs)
             else:
                 copy_state(static, state)
 

@@ -168,7 +168,8 @@ class ReGLAForCausalLM(PreTrainedModel, GenerationMixin):
 
 def reorder_state(state: LinearState | KVCache, index: torch.Tensor) -> LinearState | KVCache:
     if isinstance(state, KVCache):
-        return KVCache(state.keys.index_select(0, index), state.values.index_select(0, index))
+        conv_inputs = None if state.conv_inputs is None else state.conv_inputs.index_select(0, index)
+        return KVCache(state.keys.index_select(0, index), state.values.index_select(0, index), conv_inputs)
     key_feature = state.key_feature.index_select(0, index) if torch.is_tensor(state.key_feature) else state.key_feature
     conv_inputs = None if state.conv_inputs is None else state.conv_inputs.index_select(0, index)
     return LinearState(

@@ -70,6 +70,9 @@ class DecodePlan(NamedTuple):
 class KVCache:
     keys: Tensor  # [B, H, T_cached, K]
     values: Tensor  # [B, H, T_cached, K]
+    #: the last W − 1 qkv projections [B, W − 1, 3·H·K] before the layer's short convolution
+    #: (`model.softmax_short_conv` = W); None without one
+    conv_inputs: Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -92,6 +95,8 @@ class StaticKVCache:
     values: Tensor  # [B, H, capacity, K]
     position: Tensor  # [] int64 on the cache's device: the index the next token is written at
     window: int  # cached positions the next step attends over (<= capacity)
+    #: the short convolution's last inputs (KVCache.conv_inputs), updated in place each step
+    conv_inputs: Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -684,15 +689,20 @@ def packed_positions(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -
 
 
 class SoftmaxAttention(nn.Module):
-    """Causal softmax attention through PyTorch SDPA, rotary positions, a KV cache for decoding."""
+    """Causal softmax attention through PyTorch SDPA, rotary positions, a KV cache for decoding;
+    with `short_conv` (a width) a short causal convolution over q, k and v first, as the linear
+    layers can have (harness.short_conv)."""
 
-    def __init__(self, d_model: int, num_heads: int, head_dim: int, rotary: bool, rotary_base: float):
+    def __init__(
+        self, d_model: int, num_heads: int, head_dim: int, rotary: bool, rotary_base: float, short_conv: int = 0
+    ):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         self.rotary, self.rotary_base = rotary, rotary_base
         inner = num_heads * head_dim
         self.qkv_proj = nn.Linear(d_model, 3 * inner, bias=False)
         self.o_proj = nn.Linear(inner, d_model, bias=False)
+        self.short_conv = ShortConvolution(3 * inner, short_conv) if short_conv else None
 
     def forward(
         self,
@@ -704,7 +714,15 @@ class SoftmaxAttention(nn.Module):
         """`cu_seqlens`: packed documents as for `LinearAttention.forward` (training only): a
         block-diagonal causal mask per row, and rotary positions counted from each document's start."""
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv, conv_inputs = self.qkv_proj(x), None
+        if self.short_conv is not None:
+            positions = packed_positions(cu_seqlens, B, T, x.device)[1] if cu_seqlens is not None else None
+            history = state.conv_inputs if state is not None else None
+            qkv, conv_inputs = self.short_conv(qkv, history, positions)
+            conv_inputs = compact(conv_inputs)
+            if isinstance(state, StaticKVCache):
+                state.conv_inputs.copy_(conv_inputs)  # static buffers: updated in place (CUDA graphs)
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if isinstance(state, StaticKVCache):
             return self._static_step(q, k, v, state), state
         if cu_seqlens is not None:
@@ -729,7 +747,7 @@ class SoftmaxAttention(nn.Module):
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-        return y, (KVCache(k, v) if use_cache else None)
+        return y, (KVCache(k, v, conv_inputs) if use_cache else None)
 
     def _static_step(self, q: Tensor, k: Tensor, v: Tensor, cache: StaticKVCache) -> Tensor:
         """One token against a static cache: no shape depends on how many tokens came before."""
@@ -778,7 +796,7 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(D)
         self.is_softmax = softmax
         self.attn = (
-            SoftmaxAttention(D, H, K, config.rotary, config.rotary_base)
+            SoftmaxAttention(D, H, K, config.rotary, config.rotary_base, config.softmax_short_conv)
             if softmax
             else LinearAttention(D, H, K, config.attention, config.rotary_base)
         )

@@ -559,8 +559,9 @@ def _recorded_switches(frame: pd.DataFrame) -> str:
         model = json.loads(spec_json)["model"]
         attention = model["attention"]
         softmax = model["softmax_layers"]
+        softmax_conv = f"; softmax short_conv={model['softmax_short_conv']}" if model.get("softmax_short_conv") else ""
         if softmax == "all":
-            lines.append(f"- **{name}**: softmax attention in every layer (rotary={model['rotary']})")
+            lines.append(f"- **{name}**: softmax attention in every layer (rotary={model['rotary']}){softmax_conv}")
             continue
         lines.append(
             f"- **{name}**: softmax_layers={softmax}; feature_map={attention['feature_map']} "
@@ -569,5 +570,6 @@ def _recorded_switches(frame: pd.DataFrame) -> str:
             f"gate={attention['gate']} {attention['gate_options'] or ''}; "
             f"output_gate={attention['output_gate']}"
             + (f"; short_conv={attention['short_conv']}" if attention.get("short_conv") else "")
+            + (softmax_conv if softmax != "none" else "")
         )
     return "\n".join(lines)

@@ -118,11 +118,13 @@ class RunSpec:
 
 
 def without_unset_additions(model: dict[str, Any]) -> dict[str, Any]:
-    """The model settings added after SPEC_FORMAT 2 (`init`, `attention.rotary`,
-    `attention.fused_epilogue`, `attention.short_conv`) enter the run id only when set, so that every run id from before
-    they existed stays what it was."""
+    """The model settings added after SPEC_FORMAT 2 (`init`, `softmax_short_conv`,
+    `attention.rotary`, `attention.fused_epilogue`, `attention.short_conv`) enter the run id only
+    when set, so that every run id from before they existed stays what it was."""
     if model.get("init") is None:
         model.pop("init", None)
+    if not model.get("softmax_short_conv", 0):
+        model.pop("softmax_short_conv", None)
     for switch in ("rotary", "fused_epilogue", "short_conv"):
         if not model.get("attention", {}).get(switch, True):  # False or 0: unset
             model["attention"].pop(switch)

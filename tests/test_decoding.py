@@ -29,6 +29,7 @@ MODELS = {
     "hybrid": dict(softmax_layers="odd"),
     # the short convolution's last inputs are part of the state the static buffers hold
     "gla_short_conv": dict(attention=AttentionConfig(feature_map="identity", gate="gla", norm="rmsnorm", short_conv=4)),
+    "softmax_short_conv": dict(softmax_layers="all", softmax_short_conv=4),
     # linear layers with rotary positions (converted from a softmax model): the position moves on
     "regla_rotary": dict(
         attention=AttentionConfig(feature_map="safe_exp", gate="refined", norm="rmsnorm", rotary=True)

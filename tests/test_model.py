@@ -266,7 +266,11 @@ DECODING_CASES = {
     "gla with a short convolution": dict(attention=attention_config(feature_map="identity", gate="gla", short_conv=4)),
     "regla with a short convolution of width 2": dict(attention=attention_config(short_conv=2)),
     "softmax": dict(softmax_layers="all"),
+    "softmax with a short convolution": dict(softmax_layers="all", softmax_short_conv=4),
     "hybrid even": dict(softmax_layers="even"),
+    "hybrid even, both kinds with a short convolution": dict(
+        softmax_layers="even", softmax_short_conv=3, attention=attention_config(short_conv=4)
+    ),
     "hybrid [1] of 3 layers": dict(softmax_layers=[1], n_layers=3),
 }
 

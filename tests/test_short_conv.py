@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from harness.config import AttentionConfig, ConfigError, DataConfig, ModelConfig, TrainConfig
 from harness.hf import reorder_state
 from harness.layers import LinearAttention
+from harness.model import LanguageModel
 from harness.report import _recorded_switches
 from harness.short_conv import ShortConvolution
 from harness.spec import RunSpec
@@ -112,3 +113,54 @@ def test_reports_name_the_convolution_among_a_runs_switches():
     lines = _recorded_switches(frame).splitlines()
     assert lines[0].endswith("; short_conv=4") and "short_conv" not in lines[1]
     assert json.loads(frame.spec_json[0])["model"]["attention"]["short_conv"] == 4
+
+
+# --- softmax layers (`model.softmax_short_conv`) -------------------------------------------------
+
+
+def hybrid_with_convolutions() -> LanguageModel:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=37, d_model=16, n_layers=2, n_heads=2, mlp_ratio=2.0, softmax_layers="odd",
+        softmax_short_conv=4, attention=AttentionConfig(feature_map="identity", gate="gla", short_conv=3),
+    )  # fmt: skip
+    return LanguageModel(config).double().eval()
+
+
+def test_softmax_layers_convolve_and_keep_packed_documents_apart():
+    model = hybrid_with_convolutions()
+    assert model.blocks[1].attn.short_conv.weight.shape == (3 * 16, 1, 4)
+    gen = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, 37, (2, 12), generator=gen), torch.randint(0, 37, (2, 12), generator=gen)
+    lengths = [5, 7, 1, 4, 7]
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    with torch.no_grad():
+        packed = model.loss(idx, targets, cu_seqlens=torch.tensor(bounds, dtype=torch.int32))
+        flat_idx, flat_targets = idx.reshape(1, -1), targets.reshape(1, -1)
+        want = (
+            sum((b - a) * model.loss(flat_idx[:, a:b], flat_targets[:, a:b]) for a, b in zip(bounds, bounds[1:]))
+            / idx.numel()
+        )
+    assert abs(packed.item() - want.item()) <= 1e-12 * abs(want.item())
+
+
+def test_softmax_layers_cache_carries_the_convolutions_inputs_and_follows_beams():
+    model = hybrid_with_convolutions()
+    _, cache = model(torch.randint(0, 37, (2, 9)), use_cache=True)
+    kv = cache[1]
+    assert kv.conv_inputs.shape == (2, 3, 3 * 16)
+    assert kv.conv_inputs.untyped_storage().nbytes() == kv.conv_inputs.numel() * kv.conv_inputs.element_size()
+    assert torch.equal(reorder_state(kv, torch.tensor([1, 1])).conv_inputs, kv.conv_inputs[[1, 1]])
+
+
+def test_softmax_convolution_width_is_checked_and_unset_leaves_run_ids_alone():
+    with pytest.raises(ConfigError, match=r"model.softmax_short_conv is a convolution width in tokens"):
+        ModelConfig(softmax_short_conv=1)
+    plain = RunSpec(name="s", model=ModelConfig(softmax_layers="all"), data=DataConfig(), train=TrainConfig())
+    assert "softmax_short_conv" not in plain.identity()["model"]
+    with_conv = RunSpec(
+        name="s", model=ModelConfig(softmax_layers="all", softmax_short_conv=4), data=DataConfig(), train=TrainConfig()
+    )
+    assert with_conv.run_id != plain.run_id
+    frame = pd.DataFrame([{"run_id": with_conv.run_id, "run_name": "s", "spec_json": with_conv.to_json()}])
+    assert _recorded_switches(frame).endswith("(rotary=True); softmax short_conv=4")
