@@ -219,15 +219,18 @@ class LinearAttention(nn.Module):
         new_state = None
         if use_cache:
             in_place = state is not None and state.in_place
-            # Static buffers keep their shared position tensor (the decoder advances it).
+            # Static buffers keep their shared position tensor (the decoder advances it), and copy
+            # what the step returns into themselves (`copy_state`): only a state handed back to the
+            # caller needs tensors of its own.
+            own = (lambda t: t) if in_place else compact
             position = state.position if in_place else offset + T
             new_state = LinearState(
                 memory,
-                compact(key_state),
-                compact(x[:, -1:]),
+                own(key_state),
+                own(x[:, -1:]),
                 in_place=in_place,
                 position=position,
-                conv_inputs=compact(conv_inputs),
+                conv_inputs=own(conv_inputs),
             )
         return y, new_state
 
@@ -714,21 +717,21 @@ class SoftmaxAttention(nn.Module):
         """`cu_seqlens`: packed documents as for `LinearAttention.forward` (training only): a
         block-diagonal causal mask per row, and rotary positions counted from each document's start."""
         B, T, _ = x.shape
+        document = positions = None  # each token's document and its position in it, when packed
+        if cu_seqlens is not None:
+            if state is not None or use_cache:
+                raise ValueError("cu_seqlens (packed documents) is for training: no KV cache in or out")
+            document, positions = packed_positions(cu_seqlens, B, T, x.device)
         qkv, conv_inputs = self.qkv_proj(x), None
         if self.short_conv is not None:
-            positions = packed_positions(cu_seqlens, B, T, x.device)[1] if cu_seqlens is not None else None
             history = state.conv_inputs if state is not None else None
             qkv, conv_inputs = self.short_conv(qkv, history, positions)
-            conv_inputs = compact(conv_inputs)
             if isinstance(state, StaticKVCache):
                 state.conv_inputs.copy_(conv_inputs)  # static buffers: updated in place (CUDA graphs)
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if isinstance(state, StaticKVCache):
             return self._static_step(q, k, v, state), state
         if cu_seqlens is not None:
-            if state is not None or use_cache:
-                raise ValueError("cu_seqlens (packed documents) is for training: no KV cache in or out")
-            document, positions = packed_positions(cu_seqlens, B, T, x.device)
             if self.rotary:
                 q, k = (_rotate(t, 0, self.rotary_base, positions) for t in (q, k))
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -747,7 +750,7 @@ class SoftmaxAttention(nn.Module):
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-        return y, (KVCache(k, v, conv_inputs) if use_cache else None)
+        return y, (KVCache(k, v, compact(conv_inputs)) if use_cache else None)
 
     def _static_step(self, q: Tensor, k: Tensor, v: Tensor, cache: StaticKVCache) -> Tensor:
         """One token against a static cache: no shape depends on how many tokens came before."""
