@@ -75,9 +75,22 @@ def test_a_softmax_model_learns_recall_well_above_chance_and_stops_at_the_target
 
 
 def test_the_mqar_preset_expands_at_both_scales():
-    assert len(load_grid("grids/paper/mqar.yaml").runs) == 5
+    assert len(load_grid("grids/paper/mqar.yaml").runs) == 7
     gpu = load_grid("grids/paper/mqar.yaml", scale="gpu")
-    assert len(gpu.runs) == 15 and gpu.runs[0].stages["mqar"]["vocab_size"] == 8192
+    assert len(gpu.runs) == 21 and gpu.runs[0].stages["mqar"]["vocab_size"] == 8192
+
+
+def test_the_mqar_presets_regla_parts_each_change_one_thing_on_gla():
+    """The rows that ask which part of ReGLA slows its recall are GLA with one of ReGLA's parts."""
+    attention = {run.axes["variant"]: run.model.attention for run in load_grid("grids/paper/mqar.yaml").runs}
+    gla, regla = attention["gla"], attention["regla"]
+
+    def differences(a, b):
+        return {name for name in vars(a) if getattr(a, name) != getattr(b, name)}
+
+    assert differences(gla, attention["gla_safe_exp_features"]) == {"feature_map"}
+    assert differences(gla, attention["gla_refined_gate"]) == {"gate"}
+    assert differences(gla, regla) == {"feature_map", "gate"}
 
 
 def test_each_seed_of_a_grid_trains_its_own_model_on_its_own_data(corpus, tmp_path, monkeypatch):
