@@ -22,7 +22,6 @@ from kernels.fusion import (
     SafeExpKernel,
     SigmoidGateKernel,
 )
-from kernels.safe_exp import key_shifts, packed_key_shifts, query_shift
 from kernels.value_gate import PATH_COUNTS as VALUE_GATE_PATH_COUNTS
 from kernels.varlen import sequence_bounds
 from variants import FEATURE_MAPS, GATES, NORMS, GateOutput
@@ -554,7 +553,10 @@ class LinearAttention(nn.Module):
         if key_scale is not None:
             v = v * key_scale.to(v.dtype)  # after the ones column: the denominator sums the scaled keys too
         epilogue = self._epilogue_arguments(x)
-        o, memory, key_max = kernels.triton_regla(
+        # A norm after the op with its eps in the unshifted frame needs the op's shifts: the op
+        # returns them (differentiably) instead of the layer forming them a second time.
+        wants_log_scale = not epilogue and self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps
+        result = kernels.triton_regla(
             q,
             k,
             v,
@@ -567,24 +569,18 @@ class LinearAttention(nn.Module):
             initial_key_max=state.key_feature if state is not None else None,
             output_final_state=use_cache,
             cu_seqlens=cu_seqlens,
+            return_log_scale=wants_log_scale,
             **epilogue,
         )
+        o, memory, key_max = result.output, result.final_state, result.key_max.to(k.dtype)
         if epilogue:
-            return o, memory, key_max.to(k.dtype), None
+            return o, memory, key_max, None
         if self.uses_denominator:
             # eps scaled as the composed path scales it: by the op scale there, which leaves a
             # query-side factor out (it multiplies φ(q) instead).
             o = divide_by_denominator(o, self.config.denominator_eps * kernel_scale)
-        log_scale = None
-        if self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps:
-            # The op's shifts, recomputed on the small [B, T, H] maxima (as the feature map forms them).
-            previous = state.key_feature if state is not None else None
-            if cu_seqlens is None:
-                key_shift, _ = key_shifts(k.amax(-1), features.key_max, features.chunk_size, previous)
-            else:
-                key_shift, _ = packed_key_shifts(k.amax(-1), features.key_max, features.chunk_size, None, bounds)
-            log_scale = self.unshifted_frame(query_shift(q).unsqueeze(-1), key_shift.unsqueeze(-1))
-        return o, memory, key_max.to(k.dtype), log_scale
+        log_scale = result.log_scale.unsqueeze(-1) if wants_log_scale else None
+        return o, memory, key_max, log_scale
 
 
 #: the computations a linear-attention layer's forward can take: the fused ReGLA op (with the norm

@@ -52,6 +52,8 @@ class ReGLAOutput(NamedTuple):
     output: Tensor  # [B, T, H, V], the input dtype
     final_state: Tensor | None  # [B, H, K, V] fp32 when asked for
     key_max: Tensor  # [B, H] fp32: the last key shift, the decoding state of safe_exp
+    #: [B, T, H] fp32 with `return_log_scale`: −(query shift + key shift), differentiable; else None
+    log_scale: Tensor | None = None
 
 
 class _RefinedGate(NamedTuple):
@@ -71,6 +73,7 @@ class _Options(NamedTuple):
     chunk_size: int
     scale: float
     bounds: list[int] | None  # packed sequences' offsets (kernels.varlen), or None
+    log_scale: bool  # also return −(query shift + key shift) per token and head
 
 
 def _key_shifts(token_max: Tensor, options: _Options, previous: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -138,6 +141,7 @@ class FusedReGLAFunction(torch.autograd.Function):
         )
         layout = chunk_aligned_layout(options.bounds, q.device) if options.bounds is not None else None
         last_key_shift = key_shift[0, layout.ends] if layout is not None else key_shift[:, -1]
+        log_scale = -(query_shift + key_shift) if options.log_scale else None
         kernel_inputs = (q, k, v, query_shift, key_shift, log_decay, output_gate, *gate)
         if layout is not None:
             gate_fill = (float("inf"), 0.0) if options.refined is not None else (0.0,)
@@ -185,11 +189,11 @@ class FusedReGLAFunction(torch.autograd.Function):
         ctx.options, ctx.dims, ctx.has_log_decay, ctx.layout = options, dims, log_decay is not None, layout
         if layout is not None:
             o = unalign(o, layout)
-        return o, final, last_key_shift.clone()  # not a view of a tensor saved for backward
+        return o, final, last_key_shift.clone(), log_scale  # not a view of a tensor saved for backward
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself differentiable
-    def backward(ctx, do, dht, d_key_max):
+    def backward(ctx, do, dht, d_key_max, d_log_scale):
         (
             q,
             k,
@@ -248,6 +252,9 @@ class FusedReGLAFunction(torch.autograd.Function):
                 unalign(t, layout) for t in (dq, dk, dv, d_log_gate, d_query_shift, d_key_shift)
             )
             d_output_gate = unalign(d_output_gate, layout) if d_output_gate is not None else None
+        if d_log_scale is not None:  # the returned −(query shift + key shift)
+            d_query_shift = d_query_shift - d_log_scale
+            d_key_shift = d_key_shift - d_log_scale
         # The key-max decay is added to every feature's log gate: its gradient is the feature sum.
         d_log_decay = d_log_gate.sum(-1) if ctx.has_log_decay else None
         if d_key_max is not None:
@@ -294,6 +301,7 @@ def triton_regla(
     norm_weight: Tensor | None = None,
     eps_unshifted: bool = False,
     output_gate: Tensor | None = None,
+    return_log_scale: bool = False,
 ) -> ReGLAOutput:
     """Gated linear attention with safe-exp features of the raw q, k, and a key-side gate.
 
@@ -325,11 +333,16 @@ def triton_regla(
             per token and head (the layers' `norm_eps_frame: unshifted`).
         output_gate: [B, T, H, V] g, the normalised output then multiplied by silu(g) (the swish
             output gate); needs `norm_eps`.
+        return_log_scale: also return −(query shift + key shift) [B, T, H], the log of the factor by
+            which safe-exp's shifts scale the output: what a norm applied after the op needs to put
+            its eps in the unshifted frame. Returned rather than recomputed by the caller (two max
+            reductions, the key max's scan and their backward again); gradients flow through it.
 
     Returns:
         ReGLAOutput: output [B, T, H, V] in q's dtype (normalised and gated as asked); final_state
         [B, H, K, V] fp32, or None unless `output_final_state`; key_max [B, H] fp32, the last key
-        shift (the decoding state of safe_exp).
+        shift (the decoding state of safe_exp); log_scale [B, T, H] fp32 with `return_log_scale`,
+        else None.
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, K]; got shape {tuple(q.shape)}")
@@ -377,6 +390,7 @@ def triton_regla(
         int(chunk_size),
         float(scale),
         bounds,
+        bool(return_log_scale),
     )
     if key_max not in safe_exp.KEY_MAX_SCOPES:
         raise ValueError(f"key_max must be one of {', '.join(safe_exp.KEY_MAX_SCOPES)}; got {key_max!r}")

@@ -38,9 +38,10 @@ def refined_log_gate(a, b, tau, log_clamp):
     return log_f if log_clamp is None else log_f.clamp_min(log_clamp)
 
 
-def composed(q, k, v, gate, *, key_max, tau, log_clamp, scale, h0=None, m0=None):
+def composed(q, k, v, gate, *, key_max, tau, log_clamp, scale, h0=None, m0=None, log_scale=False):
     """The layer's composed path: SafeExp features, the gate's log decay plus the key-max decay,
-    then the recurrence."""
+    then the recurrence; with `log_scale`, also −(query shift + key shift) [B, T, H] as the layer
+    forms it for its norm's eps frame."""
     feature_map = SafeExp(q.shape[-1], q.shape[2], key_max=key_max, variance_factor="off", chunk_size=64)
     query, key = feature_map(q, "q"), feature_map(k, "k", m0)
     log_gate = refined_log_gate(*gate, tau, log_clamp) if len(gate) == 2 else gate[0]
@@ -51,12 +52,14 @@ def composed(q, k, v, gate, *, key_max, tau, log_clamp, scale, h0=None, m0=None)
     o, final = reference(
         query.features, key.features, v, log_gate, None, scale=scale, initial_state=h0, output_final_state=True
     )
+    if log_scale:
+        return o, final, key.state, -(query.shift + key.shift).reshape(q.shape[:3])
     return o, final, key.state
 
 
-def fused(q, k, v, gate, *, key_max, tau, log_clamp, scale, h0=None, m0=None):
+def fused(q, k, v, gate, *, key_max, tau, log_clamp, scale, h0=None, m0=None, log_scale=False):
     kwargs = dict(gate_logits=gate[0], refine_logits=gate[1]) if len(gate) == 2 else dict(log_gate=gate[0])
-    return triton_regla(
+    out = triton_regla(
         q,
         k,
         v,
@@ -68,7 +71,11 @@ def fused(q, k, v, gate, *, key_max, tau, log_clamp, scale, h0=None, m0=None):
         initial_state=h0,
         initial_key_max=m0,
         output_final_state=True,
+        return_log_scale=log_scale,
     )
+    if log_scale:
+        return out.output, out.final_state, out.key_max, out.log_scale
+    return out.output, out.final_state, out.key_max
 
 
 def make_inputs(
@@ -89,7 +96,9 @@ def make_inputs(
     return x
 
 
-def compare(B, T, H, K, V, *, dtype, key_max="running", tau=1.0, log_clamp=-8.0, seed=0, **input_options):
+def compare(
+    B, T, H, K, V, *, dtype, key_max="running", tau=1.0, log_clamp=-8.0, seed=0, log_scale=False, **input_options
+):
     # Rounded to the tested dtype first: the fp64 reference must see the same values (a max that
     # moves under rounding would route its gradient to another element).
     inputs = {n: t.to(dtype) for n, t in make_inputs(B, T, H, K, V, seed=seed, **input_options).items()}
@@ -97,12 +106,15 @@ def compare(B, T, H, K, V, *, dtype, key_max="running", tau=1.0, log_clamp=-8.0,
     do = torch.randn(B, T, H, V, generator=gen)
     dht = torch.randn(B, H, K, V, generator=gen)
     dm = torch.randn(B, H, generator=gen)
+    dl = torch.randn(B, T, H, generator=gen)
     options = dict(key_max=key_max, tau=tau, log_clamp=log_clamp, scale=K**-0.5)
+    if log_scale:
+        options["log_scale"] = True
 
     def run(fn, dtype, device):
         leaves = {n: t.to(device, dtype).requires_grad_(True) for n, t in inputs.items()}
         gate = (leaves["a"], leaves["b"]) if "a" in leaves else (leaves["g"],)
-        o, final, key_state = fn(
+        o, final, key_state, *shifts = fn(
             leaves["q"], leaves["k"], leaves["v"], gate, h0=leaves.get("h0"), m0=leaves.get("m0"), **options
         )
         loss = (
@@ -110,8 +122,12 @@ def compare(B, T, H, K, V, *, dtype, key_max="running", tau=1.0, log_clamp=-8.0,
             + (final.double() * dht.to(device).double()).sum()
             + (key_state.double() * dm.to(device).double()).sum()
         )
+        outputs = {"o": o, "final_state": final, "key_max": key_state}
+        if shifts:
+            loss = loss + (shifts[0].double() * dl.to(device).double()).sum()
+            outputs["log_scale"] = shifts[0]
         grads = torch.autograd.grad(loss, list(leaves.values()))
-        return {"o": o, "final_state": final, "key_max": key_state, **{f"d{n}": g for n, g in zip(leaves, grads)}}
+        return {**outputs, **{f"d{n}": g for n, g in zip(leaves, grads)}}
 
     got = run(fused, dtype, DEVICE)
     want = run(composed, torch.float64, DEVICE)
@@ -132,6 +148,17 @@ def test_every_key_max_scope(key_max):
     # Large key spread: the running max moves often, so the rescaling decay is exercised.
     errors = compare(2, 65, 1, 16, 16, dtype=torch.float32, key_max=key_max, key_spread=3.0)
     assert worst(errors) <= 1e-4, errors
+
+
+@pytest.mark.parametrize("key_max", KEY_MAX_SCOPES)
+@pytest.mark.parametrize("with_state", [False, True], ids=["fresh", "continued"])
+def test_the_returned_log_scale_is_the_shifts_and_carries_their_gradient(key_max, with_state):
+    """`return_log_scale`: −(query shift + key shift), as the layer's norm needs it for its eps
+    frame, equal to the feature map's own shifts, and every input's gradient through it too."""
+    errors = compare(
+        2, 65, 1, 16, 16, dtype=torch.float32, key_max=key_max, key_spread=3.0, with_state=with_state, log_scale=True
+    )
+    assert "log_scale" in errors and worst(errors) <= 1e-4, errors
 
 
 @pytest.mark.parametrize("gate", ["vector", "scalar"])
