@@ -10,8 +10,12 @@ counted twice); on CPU, where the test suite runs it at tiny sizes, the operator
     python3 benchmarks/profile_step.py --grid paper/efficiency --scale small --where depth=6 \\
         --seq-len 512 --batch 32 --out DIR
 
-It writes `profile_step.parquet` (run, kernel, calls, ms per step, share of the step's total) and
-`profile_step.log` (the profiler's table per run).
+It writes `profile_step.parquet` (run, kernel, calls, ms per step, share of the step's total),
+`profile_step_summary.parquet` (per run: the step's wall time, timed without the profiler, beside
+the kernels' summed time and launches: on a GPU, wall time well above kernel time means the host
+cannot launch fast enough, which no kernel tuning fixes), `profile_step_host.parquet` (the host's
+side: per operator, autograd node and runtime call, its inclusive and self CPU time per step, which
+says where a host-bound step spends its time) and `profile_step.log` (the profiler's tables per run).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -47,7 +53,9 @@ def kernel_rows(prof: profile, steps: int, device: torch.device) -> pd.DataFrame
     rows = []
     for event in prof.key_averages():
         if device.type == "cuda":
-            if event.device_type != torch.autograd.DeviceType.CUDA:
+            # User annotations (e.g. `Optimizer.step#AdamW.step`) are ranges on the GPU timeline
+            # that span kernels already counted, not kernels.
+            if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False):
                 continue
             self_us = event.self_device_time_total
         else:
@@ -59,13 +67,54 @@ def kernel_rows(prof: profile, steps: int, device: torch.device) -> pd.DataFrame
     return frame.sort_values("ms_per_step", ascending=False, ignore_index=True)
 
 
-def profile_run(spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int, device: torch.device):
-    """(rows, the profiler's table) of `steps` training steps of `spec`'s architecture."""
+def host_rows(prof: profile, steps: int, limit: int = 80) -> pd.DataFrame:
+    """The host's side of the step: per CPU event (operator, autograd node, custom Function, CUDA
+    runtime call), calls and inclusive and self CPU time per step, the `limit` longest inclusive.
+    Under the profiler the host runs slower than without; compare rows with each other."""
+    rows = [
+        {
+            "op": event.key,
+            "calls": event.count // steps,
+            "host_ms_per_step": event.cpu_time_total / 1e3 / steps,
+            "self_host_ms_per_step": event.self_cpu_time_total / 1e3 / steps,
+        }
+        for event in prof.key_averages()
+        if event.device_type == torch.autograd.DeviceType.CPU and event.cpu_time_total > 0
+    ]
+    frame = pd.DataFrame(rows, columns=["op", "calls", "host_ms_per_step", "self_host_ms_per_step"])
+    return frame.sort_values("host_ms_per_step", ascending=False, ignore_index=True).head(limit)
+
+
+class RunProfile(NamedTuple):
+    kernels: pd.DataFrame  # kernel_rows
+    host: pd.DataFrame  # host_rows
+    wall_ms: float  # step_wall_ms
+    table: str  # the profiler's own tables, for the log
+
+
+def step_wall_ms(model, tokens, optimizer, steps: int, device: torch.device) -> float:
+    """The median wall time of one training step, each step timed from a synchronised start to a
+    synchronised end, without the profiler (whose own overhead would slow the host)."""
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        training_step(model, tokens, optimizer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(pd.Series(times).median())
+
+
+def profile_run(spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int, device: torch.device) -> RunProfile:
+    """The profile of `steps` training steps of `spec`'s architecture."""
     model = architecture_model(spec.model, vocab, spec.train.seed, seq_len).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
     for _ in range(2):  # compilation, autotuning and the allocator's first growth stay out
         training_step(model, tokens, optimizer)
+    wall_ms = step_wall_ms(model, tokens, optimizer, steps, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -73,7 +122,24 @@ def profile_run(spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return kernel_rows(prof, steps, device), prof.key_averages().table(sort_by=sort_by, row_limit=25)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=sort_by, row_limit=25)
+    if device.type == "cuda":
+        table += "\nthe host's side, by inclusive CPU time:\n" + averages.table(sort_by="cpu_time_total", row_limit=40)
+    return RunProfile(kernel_rows(prof, steps, device), host_rows(prof, steps), wall_ms, table)
+
+
+def summary_row(run: str, rows: pd.DataFrame, wall_ms: float, device: torch.device) -> dict:
+    """One run's step: wall time, the summed kernel (CUDA) or operator (CPU) time, the launches, and
+    on a GPU the fraction of the step the GPU was busy (kernels on one stream do not overlap)."""
+    busy_ms = float(rows.ms_per_step.sum())
+    return {
+        "run": run,
+        "step_wall_ms": wall_ms,
+        "kernel_ms": busy_ms,
+        "launches": int(rows.calls.sum()),
+        "gpu_busy": busy_ms / wall_ms if device.type == "cuda" else float("nan"),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,23 +169,33 @@ def main(argv: list[str] | None = None) -> None:
     runs = filter_runs(grid.runs, args.where)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    frames, log = [], []
+    frames, hosts, summaries, log = [], [], [], []
     for spec in runs:
         vocab = args.vocab or spec.model.vocab_size
         if vocab is None:
             raise SystemExit(f"{spec.name}: the model names no vocab_size; give --vocab")
-        rows, table = profile_run(spec, vocab, args.seq_len, args.batch, args.steps, device)
-        rows.insert(0, "run", spec.name)
-        frames.append(rows)
-        total = rows.ms_per_step.sum()
-        log.append(f"===== {spec.name}: {total:.2f} ms of {'kernel' if device.type == 'cuda' else 'CPU'} time per step "
+        run = profile_run(spec, vocab, args.seq_len, args.batch, args.steps, device)
+        rows, wall_ms, table = run.kernels, run.wall_ms, run.table
+        summaries.append(summary_row(spec.name, rows, wall_ms, device))
+        frames.append(rows.assign(run=spec.name)[["run", *rows.columns]])
+        hosts.append(run.host.assign(run=spec.name)[["run", *run.host.columns]])
+        s = summaries[-1]
+        log.append(f"===== {spec.name}: step {wall_ms:.2f} ms wall, {s['kernel_ms']:.2f} ms of "
+                   f"{'kernel' if device.type == 'cuda' else 'CPU'} time in {s['launches']} "
+                   f"{'launches' if device.type == 'cuda' else 'operator calls'} "
                    f"(B {args.batch}, T {args.seq_len}, {args.steps} steps)\n{table}")  # fmt: skip
         print(log[-1].splitlines()[0], flush=True)
-    result = pd.concat(frames, ignore_index=True)
-    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = pd.concat(frames, ignore_index=True).assign(device=device_name)
+    summary = pd.DataFrame(summaries).assign(device=device_name, seq_len=args.seq_len, batch=args.batch)
     result.to_parquet(out / "profile_step.parquet", index=False)
+    hosts = pd.concat(hosts, ignore_index=True).assign(device=device_name)
+    hosts.to_parquet(out / "profile_step_host.parquet", index=False)
+    summary.to_parquet(out / "profile_step_summary.parquet", index=False)
     (out / "profile_step.log").write_text("\n\n".join(log) + "\n")
-    print(f"wrote {out / 'profile_step.parquet'} and {out / 'profile_step.log'}")
+    print(summary.drop(columns=["device"]).to_string(index=False))
+    written = "profile_step.parquet, profile_step_summary.parquet, profile_step_host.parquet and profile_step.log"
+    print(f"wrote {written} to {out}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@ its share of the step, for each run of the grid that --where keeps; bad argument
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
+import torch
 
 from .benchmark_modules import load_benchmark
 
@@ -28,6 +31,41 @@ def test_profiles_each_selected_run_of_the_grid(bench, tmp_path):
     assert rows.kernel.str.contains("rms_norm|pow|mean", regex=True).any()
     log = (tmp_path / "profile_step.log").read_text()
     assert "===== gla/6" in log and "===== regla/6" in log
+    summary = pd.read_parquet(tmp_path / "profile_step_summary.parquet").set_index("run")
+    assert set(summary.index) == {"gla/6", "regla/6"}
+    assert (summary.step_wall_ms > 0).all() and (summary.launches > 0).all()
+    for run, frame in rows.groupby("run"):
+        assert summary.loc[run, "kernel_ms"] == pytest.approx(frame.ms_per_step.sum())
+        assert summary.loc[run, "launches"] == frame.calls.sum()
+    # The host's side: the layers' operators with their inclusive time, the longest first.
+    host = pd.read_parquet(tmp_path / "profile_step_host.parquet")
+    assert set(host.run) == {"gla/6", "regla/6"}
+    for _, run in host.groupby("run"):
+        assert run.host_ms_per_step.is_monotonic_decreasing
+        assert (run.host_ms_per_step >= run.self_host_ms_per_step - 1e-9).all()
+    assert host.op.str.contains("aten::").any()
+
+
+def test_gpu_rows_are_kernels_not_the_annotations_that_span_them(bench):
+    """A user annotation (the optimizer's `Optimizer.step#AdamW.step`) is a range on the GPU timeline
+    over kernels already counted: counting it too would inflate the step's kernel time."""
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def event(key, us, annotation=False, device_type=cuda):
+        return SimpleNamespace(
+            key=key, count=2, self_device_time_total=us, device_type=device_type, is_user_annotation=annotation
+        )
+
+    events = [
+        event("gemm", 4000.0),
+        event("Optimizer.step#AdamW.step", 3000.0, annotation=True),
+        event("aten::mm", 500.0, device_type=torch.autograd.DeviceType.CPU),
+        event("fill", 1000.0),
+    ]
+    rows = bench.kernel_rows(SimpleNamespace(key_averages=lambda: events), 2, torch.device("cuda"))
+    assert list(rows.kernel) == ["gemm", "fill"]
+    assert list(rows.ms_per_step) == [2.0, 0.5] and list(rows.calls) == [1, 1]
+    assert rows.share.sum() == pytest.approx(1.0)
 
 
 def test_bad_arguments_are_refused_with_what_is_allowed(bench, capsys):
