@@ -88,7 +88,6 @@ def host_rows(prof: profile, steps: int, limit: int = 80) -> pd.DataFrame:
 class RunProfile(NamedTuple):
     kernels: pd.DataFrame  # kernel_rows
     host: pd.DataFrame  # host_rows
-    wall_ms: float  # step_wall_ms
     table: str  # the profiler's own tables, for the log
 
 
@@ -107,14 +106,28 @@ def step_wall_ms(model, tokens, optimizer, steps: int, device: torch.device) -> 
     return float(pd.Series(times).median())
 
 
-def profile_run(spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int, device: torch.device) -> RunProfile:
-    """The profile of `steps` training steps of `spec`'s architecture."""
+def warm_model(spec: RunSpec, vocab: int, seq_len: int, batch: int, device: torch.device):
+    """(model, tokens, optimizer) of `spec`'s architecture, after the steps that compile, tune and
+    grow the allocator (which stay out of every measurement)."""
     model = architecture_model(spec.model, vocab, spec.train.seed, seq_len).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
-    for _ in range(2):  # compilation, autotuning and the allocator's first growth stay out
+    for _ in range(2):
         training_step(model, tokens, optimizer)
-    wall_ms = step_wall_ms(model, tokens, optimizer, steps, device)
+    return model, tokens, optimizer
+
+
+def time_run(spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int, device: torch.device) -> float:
+    """The median wall ms of a training step of `spec`'s architecture. `main` times every run before
+    it profiles any: timed after another run's profile in the same process, the steps on an H200
+    read 1.7-1.9x the profile stage's time of the same step, the run timed before any profile 1.08x
+    (results/paper-efficiency-small/profile-step/COMMAND.md): tracing leaves the host slower."""
+    return step_wall_ms(*warm_model(spec, vocab, seq_len, batch, device), steps, device)
+
+
+def profile_run(spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int, device: torch.device) -> RunProfile:
+    """The profile of `steps` training steps of `spec`'s architecture."""
+    model, tokens, optimizer = warm_model(spec, vocab, seq_len, batch, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -126,7 +139,7 @@ def profile_run(spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int,
     table = averages.table(sort_by=sort_by, row_limit=25)
     if device.type == "cuda":
         table += "\nthe host's side, by inclusive CPU time:\n" + averages.table(sort_by="cpu_time_total", row_limit=40)
-    return RunProfile(kernel_rows(prof, steps, device), host_rows(prof, steps), wall_ms, table)
+    return RunProfile(kernel_rows(prof, steps, device), host_rows(prof, steps), table)
 
 
 def summary_row(run: str, rows: pd.DataFrame, wall_ms: float, device: torch.device) -> dict:
@@ -170,12 +183,15 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frames, hosts, summaries, log = [], [], [], []
-    for spec in runs:
-        vocab = args.vocab or spec.model.vocab_size
+    vocabs = {spec.name: args.vocab or spec.model.vocab_size for spec in runs}
+    for name, vocab in vocabs.items():
         if vocab is None:
-            raise SystemExit(f"{spec.name}: the model names no vocab_size; give --vocab")
-        run = profile_run(spec, vocab, args.seq_len, args.batch, args.steps, device)
-        rows, wall_ms, table = run.kernels, run.wall_ms, run.table
+            raise SystemExit(f"{name}: the model names no vocab_size; give --vocab")
+    shape = (args.seq_len, args.batch, args.steps, device)
+    walls = {spec.name: time_run(spec, vocabs[spec.name], *shape) for spec in runs}  # before any profiler
+    for spec in runs:
+        run = profile_run(spec, vocabs[spec.name], *shape)
+        rows, wall_ms, table = run.kernels, walls[spec.name], run.table
         summaries.append(summary_row(spec.name, rows, wall_ms, device))
         frames.append(rows.assign(run=spec.name)[["run", *rows.columns]])
         hosts.append(run.host.assign(run=spec.name)[["run", *run.host.columns]])

@@ -105,9 +105,10 @@ class AttentionConfig:
     #: that kernel).
     impl: str = "auto"
     #: where the fused op runs: apply a per-head RMSNorm (and the swish output gate) in the op's
-    #: output kernel instead of as separate passes (kernels.blocks.norm_epilogue). Off by default
-    #: until model-level training through it has been timed and compared (BENCHMARKS.md).
-    fused_epilogue: bool = False
+    #: output kernel instead of as separate passes (kernels.blocks.norm_epilogue). The same math
+    #: (tests/test_norm_epilogue.py) at less time and memory (BENCHMARKS.md §2: ReGLA then trains
+    #: as fast as GLA from T = 1024 on); false keeps the passes, for comparing the two paths.
+    fused_epilogue: bool = True
     #: where a per-head output norm's eps lives when the feature map shifts its exponent
     #: (safe_exp): "unshifted", the frame without the shifts, so they cancel exactly and every
     #: key-max scope gives the same output; or "shifted", eps on the shifted output as a plain

@@ -120,14 +120,21 @@ class RunSpec:
 def without_unset_additions(model: dict[str, Any]) -> dict[str, Any]:
     """The model settings added after SPEC_FORMAT 2 (`init`, `softmax_short_conv`,
     `attention.rotary`, `attention.fused_epilogue`, `attention.short_conv`) enter the run id only
-    when set, so that every run id from before they existed stays what it was."""
+    when they differ from their default, so that every run id from before they existed stays what
+    it was. `fused_epilogue` is where the fused op computes the norm, not what it computes: its
+    default (on) has the id every run had before, when the norm ran as separate passes; off, a run
+    gets an id of its own. Each run records which path its layers took
+    (`attention/layers_fused_epilogue`)."""
     if model.get("init") is None:
         model.pop("init", None)
     if not model.get("softmax_short_conv", 0):
         model.pop("softmax_short_conv", None)
-    for switch in ("rotary", "fused_epilogue", "short_conv"):
-        if not model.get("attention", {}).get(switch, True):  # False or 0: unset
-            model["attention"].pop(switch)
+    attention = model.get("attention", {})
+    for switch in ("rotary", "short_conv"):
+        if not attention.get(switch, True):  # False or 0: unset
+            attention.pop(switch)
+    if attention.get("fused_epilogue", False) is True:  # the default
+        attention.pop("fused_epilogue")
     return model
 
 

@@ -183,10 +183,10 @@ def test_layers_record_the_path_they_took(monkeypatch):
     assert layer.attention_path is None and attention_path_counts(layer)["composed"] == 0
     monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q: True)
     layer(x)
-    assert layer.attention_path == "fused"
-    layer.fused_epilogue = True
+    assert layer.attention_path == "fused_epilogue"  # the default
+    layer.fused_epilogue = False
     layer(x)
-    assert layer.attention_path == "fused_epilogue"
+    assert layer.attention_path == "fused"
     monkeypatch.setattr(type(layer), "takes_fused_path", lambda self, q: False)
     layer(x)
     assert attention_path_counts(torch.nn.Sequential(layer, torch.nn.Linear(2, 2))) == {

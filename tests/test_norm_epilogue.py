@@ -296,25 +296,32 @@ def test_only_norms_that_declare_the_epilogue_get_it():
         layer.fused_epilogue = True
     assert all(layer.epilogue_norm() is None for layer in model.linear_attention_layers())
     layer = regla_model().linear_attention_layers()[0]
-    assert layer.epilogue_norm() is None  # off by default (see AttentionConfig.fused_epilogue)
-    layer.fused_epilogue = True
-    assert layer.epilogue_norm() is not None
+    assert layer.epilogue_norm() is not None  # on by default (see AttentionConfig.fused_epilogue)
+    layer.fused_epilogue = False
+    assert layer.epilogue_norm() is None
 
 
-def test_grids_switch_the_epilogue_on_and_it_enters_the_run_id():
-    """`model.attention.fused_epilogue: true` reaches every linear layer; off (the default) leaves
-    run ids as they were before the switch existed, on gives the run its own id."""
+def test_the_epilogue_is_on_by_default_grids_switch_it_off_and_off_enters_the_run_id():
+    """The epilogue is where the norm is computed, not what: on (the default) keeps every run id
+    as it was before the switch existed; `model.attention.fused_epilogue: false` reaches every
+    linear layer and gives the run its own id."""
     from harness.spec import spec_from_dict
 
-    on = LanguageModel(
-        ModelConfig(vocab_size=53, d_model=32, n_layers=2, n_heads=2, attention=AttentionConfig(fused_epilogue=True))
-    )
-    assert all(layer.fused_epilogue for layer in on.linear_attention_layers())
+    def model(**attention):
+        config = ModelConfig(vocab_size=53, d_model=32, n_layers=2, n_heads=2, attention=AttentionConfig(**attention))
+        return LanguageModel(config)
+
+    assert all(layer.fused_epilogue for layer in model().linear_attention_layers())
+    assert not any(layer.fused_epilogue for layer in model(fused_epilogue=False).linear_attention_layers())
     base = {"data": {"source": "offline-english", "tokenizer": "bpe-4096"}, "model": {"d_model": 32}}
     default = spec_from_dict(base, name="x")
     assert "fused_epilogue" not in json.dumps(default.identity())
-    switched = spec_from_dict({**base, "model": {"d_model": 32, "attention": {"fused_epilogue": True}}}, name="x")
-    assert switched.run_id != default.run_id
+    # This spec's id from before the switch existed: the default must keep it.
+    assert default.run_id == "60fec8b6479c"
+    on = spec_from_dict({**base, "model": {"d_model": 32, "attention": {"fused_epilogue": True}}}, name="x")
+    assert on.run_id == default.run_id
+    off = spec_from_dict({**base, "model": {"d_model": 32, "attention": {"fused_epilogue": False}}}, name="x")
+    assert off.run_id != default.run_id and "fused_epilogue" in json.dumps(off.identity())
     with pytest.raises(ConfigError, match="attention.fused_epilogue must be true or false"):
         AttentionConfig(fused_epilogue="yes")
 
