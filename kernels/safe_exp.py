@@ -59,6 +59,41 @@ def running_max(x: Tensor) -> Tensor:
     return torch.cummax(x.transpose(1, 2).contiguous(), dim=-1).values.transpose(1, 2)
 
 
+def running_key_shifts_backward(
+    token_max: Tensor, previous: Tensor | None, d_shift: Tensor, d_log_decay: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The gradients of `key_shifts`'s token maxima [B, T, H] (contiguous) and of `previous` [B, H]
+    (None without one) for the `running` scope, from those of its shift and log decay.
+
+    What torch's autograd gives through `key_shifts` (cummax's backward routes each gradient to the
+    index cummax picked, ties included), written out: the fused op's backward calls this once per
+    layer, where re-running `key_shifts` under autograd cost it several times the host time of
+    the rest of its shift handling.
+    """
+    dtype = torch.promote_types(d_shift.dtype, torch.float32)
+    d_total = d_shift.to(dtype)
+    d_previous = None
+    if d_log_decay is not None:
+        # log_decay_t = before_t − shift_t, before_t = shift_{t−1} (the first: shift_0, or previous).
+        d_log_decay = d_log_decay.to(dtype)
+        d_total = d_total - d_log_decay
+        d_total[:, :-1] += d_log_decay[:, 1:]
+        if previous is None:
+            d_total[:, 0] += d_log_decay[:, 0]
+        else:
+            d_previous = d_log_decay[:, 0]
+    extended = token_max if previous is None else torch.cat([previous.unsqueeze(1).to(token_max.dtype), token_max], 1)
+    if previous is not None:
+        d_total = F.pad(d_total, (0, 0, 1, 0))  # the previous key max's own shift is not an output
+    _, index = torch.cummax(extended.transpose(1, 2).contiguous(), dim=-1)
+    d_extended = torch.zeros_like(index, dtype=dtype).scatter_add_(-1, index, d_total.transpose(1, 2))
+    d_extended = d_extended.transpose(1, 2)
+    if previous is None:
+        return d_extended.contiguous(), None
+    d_previous = d_extended[:, 0] if d_previous is None else d_previous + d_extended[:, 0]
+    return d_extended[:, 1:].contiguous(), d_previous
+
+
 def _chunk_running_max(token_max: Tensor, chunk_size: int) -> Tensor:
     B, T, H = token_max.shape
     n = -(-T // chunk_size)

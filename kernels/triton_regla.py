@@ -102,7 +102,13 @@ def _gate_grads(gate: tuple[Tensor, ...], refined: _RefinedGate | None, d_log_ga
 
 def _key_shifts_backward(token_max, initial_key_max, options, d_shift, d_log_decay):
     """Gradients of the keys' token maxima [B, T, H] and of the initial key max, through
-    `safe_exp.key_shifts` (cummax, chunk or sequence max): torch's autograd on these small tensors."""
+    `safe_exp.key_shifts` (cummax, chunk or sequence max): the running max's written out (the
+    layers' default, and what every scope continues as from a state), torch's autograd on these
+    small tensors otherwise."""
+    if options.bounds is None and (options.key_max == "running" or initial_key_max is not None):
+        previous = initial_key_max.float() if initial_key_max is not None else None
+        d_token_max, d_previous = safe_exp.running_key_shifts_backward(token_max, previous, d_shift, d_log_decay)
+        return d_token_max, (d_previous.to(initial_key_max.dtype) if d_previous is not None else None)
     with torch.enable_grad():
         leaves = [token_max.detach().requires_grad_(True)]
         if initial_key_max is not None:

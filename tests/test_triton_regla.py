@@ -16,7 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from kernels.reference import chunked_gla, recurrent_gla  # noqa: E402
-from kernels.safe_exp import KEY_MAX_SCOPES  # noqa: E402
+from kernels.safe_exp import KEY_MAX_SCOPES, key_shifts, running_key_shifts_backward  # noqa: E402
 from kernels.triton_regla import triton_regla  # noqa: E402
 from variants.feature_maps import SafeExp  # noqa: E402
 
@@ -159,6 +159,35 @@ def test_the_returned_log_scale_is_the_shifts_and_carries_their_gradient(key_max
         2, 65, 1, 16, 16, dtype=torch.float32, key_max=key_max, key_spread=3.0, with_state=with_state, log_scale=True
     )
     assert "log_scale" in errors and worst(errors) <= 1e-4, errors
+
+
+@pytest.mark.parametrize("with_previous", [False, True], ids=["fresh", "continued"])
+@pytest.mark.parametrize("with_decay_grad", [True, False], ids=["decay-grad", "no-decay-grad"])
+def test_the_running_key_max_backward_is_autograds_through_key_shifts(with_previous, with_decay_grad):
+    """The fused op's written-out backward of the running key max equals torch's autograd through
+    `key_shifts`, ties included: maxima on a grid of integers repeat, and cummax routes each
+    gradient to the index it picked."""
+    gen = torch.Generator().manual_seed(11)
+    token_max = torch.randint(-3, 4, (2, 37, 3), generator=gen).double()
+    previous = torch.randint(-3, 4, (2, 3), generator=gen).double() if with_previous else None
+    d_shift = torch.randn(2, 37, 3, generator=gen, dtype=torch.float64)
+    d_log_decay = torch.randn(2, 37, 3, generator=gen, dtype=torch.float64) if with_decay_grad else None
+    leaves = [token_max.clone().requires_grad_(True)]
+    if with_previous:
+        leaves.append(previous.clone().requires_grad_(True))
+    shift, log_decay = key_shifts(leaves[0], "running", previous=leaves[1] if with_previous else None)
+    outputs, grads = [shift], [d_shift]
+    if with_decay_grad:
+        outputs.append(log_decay)
+        grads.append(d_log_decay)
+    want = torch.autograd.grad(outputs, leaves, grads)
+    got_token, got_previous = running_key_shifts_backward(token_max, previous, d_shift, d_log_decay)
+    assert got_token.is_contiguous()
+    torch.testing.assert_close(got_token.double(), want[0], rtol=1e-6, atol=1e-6)
+    if with_previous:
+        torch.testing.assert_close(got_previous.double(), want[1], rtol=1e-6, atol=1e-6)
+    else:
+        assert got_previous is None
 
 
 @pytest.mark.parametrize("gate", ["vector", "scalar"])
