@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks.common import MAX_HEAD_DIM, empty, on_device_of
+from .blocks.common import MAX_HEAD_DIM, empty, next_power_of_2, on_device_of
 from .blocks.refined_gate import _refined_log_gate_parts
 
 Tensor = torch.Tensor
@@ -266,8 +266,8 @@ def triton_decode_step(
             NORM=norm_eps is not None,
             AFFINE=norm_weight is not None,
             EPS_UNSHIFTED=bool(eps_unshifted and safe_exp and norm_eps is not None),
-            BK=min(_KEY_BLOCK, triton.next_power_of_2(K)),
-            BV=triton.next_power_of_2(V),
-            KP=triton.next_power_of_2(K),
+            BK=min(_KEY_BLOCK, next_power_of_2(K)),
+            BV=next_power_of_2(V),
+            KP=next_power_of_2(K),
         )
     return DecodeStepOutput(o, new_state, new_key_max)

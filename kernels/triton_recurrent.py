@@ -52,7 +52,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .blocks import common  # `common.empty`, looked up at call time: the tests swap in NaN-filled buffers
-from .blocks.common import MAX_GRID_AXIS, head_offset, on_device_of
+from .blocks.common import MAX_GRID_AXIS, cdiv, head_offset, next_power_of_2, on_device_of
 
 Tensor = torch.Tensor
 
@@ -263,8 +263,8 @@ def recurrent_backward_kernel(
 
 def _blocks(K: int, V: int) -> tuple[int, int, int]:
     """BK (K padded to a power of two), BV and the number of value blocks NV."""
-    BV = min(VALUE_BLOCK, triton.next_power_of_2(V))
-    return triton.next_power_of_2(K), BV, triton.cdiv(V, BV)
+    BV = min(VALUE_BLOCK, next_power_of_2(V))
+    return next_power_of_2(K), BV, cdiv(V, BV)
 
 
 class FusedRecurrentGLAFunction(torch.autograd.Function):
@@ -309,7 +309,7 @@ class FusedRecurrentGLAFunction(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         BK, BV, NV = _blocks(K, V)
-        NC = triton.cdiv(T, CHECKPOINT)
+        NC = cdiv(T, CHECKPOINT)
         device = q.device
         f32 = torch.float32
         do = do.contiguous()

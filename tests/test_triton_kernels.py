@@ -237,3 +237,14 @@ def test_gpu_dispatch_picks_triton():
     q = torch.randn(1, 8, 1, 16, device="cuda")
     assert kernels.dispatch.default_implementation(q) == "triton"
     assert math.isfinite(kernels.gated_linear_attention(q, q, q, q.clamp_max(0))[0].sum().item())
+
+
+def test_host_side_block_arithmetic_equals_tritons():
+    """The ops size grids and blocks with plain-Python `cdiv` / `next_power_of_2` (Triton's are
+    constexpr functions, slow on the host): the same numbers."""
+    import triton
+
+    from kernels.blocks.common import cdiv, next_power_of_2
+
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 1025))
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))

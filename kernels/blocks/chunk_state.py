@@ -14,6 +14,7 @@ from .common import (
     CHUNK,
     Dims,
     SafeExpShifts,
+    cdiv,
     empty,
     feature_args,
     head_offset,
@@ -194,7 +195,7 @@ def chunk_states(
     final = empty((B * N, H, K, V), torch.float32, k.device) if output_final_state else None
     h0 = initial_state.contiguous() if initial_state is not None else None
     features = feature_args(shifts, k)
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)
+    grid = (cdiv(K, BK), cdiv(V, BV), B * H)
     state_forward_kernel[grid](
         k,
         features["ks"],
@@ -257,7 +258,7 @@ def chunk_state_grads(
     features = feature_args(shifts, q)
     dstates = empty((B, H, NT, K, V), torch.float32, q.device)
     dh0 = empty((B * N, H, K, V), torch.float32, q.device) if initial_state_grad else None
-    state_backward_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
+    state_backward_kernel[(cdiv(K, BK), cdiv(V, BV), B * H)](
         q,
         features["qs"],
         do,

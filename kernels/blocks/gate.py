@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CHUNK, LOG2E, Dims, empty, head_offset, launch_options, load_row, load_rows, store_rows
+from .common import CHUNK, LOG2E, Dims, cdiv, empty, head_offset, launch_options, load_row, load_rows, store_rows
 
 Tensor = torch.Tensor
 
@@ -129,7 +129,7 @@ def gate_cumsum(gk: Tensor, dims: Dims, row_decay: Tensor | None = None) -> Tens
     """
     B, T, H, K, V, NT, BK, BV, dot = dims
     gc = empty((B, NT * CHUNK, H, K), torch.float32, gk.device)
-    gate_cumsum_kernel[(triton.cdiv(K, BK), NT, B * H)](
+    gate_cumsum_kernel[(cdiv(K, BK), NT, B * H)](
         gk,
         row_decay if row_decay is not None else gk,
         gc,
@@ -173,7 +173,7 @@ def gate_grad(
     """
     B, T, H, K, V, NT, BK, BV, dot = dims
     dg = empty((B, T, H, K), dtype, dG.device)
-    gate_grad_kernel[(triton.cdiv(K, BK), NT, B * H)](
+    gate_grad_kernel[(cdiv(K, BK), NT, B * H)](
         dG,
         key_state_term,
         gc,

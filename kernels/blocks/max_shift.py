@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import empty
+from .common import cdiv, empty, next_power_of_2
 
 Tensor = torch.Tensor
 
@@ -47,7 +47,5 @@ def add_max_gradient(x: Tensor, grad: Tensor, d_max: Tensor) -> Tensor:
     out = empty(x.shape, x.dtype, x.device)
     n, K = x.numel() // x.shape[-1], x.shape[-1]
     rows = 16
-    max_shift_grad_kernel[(triton.cdiv(n, rows),)](
-        x, grad, d_max.contiguous(), out, n, K, R=rows, BK=triton.next_power_of_2(K)
-    )
+    max_shift_grad_kernel[(cdiv(n, rows),)](x, grad, d_max.contiguous(), out, n, K, R=rows, BK=next_power_of_2(K))
     return out

@@ -44,6 +44,7 @@ from .common import (
     launch_options,
     load_row,
     load_rows,
+    next_power_of_2,
     store_rows,
 )
 from .output import output_tile
@@ -288,7 +289,7 @@ def _log(eps: float) -> float:
 
 def _tiles(dims: Dims) -> tuple[int, int]:
     """Key columns per tile and the (whole) value width of the epilogue's tiles."""
-    full_v = max(16, triton.next_power_of_2(dims.V))
+    full_v = max(16, next_power_of_2(dims.V))
     return min(dims.BK, max(16, _TILE_ELEMENTS // full_v)), full_v
 
 

@@ -17,6 +17,7 @@ from .common import (
     SUB_CHUNK,
     Dims,
     SafeExpShifts,
+    cdiv,
     diagonal_decay,
     empty,
     feature_args,
@@ -248,7 +249,7 @@ def chunk_output(
     B, T, H, K, V, NT, BK, BV, dot = dims
     o = empty((B, T, H, V), q.dtype, q.device)
     features = feature_args(shifts, q)
-    output_kernel[(triton.cdiv(V, BV), NT, B * H)](
+    output_kernel[(cdiv(V, BV), NT, B * H)](
         q,
         features["qs"],
         v,

@@ -17,6 +17,7 @@ from .common import (
     SUB_CHUNK,
     Dims,
     SafeExpShifts,
+    cdiv,
     diagonal_decay,
     empty,
     feature_args,
@@ -299,7 +300,7 @@ def value_grads(
     B, T, H, K, V, NT, BK, BV, dot = dims
     features = feature_args(shifts, k)
     dv = empty((B, T, H, V), dtype, k.device)
-    value_grad_kernel[(triton.cdiv(V, BV), NT, B * H)](
+    value_grad_kernel[(cdiv(V, BV), NT, B * H)](
         k,
         features["ks"],
         gc,
@@ -344,7 +345,7 @@ def query_key_inter_grads(
     B, T, H, K, V, NT, BK, BV, dot = dims
     dq_inter = empty((B, T, H, K), torch.float32, v.device)  # through the chunk states
     dk_inter = empty((B, T, H, K), torch.float32, v.device)
-    query_key_inter_kernel[(triton.cdiv(K, BK), NT, B * H)](
+    query_key_inter_kernel[(cdiv(K, BK), NT, B * H)](
         v,
         gc,
         do,
@@ -406,10 +407,8 @@ def query_key_grads(
     # Key blocks as narrow as the diagonal block's decay tensor, which spans a whole block here.
     BKD = min(BK, DIAG_FEATURES)
     # Per key block row sums of the raw dq, dk (safe-exp only): summed by the caller, deterministically.
-    rowsums = [
-        empty((triton.cdiv(K, BKD), B, T, H), torch.float32, q.device) if shifts is not None else dG for _ in range(2)
-    ]
-    query_key_grad_kernel[(triton.cdiv(K, BKD), NT * (CHUNK // SUB_CHUNK), B * H)](
+    rowsums = [empty((cdiv(K, BKD), B, T, H), torch.float32, q.device) if shifts is not None else dG for _ in range(2)]
+    query_key_grad_kernel[(cdiv(K, BKD), NT * (CHUNK // SUB_CHUNK), B * H)](
         q,
         k,
         features["qs"],

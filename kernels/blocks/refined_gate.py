@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CHUNK, LOG2E, Dims, empty, head_offset, store_rows
+from .common import CHUNK, LOG2E, Dims, cdiv, empty, head_offset, store_rows
 from .gate import add_row_decay
 
 Tensor = torch.Tensor
@@ -125,7 +125,7 @@ def refined_gate_cumsum(
     """
     B, T, H, K, V, NT, BK, BV, dot = dims
     gc = empty((B, NT * CHUNK, H, K), torch.float32, gate_logits.device)  # [B, Tp, H, K]
-    refined_gate_cumsum_kernel[(triton.cdiv(K, BK), NT, B * H)](
+    refined_gate_cumsum_kernel[(cdiv(K, BK), NT, B * H)](
         gate_logits,
         refine_logits,
         row_decay if row_decay is not None else gate_logits,
@@ -161,7 +161,7 @@ def refined_gate_grads(
     d_gate = empty(gate_logits.shape, gate_logits.dtype, gate_logits.device)
     d_refine = empty(refine_logits.shape, refine_logits.dtype, refine_logits.device)
     n, block = d_log_gate.numel(), 1024
-    refined_gate_grad_kernel[(triton.cdiv(n, block),)](
+    refined_gate_grad_kernel[(cdiv(n, block),)](
         gate_logits,
         refine_logits,
         d_log_gate,
