@@ -74,21 +74,28 @@ def packed_vs_per_sequence(packed_fn, sequence_fn, inputs, lengths, *, dtype):
     do = torch.randn(1, T, H, V, generator=gen).to(DEVICE)
     dht = torch.randn(N, H, inputs["q"].shape[-1], V, generator=gen).to(DEVICE)
     dm = torch.randn(N, H, generator=gen).to(DEVICE)
+    dl = torch.randn(1, T, H, generator=gen).to(DEVICE)
     bounds = offsets(lengths).tolist()
 
     def loss_and_grads(outputs, leaves):
-        o, final, *key_max = outputs
+        o, final, *rest = outputs
+        key_max = rest[0] if rest else None
+        log_scale = rest[1] if len(rest) > 1 else None  # the fused op's, with return_log_scale
         loss = (o.double() * do.double()).sum()
         if final is not None:
             loss = loss + (final.double() * dht.double()).sum()
-        if key_max:
-            loss = loss + (key_max[0].double() * dm.double()).sum()
+        if key_max is not None:
+            loss = loss + (key_max.double() * dm.double()).sum()
+        if log_scale is not None:
+            loss = loss + (log_scale.double() * dl.double()).sum()
         grads = torch.autograd.grad(loss, list(leaves.values()))
         named = {"o": o, **{f"d{n}": g for n, g in zip(leaves, grads)}}
         if final is not None:
             named["final_state"] = final
-        if key_max:
-            named["key_max"] = key_max[0]
+        if key_max is not None:
+            named["key_max"] = key_max
+        if log_scale is not None:
+            named["log_scale"] = log_scale
         return named
 
     leaves = {n: t.to(DEVICE, dtype).requires_grad_(True) for n, t in inputs.items()}
@@ -99,8 +106,9 @@ def packed_vs_per_sequence(packed_fn, sequence_fn, inputs, lengths, *, dtype):
     for n, (start, end) in enumerate(zip(bounds, bounds[1:])):
         one = {name: (t[n : n + 1] if name in ("h0", "m0") else t[:, start:end]) for name, t in exact.items()}
         pieces.append(sequence_fn(one))
+    # Per-token outputs (o, and the log scale) join along time, per-sequence ones along the batch.
     joined = [
-        torch.cat([p[i] for p in pieces], dim=1 if i == 0 else 0) if pieces[0][i] is not None else None
+        torch.cat([p[i] for p in pieces], dim=1 if i in (0, 3) else 0) if pieces[0][i] is not None else None
         for i in range(len(pieces[0]))
     ]
     want = loss_and_grads(joined, exact)
@@ -260,9 +268,10 @@ def test_refined_gate_packed():
     assert worst(errors) <= 1e-4, errors
 
 
-def regla_pair(key_max, chunk_size, states):
+def regla_pair(key_max, chunk_size, states, log_scale=False):
     """The fused op on packed input, and the layer's composed path (SafeExp, refining gate, recurrence)
-    on one sequence, both continuing from a state when `states`."""
+    on one sequence, both continuing from a state when `states`; with `log_scale`, both also give
+    −(query shift + key shift) per token (the op's `return_log_scale`)."""
     options = dict(tau=1.0, log_clamp=-8.0, scale=0.25)
 
     def packed(x, cu):
@@ -278,6 +287,7 @@ def regla_pair(key_max, chunk_size, states):
             initial_key_max=x.get("m0"),
             output_final_state=True,
             cu_seqlens=cu,
+            return_log_scale=log_scale,
             **options,
         )
 
@@ -298,6 +308,8 @@ def regla_pair(key_max, chunk_size, states):
             initial_state=x.get("h0"),
             output_final_state=True,
         )
+        if log_scale:
+            return o, final, key.state, -(query.shift + key.shift).reshape(x["q"].shape[:3])
         return o, final, key.state
 
     return packed, sequence
@@ -312,6 +324,16 @@ def test_fused_regla_packed(key_max, states, lengths):
     inputs = make_inputs(lengths, 1, 16, 16, gate="refined", gate_spread=6.0, states=states)
     errors = packed_vs_per_sequence(*regla_pair(key_max, 16, states), inputs, lengths, dtype=torch.float32)
     assert worst(errors) <= 1e-4, errors
+
+
+@pytest.mark.parametrize("key_max, states", [("running", True), ("chunk", False), ("sequence", False)])
+def test_fused_regla_packed_returns_each_sequences_log_scale(key_max, states):
+    """`return_log_scale` over packed sequences: each sequence's shifts, and the gradients through them."""
+    lengths = (1, 7, 33)
+    inputs = make_inputs(lengths, 1, 16, 16, gate="refined", gate_spread=6.0, states=states)
+    pair = regla_pair(key_max, 16, states, log_scale=True)
+    errors = packed_vs_per_sequence(*pair, inputs, lengths, dtype=torch.float32)
+    assert "log_scale" in errors and worst(errors) <= 1e-4, errors
 
 
 # --- realistic shapes on a GPU --------------------------------------------------------------------
