@@ -13,7 +13,8 @@ counted twice); on CPU, where the test suite runs it at tiny sizes, the operator
 It writes `profile_step.parquet` (run, kernel, calls, ms per step, share of the step's total),
 `profile_step_summary.parquet` (per run: the step's wall time, timed without the profiler, beside
 the kernels' summed time and launches: on a GPU, wall time well above kernel time means the host
-cannot launch fast enough, which no kernel tuning fixes), `profile_step_host.parquet` (the host's
+cannot launch fast enough, which no kernel tuning fixes; with `--cuda-graph` also the step
+replayed from a CUDA graph, the step without the host), `profile_step_host.parquet` (the host's
 side: per operator, autograd node and runtime call, its inclusive and self CPU time per step, which
 says where a host-bound step spends its time) and `profile_step.log` (the profiler's tables per run).
 """
@@ -24,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,13 +41,43 @@ from harness.postlin.start import architecture_model  # noqa: E402
 from harness.spec import RunSpec  # noqa: E402
 
 
-def training_step(model: torch.nn.Module, tokens: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-    """One step as the profile stage times it: loss, backward, AdamW, gradients dropped."""
-    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=tokens.device.type == "cuda"):
+def training_step(
+    model: torch.nn.Module, tokens: torch.Tensor, optimizer: torch.optim.Optimizer, captured: bool = False
+) -> None:
+    """One step as the profile stage times it: loss, backward, AdamW, gradients dropped. A step to
+    capture in a CUDA graph (`captured`) keeps its gradients (the backward writes them in place on
+    every replay) and turns autocast's cache of cast weights off, as graph capture requires."""
+    with torch.autocast(
+        tokens.device.type, dtype=torch.bfloat16, enabled=tokens.device.type == "cuda", cache_enabled=not captured
+    ):
         loss = model.loss(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if not captured:
+        optimizer.zero_grad(set_to_none=True)
+
+
+def capture_training_step(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
+    """The training step captured in a CUDA graph (PyTorch's whole-network capture): replaying it
+    launches every kernel of forward, backward and AdamW with no host work between them, so its
+    time is the step's GPU time plus one launch. Against the eager step, the difference is what
+    the host costs (`--cuda-graph`). AdamW runs `capturable` (its step count on the GPU); warm-up
+    steps on a side stream compile and tune every kernel before the capture, as capture allows no
+    compilation, autotuning or host synchronisation."""
+    device = tokens.device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, capturable=True)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            training_step(model, tokens, optimizer, captured=True)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)  # the backward then allocates .grad in the graph's pool
+    with torch.cuda.graph(graph):
+        training_step(model, tokens, optimizer, captured=True)
+    return graph.replay
 
 
 def kernel_rows(prof: profile, steps: int, device: torch.device) -> pd.DataFrame:
@@ -91,15 +123,15 @@ class RunProfile(NamedTuple):
     table: str  # the profiler's own tables, for the log
 
 
-def step_wall_ms(model, tokens, optimizer, steps: int, device: torch.device) -> float:
-    """The median wall time of one training step, each step timed from a synchronised start to a
-    synchronised end, without the profiler (whose own overhead would slow the host)."""
+def step_wall_ms(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """The median wall time of `step`, each call timed from a synchronised start to a synchronised
+    end, without the profiler (whose own overhead would slow the host)."""
     times = []
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        training_step(model, tokens, optimizer)
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
@@ -117,12 +149,18 @@ def warm_model(spec: RunSpec, vocab: int, seq_len: int, batch: int, device: torc
     return model, tokens, optimizer
 
 
-def time_run(spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int, device: torch.device) -> float:
-    """The median wall ms of a training step of `spec`'s architecture. `main` times every run before
-    it profiles any: timed after another run's profile in the same process, the steps on an H200
-    read 1.7-1.9x the profile stage's time of the same step, the run timed before any profile 1.08x
-    (results/paper-efficiency-small/profile-step/COMMAND.md): tracing leaves the host slower."""
-    return step_wall_ms(*warm_model(spec, vocab, seq_len, batch, device), steps, device)
+def time_run(
+    spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int, device: torch.device, cuda_graph: bool = False
+) -> tuple[float, float]:
+    """The median wall ms of a training step of `spec`'s architecture, eager, and replayed from a
+    CUDA graph with `cuda_graph` (NaN without). `main` times every run before it profiles any:
+    timed after another run's profile in the same process, the steps on an H200 read 1.7-1.9x the
+    profile stage's time of the same step, the run timed before any profile 1.08x
+    (results/paper-efficiency-small/COMMAND.md): tracing leaves the host slower."""
+    model, tokens, optimizer = warm_model(spec, vocab, seq_len, batch, device)
+    eager = step_wall_ms(lambda: training_step(model, tokens, optimizer), steps, device)
+    graphed = step_wall_ms(capture_training_step(model, tokens), steps, device) if cuda_graph else float("nan")
+    return eager, graphed
 
 
 def profile_run(spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int, device: torch.device) -> RunProfile:
@@ -142,13 +180,15 @@ def profile_run(spec: RunSpec, vocab: int, seq_len: int, batch: int, steps: int,
     return RunProfile(kernel_rows(prof, steps, device), host_rows(prof, steps), table)
 
 
-def summary_row(run: str, rows: pd.DataFrame, wall_ms: float, device: torch.device) -> dict:
-    """One run's step: wall time, the summed kernel (CUDA) or operator (CPU) time, the launches, and
-    on a GPU the fraction of the step the GPU was busy (kernels on one stream do not overlap)."""
+def summary_row(run: str, rows: pd.DataFrame, wall_ms: float, graph_ms: float, device: torch.device) -> dict:
+    """One run's step: wall time (eager; replayed from a CUDA graph, NaN unless timed), the summed
+    kernel (CUDA) or operator (CPU) time, the launches, and on a GPU the fraction of the eager step
+    the GPU was busy (kernels on one stream do not overlap)."""
     busy_ms = float(rows.ms_per_step.sum())
     return {
         "run": run,
         "step_wall_ms": wall_ms,
+        "graph_step_ms": graph_ms,
         "kernel_ms": busy_ms,
         "launches": int(rows.calls.sum()),
         "gpu_busy": busy_ms / wall_ms if device.type == "cuda" else float("nan"),
@@ -168,10 +208,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the model's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the Parquet and the log")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also time the step captured in a CUDA graph (graph_step_ms): what the step costs without the host",
+    )
     args = parser.parse_args(argv)
     for name in ("seq_len", "batch", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}")
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        parser.error(f"--cuda-graph captures the step in a CUDA graph and needs a CUDA device; got {args.device}")
     return args
 
 
@@ -188,15 +235,17 @@ def main(argv: list[str] | None = None) -> None:
         if vocab is None:
             raise SystemExit(f"{name}: the model names no vocab_size; give --vocab")
     shape = (args.seq_len, args.batch, args.steps, device)
-    walls = {spec.name: time_run(spec, vocabs[spec.name], *shape) for spec in runs}  # before any profiler
+    # Every run timed before any is profiled (see time_run): (eager ms, graph ms) per run.
+    walls = {spec.name: time_run(spec, vocabs[spec.name], *shape, cuda_graph=args.cuda_graph) for spec in runs}
     for spec in runs:
         run = profile_run(spec, vocabs[spec.name], *shape)
-        rows, wall_ms, table = run.kernels, walls[spec.name], run.table
-        summaries.append(summary_row(spec.name, rows, wall_ms, device))
+        rows, (wall_ms, graph_ms), table = run.kernels, walls[spec.name], run.table
+        summaries.append(summary_row(spec.name, rows, wall_ms, graph_ms, device))
         frames.append(rows.assign(run=spec.name)[["run", *rows.columns]])
         hosts.append(run.host.assign(run=spec.name)[["run", *run.host.columns]])
         s = summaries[-1]
-        log.append(f"===== {spec.name}: step {wall_ms:.2f} ms wall, {s['kernel_ms']:.2f} ms of "
+        graphed = f" ({graph_ms:.2f} ms from a CUDA graph)" if args.cuda_graph else ""
+        log.append(f"===== {spec.name}: step {wall_ms:.2f} ms wall{graphed}, {s['kernel_ms']:.2f} ms of "
                    f"{'kernel' if device.type == 'cuda' else 'CPU'} time in {s['launches']} "
                    f"{'launches' if device.type == 'cuda' else 'operator calls'} "
                    f"(B {args.batch}, T {args.seq_len}, {args.steps} steps)\n{table}")  # fmt: skip

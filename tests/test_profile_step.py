@@ -37,6 +37,7 @@ def test_profiles_each_selected_run_of_the_grid(bench, tmp_path):
     for run, frame in rows.groupby("run"):
         assert summary.loc[run, "kernel_ms"] == pytest.approx(frame.ms_per_step.sum())
         assert summary.loc[run, "launches"] == frame.calls.sum()
+    assert summary.graph_step_ms.isna().all()  # timed only with --cuda-graph
     # The host's side: the layers' operators with their inclusive time, the longest first.
     host = pd.read_parquet(tmp_path / "profile_step_host.parquet")
     assert set(host.run) == {"gla/6", "regla/6"}
@@ -72,3 +73,49 @@ def test_bad_arguments_are_refused_with_what_is_allowed(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--steps", "0"])
     assert "--steps must be a positive integer; got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cuda-graph", "--device", "cpu"])
+    assert "--cuda-graph captures the step in a CUDA graph and needs a CUDA device; got cpu" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["gla", "regla"])
+def test_gpu_captured_step_computes_the_eager_steps_gradients(bench, variant):
+    """A replay of the captured step runs the model's real forward and backward (the fused ReGLA op
+    and the Triton GLA kernel included): its gradients are those an eager backward computes from the
+    same parameters, and AdamW moves the parameters."""
+    from harness.grid import filter_runs, load_grid
+    from harness.postlin.start import architecture_model
+
+    (spec,) = filter_runs(
+        load_grid("grids/paper/efficiency.yaml", scale="smoke").runs, [f"variant={variant}", "depth=6"]
+    )
+    device = torch.device("cuda")
+    model = architecture_model(spec.model, 256, 0, 96).to(device).train()
+    tokens = torch.randint(0, 256, (2, 97), device=device)
+    replay = bench.capture_training_step(model, tokens)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    replay()
+    torch.cuda.synchronize()
+    graph_grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    assert any(not torch.equal(before[name], p) for name, p in model.named_parameters())
+
+    eager = architecture_model(spec.model, 256, 0, 96).to(device).train()
+    with torch.no_grad():
+        for name, p in eager.named_parameters():
+            p.copy_(before[name])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager.loss(tokens[:, :-1], tokens[:, 1:]).backward()
+    for name, p in eager.named_parameters():
+        error = (graph_grads[name].float() - p.grad.float()).norm() / p.grad.float().norm().clamp_min(1e-12)
+        assert error <= 2e-2, (name, float(error))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_cuda_graph_timing_is_written(bench, tmp_path):
+    args = "--grid paper/efficiency --scale smoke --where depth=6 --where variant=regla --seq-len 64 --batch 2"
+    bench.main([*args.split(), "--steps", "2", "--device", "cuda", "--cuda-graph", "--out", str(tmp_path)])
+    summary = pd.read_parquet(tmp_path / "profile_step_summary.parquet")
+    assert (summary.graph_step_ms > 0).all() and (summary.step_wall_ms > 0).all()
