@@ -448,24 +448,29 @@ class LinearAttention(nn.Module):
             scale=self.feature_map.kernel_scale,
             norm_eps=norm.eps,
             norm_weight=norm.weight,
-            eps_unshifted=self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps,
+            eps_unshifted=self.eps_in_unshifted_frame(),
             in_place=state.in_place and memory is state.memory and (not safe_exp or key_max is state.key_feature),
         )
         key_state = step.key_max if safe_exp else state.key_feature
         return step.output, step.state, key_state
 
+    def eps_in_unshifted_frame(self) -> bool:
+        """Whether the output norm puts its eps in the frame without the feature map's shifts: the
+        layer asks for it (`norm_eps_frame: unshifted`, the default) and the norm can (`scales_eps`)."""
+        return self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps
+
     def unshifted_frame_cancels_shifts(self) -> bool:
         """Whether the output norm cancels the feature map's shifts exactly, eps included: a
         per-head norm with its eps in the unshifted frame, and no denominator (whose eps does not
         follow the shifts)."""
-        return self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps and not self.uses_denominator
+        return self.eps_in_unshifted_frame() and not self.uses_denominator
 
     def unshifted_frame(self, query_shift: Tensor | None, key_shift: Tensor | None) -> Tensor | None:
         """The norm's `log_scale` [B, T, H, 1]: the factor exp(−(q shift + key shift)) by which the
         feature map's shifts scale the output, when the norm should see its eps in the unshifted
         frame (the default) and can. Then the shifts (and a non-causal key max with them)
         cancel exactly under the norm, eps included."""
-        if self.config.norm_eps_frame != "unshifted" or not self.norm.scales_eps:
+        if not self.eps_in_unshifted_frame():
             return None
         if query_shift is None and key_shift is None:
             return None
@@ -520,7 +525,7 @@ class LinearAttention(nn.Module):
         return dict(
             norm_eps=norm.eps,
             norm_weight=norm.weight,
-            eps_unshifted=self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps,
+            eps_unshifted=self.eps_in_unshifted_frame(),
             output_gate=gate,
         )
 
@@ -555,7 +560,7 @@ class LinearAttention(nn.Module):
         epilogue = self._epilogue_arguments(x)
         # A norm after the op with its eps in the unshifted frame needs the op's shifts: the op
         # returns them (differentiably) instead of the layer forming them a second time.
-        wants_log_scale = not epilogue and self.config.norm_eps_frame == "unshifted" and self.norm.scales_eps
+        wants_log_scale = not epilogue and self.eps_in_unshifted_frame()
         result = kernels.triton_regla(
             q,
             k,

@@ -51,12 +51,17 @@ def key_shifts(
     return shift, before - shift
 
 
+def _cummax_over_time(x: Tensor):
+    """cummax over time of [B, T, H], as (values, indices) laid out [B, H, T]. The scan runs over
+    the innermost dimension of a transposed copy: CUDA's cummax over an outer dimension walks each
+    column sequentially with one thread (milliseconds at T = 8192), over the innermost one it is a
+    parallel scan."""
+    return torch.cummax(x.transpose(1, 2).contiguous(), dim=-1)
+
+
 def running_max(x: Tensor) -> Tensor:
-    """cummax over time of [B, T, H]. The scan runs over the innermost dimension of a transposed
-    copy: CUDA's cummax over an outer dimension walks each column sequentially with one thread
-    (milliseconds at T = 8192), over the innermost one it is a parallel scan. Values, ties and
-    gradients are cummax's own."""
-    return torch.cummax(x.transpose(1, 2).contiguous(), dim=-1).values.transpose(1, 2)
+    """cummax over time of [B, T, H] (values, ties and gradients are cummax's own)."""
+    return _cummax_over_time(x).values.transpose(1, 2)
 
 
 def running_key_shifts_backward(
@@ -85,7 +90,7 @@ def running_key_shifts_backward(
     extended = token_max if previous is None else torch.cat([previous.unsqueeze(1).to(token_max.dtype), token_max], 1)
     if previous is not None:
         d_total = F.pad(d_total, (0, 0, 1, 0))  # the previous key max's own shift is not an output
-    _, index = torch.cummax(extended.transpose(1, 2).contiguous(), dim=-1)
+    _, index = _cummax_over_time(extended)  # the indices `running_max`'s cummax picks
     d_extended = torch.zeros_like(index, dtype=dtype).scatter_add_(-1, index, d_total.transpose(1, 2))
     d_extended = d_extended.transpose(1, 2)
     if previous is None:
