@@ -183,8 +183,9 @@ def on_device_of(t: Tensor):
 
 def cdiv(a: int, b: int) -> int:
     """⌈a / b⌉ for the host side. Triton 3.6's `triton.cdiv` and `triton.next_power_of_2` are
-    constexpr functions that cost ~5 µs a call on the host (against ~0.05 µs here), and the ops
-    call them for every grid and block size: ~20 calls per forward and backward of a layer."""
+    constexpr functions that cost 4–6 µs a call on the host (against ~0.05 µs here; `python -m
+    timeit -s "import triton" "triton.cdiv(1000, 64)"`), and the ops call them for every grid and
+    block size: ~20 calls per forward and backward of a layer."""
     return -(-a // b)
 
 
