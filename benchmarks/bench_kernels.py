@@ -452,34 +452,48 @@ def measure_in_setting(name, fn, input_names, x, shape, meta):
 
 
 def kernel_breakdown(call, x, shape, log, steps=5):
-    """GPU time per kernel of `steps` forward+backward passes, from the PyTorch profiler."""
+    """GPU time per kernel of `steps` forward passes and of `steps` forward+backward passes, from the
+    PyTorch profiler; rows carry `passes` ("fwd" or "fwd+bwd")."""
     fn, input_names = call[:2]
     inputs = [x[n] for n in input_names]
-    for _ in range(2):  # compile and warm up outside the profile
+    for _ in range(2):  # compile, autotune and warm up outside the profile
         torch.autograd.grad(fn(x), inputs, x["do"])
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            torch.autograd.grad(fn(x), inputs, x["do"])
-        torch.cuda.synchronize()
+
+    def forward():
+        with torch.no_grad():
+            fn(x)
+
+    def forward_backward():
+        torch.autograd.grad(fn(x), inputs, x["do"])
+
     rows = []
-    for event in prof.key_averages():
-        total_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if total_us > 0:
-            rows.append(
-                dict(
-                    B=shape[0],
-                    T=shape[1],
-                    H=shape[2],
-                    D=shape[3],
-                    kernel=event.key[:120],
-                    ms_per_step=total_us / 1e3 / steps,
-                    calls_per_step=event.count / steps,
+    for passes, step in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        these = []
+        for event in prof.key_averages():
+            total_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            if total_us > 0:
+                these.append(
+                    dict(
+                        B=shape[0],
+                        T=shape[1],
+                        H=shape[2],
+                        D=shape[3],
+                        passes=passes,
+                        kernel=event.key[:120],
+                        ms_per_step=total_us / 1e3 / steps,
+                        calls_per_step=event.count / steps,
+                    )
                 )
-            )
-    rows.sort(key=lambda r: -r["ms_per_step"])
-    for r in rows[:14]:
-        log(f"  {r['ms_per_step']:8.3f} ms/step  x{r['calls_per_step']:.0f}  {r['kernel'][:90]}")
+        these.sort(key=lambda r: -r["ms_per_step"])
+        log(f"  {passes}: {sum(r['ms_per_step'] for r in these):.3f} ms/step of kernels")
+        for r in these[:14]:
+            log(f"  {r['ms_per_step']:8.3f} ms/step  x{r['calls_per_step']:.0f}  {r['kernel'][:90]}")
+        rows += these
     return rows
 
 
@@ -497,7 +511,8 @@ def ceilings(device):
 def write_results(out: Path, timing_rows, correctness_rows, breakdown_rows=()):
     if breakdown_rows:
         pd.DataFrame(list(breakdown_rows)).to_parquet(out / "kernels_breakdown.parquet", index=False)
-    pd.DataFrame(timing_rows).to_parquet(out / "kernels_timing.parquet", index=False)
+    if timing_rows:
+        pd.DataFrame(timing_rows).to_parquet(out / "kernels_timing.parquet", index=False)
     if correctness_rows:
         pd.DataFrame(correctness_rows).to_parquet(out / "kernels_correctness.parquet", index=False)
 
@@ -612,6 +627,10 @@ def main():
         help="time the gate gradient with bf16 operands beside the default fp32 ones: " + ", ".join(GATE_GRAD_IMPLS),
     )
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel profiles")
+    parser.add_argument(
+        "--breakdown-fla", action="store_true", help="profile fla's chunk_gla (A0) kernel by kernel too"
+    )
+    parser.add_argument("--breakdown-only", action="store_true", help="only the per-kernel profiles, no timing table")
     parser.add_argument("--launch-options", help="tune_kernels.json whose chosen launch options to use")
     parser.add_argument(
         "--replot",
@@ -664,13 +683,20 @@ def main():
     correctness_rows = [] if args.skip_correctness else check_correctness(chunk_gla_fla, device, log)
     impls, fla_impls = make_implementations(chunk_gla_fla)
     breakdown_rows = []
-    for impl, shape in (("triton", ANCHOR_SHAPES[0]), ("triton", ANCHOR_SHAPES[-1]), ("regla_fused", ANCHOR_SHAPES[3])):
+    breakdowns = [("triton", ANCHOR_SHAPES[0]), ("triton", ANCHOR_SHAPES[-1]), ("regla_fused", ANCHOR_SHAPES[3])]
+    if args.breakdown_fla and fla_impls:  # fla's kernels at the same shapes, for a kernel-by-kernel comparison
+        breakdowns += [("A0_fla", ANCHOR_SHAPES[0]), ("A0_fla", ANCHOR_SHAPES[-1])]
+    for impl, shape in breakdowns:
         if args.no_breakdown:
             break
-        log(f"kernel breakdown, {impl} forward+backward, {shape}:")
+        log(f"kernel breakdown, {impl}, {shape}:")
         x = make_inputs(*shape, device)
-        breakdown_rows += [dict(r, impl=impl) for r in kernel_breakdown(impls[impl], x, shape, log)]
+        call = impls[impl] if impl in impls else fla_impls[impl]
+        breakdown_rows += [dict(r, impl=impl) for r in kernel_breakdown(call, x, shape, log)]
         del x
+    if args.breakdown_only:
+        write_results(out, [], correctness_rows, breakdown_rows)
+        return
     # The epilogue and value-gate comparisons run when asked for (--epilogue, --value-gate) or named;
     # "all" is the kernel table.
     known = set(impls) | set(fla_impls)  # fla's anchors belong to "all" too (timed last, within their budget)

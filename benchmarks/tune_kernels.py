@@ -46,7 +46,7 @@ KERNELS = [
     "gate_grad_kernel",
 ]
 EPILOGUE_KERNELS = ["normed_output_kernel", "normed_output_grad_kernel"]
-OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (1, 2, 3))]
+OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((1, 2, 4, 8), (1, 2, 3))]
 
 
 def make_step(B, T, H, D, epilogue=False):

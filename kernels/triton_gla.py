@@ -28,7 +28,8 @@ the torch chunked form.
 Numerics: cumulative gates, states and every accumulation in fp32; matrix products take their
 operands in the input dtype (bf16 on tensor cores; fp32 inputs use 3-pass tf32, close to fp32),
 except the within-chunk products of dq and dk, whose operands are fp32 for any input (the gate
-gradient's accuracy in bf16: `kernels.blocks.qkv_grad.GATE_GRADIENT_PRODUCTS`).
+gradient's accuracy in bf16: `kernels.blocks.qkv_grad.GATE_GRADIENT_PRODUCTS`). The forward stores
+the chunk states in the operand dtype, which is what its output product reads them as.
 The final state is returned in fp32 whatever the input dtype, as the state is kept in fp32.
 """
 
@@ -38,7 +39,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .blocks.chunk_state import chunk_state_grads, chunk_states
-from .blocks.common import Dims, SafeExpShifts, check_supported, dims_of, on_device_of
+from .blocks.common import Dims, SafeExpShifts, check_supported, dims_of, on_device_of, operand_dtype
 from .blocks.gate import gate_cumsum, gate_grad
 from .blocks.norm_epilogue import NormEpilogue, normed_output
 from .blocks.output import chunk_output, intra_scores
@@ -85,7 +86,10 @@ def gla_forward_from_gate(
         final: [B, H, K, V] ([N, H, K, V] with `sequences`) fp32, or None unless `output_final_state`.
         scores: [B, Tp, H, CHUNK] fp32 within-chunk scores, kept for `gla_backward`.
     """
-    states, final = chunk_states(k, v, gc, initial_state, output_final_state, dims, shifts, sequences)
+    # The output reads the states only as product operands: stored in that dtype, as fla's forward does.
+    states, final = chunk_states(
+        k, v, gc, initial_state, output_final_state, dims, shifts, sequences, states_dtype=operand_dtype(dims)
+    )
     scores = intra_scores(q, k, gc, dims, shifts)
     if epilogue is not None:
         o = normed_output(q, v, gc, scores, states, scale, dims, shifts, epilogue)

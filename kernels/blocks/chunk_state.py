@@ -1,5 +1,5 @@
-"""Chunk-state building block: the fp32 states between chunks, [B, H, NT, K, V], from one sequential
-pass over the chunks (forward), and their gradients from one pass in reverse (backward).
+"""Chunk-state building block: the states between chunks, [B, H, NT, K, V], from one sequential
+pass over the chunks in fp32 (forward), and their gradients from one pass in reverse (backward).
 
 Used by the forward and backward passes of `kernels.triton_gla` (and so by every Triton GLA op).
 """
@@ -171,6 +171,7 @@ def chunk_states(
     dims: Dims,
     shifts: SafeExpShifts | None = None,
     sequences: SequenceChunks | None = None,
+    states_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor | None]:
     """The states entering each chunk, and optionally the final state.
 
@@ -184,14 +185,18 @@ def chunk_states(
         shifts: safe-exp shifts, or None to read k as it is.
         sequences: packed sequences in the chunk-aligned layout (`blocks.varlen`, B = 1), or None
             for one sequence per batch row; initial and final states are then [N, H, K, V].
+        states_dtype: the stored states' dtype. The pass itself keeps the state in fp32; the
+            forward stores them in the products' operand dtype (`common.operand_dtype`), which is
+            all its output product reads (half the traffic and memory of fp32 in bf16), the
+            backward in fp32 (its gate gradient takes them elementwise).
 
     Returns:
-        states: [B, H, NT, K, V] fp32, states[:, :, c] the state entering chunk c.
+        states: [B, H, NT, K, V] in `states_dtype`, states[:, :, c] the state entering chunk c.
         final: [B, H, K, V] ([N, H, K, V] with `sequences`) fp32, or None unless `output_final_state`.
     """
     B, T, H, K, V, NT, BK, BV, dot = dims
     N = sequences.count if sequences is not None else 1
-    states = empty((B, H, NT, K, V), torch.float32, k.device)  # [B, H, NT, K, V]
+    states = empty((B, H, NT, K, V), states_dtype, k.device)  # [B, H, NT, K, V]
     final = empty((B * N, H, K, V), torch.float32, k.device) if output_final_state else None
     h0 = initial_state.contiguous() if initial_state is not None else None
     features = feature_args(shifts, k)

@@ -14,15 +14,15 @@ Exponents are only ever formed as b_later - b_earlier (<= 0) or masked to -inf b
 so no gate value can overflow. Inside a chunk the pairwise decays exp2(b_t - b_s) are exact:
 rows are handled in sub-chunks of S = 16; earlier sub-chunks are reached through one reference
 row of cumulative gates (two factors, each <= 1, around a tensor-core product), the 16 x 16
-diagonal block through a [16, 16, features] tensor of pairwise decays in fp32, a few feature
-columns at a time so that the tensor stays within registers.
+diagonal block through pairwise decays in fp32, one row or column of the block at a time.
 
 Matrix products take their operands in DOT, the input dtype on GPUs (bf16 on tensor cores; the one
 exception is `qkv_grad.GATE_GRADIENT_PRODUCTS`); the launchers pass fp32 under Triton's CPU
 interpreter, which evaluates bf16 products wrongly.
 
-States between chunks are kept in fp32: [B, H, NT, K, V], written by one sequential pass over the
-chunks (forward) and one in reverse (backward); everything else is parallel over chunks.
+States between chunks are carried in fp32: [B, H, NT, K, V], written by one sequential pass over the
+chunks (forward) and one in reverse (backward); everything else is parallel over chunks. The forward
+stores them in the products' operand dtype (all its output reads), the backward in fp32.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ SUB_CHUNK = 16
 #: (`kernels.value_gate`) and the recurrent kernels' batch rows × heads (`kernels.triton_recurrent`)
 #: must fit under it.
 MAX_GRID_AXIS = 65535
-# Feature columns per [SUB_CHUNK, SUB_CHUNK, features] fp32 decay tensor of a diagonal block: 32
-# keeps one such tensor at 64 registers a thread over 4 warps; 64 columns would double that.
+# Key columns per program of the backward's within-chunk kernel (`qkv_grad.query_key_grad_kernel`):
+# it holds three [CHUNK, columns] fp32 tiles of the chunk over 2 warps, which 64 columns would spill.
 DIAG_FEATURES = 32
 MAX_HEAD_DIM = 256
 LOG2E = 1.0 / math.log(2.0)
@@ -56,7 +56,7 @@ LOG2E = 1.0 / math.log(2.0)
 #: fused ReGLA forward+backward 22.2 -> 18.4 ms at B4 T4096 H64 D128, 8.4 -> 6.8 ms at B16 T4096 H12 D64).
 LAUNCH_OPTIONS: dict[str, dict[str, int]] = {
     "query_key_grad_kernel": dict(num_warps=2, num_stages=1),
-    "intra_scores_kernel": dict(num_warps=4, num_stages=1),
+    "intra_scores_kernel": dict(num_warps=1, num_stages=1),
     "state_forward_kernel": dict(num_warps=8, num_stages=3),
     "query_key_inter_kernel": dict(num_warps=2, num_stages=2),
     "output_kernel": dict(num_warps=4, num_stages=2),
@@ -141,15 +141,6 @@ def load_features(
     return x
 
 
-@triton.jit
-def diagonal_decay(g_sub, S: tl.constexpr):
-    """[S(t), S(s), BC] pairwise decays exp2(b_t − b_s) inside one sub-chunk from its cumulative
-    gates g_sub [S, BC]; zero above the diagonal (t < s), where the exponent would be positive."""
-    sub = tl.arange(0, S)
-    causal = (sub[:, None] >= sub[None, :])[:, :, None]
-    return tl.exp2(tl.where(causal, g_sub[:, None, :] - g_sub[None, :, :], float("-inf")))
-
-
 # ---------------------------------------------------------------------------------------------
 # Host helpers
 
@@ -215,6 +206,12 @@ def dot_options(dtype: torch.dtype) -> dict:
     operand = tl.float32 if interpreted else half_precision.get(dtype, tl.float32)
     # tf32x3: three tf32 passes, close to fp32 accuracy; ignored for bf16 operands.
     return dict(PREC="tf32x3" if operand == tl.float32 else "tf32", DOT=operand)
+
+
+def operand_dtype(dims: Dims) -> torch.dtype:
+    """The torch dtype of the matrix products' operands (`dot_options`' DOT): what a tensor that is
+    only ever read as a product operand can be stored in without changing any result."""
+    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(dims.dot["DOT"], torch.float32)
 
 
 class Dims(NamedTuple):

@@ -13,12 +13,10 @@ import triton.language as tl
 
 from .common import (
     CHUNK,
-    DIAG_FEATURES,
     SUB_CHUNK,
     Dims,
     SafeExpShifts,
     cdiv,
-    diagonal_decay,
     empty,
     feature_args,
     head_offset,
@@ -26,10 +24,16 @@ from .common import (
     load_features,
     load_row,
     load_rows,
+    next_power_of_2,
     store_rows,
 )
 
 Tensor = torch.Tensor
+
+#: Widest feature block of `intra_scores_kernel`'s diagonal loop, and widest value block of
+#: `output_kernel` (whole rows up to this: each chunk's scores are then read once, not once per block).
+MAX_DIAG_FEATURES = 64
+MAX_OUTPUT_COLUMNS = 128
 
 
 @triton.jit
@@ -54,9 +58,12 @@ def intra_scores_kernel(
 ):
     """A[t, s] = sum_j q_tj k_sj exp2(b_tj - b_sj) for s <= t in the same chunk (zero above).
 
-    One program per (sub-chunk of S rows, batch*head); A is [B, Tp, H, C] in fp32. Earlier
-    sub-chunks go through tensor-core products over BK key columns at a time, the diagonal block
-    through [S, S, BD] decay tensors over BD (<= BK) columns at a time.
+    One program per (sub-chunk of S rows, batch*head); A is [B, Tp, H, C] in fp32. Each earlier
+    sub-chunk is one [S, S] block of tensor-core products over BK key columns at a time (only the
+    earlier ones: rows of later sub-chunks are neither loaded nor exponentiated); the diagonal
+    block takes exact fp32 decays, one column at a time over BD columns of features.
+    (`benchmarks/intra_scores_variants.py` times the alternatives: a [S, C] product against the
+    whole chunk with the later columns masked, and a [S, S, BD] tensor of decays.)
     """
     pid, bh = tl.program_id(0), tl.program_id(1)
     c, i = pid // (C // S), pid % (C // S)
@@ -66,35 +73,41 @@ def intra_scores_kernel(
     ks_base = ks + head_offset(bh, H, T, 1)
     g_base = gc + head_offset(bh, H, Tp, K)
     t0, r0 = c * C, c * C + i * S
-    cols = tl.arange(0, C)  # chunk-relative columns
-    dt = DOT
-    acc = tl.zeros([S, C], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        q_sub = load_features(q_base, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)  # [S, BK]
-        g_sub = load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)  # [S, BK]
-        k_chunk = load_features(k_base, ks_base, t0, T, H * K, k0, K, H, C, BK, EXP)  # [C, BK]
-        g_chunk = load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)  # [C, BK]
-        g_ref = load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)  # [BK], first row of the sub-chunk
-        # Earlier sub-chunks: b_t - b_s = (b_t - b_ref) + (b_ref - b_s), both parts <= 0.
-        q_ref = (q_sub * tl.exp2(g_sub - g_ref[None, :])).to(dt)
-        earlier = cols[:, None] < i * S
-        k_ref = (k_chunk * tl.exp2(tl.where(earlier, g_ref[None, :] - g_chunk, float("-inf")))).to(dt)
-        acc += tl.dot(q_ref, tl.trans(k_ref), input_precision=PREC)
-    # Diagonal S x S block: exact pairwise decays in fp32. Its own feature loop, over narrower
-    # pieces than BK, keeps the [S, S, BD] tensors within registers.
+    sub = tl.arange(0, S)
+    rows_t = r0 + sub
+    a_rows = A + head_offset(bh, H, Tp, C) + rows_t[:, None] * H * C  # [S, 1]: this sub-chunk's rows
+    inside = rows_t[:, None] < Tp
+    # Earlier sub-chunks: b_t - b_s = (b_t - b_ref) + (b_ref - b_s), both parts <= 0, with this
+    # sub-chunk's first row as the reference.
+    for j in range(i):
+        s0 = t0 + j * S
+        block = tl.zeros([S, S], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            q_sub = load_features(q_base, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)  # [S, BK]
+            g_sub = load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)
+            g_ref = load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)  # [BK]
+            k_j = load_features(k_base, ks_base, s0, T, H * K, k0, K, H, S, BK, EXP)  # [S, BK]
+            g_j = load_rows(g_base, s0, Tp, H * K, k0, K, S, BK)
+            q_ref = (q_sub * tl.exp2(g_sub - g_ref[None, :])).to(DOT)
+            k_ref = (k_j * tl.exp2(g_ref[None, :] - g_j)).to(DOT)
+            block += tl.dot(q_ref, tl.trans(k_ref), input_precision=PREC)
+        tl.store(a_rows + (j * S + sub)[None, :], block, mask=inside)
+    # Later sub-chunks: zeros.
+    cols = tl.arange(0, C)
+    tl.store(a_rows + cols[None, :], tl.zeros([S, C], dtype=tl.float32), mask=inside & (cols[None, :] >= i * S + S))
+    # Diagonal S x S block: exact pairwise decays in fp32, one column s = r0 + j at a time, each a
+    # [S, BD] product reduced over features.
     diag = tl.zeros([S, S], dtype=tl.float32)
     for d0 in range(0, K, BD):
         q_d = load_features(q_base, qs_base, r0, T, H * K, d0, K, H, S, BD, EXP)  # [S, BD]
-        k_d = load_features(k_base, ks_base, r0, T, H * K, d0, K, H, S, BD, EXP)
         g_d = load_rows(g_base, r0, Tp, H * K, d0, K, S, BD)
-        diag += tl.sum(q_d[:, None, :] * k_d[None, :, :] * diagonal_decay(g_d, S), axis=2)
-    # acc holds the earlier sub-chunks and zeros from the diagonal block on; the two stores cover
-    # disjoint columns, as nothing orders the stores of one program's threads to the same address.
-    a_base = A + head_offset(bh, H, Tp, C)
-    off_diagonal = (cols[None, :] < i * S) | (cols[None, :] >= i * S + S)
-    rows_t = r0 + tl.arange(0, S)
-    tl.store(a_base + rows_t[:, None] * H * C + cols[None, :], acc, mask=off_diagonal & (rows_t[:, None] < Tp))
-    store_rows(a_base, diag, r0, Tp, H * C, i * S, C, S, S)
+        for j in range(S):
+            k_j = load_features(k_base, ks_base, r0 + j, T, H * K, d0, K, H, 1, BD, EXP)  # [1, BD]
+            g_j = load_rows(g_base, r0 + j, Tp, H * K, d0, K, 1, BD)
+            decay = tl.exp2(tl.where(sub[:, None] >= j, g_d - g_j, float("-inf")))  # rows t >= s only
+            column = tl.sum(q_d * k_j * decay, axis=1)  # [S]: A[t, s] over this block of features
+            diag += tl.where(sub[None, :] == j, column[:, None], 0.0)
+    tl.store(a_rows + (i * S + sub)[None, :], diag, mask=inside)
 
 
 @triton.jit
@@ -213,7 +226,7 @@ def intra_scores(q: Tensor, k: Tensor, gc: Tensor, dims: Dims, shifts: SafeExpSh
         C=CHUNK,
         S=SUB_CHUNK,
         BK=BK,
-        BD=min(BK, DIAG_FEATURES),
+        BD=max(16, min(next_power_of_2(K), MAX_DIAG_FEATURES)),
         **feature_args(shifts, q),
         **dot,
         **launch_options("intra_scores_kernel"),
@@ -238,7 +251,7 @@ def chunk_output(
         v: [B, T, H, V].
         gc: [B, Tp, H, K] fp32 within-chunk cumulative log2 gates.
         scores: [B, Tp, H, CHUNK] fp32 from `intra_scores`.
-        states: [B, H, NT, K, V] fp32 from `chunk_state.chunk_states`.
+        states: [B, H, NT, K, V] from `chunk_state.chunk_states` (fp32, or the operand dtype).
         scale: the output's scale.
         dims: the call's `Dims`.
         shifts: safe-exp shifts, or None to read q as it is.
@@ -246,7 +259,8 @@ def chunk_output(
     Returns:
         o: [B, T, H, V] in q's dtype.
     """
-    B, T, H, K, V, NT, BK, BV, dot = dims
+    B, T, H, K, V, NT, BK, _, dot = dims
+    BV = max(16, min(next_power_of_2(V), MAX_OUTPUT_COLUMNS))
     o = empty((B, T, H, V), q.dtype, q.device)
     features = feature_args(shifts, q)
     output_kernel[(cdiv(V, BV), NT, B * H)](

@@ -18,7 +18,6 @@ from .common import (
     Dims,
     SafeExpShifts,
     cdiv,
-    diagonal_decay,
     empty,
     feature_args,
     head_offset,
@@ -224,14 +223,23 @@ def query_key_grad_kernel(
     dq_acc += tl.exp2(g_sub - g_first[None, :]) * tl.dot(dA_rows.to(dt), k_ref, input_precision=PREC)
     dk_acc += tl.exp2(g_final[None, :] - g_sub) * tl.dot(tl.trans(dA_cols.to(dt)), q_ref, input_precision=PREC)
 
-    # Diagonal S x S block, exact and in fp32: one [S(t), S(s), BK] tensor of pairwise decays serves
-    # both directions (BK is kept narrow by the launcher so that it stays within registers).
+    # Diagonal S x S block, exact and in fp32, one row of the sub-chunk (j) at a time, as rank-1
+    # updates without reductions: dq_t += dA[t, j] k_j e^{b_t − b_j} for t >= j, and
+    # dk_s += dA[j, s] q_j e^{b_j − b_s} for s <= j. One exp2 serves both: of b − b_j on the rows
+    # from j on, of b_j − b on the rows up to j (each <= 0 for log gates <= 0).
     q_sub = load_features(q + qk_off, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)
     k_sub = load_features(k + qk_off, ks_base, r0, T, H * K, k0, K, H, S, BK, EXP)
-    dA_diag = load_rows(a_base, r0, Tp, H * C, i * S, C, S, S)[:, :, None]  # dA[t, s], both in the sub-chunk
-    decay = diagonal_decay(g_sub, S)
-    dq_acc += tl.sum(dA_diag * k_sub[None, :, :] * decay, axis=1)
-    dk_acc += tl.sum(dA_diag * q_sub[:, None, :] * decay, axis=0)
+    sub = tl.arange(0, S)
+    for j in range(S):
+        q_j = load_features(q + qk_off, qs_base, r0 + j, T, H * K, k0, K, H, 1, BK, EXP)  # [1, BK]
+        k_j = load_features(k + qk_off, ks_base, r0 + j, T, H * K, k0, K, H, 1, BK, EXP)
+        g_j = load_rows(g_base, r0 + j, Tp, H * K, k0, K, 1, BK)
+        dA_col = load_rows(a_base, r0, Tp, H * C, i * S + j, C, S, 1)  # [S, 1]: dA[t, j]
+        dA_row = tl.trans(load_rows(a_base, r0 + j, Tp, H * C, i * S, C, 1, S))  # [S, 1]: dA[j, s]
+        after = sub[:, None] >= j
+        decay = tl.exp2(tl.where(after, g_sub - g_j, g_j - g_sub))
+        dq_acc += tl.where(after, dA_col * k_j * decay, 0.0)
+        dk_acc += tl.where(sub[:, None] <= j, dA_row * q_j * decay, 0.0)
     # The gate gradient needs q ⊙ dq − k ⊙ dk from the fp32 accumulators, not the rounded outputs.
     dq_local = q_sub * dq_acc
     store_rows(dG + qk_off, dq_local - k_sub * dk_acc, r0, T, H * K, k0, K, S, BK)
@@ -404,7 +412,6 @@ def query_key_grads(
     dq = empty((B, T, H, K), q.dtype if shifts is None else torch.float32, q.device)
     dk = empty((B, T, H, K), k.dtype if shifts is None else torch.float32, q.device)
     dG = empty((B, T, H, K), torch.float32, q.device)  # q ⊙ dq − k ⊙ dk, the gate's local term
-    # Key blocks as narrow as the diagonal block's decay tensor, which spans a whole block here.
     BKD = min(BK, DIAG_FEATURES)
     # Per key block row sums of the raw dq, dk (safe-exp only): summed by the caller, deterministically.
     rowsums = [empty((cdiv(K, BKD), B, T, H), torch.float32, q.device) if shifts is not None else dG for _ in range(2)]

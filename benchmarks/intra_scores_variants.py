@@ -1,0 +1,185 @@
+"""Where the forward's within-chunk score kernel spends its time: variants of it, timed alone.
+
+The forward of the plain GLA op spends most of its time in `intra_scores_kernel`
+(`kernels.blocks.output`). This script times, on one GPU and at the anchor shapes, the kernel's
+two parts apart (the earlier sub-chunks through tensor-core products; the exact diagonal block)
+and alternatives for each, over launch options, and checks every full variant against the
+op's own kernel. Plain GLA inputs (no safe-exp features), bf16, median ms of the kernel alone.
+
+    python3 benchmarks/intra_scores_variants.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.blocks.common import CHUNK, SUB_CHUNK, dims_of, head_offset, load_row, load_rows  # noqa: E402
+from kernels.blocks.gate import gate_cumsum  # noqa: E402
+from kernels.blocks.output import intra_scores  # noqa: E402
+
+SHAPES = [(1, 8192, 96, 128), (16, 4096, 12, 64)]
+
+
+@triton.jit
+def scores_variant(
+    q, k, gc, A, T, Tp, H, K,
+    C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
+    EARLIER: tl.constexpr, DIAGONAL: tl.constexpr,
+):  # fmt: skip
+    """One program per (sub-chunk, batch*head), as the op's kernel, with each part chosen:
+
+    EARLIER  0: none; 1: one [S, C] product against the whole chunk, the later columns masked (the
+             form before); 2: one [S, S] product per earlier sub-chunk (the op's form).
+    DIAGONAL 0: none; 1: a [S, S, BD] tensor of decays reduced over features (the form before);
+             2: one column at a time, inserted into an [S, S] tile (the op's form);
+             3: one column at a time over all features, stored as it is finished.
+    """
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    c, i = pid // (C // S), pid % (C // S)
+    q_base = q + head_offset(bh, H, T, K)
+    k_base = k + head_offset(bh, H, T, K)
+    g_base = gc + head_offset(bh, H, Tp, K)
+    t0, r0 = c * C, c * C + i * S
+    cols = tl.arange(0, C)
+    sub = tl.arange(0, S)
+    rows_t = r0 + sub
+    a_rows = A + head_offset(bh, H, Tp, C) + rows_t[:, None] * H * C
+    inside = rows_t[:, None] < Tp
+    if EARLIER == 1:
+        acc = tl.zeros([S, C], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            q_sub = load_rows(q_base, r0, T, H * K, k0, K, S, BK).to(tl.float32)
+            g_sub = load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)
+            k_chunk = load_rows(k_base, t0, T, H * K, k0, K, C, BK).to(tl.float32)
+            g_chunk = load_rows(g_base, t0, Tp, H * K, k0, K, C, BK)
+            g_ref = load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)
+            q_ref = (q_sub * tl.exp2(g_sub - g_ref[None, :])).to(DOT)
+            earlier = cols[:, None] < i * S
+            k_ref = (k_chunk * tl.exp2(tl.where(earlier, g_ref[None, :] - g_chunk, float("-inf")))).to(DOT)
+            acc += tl.dot(q_ref, tl.trans(k_ref))
+        off_diagonal = (cols[None, :] < i * S) | (cols[None, :] >= i * S + S)
+        tl.store(a_rows + cols[None, :], acc, mask=off_diagonal & inside)
+    if EARLIER == 2:
+        for j in range(i):
+            s0 = t0 + j * S
+            block = tl.zeros([S, S], dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                q_sub = load_rows(q_base, r0, T, H * K, k0, K, S, BK).to(tl.float32)
+                g_sub = load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)
+                g_ref = load_row(g_base + r0 * H * K, 0, 1, k0, K, BK)
+                k_j = load_rows(k_base, s0, T, H * K, k0, K, S, BK).to(tl.float32)
+                g_j = load_rows(g_base, s0, Tp, H * K, k0, K, S, BK)
+                q_ref = (q_sub * tl.exp2(g_sub - g_ref[None, :])).to(DOT)
+                k_ref = (k_j * tl.exp2(g_ref[None, :] - g_j)).to(DOT)
+                block += tl.dot(q_ref, tl.trans(k_ref))
+            tl.store(a_rows + (j * S + sub)[None, :], block, mask=inside)
+        tl.store(a_rows + cols[None, :], tl.zeros([S, C], dtype=tl.float32), mask=inside & (cols[None, :] >= i * S + S))
+    if DIAGONAL == 1 or DIAGONAL == 2:
+        diag = tl.zeros([S, S], dtype=tl.float32)
+        causal = (sub[:, None] >= sub[None, :])[:, :, None]
+        for d0 in range(0, K, BD):
+            q_d = load_rows(q_base, r0, T, H * K, d0, K, S, BD).to(tl.float32)
+            g_d = load_rows(g_base, r0, Tp, H * K, d0, K, S, BD)
+            if DIAGONAL == 1:
+                k_d = load_rows(k_base, r0, T, H * K, d0, K, S, BD).to(tl.float32)
+                decay = tl.exp2(tl.where(causal, g_d[:, None, :] - g_d[None, :, :], float("-inf")))
+                diag += tl.sum(q_d[:, None, :] * k_d[None, :, :] * decay, axis=2)
+            else:
+                for j in range(S):
+                    k_j = load_rows(k_base, r0 + j, T, H * K, d0, K, 1, BD).to(tl.float32)
+                    g_j = load_rows(g_base, r0 + j, Tp, H * K, d0, K, 1, BD)
+                    decay = tl.exp2(tl.where(sub[:, None] >= j, g_d - g_j, float("-inf")))
+                    column = tl.sum(q_d * k_j * decay, axis=1)
+                    diag += tl.where(sub[None, :] == j, column[:, None], 0.0)
+        tl.store(a_rows + (i * S + sub)[None, :], diag, mask=inside)
+    if DIAGONAL == 3:
+        for j in range(S):
+            column = tl.zeros([S], dtype=tl.float32)
+            for d0 in range(0, K, BD):
+                q_d = load_rows(q_base, r0, T, H * K, d0, K, S, BD).to(tl.float32)
+                g_d = load_rows(g_base, r0, Tp, H * K, d0, K, S, BD)
+                k_j = load_rows(k_base, r0 + j, T, H * K, d0, K, 1, BD).to(tl.float32)
+                g_j = load_rows(g_base, r0 + j, Tp, H * K, d0, K, 1, BD)
+                decay = tl.exp2(tl.where(sub[:, None] >= j, g_d - g_j, float("-inf")))
+                column += tl.sum(q_d * k_j * decay, axis=1)
+            tl.store(A + head_offset(bh, H, Tp, C) + rows_t * H * C + i * S + j, column, mask=rows_t < Tp)
+
+
+VARIANTS = {
+    "earlier, whole chunk masked": dict(EARLIER=1, DIAGONAL=0),
+    "earlier, per earlier sub-chunk": dict(EARLIER=2, DIAGONAL=0),
+    "diagonal, decay tensor": dict(EARLIER=0, DIAGONAL=1),
+    "diagonal, columns into a tile": dict(EARLIER=0, DIAGONAL=2),
+    "diagonal, columns stored": dict(EARLIER=0, DIAGONAL=3),
+    "full, as before (whole chunk, decay tensor)": dict(EARLIER=1, DIAGONAL=1),
+    "full, as the op (per sub-chunk, columns into a tile)": dict(EARLIER=2, DIAGONAL=2),
+    "full, per sub-chunk, columns stored": dict(EARLIER=2, DIAGONAL=3),
+}
+WARPS = (1, 2)
+FEATURE_BLOCKS = (16, 32, 64, 128)
+
+
+def timed(launch) -> tuple[float, float, float]:
+    from triton.testing import do_bench
+
+    launch()  # compile outside the timing
+    return tuple(do_bench(launch, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8]))
+
+
+def launch_variant(flags, inputs, A, dims, warps, BD):
+    q, k, gc = inputs
+    B, T, H, K = q.shape
+    scores_variant[(dims.NT * (CHUNK // SUB_CHUNK), B * H)](
+        q, k, gc, A, T, gc.shape[1], H, K, C=CHUNK, S=SUB_CHUNK, BK=min(64, K), BD=BD, DOT=tl.bfloat16,
+        num_warps=warps, num_stages=1, **flags,
+    )  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for B, T, H, D in SHAPES:
+        torch.manual_seed(0)
+        q, k = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device="cuda")).clamp_min(-5)
+        dims = dims_of(q, q)
+        gc = gate_cumsum(g, dims)
+        shape = dict(B=B, T=T, H=H, D=D)
+        reference = intra_scores(q, k, gc, dims)
+        ms = timed(partial(intra_scores, q, k, gc, dims))
+        rows.append(dict(shape, variant="op's kernel", ms=ms[0], p20=ms[1], p80=ms[2], max_abs_diff=0.0))
+        print(rows[-1], flush=True)
+        for (name, flags), warps, BD in itertools.product(VARIANTS.items(), WARPS, FEATURE_BLOCKS):
+            if BD > D or (flags["DIAGONAL"] == 1 and BD > 32) or (flags["DIAGONAL"] == 0 and BD != 32):
+                continue
+            A = torch.zeros_like(reference)
+            setting = dict(shape, variant=name, num_warps=warps, BD=BD)
+            try:
+                ms = timed(partial(launch_variant, flags, (q, k, gc), A, dims, warps, BD))
+            except Exception as error:  # e.g. out of registers or shared memory: a result to record
+                rows.append(dict(setting, error=repr(error)[:200]))
+                continue
+            diff = (A - reference).abs().max().item() if name.startswith("full") else float("nan")
+            rows.append(dict(setting, ms=ms[0], p20=ms[1], p80=ms[2], max_abs_diff=diff))
+            print(rows[-1], flush=True)
+        pd.DataFrame(rows).to_parquet(out / "intra_scores_variants.parquet", index=False)
+
+
+if __name__ == "__main__":
+    main()
