@@ -32,7 +32,7 @@ Tensor = torch.Tensor
 
 #: Widest feature block of `intra_scores_kernel`'s diagonal loop, and widest value block of
 #: `output_kernel` (whole rows up to this: each chunk's scores are then read once, not once per block).
-MAX_DIAG_FEATURES = 64
+MAX_DIAG_FEATURES = 128
 MAX_OUTPUT_COLUMNS = 128
 
 
