@@ -44,7 +44,9 @@ def scores_variant(
              form before); 2: one [S, S] product per earlier sub-chunk (the op's form).
     DIAGONAL 0: none; 1: a [S, S, BD] tensor of decays reduced over features (the form before);
              2: one column at a time, inserted into an [S, S] tile (the op's form);
-             3: one column at a time over all features, stored as it is finished.
+             3: one column at a time over all features, stored as it is finished;
+             4: in halves: the lower-left quadrant through a tensor-core product about the middle
+                row, the two diagonal quadrants exact as 2 over 8 rows (half the exact work).
     """
     pid, bh = tl.program_id(0), tl.program_id(1)
     c, i = pid // (C // S), pid % (C // S)
@@ -104,6 +106,38 @@ def scores_variant(
                     column = tl.sum(q_d * k_j * decay, axis=1)
                     diag += tl.where(sub[None, :] == j, column[:, None], 0.0)
         tl.store(a_rows + (i * S + sub)[None, :], diag, mask=inside)
+    if DIAGONAL == 4:
+        # The block's lower-left 8 x 8 quadrant through one tensor-core product (reference row 8:
+        # both factors <= 1), its two diagonal quadrants exact, one column at a time over 8 rows.
+        HALF: tl.constexpr = S // 2
+        quadrant = tl.zeros([S, S], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            q_sub = load_rows(q_base, r0, T, H * K, k0, K, S, BK).to(tl.float32)
+            k_sub = load_rows(k_base, r0, T, H * K, k0, K, S, BK).to(tl.float32)
+            g_sub = load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)
+            g_mid = load_row(g_base + (r0 + HALF) * H * K, 0, 1, k0, K, BK)
+            q_mid = q_sub * tl.exp2(tl.where(sub[:, None] >= HALF, g_sub - g_mid[None, :], float("-inf")))
+            k_mid = k_sub * tl.exp2(tl.where(sub[:, None] < HALF, g_mid[None, :] - g_sub, float("-inf")))
+            quadrant += tl.dot(q_mid.to(DOT), tl.trans(k_mid.to(DOT)))
+        off_quadrants = (sub[:, None] >= HALF) != (sub[None, :] >= HALF)
+        # zero outside the lower-left quadrant: q_mid has no rows above the middle, k_mid none below
+        tl.store(a_rows + (i * S + sub)[None, :], quadrant, mask=inside & off_quadrants)
+        half = tl.arange(0, HALF)
+        for h in tl.static_range(2):
+            h0 = r0 + h * HALF
+            tile = tl.zeros([HALF, HALF], dtype=tl.float32)
+            for d0 in range(0, K, BD):
+                q_h = load_rows(q_base, h0, T, H * K, d0, K, HALF, BD).to(tl.float32)
+                g_h = load_rows(g_base, h0, Tp, H * K, d0, K, HALF, BD)
+                for j in range(HALF):
+                    k_j = load_rows(k_base, h0 + j, T, H * K, d0, K, 1, BD).to(tl.float32)
+                    g_j = load_rows(g_base, h0 + j, Tp, H * K, d0, K, 1, BD)
+                    decay = tl.exp2(tl.where(half[:, None] >= j, g_h - g_j, float("-inf")))
+                    column = tl.sum(q_h * k_j * decay, axis=1)
+                    tile += tl.where(half[None, :] == j, column[:, None], 0.0)
+            rows_h = h0 + half
+            a_half = A + head_offset(bh, H, Tp, C) + rows_h[:, None] * H * C + (i * S + h * HALF + half)[None, :]
+            tl.store(a_half, tile, mask=rows_h[:, None] < Tp)
     if DIAGONAL == 3:
         for j in range(S):
             column = tl.zeros([S], dtype=tl.float32)
@@ -126,6 +160,8 @@ VARIANTS = {
     "full, as before (whole chunk, decay tensor)": dict(EARLIER=1, DIAGONAL=1),
     "full, as the op (per sub-chunk, columns into a tile)": dict(EARLIER=2, DIAGONAL=2),
     "full, per sub-chunk, columns stored": dict(EARLIER=2, DIAGONAL=3),
+    "diagonal, halves: quadrant product + exact 8 x 8 columns": dict(EARLIER=0, DIAGONAL=4),
+    "full, per sub-chunk, diagonal in halves": dict(EARLIER=2, DIAGONAL=4),
 }
 WARPS = (1, 2)
 FEATURE_BLOCKS = (16, 32, 64, 128)
@@ -150,6 +186,7 @@ def launch_variant(flags, inputs, A, dims, warps, BD):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--only", help="time only the variants whose names contain this")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +202,8 @@ def main():
         ms = timed(partial(intra_scores, q, k, gc, dims))
         rows.append(dict(shape, variant="op's kernel", ms=ms[0], p20=ms[1], p80=ms[2], max_abs_diff=0.0))
         print(rows[-1], flush=True)
-        for (name, flags), warps, BD in itertools.product(VARIANTS.items(), WARPS, FEATURE_BLOCKS):
+        chosen = {n: f for n, f in VARIANTS.items() if args.only is None or args.only in n}
+        for (name, flags), warps, BD in itertools.product(chosen.items(), WARPS, FEATURE_BLOCKS):
             if BD > D or (flags["DIAGONAL"] == 1 and BD > 32) or (flags["DIAGONAL"] == 0 and BD != 32):
                 continue
             A = torch.zeros_like(reference)
