@@ -20,8 +20,10 @@ from .common import (
     head_offset,
     launch_options,
     load_features,
+    load_features_transposed,
     load_row,
     load_rows,
+    load_rows_transposed,
     store_rows,
 )
 from .varlen import SequenceChunks
@@ -85,12 +87,13 @@ def state_forward_kernel(
         for c in range(c_begin, c_end):
             store_rows(states + kv_base + c * K * V, state, ik * BK, K, V, iv * BV, V, BK, BV)
             t0 = c * C
-            k_tile = load_features(k_base, ks_base, t0, T, H * K, ik * BK, K, H, C, BK, EXP)  # [C, BK]
+            # Keys and gates as [BK, C] tiles: the product takes them as they are loaded.
+            k_tile = load_features_transposed(k_base, ks_base, t0, T, H * K, ik * BK, K, H, C, BK, EXP)
             v_tile = load_rows(v_base, t0, T, H * V, iv * BV, V, C, BV).to(dt)  # [C, BV]
-            g_tile = load_rows(g_base, t0, Tp, H * K, ik * BK, K, C, BK)  # [C, BK]
+            g_tile = load_rows_transposed(g_base, t0, Tp, H * K, ik * BK, K, C, BK)  # [BK, C]
             g_last = load_row(g_base + (t0 + C - 1) * H * K, 0, 1, ik * BK, K, BK)  # [BK]
-            k_to_end = (k_tile * tl.exp2(g_last[None, :] - g_tile)).to(dt)
-            state = state * tl.exp2(g_last)[:, None] + tl.dot(tl.trans(k_to_end), v_tile, input_precision=PREC)
+            k_to_end = (k_tile * tl.exp2(g_last[:, None] - g_tile)).to(dt)
+            state = state * tl.exp2(g_last)[:, None] + tl.dot(k_to_end, v_tile, input_precision=PREC)
         if STORE_HT:
             store_rows(ht + seq_base, state, ik * BK, K, V, iv * BV, V, BK, BV)
 

@@ -53,11 +53,13 @@ LOG2E = 1.0 / math.log(2.0)
 
 #: Per-kernel launch options (num_warps, num_stages) by kernel name; Triton's defaults where
 #: absent. Chosen by `benchmarks/tune_kernels.py` on the H200 (results/kernels/run5/tune_kernels.json:
-#: fused ReGLA forward+backward 22.2 -> 18.4 ms at B4 T4096 H64 D128, 8.4 -> 6.8 ms at B16 T4096 H12 D64).
+#: fused ReGLA forward+backward 22.2 -> 18.4 ms at B4 T4096 H64 D128, 8.4 -> 6.8 ms at B16 T4096 H12 D64);
+#: the score and chunk-state kernels' from the variant timings of their present forms
+#: (`benchmarks/intra_scores_variants.py`, results/kernels/run18; `benchmarks/chunk_state_variants.py`, run20).
 LAUNCH_OPTIONS: dict[str, dict[str, int]] = {
     "query_key_grad_kernel": dict(num_warps=2, num_stages=1),
     "intra_scores_kernel": dict(num_warps=1, num_stages=1),
-    "state_forward_kernel": dict(num_warps=8, num_stages=3),
+    "state_forward_kernel": dict(num_warps=4, num_stages=2),
     "query_key_inter_kernel": dict(num_warps=2, num_stages=2),
     "output_kernel": dict(num_warps=4, num_stages=2),
     "value_grad_kernel": dict(num_warps=2, num_stages=2),
@@ -107,6 +109,17 @@ def store_rows(ptr, value, row0, n_rows, row_stride, col0, n_cols, BR: tl.conste
 
 
 @triton.jit
+def load_rows_transposed(ptr, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    """`load_rows`' tile as [BC, BR] (columns by rows), loaded in that layout rather than transposed
+    in registers: a product that takes the tile as its left operand then needs no transpose (the
+    chunk-state pass ran 2.2x faster so, results/kernels/run19)."""
+    rows = row0 + tl.arange(0, BR)
+    cols = col0 + tl.arange(0, BC)
+    mask = (cols[:, None] < n_cols) & (rows[None, :] < n_rows)
+    return tl.load(ptr + rows[None, :] * row_stride + cols[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
 def load_row(ptr, row, n_rows, col0, n_cols, BC: tl.constexpr):
     """Columns col0.. of the row that `ptr` points at (a [BC] vector); zeros past n_cols, or
     everywhere when that row's index `row` is past n_rows."""
@@ -138,6 +151,31 @@ def load_features(
     if EXP:
         m = tl.load(shift + rows * shift_stride, mask=rows < n_rows, other=0.0)
         x = tl.where(mask, tl.exp(x - m[:, None]), 0.0)
+    return x
+
+
+@triton.jit
+def load_features_transposed(
+    ptr,
+    shift,
+    row0,
+    n_rows,
+    row_stride,
+    col0,
+    n_cols,
+    shift_stride,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    EXP: tl.constexpr,
+):
+    """`load_features`' tile as [BC, BR] (features by positions), as `load_rows_transposed`."""
+    x = load_rows_transposed(ptr, row0, n_rows, row_stride, col0, n_cols, BR, BC).to(tl.float32)
+    if EXP:
+        rows = row0 + tl.arange(0, BR)
+        cols = col0 + tl.arange(0, BC)
+        m = tl.load(shift + rows * shift_stride, mask=rows < n_rows, other=0.0)
+        inside = (cols[:, None] < n_cols) & (rows[None, :] < n_rows)
+        x = tl.where(inside, tl.exp(x - m[None, :]), 0.0)
     return x
 
 
