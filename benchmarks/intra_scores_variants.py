@@ -36,7 +36,7 @@ SHAPES = [(1, 8192, 96, 128), (16, 4096, 12, 64)]
 def scores_variant(
     q, k, gc, A, T, Tp, H, K,
     C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
-    EARLIER: tl.constexpr, DIAGONAL: tl.constexpr,
+    EARLIER: tl.constexpr, DIAGONAL: tl.constexpr, FP32_QUADRANT: tl.constexpr = False,
 ):  # fmt: skip
     """One program per (sub-chunk, batch*head), as the op's kernel, with each part chosen:
 
@@ -46,7 +46,9 @@ def scores_variant(
              2: one column at a time, inserted into an [S, S] tile (the op's form);
              3: one column at a time over all features, stored as it is finished;
              4: in halves: the lower-left quadrant through a tensor-core product about the middle
-                row, the two diagonal quadrants exact as 2 over 8 rows (half the exact work).
+                row, the two diagonal quadrants exact as 2 over 8 rows (half the exact work);
+                FP32_QUADRANT: that product with fp32 operands (tf32 on the GPU, as fla's
+                off-diagonal blocks), not DOT's.
     """
     pid, bh = tl.program_id(0), tl.program_id(1)
     c, i = pid // (C // S), pid % (C // S)
@@ -118,7 +120,10 @@ def scores_variant(
             g_mid = load_row(g_base + (r0 + HALF) * H * K, 0, 1, k0, K, BK)
             q_mid = q_sub * tl.exp2(tl.where(sub[:, None] >= HALF, g_sub - g_mid[None, :], float("-inf")))
             k_mid = k_sub * tl.exp2(tl.where(sub[:, None] < HALF, g_mid[None, :] - g_sub, float("-inf")))
-            quadrant += tl.dot(q_mid.to(DOT), tl.trans(k_mid.to(DOT)))
+            if FP32_QUADRANT:
+                quadrant += tl.dot(q_mid, tl.trans(k_mid))
+            else:
+                quadrant += tl.dot(q_mid.to(DOT), tl.trans(k_mid.to(DOT)))
         off_quadrants = (sub[:, None] >= HALF) != (sub[None, :] >= HALF)
         # zero outside the lower-left quadrant: q_mid has no rows above the middle, k_mid none below
         tl.store(a_rows + (i * S + sub)[None, :], quadrant, mask=inside & off_quadrants)
@@ -162,6 +167,7 @@ VARIANTS = {
     "full, per sub-chunk, columns stored": dict(EARLIER=2, DIAGONAL=3),
     "diagonal, halves: quadrant product + exact 8 x 8 columns": dict(EARLIER=0, DIAGONAL=4),
     "full, per sub-chunk, diagonal in halves": dict(EARLIER=2, DIAGONAL=4),
+    "full, per sub-chunk, diagonal in halves, fp32 quadrant operands": dict(EARLIER=2, DIAGONAL=4, FP32_QUADRANT=True),
 }
 WARPS = (1, 2)
 FEATURE_BLOCKS = (16, 32, 64, 128)

@@ -1,0 +1,66 @@
+"""The variant kernels that benchmarks/intra_scores_variants.py and chunk_state_variants.py time
+compute what the op's kernels compute (so their timings compare like with like), under Triton's
+interpreter on CPU (on a GPU, with the GPU's operands, the scripts check it themselves)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
+
+from kernels.blocks.chunk_state import chunk_states  # noqa: E402
+from kernels.blocks.common import CHUNK, SUB_CHUNK, dims_of  # noqa: E402
+from kernels.blocks.gate import gate_cumsum  # noqa: E402
+from kernels.blocks.output import intra_scores  # noqa: E402
+
+from .benchmark_modules import load_benchmark  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's check; on a GPU the scripts check")
+
+
+@pytest.fixture(scope="module")
+def score_variants():
+    return load_benchmark("intra_scores_variants")
+
+
+@pytest.fixture(scope="module")
+def state_variants():
+    return load_benchmark("chunk_state_variants")
+
+
+def inputs(T, H, D, gate_min, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, T, H, D, generator=gen) for _ in range(3))
+    g = F.logsigmoid(torch.randn(1, T, H, D, generator=gen) * 2).clamp_min(gate_min)
+    dims = dims_of(q, v)
+    return q, k, v, gate_cumsum(g, dims), dims
+
+
+@pytest.mark.parametrize("gate_min", [-5.0, -100.0])
+def test_every_full_score_variant_computes_the_ops_scores(score_variants, gate_min):
+    q, k, _, gc, dims = inputs(T=80, H=1, D=32, gate_min=gate_min)
+    expected = intra_scores(q, k, gc, dims)
+    full = {name: flags for name, flags in score_variants.VARIANTS.items() if name.startswith("full")}
+    assert len(full) >= 4
+    for name, flags in full.items():
+        scores = torch.full_like(expected, float("nan"))  # every element must be written
+        score_variants.scores_variant[(dims.NT * (CHUNK // SUB_CHUNK), 1)](
+            q, k, gc, scores, 80, gc.shape[1], 1, 32, C=CHUNK, S=SUB_CHUNK, BK=32, BD=16, DOT=tl.float32, **flags
+        )
+        torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_chunk_state_variants_compute_the_ops_states(state_variants, transposed):
+    _, k, v, gc, dims = inputs(T=150, H=2, D=32, gate_min=-8.0)
+    expected = chunk_states(k, v, gc, None, False, dims)[0]
+    states = torch.full_like(expected, float("nan"))
+    state_variants.states_variant[(1, 1, 2)](
+        k, v, gc, states, 150, gc.shape[1], 2, 32, 32, dims.NT, C=CHUNK, BK=32, BV=32, DOT=tl.float32,
+        TRANSPOSED=transposed,
+    )  # fmt: skip
+    torch.testing.assert_close(states, expected, rtol=1e-6, atol=1e-6)
