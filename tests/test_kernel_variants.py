@@ -64,3 +64,25 @@ def test_chunk_state_variants_compute_the_ops_states(state_variants, transposed)
         TRANSPOSED=transposed,
     )  # fmt: skip
     torch.testing.assert_close(states, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def grad_variants():
+    return load_benchmark("query_key_grad_variants")
+
+
+def test_every_query_key_grad_variant_computes_the_ops_gradients(grad_variants):
+    from kernels.blocks.qkv_grad import GATE_GRADIENT_PRODUCTS, intra_score_grads, query_key_grads
+
+    q, k, v, gc, dims = inputs(T=80, H=1, D=32, gate_min=-100.0)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(v.shape, generator=gen)
+    dA = intra_score_grads(do, v, 0.5, dims)
+    dq_inter, dk_inter = (torch.randn(q.shape, generator=gen) for _ in range(2))
+    expected = query_key_grads(q, k, gc, dA, dq_inter, dk_inter.clone(), dims)[:3]
+    for name, flags in grad_variants.VARIANTS.items():
+        outputs = [torch.full_like(x, float("nan")) for x in expected]  # every element must be written
+        tensors = (q, k, gc, dA, dq_inter, dk_inter.clone(), *outputs)
+        grad_variants.launch_variant(flags, tensors, dims, 32, 1, 1, GATE_GRADIENT_PRODUCTS or dims.dot)
+        for got, want in zip(outputs, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
