@@ -9,9 +9,7 @@ states stored in bf16 as the forward stores them; each variant is checked agains
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,6 +21,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.variant_timing import gla_inputs, parse_args, timed  # noqa: E402
 from kernels.blocks.chunk_state import chunk_states  # noqa: E402
 from kernels.blocks.common import CHUNK, dims_of, head_offset, load_row, load_rows, operand_dtype  # noqa: E402
 from kernels.blocks.gate import gate_cumsum  # noqa: E402
@@ -69,13 +68,6 @@ def states_variant(
             state = state * tl.exp2(g_last)[:, None] + tl.dot(tl.trans(k_to_end), v_tile)
 
 
-def timed(launch) -> tuple[float, float, float]:
-    from triton.testing import do_bench
-
-    launch()  # compile outside the timing
-    return tuple(do_bench(launch, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8]))
-
-
 def launch_variant(k, v, gc, states, dims, block, transposed, warps, stages):
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -87,16 +79,10 @@ def launch_variant(k, v, gc, states, dims, block, transposed, warps, stages):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _, out = parse_args(__doc__)
     rows = []
     for B, T, H, D in SHAPES:
-        torch.manual_seed(0)
-        k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device="cuda")).clamp_min(-5)
+        (k, v), g = gla_inputs(B, T, H, D, 2)
         dims = dims_of(k, v)
         gc = gate_cumsum(g, dims)
         shape = dict(B=B, T=T, H=H, D=D)

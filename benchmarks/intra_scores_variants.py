@@ -11,9 +11,7 @@ op's own kernel. Plain GLA inputs (no safe-exp features), bf16, median ms of the
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -25,6 +23,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.variant_timing import gla_inputs, parse_args, timed  # noqa: E402
 from kernels.blocks.common import CHUNK, SUB_CHUNK, dims_of, head_offset, load_row, load_rows  # noqa: E402
 from kernels.blocks.gate import gate_cumsum  # noqa: E402
 from kernels.blocks.output import intra_scores  # noqa: E402
@@ -173,13 +172,6 @@ WARPS = (1, 2)
 FEATURE_BLOCKS = (16, 32, 64, 128)
 
 
-def timed(launch) -> tuple[float, float, float]:
-    from triton.testing import do_bench
-
-    launch()  # compile outside the timing
-    return tuple(do_bench(launch, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8]))
-
-
 def launch_variant(flags, inputs, A, dims, warps, BD):
     q, k, gc = inputs
     B, T, H, K = q.shape
@@ -190,17 +182,12 @@ def launch_variant(flags, inputs, A, dims, warps, BD):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--only", help="time only the variants whose names contain this")
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = parse_args(
+        __doc__, lambda parser: parser.add_argument("--only", help="time only the variants whose names contain this")
+    )
     rows = []
     for B, T, H, D in SHAPES:
-        torch.manual_seed(0)
-        q, k = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device="cuda")).clamp_min(-5)
+        (q, k), g = gla_inputs(B, T, H, D, 2)
         dims = dims_of(q, q)
         gc = gate_cumsum(g, dims)
         shape = dict(B=B, T=T, H=H, D=D)

@@ -17,9 +17,7 @@ op's. Median ms of the kernel alone.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -31,6 +29,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.variant_timing import gla_inputs, parse_args, timed  # noqa: E402
 from kernels.blocks.common import (  # noqa: E402
     CHUNK,
     SUB_CHUNK,
@@ -143,24 +142,11 @@ def launch_variant(flags, tensors, dims, block, warps, stages, operands):
     )  # fmt: skip
 
 
-def timed(launch) -> tuple[float, float, float]:
-    from triton.testing import do_bench
-
-    launch()  # compile outside the timing
-    return tuple(do_bench(launch, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8]))
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _, out = parse_args(__doc__)
     rows = []
     for B, T, H, D in SHAPES:
-        torch.manual_seed(0)
-        q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device="cuda")).clamp_min(-5)
+        (q, k, v, do), g = gla_inputs(B, T, H, D, 4)
         dims = dims_of(q, v)
         gc = gate_cumsum(g, dims)
         dA = intra_score_grads(do, v, D**-0.5, dims)

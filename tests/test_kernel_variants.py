@@ -86,3 +86,13 @@ def test_every_query_key_grad_variant_computes_the_ops_gradients(grad_variants):
         grad_variants.launch_variant(flags, tensors, dims, 32, 1, 1, GATE_GRADIENT_PRODUCTS or dims.dot)
         for got, want in zip(outputs, expected):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_variant_inputs_are_the_anchor_benchmarks_draws():
+    variant_timing = load_benchmark("variant_timing")
+    (q, k), g = variant_timing.gla_inputs(2, 5, 3, 4, 2, device="cpu")
+    assert q.shape == k.shape == g.shape == (2, 5, 3, 4)
+    assert q.dtype == torch.bfloat16 and g.dtype == torch.float32
+    assert (g <= 0).all() and (g >= -5).all()
+    (q_again, _), _ = variant_timing.gla_inputs(2, 5, 3, 4, 2, device="cpu")
+    assert torch.equal(q, q_again)  # seeded: every script times the same inputs
