@@ -97,13 +97,26 @@ def intra_scores_kernel(
     tl.store(a_rows + cols[None, :], tl.zeros([S, C], dtype=tl.float32), mask=inside & (cols[None, :] >= i * S + S))
     # Diagonal S x S block: exact pairwise decays in fp32, one column s = r0 + j at a time, each a
     # [S, BD] product reduced over features.
+    # The loop loads its rows through pointers formed once, with plain tl ops: each call of a jit
+    # helper inside it multiplied the CPU interpreter's time (the tests'), not the GPU's.
     diag = tl.zeros([S, S], dtype=tl.float32)
     for d0 in range(0, K, BD):
         q_d = load_features(q_base, qs_base, r0, T, H * K, d0, K, H, S, BD, EXP)  # [S, BD]
         g_d = load_rows(g_base, r0, Tp, H * K, d0, K, S, BD)
+        features = d0 + tl.arange(0, BD)
+        feature_ok = features < K
+        rows_left = T - r0 + features * 0  # per column, so that the row's check is a vector mask
+        k_row = k_base + r0 * H * K + features  # pointers to row r0 + j, advanced each step
+        g_row = g_base + r0 * H * K + features
         for j in range(S):
-            k_j = load_features(k_base, ks_base, r0 + j, T, H * K, d0, K, H, 1, BD, EXP)  # [1, BD]
-            g_j = load_rows(g_base, r0 + j, Tp, H * K, d0, K, 1, BD)
+            in_row = feature_ok & (j < rows_left)
+            k_j = tl.load(k_row, mask=in_row, other=0.0).to(tl.float32)
+            if EXP:  # rows past T read row T - 1's shift, and are zeroed
+                k_j = tl.where(in_row, tl.exp(k_j - tl.load(ks_base + tl.minimum(r0 + j, T - 1) * H)), 0.0)
+            k_j = k_j[None, :]  # [1, BD]
+            g_j = tl.load(g_row, mask=feature_ok, other=0.0)[None, :]  # rows < Tp always
+            k_row += H * K
+            g_row += H * K
             decay = tl.exp2(tl.where(sub[:, None] >= j, g_d - g_j, float("-inf")))  # rows t >= s only
             column = tl.sum(q_d * k_j * decay, axis=1)  # [S]: A[t, s] over this block of features
             diag += tl.where(sub[None, :] == j, column[:, None], 0.0)

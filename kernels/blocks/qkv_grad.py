@@ -227,15 +227,36 @@ def query_key_grad_kernel(
     # updates without reductions: dq_t += dA[t, j] k_j e^{b_t − b_j} for t >= j, and
     # dk_s += dA[j, s] q_j e^{b_j − b_s} for s <= j. One exp2 serves both: of b − b_j on the rows
     # from j on, of b_j − b on the rows up to j (each <= 0 for log gates <= 0).
+    # The loop loads its rows through pointers formed once, with plain tl ops (as in
+    # `output.intra_scores_kernel`: jit helpers called inside it multiplied the CPU interpreter's time).
     q_sub = load_features(q + qk_off, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)
     k_sub = load_features(k + qk_off, ks_base, r0, T, H * K, k0, K, H, S, BK, EXP)
     sub = tl.arange(0, S)
+    features = k0 + tl.arange(0, BK)
+    feature_ok = features < K
+    rows_left = T - r0 + features * 0  # per column, so that the row's check is a vector mask
+    q_row = q + qk_off + r0 * H * K + features  # pointers to row r0 + j, advanced each step
+    k_row = k + qk_off + r0 * H * K + features
+    g_row = g_base + r0 * H * K + features
+    dA_tj = a_base + (r0 + sub) * H * C + i * S  # dA[t, i·S + j] for the sub-chunk's rows t
+    dA_js = a_base + r0 * H * C + i * S + sub  # dA[r0 + j, i·S + s] for its columns s
     for j in range(S):
-        q_j = load_features(q + qk_off, qs_base, r0 + j, T, H * K, k0, K, H, 1, BK, EXP)  # [1, BK]
-        k_j = load_features(k + qk_off, ks_base, r0 + j, T, H * K, k0, K, H, 1, BK, EXP)
-        g_j = load_rows(g_base, r0 + j, Tp, H * K, k0, K, 1, BK)
-        dA_col = load_rows(a_base, r0, Tp, H * C, i * S + j, C, S, 1)  # [S, 1]: dA[t, j]
-        dA_row = tl.trans(load_rows(a_base, r0 + j, Tp, H * C, i * S, C, 1, S))  # [S, 1]: dA[j, s]
+        in_row = feature_ok & (j < rows_left)
+        q_j = tl.load(q_row, mask=in_row, other=0.0).to(tl.float32)
+        k_j = tl.load(k_row, mask=in_row, other=0.0).to(tl.float32)
+        if EXP:  # rows past T read row T - 1's shifts, and are zeroed
+            row = tl.minimum(r0 + j, T - 1) * H
+            q_j = tl.where(in_row, tl.exp(q_j - tl.load(qs_base + row)), 0.0)
+            k_j = tl.where(in_row, tl.exp(k_j - tl.load(ks_base + row)), 0.0)
+        q_j, k_j = q_j[None, :], k_j[None, :]  # [1, BK]
+        g_j = tl.load(g_row, mask=feature_ok, other=0.0)[None, :]  # rows and columns < Tp, C always
+        dA_col = tl.load(dA_tj)[:, None]  # [S, 1]: dA[t, j]
+        dA_row = tl.load(dA_js)[:, None]  # [S, 1]: dA[j, s]
+        q_row += H * K
+        k_row += H * K
+        g_row += H * K
+        dA_tj += 1
+        dA_js += H * C
         after = sub[:, None] >= j
         decay = tl.exp2(tl.where(after, g_sub - g_j, g_j - g_sub))
         dq_acc += tl.where(after, dA_col * k_j * decay, 0.0)
