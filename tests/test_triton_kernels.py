@@ -248,3 +248,14 @@ def test_host_side_block_arithmetic_equals_tritons():
 
     assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 1025))
     assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))
+
+
+@pytest.mark.parametrize(
+    "T, H, D, what",
+    [(3_000_000, 1, 256, "one head's chunk states"), (2_000_000, 8, 256, "per batch element")],
+)
+def test_shapes_past_32_bit_offsets_get_a_clear_error(T, H, D, what):
+    q = torch.empty(1, T, H, D, device="meta")  # shapes only: nothing is allocated
+    with pytest.raises(ValueError, match=what):
+        kernels.blocks.common.check_supported(q, q)
+    kernels.blocks.common.check_supported(q[:, : T // 64], q[:, : T // 64])  # a 64th of it is fine

@@ -184,7 +184,8 @@ def load_features_transposed(
 
 
 def check_supported(q: Tensor, v: Tensor) -> None:
-    """Head dims up to MAX_HEAD_DIM; offsets inside one batch element must fit in 32 bits.
+    """Head dims up to MAX_HEAD_DIM; offsets inside one batch element, and inside one head's chunk
+    states, must fit in 32 bits.
 
     Args:
         q: [B, T, H, K].
@@ -202,6 +203,12 @@ def check_supported(q: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"T * H * max(K, V, {CHUNK}) must stay below 2^31 per batch element for the Triton "
             f"GLA kernels; got T={T}, H={H}, K={K}, V={V}: split the sequence or the heads"
+        )
+    # The chunk states of one head, [NT, K, V], are addressed in 32 bits inside the state passes.
+    if cdiv(T, CHUNK) * K * V >= 2**31:
+        raise ValueError(
+            f"ceil(T / {CHUNK}) * K * V (one head's chunk states) must stay below 2^31 for the Triton "
+            f"GLA kernels; got T={T}, K={K}, V={V}: split the sequence"
         )
 
 
