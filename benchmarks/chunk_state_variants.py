@@ -1,7 +1,8 @@
 """The forward's chunk-state pass (`kernels.blocks.chunk_state.state_forward_kernel`), timed alone
 against variants of it: keys and gates loaded as [features, positions] tiles (so that the product
-takes them without a transpose in registers, as fla's `chunk_fwd_kernel_h` loads them), narrower
-blocks of the state (more programs at head dim 64), and launch options. Plain GLA inputs, bf16,
+takes them without a transpose in registers, as fla's `chunk_fwd_kernel_h` loads them; the op's
+form since results/kernels/run20) or as [positions, features] tiles transposed in registers (its
+form before), narrower blocks of the state (more programs at head dim 64), and launch options. Plain GLA inputs, bf16,
 states stored in bf16 as the forward stores them; each variant is checked against the op's states.
 
     python3 benchmarks/chunk_state_variants.py --out DIR

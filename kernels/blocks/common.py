@@ -44,9 +44,6 @@ SUB_CHUNK = 16
 #: (`kernels.value_gate`) and the recurrent kernels' batch rows × heads (`kernels.triton_recurrent`)
 #: must fit under it.
 MAX_GRID_AXIS = 65535
-# Key columns per program of the backward's within-chunk kernel (`qkv_grad.query_key_grad_kernel`):
-# it holds three [CHUNK, columns] fp32 tiles of the chunk over 2 warps, which 64 columns would spill.
-DIAG_FEATURES = 32
 MAX_HEAD_DIM = 256
 LOG2E = 1.0 / math.log(2.0)
 
@@ -112,7 +109,7 @@ def store_rows(ptr, value, row0, n_rows, row_stride, col0, n_cols, BR: tl.conste
 def load_rows_transposed(ptr, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BC: tl.constexpr):
     """`load_rows`' tile as [BC, BR] (columns by rows), loaded in that layout rather than transposed
     in registers: a product that takes the tile as its left operand then needs no transpose (the
-    chunk-state pass ran 2.2x faster so, results/kernels/run19)."""
+    chunk-state pass ran 2.2x faster so, results/kernels/run20)."""
     rows = row0 + tl.arange(0, BR)
     cols = col0 + tl.arange(0, BC)
     mask = (cols[:, None] < n_cols) & (rows[None, :] < n_rows)

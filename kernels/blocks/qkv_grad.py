@@ -13,7 +13,6 @@ import triton.language as tl
 
 from .common import (
     CHUNK,
-    DIAG_FEATURES,
     SUB_CHUNK,
     Dims,
     SafeExpShifts,
@@ -39,6 +38,10 @@ Tensor = torch.Tensor
 #: small ([16, 64] x [64, 32] per program), so they should cost little next to the kernel's loads
 #: (not yet timed on a GPU). None: the input dtype's operands, as every other product.
 GATE_GRADIENT_PRODUCTS: dict | None = dict(DOT=tl.float32, PREC="tf32x3")
+
+#: Key columns per program of `query_key_grad_kernel`: it holds three [CHUNK, columns] fp32 tiles
+#: of the chunk over 2 warps, which 64 columns would spill.
+QUERY_KEY_GRAD_COLUMNS = 32
 
 
 @triton.jit
@@ -433,7 +436,7 @@ def query_key_grads(
     dq = empty((B, T, H, K), q.dtype if shifts is None else torch.float32, q.device)
     dk = empty((B, T, H, K), k.dtype if shifts is None else torch.float32, q.device)
     dG = empty((B, T, H, K), torch.float32, q.device)  # q ⊙ dq − k ⊙ dk, the gate's local term
-    BKD = min(BK, DIAG_FEATURES)
+    BKD = min(BK, QUERY_KEY_GRAD_COLUMNS)
     # Per key block row sums of the raw dq, dk (safe-exp only): summed by the caller, deterministically.
     rowsums = [empty((cdiv(K, BKD), B, T, H), torch.float32, q.device) if shifts is not None else dG for _ in range(2)]
     query_key_grad_kernel[(cdiv(K, BKD), NT * (CHUNK // SUB_CHUNK), B * H)](
