@@ -645,6 +645,8 @@ def main():
         unknown = set(args.impls.split(",")) - known
         if unknown:
             parser.error(f"unknown --impls {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    if args.breakdown_only and args.no_breakdown:
+        parser.error("--breakdown-only and --no-breakdown together would measure nothing; give one of them")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:
@@ -686,6 +688,8 @@ def main():
     breakdowns = [("triton", ANCHOR_SHAPES[0]), ("triton", ANCHOR_SHAPES[-1]), ("regla_fused", ANCHOR_SHAPES[3])]
     if args.breakdown_fla and fla_impls:  # fla's kernels at the same shapes, for a kernel-by-kernel comparison
         breakdowns += [("A0_fla", ANCHOR_SHAPES[0]), ("A0_fla", ANCHOR_SHAPES[-1])]
+    elif args.breakdown_fla:
+        log("--breakdown-fla: fla is not installed here, so its kernels are not profiled")
     for impl, shape in breakdowns:
         if args.no_breakdown:
             break

@@ -71,3 +71,12 @@ def test_length_sweep_keeps_tokens_per_call_fixed_and_is_plotted_against_length(
     assert list(bench.length_sweeps(rows)) == [(bench.LENGTH_SWEEP_TOKENS, 16, 128)]
     bench.plot_against_length(tmp_path, rows)
     assert (tmp_path / "kernels_time_vs_length.png").stat().st_size > 10_000
+
+
+def test_breakdown_only_with_no_breakdown_is_refused_before_any_gpu_work(bench, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("sys.argv", ["bench_kernels.py", "--out", str(tmp_path), "--breakdown-only", "--no-breakdown"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    assert "--breakdown-only and --no-breakdown" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
