@@ -42,12 +42,12 @@ def scores_variant(
     EARLIER  0: none; 1: one [S, C] product against the whole chunk, the later columns masked (the
              form before); 2: one [S, S] product per earlier sub-chunk (the op's form).
     DIAGONAL 0: none; 1: a [S, S, BD] tensor of decays reduced over features (the form before);
-             2: one column at a time, inserted into an [S, S] tile (the op's form);
+             2: one column at a time, inserted into an [S, S] tile (the op's form to run 21);
              3: one column at a time over all features, stored as it is finished;
              4: in halves: the lower-left quadrant through a tensor-core product about the middle
                 row, the two diagonal quadrants exact as 2 over 8 rows (half the exact work);
                 FP32_QUADRANT: that product with fp32 operands (tf32 on the GPU, as fla's
-                off-diagonal blocks), not DOT's.
+                off-diagonal blocks), not DOT's: the op's form since run 21.
     """
     pid, bh = tl.program_id(0), tl.program_id(1)
     c, i = pid // (C // S), pid % (C // S)
@@ -162,11 +162,13 @@ VARIANTS = {
     "diagonal, columns into a tile": dict(EARLIER=0, DIAGONAL=2),
     "diagonal, columns stored": dict(EARLIER=0, DIAGONAL=3),
     "full, as before (whole chunk, decay tensor)": dict(EARLIER=1, DIAGONAL=1),
-    "full, as the op (per sub-chunk, columns into a tile)": dict(EARLIER=2, DIAGONAL=2),
+    "full, per sub-chunk, columns into a tile (the op's form to run 21)": dict(EARLIER=2, DIAGONAL=2),
     "full, per sub-chunk, columns stored": dict(EARLIER=2, DIAGONAL=3),
     "diagonal, halves: quadrant product + exact 8 x 8 columns": dict(EARLIER=0, DIAGONAL=4),
     "full, per sub-chunk, diagonal in halves": dict(EARLIER=2, DIAGONAL=4),
-    "full, per sub-chunk, diagonal in halves, fp32 quadrant operands": dict(EARLIER=2, DIAGONAL=4, FP32_QUADRANT=True),
+    "full, per sub-chunk, diagonal in halves, fp32 quadrant operands (the op's form)": dict(
+        EARLIER=2, DIAGONAL=4, FP32_QUADRANT=True
+    ),
 }
 WARPS = (1, 2)
 FEATURE_BLOCKS = (16, 32, 64, 128)

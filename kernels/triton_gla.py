@@ -162,6 +162,7 @@ def gla_backward(
     # With safe-exp features, dq and dk still get the max shifts' terms (kernels.triton_regla):
     # they stay in fp32 until then, as those terms nearly cancel at the maxima.
     dq, dk, dG, key_state_term, rowsums = query_key_grads(q, k, gc, score_grad, dq_inter, dk_inter, dims, shifts)
+    del score_grad, dq_inter, dk_inter  # dq_inter's buffer is dG's now, dk_inter's key_state_term's
     # Closed-form gate gradient from within-chunk sums and the states entering each chunk, in a form
     # whose terms do not cancel (blocks.gate.gate_grad_kernel).
     dg = gate_grad(dG, key_state_term, gc, states, dstates, dims, dg_dtype)

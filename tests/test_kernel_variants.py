@@ -79,7 +79,7 @@ def test_every_query_key_grad_variant_computes_the_ops_gradients(grad_variants):
     do = torch.randn(v.shape, generator=gen)
     dA = intra_score_grads(do, v, 0.5, dims)
     dq_inter, dk_inter = (torch.randn(q.shape, generator=gen) for _ in range(2))
-    expected = query_key_grads(q, k, gc, dA, dq_inter, dk_inter.clone(), dims)[:3]
+    expected = query_key_grads(q, k, gc, dA, dq_inter.clone(), dk_inter.clone(), dims)[:3]  # both overwritten
     for name, flags in grad_variants.VARIANTS.items():
         outputs = [torch.full_like(x, float("nan")) for x in expected]  # every element must be written
         tensors = (q, k, gc, dA, dq_inter, dk_inter.clone(), *outputs)

@@ -169,10 +169,13 @@ def gate_grad(
         dtype: the result's dtype.
 
     Returns:
-        dg: [B, T, H, K] in `dtype`, the gradient of the per-feature log gate.
+        dg: [B, T, H, K] in `dtype`, the gradient of the per-feature log gate; in fp32, dG's buffer,
+            overwritten.
     """
     B, T, H, K, V, NT, BK, BV, dot = dims
-    dg = empty((B, T, H, K), dtype, dG.device)
+    # In fp32, dg goes where dG was: each program stores into the [C, BK] tile it read, every
+    # store after the column sums over the whole tile. One fp32 buffer less at the peak.
+    dg = dG if dtype == dG.dtype else empty((B, T, H, K), dtype, dG.device)
     gate_grad_kernel[(cdiv(K, BK), NT, B * H)](
         dG,
         key_state_term,

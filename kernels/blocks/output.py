@@ -61,9 +61,11 @@ def intra_scores_kernel(
     One program per (sub-chunk of S rows, batch*head); A is [B, Tp, H, C] in fp32. Each earlier
     sub-chunk is one [S, S] block of tensor-core products over BK key columns at a time (only the
     earlier ones: rows of later sub-chunks are neither loaded nor exponentiated); the diagonal
-    block takes exact fp32 decays, one column at a time over BD columns of features.
+    block in halves: its lower-left quadrant one more product (fp32 operands), its two diagonal
+    quadrants with exact fp32 decays, one column at a time over BD columns of features.
     (`benchmarks/intra_scores_variants.py` times the alternatives: a [S, C] product against the
-    whole chunk with the later columns masked, and a [S, S, BD] tensor of decays.)
+    whole chunk with the later columns masked, the whole diagonal block exact, a [S, S, BD]
+    tensor of decays.)
     """
     pid, bh = tl.program_id(0), tl.program_id(1)
     c, i = pid // (C // S), pid % (C // S)
@@ -95,32 +97,67 @@ def intra_scores_kernel(
     # Later sub-chunks: zeros.
     cols = tl.arange(0, C)
     tl.store(a_rows + cols[None, :], tl.zeros([S, C], dtype=tl.float32), mask=inside & (cols[None, :] >= i * S + S))
-    # Diagonal S x S block: exact pairwise decays in fp32, one column s = r0 + j at a time, each a
-    # [S, BD] product reduced over features.
-    # The loop loads its rows through pointers formed once, with plain tl ops: each call of a jit
-    # helper inside it multiplied the CPU interpreter's time (the tests'), not the GPU's.
-    diag = tl.zeros([S, S], dtype=tl.float32)
+    # Diagonal S x S block, in halves. Its lower-left quadrant (rows of the second half, columns of
+    # the first) is one tensor-core product about the middle row, both factors <= 1, with fp32
+    # operands: tf32 beside bf16 inputs (a finer rounding than the earlier sub-chunks' bf16
+    # products), tf32x3 beside fp32 ones. Its two diagonal quadrants are exact (`exact_diagonal`).
+    # Half the exact work of the whole block: the kernel 1.37 -> 1.27 ms at 1x8192x96x128 and
+    # 0.84 -> 0.68 at 16x4096x12x64 (results/kernels/run21).
+    HALF: tl.constexpr = S // 2
+    quadrant = tl.zeros([S, S], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q_sub = load_features(q_base, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)
+        k_sub = load_features(k_base, ks_base, r0, T, H * K, k0, K, H, S, BK, EXP)
+        g_sub = load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)
+        g_mid = load_row(g_base + (r0 + HALF) * H * K, 0, 1, k0, K, BK)  # r0 + HALF < Tp always
+        q_mid = q_sub * tl.exp2(tl.where(sub[:, None] >= HALF, g_sub - g_mid[None, :], float("-inf")))
+        k_mid = k_sub * tl.exp2(tl.where(sub[:, None] < HALF, g_mid[None, :] - g_sub, float("-inf")))
+        quadrant += tl.dot(q_mid, tl.trans(k_mid), input_precision=PREC)
+    # zero in the upper-right quadrant: q_mid has no rows above the middle, k_mid none below
+    off_quadrants = (sub[:, None] >= HALF) != (sub[None, :] >= HALF)
+    tl.store(a_rows + (i * S + sub)[None, :], quadrant, mask=inside & off_quadrants)
+    half = tl.arange(0, HALF)
+    for h in tl.static_range(2):
+        h0 = r0 + h * HALF
+        tile = exact_diagonal(q_base, k_base, qs_base, ks_base, g_base, h0, T, H, K, HALF, BD, EXP)
+        rows_h = h0 + half
+        a_half = A + head_offset(bh, H, Tp, C) + rows_h[:, None] * H * C + (i * S + h * HALF + half)[None, :]
+        tl.store(a_half, tile, mask=rows_h[:, None] < Tp)
+
+
+@triton.jit
+def exact_diagonal(
+    q_base, k_base, qs_base, ks_base, g_base, r0, T, H, K, N: tl.constexpr, BD: tl.constexpr, EXP: tl.constexpr
+):
+    """The [N, N] diagonal tile of rows r0..r0+N: A[t, s] for s <= t (zero above), with exact
+    pairwise decays in fp32, one column s = r0 + j at a time, each an [N, BD] product reduced over
+    features, over BD features at a time. The bases point at this (batch, head)'s row 0.
+
+    The loop loads its rows through pointers formed once, with plain tl ops: each call of a jit
+    helper inside it multiplied the CPU interpreter's time (the tests'), not the GPU's."""
+    sub = tl.arange(0, N)
+    diag = tl.zeros([N, N], dtype=tl.float32)
     for d0 in range(0, K, BD):
-        q_d = load_features(q_base, qs_base, r0, T, H * K, d0, K, H, S, BD, EXP)  # [S, BD]
-        g_d = load_rows(g_base, r0, Tp, H * K, d0, K, S, BD)
+        q_d = load_features(q_base, qs_base, r0, T, H * K, d0, K, H, N, BD, EXP)  # [N, BD]
+        g_d = load_rows(g_base, r0, r0 + N, H * K, d0, K, N, BD)  # rows < Tp always
         features = d0 + tl.arange(0, BD)
         feature_ok = features < K
         rows_left = T - r0 + features * 0  # per column, so that the row's check is a vector mask
         k_row = k_base + r0 * H * K + features  # pointers to row r0 + j, advanced each step
         g_row = g_base + r0 * H * K + features
-        for j in range(S):
+        for j in range(N):
             in_row = feature_ok & (j < rows_left)
             k_j = tl.load(k_row, mask=in_row, other=0.0).to(tl.float32)
             if EXP:  # rows past T read row T - 1's shift, and are zeroed
                 k_j = tl.where(in_row, tl.exp(k_j - tl.load(ks_base + tl.minimum(r0 + j, T - 1) * H)), 0.0)
             k_j = k_j[None, :]  # [1, BD]
-            g_j = tl.load(g_row, mask=feature_ok, other=0.0)[None, :]  # rows < Tp always
+            g_j = tl.load(g_row, mask=feature_ok, other=0.0)[None, :]
             k_row += H * K
             g_row += H * K
             decay = tl.exp2(tl.where(sub[:, None] >= j, g_d - g_j, float("-inf")))  # rows t >= s only
-            column = tl.sum(q_d * k_j * decay, axis=1)  # [S]: A[t, s] over this block of features
+            column = tl.sum(q_d * k_j * decay, axis=1)  # [N]: A[t, s] over this block of features
             diag += tl.where(sub[None, :] == j, column[:, None], 0.0)
-    tl.store(a_rows + (i * S + sub)[None, :], diag, mask=inside)
+    return diag
 
 
 @triton.jit

@@ -417,8 +417,8 @@ def query_key_grads(
         q, k: [B, T, H, K] (raw inputs of the safe-exp features when `shifts` is given).
         gc: [B, Tp, H, K] fp32 within-chunk cumulative log2 gates.
         score_grad: [B, Tp, H, CHUNK] fp32 from `intra_score_grads`.
-        dq_inter, dk_inter: [B, T, H, K] fp32 from `query_key_inter_grads`; dk_inter is overwritten
-            (returned as `key_state_term`).
+        dq_inter, dk_inter: [B, T, H, K] fp32 from `query_key_inter_grads`; both are overwritten
+            (returned as `dG` and `key_state_term`).
         dims: the call's `Dims`.
         shifts: safe-exp shifts, or None to read q and k as they are.
 
@@ -426,7 +426,8 @@ def query_key_grads(
         dq, dk: [B, T, H, K]; in q's and k's dtypes without `shifts`. With `shifts`, the raw inputs'
             gradients at fixed shifts, in fp32 (the max shifts' terms, which nearly cancel them at the
             maxima, are still to be added: `max_shift.add_max_gradient`).
-        dG: [B, T, H, K] fp32, q ⊙ dq − k ⊙ dk_intra of the features, a local term of the gate gradient.
+        dG: [B, T, H, K] fp32, q ⊙ dq − k ⊙ dk_intra of the features, a local term of the gate
+            gradient (dq_inter's buffer, overwritten).
         key_state_term: [B, T, H, K] fp32, k ⊙ dk_inter, the other one (dk_inter's buffer, overwritten).
         rowsums: with `shifts`, the per-key-block row sums of dq and of dk, [NB, B, T, H] fp32 each
             (NB key blocks; the shifts' gradients are minus their sums over blocks); None without.
@@ -435,7 +436,10 @@ def query_key_grads(
     features = feature_args(shifts, q)
     dq = empty((B, T, H, K), q.dtype if shifts is None else torch.float32, q.device)
     dk = empty((B, T, H, K), k.dtype if shifts is None else torch.float32, q.device)
-    dG = empty((B, T, H, K), torch.float32, q.device)  # q ⊙ dq − k ⊙ dk, the gate's local term
+    # q ⊙ dq − k ⊙ dk, the gate's local term, goes where dq_inter was (as k ⊙ dk_inter where
+    # dk_inter was): each program stores into the tile it read first, and the stores depend on
+    # those loads. One [B, T, H, K] fp32 buffer less at the backward's peak.
+    dG = dq_inter
     BKD = min(BK, QUERY_KEY_GRAD_COLUMNS)
     # Per key block row sums of the raw dq, dk (safe-exp only): summed by the caller, deterministically.
     rowsums = [empty((cdiv(K, BKD), B, T, H), torch.float32, q.device) if shifts is not None else dG for _ in range(2)]
