@@ -3,7 +3,8 @@ largest single cost of the op's backward, timed alone against variants of it:
 
 - the earlier and later sub-chunks as one [S, S] product per such sub-chunk, reading only their
   rows (as fla's `chunk_gla_bwd_kernel_intra`), instead of one product against the whole chunk with
-  the rows outside masked (the op's form);
+  the rows outside masked (the op's form to run 21; run 22 measured the first 33% faster, and the
+  op took it with the columns below);
 - the score gradient's columns loaded in the layout the product takes ([S, C], not [C, S]
   transposed in registers: what made the chunk-state pass 2.2x faster, results/kernels/run20);
 - key blocks of 32 or 64 columns, and launch options.
@@ -53,8 +54,9 @@ def grads_variant(
     BLOCKS: tl.constexpr, COLUMNS_AS_ROWS: tl.constexpr,
 ):  # fmt: skip
     """The op's kernel without the safe-exp features. BLOCKS: earlier / later sub-chunks one
-    [S, S] product each; else the op's masked whole-chunk products. COLUMNS_AS_ROWS: dA's columns
-    of this sub-chunk loaded as [S, rows] tiles; else loaded [rows, S] and transposed."""
+    [S, S] product each (the op's form); else masked whole-chunk products (its form to run 21).
+    COLUMNS_AS_ROWS: dA's columns of this sub-chunk loaded as [S, rows] tiles; else loaded
+    [rows, S] and transposed."""
     ik, pid, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, i = pid // (C // S), pid % (C // S)
     qk_off = head_offset(bh, H, T, K)
@@ -125,10 +127,10 @@ def grads_variant(
 
 
 VARIANTS = {
-    "as the op (whole chunk masked, columns transposed)": dict(BLOCKS=False, COLUMNS_AS_ROWS=False),
+    "whole chunk masked, columns transposed (the op's form to run 21)": dict(BLOCKS=False, COLUMNS_AS_ROWS=False),
     "whole chunk masked, columns loaded as rows": dict(BLOCKS=False, COLUMNS_AS_ROWS=True),
     "per sub-chunk blocks, columns transposed": dict(BLOCKS=True, COLUMNS_AS_ROWS=False),
-    "per sub-chunk blocks, columns loaded as rows": dict(BLOCKS=True, COLUMNS_AS_ROWS=True),
+    "per sub-chunk blocks, columns loaded as rows (the op's form)": dict(BLOCKS=True, COLUMNS_AS_ROWS=True),
 }
 
 

@@ -54,7 +54,7 @@ LOG2E = 1.0 / math.log(2.0)
 #: the score and chunk-state kernels' from the variant timings of their present forms
 #: (`benchmarks/intra_scores_variants.py`, results/kernels/run18; `benchmarks/chunk_state_variants.py`, run20).
 LAUNCH_OPTIONS: dict[str, dict[str, int]] = {
-    "query_key_grad_kernel": dict(num_warps=2, num_stages=1),
+    "query_key_grad_kernel": dict(num_warps=1, num_stages=2),
     "intra_scores_kernel": dict(num_warps=1, num_stages=1),
     "state_forward_kernel": dict(num_warps=4, num_stages=2),
     "query_key_inter_kernel": dict(num_warps=2, num_stages=2),

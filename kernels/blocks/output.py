@@ -61,8 +61,9 @@ def intra_scores_kernel(
     One program per (sub-chunk of S rows, batch*head); A is [B, Tp, H, C] in fp32. Each earlier
     sub-chunk is one [S, S] block of tensor-core products over BK key columns at a time (only the
     earlier ones: rows of later sub-chunks are neither loaded nor exponentiated); the diagonal
-    block in halves: its lower-left quadrant one more product (fp32 operands), its two diagonal
-    quadrants with exact fp32 decays, one column at a time over BD columns of features.
+    block in halves (without EXP): its lower-left quadrant one more product (fp32 operands), its
+    two diagonal quadrants with exact fp32 decays, one column at a time over BD columns of
+    features; with EXP the whole diagonal block exact so.
     (`benchmarks/intra_scores_variants.py` times the alternatives: a [S, C] product against the
     whole chunk with the later columns masked, the whole diagonal block exact, a [S, S, BD]
     tensor of decays.)
@@ -97,32 +98,40 @@ def intra_scores_kernel(
     # Later sub-chunks: zeros.
     cols = tl.arange(0, C)
     tl.store(a_rows + cols[None, :], tl.zeros([S, C], dtype=tl.float32), mask=inside & (cols[None, :] >= i * S + S))
-    # Diagonal S x S block, in halves. Its lower-left quadrant (rows of the second half, columns of
-    # the first) is one tensor-core product about the middle row, both factors <= 1, with fp32
-    # operands: tf32 beside bf16 inputs (a finer rounding than the earlier sub-chunks' bf16
-    # products), tf32x3 beside fp32 ones. Its two diagonal quadrants are exact (`exact_diagonal`).
-    # Half the exact work of the whole block: the kernel 1.37 -> 1.27 ms at 1x8192x96x128 and
-    # 0.84 -> 0.68 at 16x4096x12x64 (results/kernels/run21).
-    HALF: tl.constexpr = S // 2
-    quadrant = tl.zeros([S, S], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        q_sub = load_features(q_base, qs_base, r0, T, H * K, k0, K, H, S, BK, EXP)
-        k_sub = load_features(k_base, ks_base, r0, T, H * K, k0, K, H, S, BK, EXP)
-        g_sub = load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)
-        g_mid = load_row(g_base + (r0 + HALF) * H * K, 0, 1, k0, K, BK)  # r0 + HALF < Tp always
-        q_mid = q_sub * tl.exp2(tl.where(sub[:, None] >= HALF, g_sub - g_mid[None, :], float("-inf")))
-        k_mid = k_sub * tl.exp2(tl.where(sub[:, None] < HALF, g_mid[None, :] - g_sub, float("-inf")))
-        quadrant += tl.dot(q_mid, tl.trans(k_mid), input_precision=PREC)
-    # zero in the upper-right quadrant: q_mid has no rows above the middle, k_mid none below
-    off_quadrants = (sub[:, None] >= HALF) != (sub[None, :] >= HALF)
-    tl.store(a_rows + (i * S + sub)[None, :], quadrant, mask=inside & off_quadrants)
-    half = tl.arange(0, HALF)
-    for h in tl.static_range(2):
-        h0 = r0 + h * HALF
-        tile = exact_diagonal(q_base, k_base, qs_base, ks_base, g_base, h0, T, H, K, HALF, BD, EXP)
-        rows_h = h0 + half
-        a_half = A + head_offset(bh, H, Tp, C) + rows_h[:, None] * H * C + (i * S + h * HALF + half)[None, :]
-        tl.store(a_half, tile, mask=rows_h[:, None] < Tp)
+    # Diagonal S x S block. With the safe-exp features (EXP), exact as one tile: the features are
+    # exponentials formed on load, and the halves below form each of them twice more, which cost
+    # more than the exact work they save (the fused ReGLA forward 3.90 -> 4.56 ms at
+    # 1x8192x96x128, results/kernels/run22).
+    if EXP:
+        diag = exact_diagonal(q_base, k_base, qs_base, ks_base, g_base, r0, T, H, K, S, BD, EXP)
+        tl.store(a_rows + (i * S + sub)[None, :], diag, mask=inside)
+    else:
+        # In halves. The lower-left quadrant (rows of the second half, columns of the first) is one
+        # tensor-core product about the middle row, both factors <= 1, with fp32 operands: tf32
+        # beside bf16 inputs (a finer rounding than the earlier sub-chunks' bf16 products), tf32x3
+        # beside fp32 ones. The two diagonal quadrants are exact. Half the exact work of the whole
+        # block: the kernel 1.37 -> 1.27 ms at 1x8192x96x128 and 0.84 -> 0.68 at 16x4096x12x64
+        # (results/kernels/run21).
+        HALF: tl.constexpr = S // 2
+        quadrant = tl.zeros([S, S], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            q_sub = load_rows(q_base, r0, T, H * K, k0, K, S, BK).to(tl.float32)
+            k_sub = load_rows(k_base, r0, T, H * K, k0, K, S, BK).to(tl.float32)
+            g_sub = load_rows(g_base, r0, Tp, H * K, k0, K, S, BK)
+            g_mid = load_row(g_base + (r0 + HALF) * H * K, 0, 1, k0, K, BK)  # r0 + HALF < Tp always
+            q_mid = q_sub * tl.exp2(tl.where(sub[:, None] >= HALF, g_sub - g_mid[None, :], float("-inf")))
+            k_mid = k_sub * tl.exp2(tl.where(sub[:, None] < HALF, g_mid[None, :] - g_sub, float("-inf")))
+            quadrant += tl.dot(q_mid, tl.trans(k_mid), input_precision=PREC)
+        # zero in the upper-right quadrant: q_mid has no rows above the middle, k_mid none below
+        off_quadrants = (sub[:, None] >= HALF) != (sub[None, :] >= HALF)
+        tl.store(a_rows + (i * S + sub)[None, :], quadrant, mask=inside & off_quadrants)
+        half = tl.arange(0, HALF)
+        for h in tl.static_range(2):
+            h0 = r0 + h * HALF
+            tile = exact_diagonal(q_base, k_base, qs_base, ks_base, g_base, h0, T, H, K, HALF, BD, EXP)
+            rows_h = h0 + half
+            a_half = A + head_offset(bh, H, Tp, C) + rows_h[:, None] * H * C + (i * S + h * HALF + half)[None, :]
+            tl.store(a_half, tile, mask=rows_h[:, None] < Tp)
 
 
 @triton.jit
