@@ -297,10 +297,16 @@ class TrainConfig:
     seed: int = 0
     #: "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
     precision: str = "auto"
+    #: replay each training step from a CUDA graph (one process on CUDA, windows packing): no host
+    #: time between the step's kernels, for models small enough that launching them is the limit
+    #: (harness.captured_step)
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         names = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every")
         require_positive_ints("train", self, (*names, "checkpoint_every"))
+        if not isinstance(self.cuda_graph, bool):
+            raise ConfigError(f"train.cuda_graph must be true or false; got {self.cuda_graph!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be one of auto, fp32, bf16; got {self.precision!r}")
         if not 0 <= self.warmup_steps <= self.steps:

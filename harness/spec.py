@@ -89,11 +89,16 @@ class RunSpec:
         data = to_dict(self.data)
         if data["packing"] == "windows":
             data.pop("packing")  # the default, as before the option existed: existing run ids stay valid
+        train = to_dict(self.train)
+        if not train["cuda_graph"]:
+            # The default, as before the option existed: existing run ids stay valid. A run replayed
+            # from a graph is its own run (capturable AdamW may round differently in the last bits).
+            train.pop("cuda_graph")
         identity = {
             "format": SPEC_FORMAT,
             "model": model,
             "data": data,
-            "train": to_dict(self.train),
+            "train": train,
             "plugins": self.plugin_versions(),
             "processes": self.processes,
         }

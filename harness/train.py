@@ -9,6 +9,7 @@ forward or validation stops every rank at the same point (`agree_on_failure`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write_bytes, atomic_write_text, file_digest, set_aside
+from .captured_step import CapturedTrainingStep, check_capturable
 from .config import TrainConfig
 from .distributed import agree_on_failure, attempt, distributed_context, pick_device
 from .layers import attention_path_counts, value_gate_path_counts
@@ -87,6 +89,24 @@ def divergence_context(model: torch.nn.Module, last_grad_norm: tuple[int, float]
     return "; ".join(parts)
 
 
+def gradients_diverged(
+    model: torch.nn.Module,
+    step: int,
+    grad_norm: float,
+    step_loss: float,
+    broken: list[str],
+    last_grad_norm: tuple[int, float] | None,
+) -> Diverged:
+    """The error of a step whose gradients are not finite: where it started (the deepest
+    parameters with a non-finite gradient) and the last finite norm before it."""
+    previous = f"{last_grad_norm[1]:.4g} at step {last_grad_norm[0]}" if last_grad_norm else "none"
+    return Diverged(
+        f"non-finite gradients at step {step} (grad norm {grad_norm}, finite training loss "
+        f"{step_loss:.4g}); non-finite gradients, deepest first: "
+        f"{listed(broken, len(list(model.parameters())))}; previous grad norm before clipping {previous}"
+    )
+
+
 def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
     if step < config.warmup_steps:
@@ -97,17 +117,33 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases, or embeddings' 1-d params)."""
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases, or embeddings' 1-d params).
+    `capturable`: for a step captured in a CUDA graph (step counts and learning rates on the device)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), capturable=capturable)
+    if capturable:
+        device_learning_rates(optimizer)
+    return optimizer
 
 
-def autocast_context(device: torch.device, precision: str):
+def device_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+    """Each group's learning rate as a 0-d fp32 tensor on its parameters' device (a captured step
+    reads it there; a float would be fixed in the graph). Also after loading a state dict."""
+    for group in optimizer.param_groups:
+        device = group["params"][0].device if group["params"] else torch.device("cpu")
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def autocast_context(device: torch.device, precision: str, cache_enabled: bool = True):
+    """bf16 autocast where `precision` asks for it. `cache_enabled=False` for a step captured in a
+    CUDA graph: autocast's cache of cast weights would outlive the capture."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    if not use_bf16:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
 
 
 def micro_step_loss(
@@ -117,10 +153,12 @@ def micro_step_loss(
     device: torch.device,
     precision: str,
     cu_seqlens: torch.Tensor | None = None,
+    cache_enabled: bool = True,
 ) -> torch.Tensor:
     """The training loss of one micro-batch (the forward half of a step); `cu_seqlens`: the
-    documents packed into x's rows (data.packing = "documents"), or None."""
-    with autocast_context(device, precision):
+    documents packed into x's rows (data.packing = "documents"), or None; `cache_enabled`: as
+    `autocast_context`."""
+    with autocast_context(device, precision, cache_enabled):
         logits, _ = model(x) if cu_seqlens is None else model(x, cu_seqlens=cu_seqlens)
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
@@ -218,9 +256,13 @@ def train(
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     # A fresh model, or with model.init a pretrained one converted (its source runs sit beside this run).
-    model = initial_model(spec.model, data.tokenizer, spec.train.seed, Path(run_dir).parent).to(dev)
-    optimizer = make_optimizer(model, config)
     only_new_until = spec.model.init.train_only_new_for_steps if spec.model.init is not None else 0
+    if config.cuda_graph:
+        check_capturable(
+            device=dev, world_size=ctx.world_size, packing=spec.data.packing, train_only_new_for_steps=only_new_until
+        )
+    model = initial_model(spec.model, data.tokenizer, spec.train.seed, Path(run_dir).parent).to(dev)
+    optimizer = make_optimizer(model, config, capturable=config.cuda_graph)
     new = {id(p) for p in new_parameters(model)} if only_new_until else set()
     pretrained = [p for p in model.parameters() if id(p) not in new]
     records: list[dict[str, Any]] = []
@@ -231,6 +273,8 @@ def train(
         if state.get("run_id") == spec.run_id:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if config.cuda_graph:
+                device_learning_rates(optimizer)
             start_step, records, trained_seconds = state["step"], state["records"], state["seconds"]
     if ctx.is_main:
         tracker.start(start_step)
@@ -263,60 +307,76 @@ def train(
     last_grad_norm: tuple[int, float] | None = None  # (step, norm before clipping), for Diverged messages
     paths: dict[str, int] | None = None  # the attention layers' paths in this process's first step
     value_gate_calls = value_gate_path_counts()  # subtracted at the end: this run's calls alone
+    captured: CapturedTrainingStep | None = None  # with train.cuda_graph, from the first step on
     for step in range(start_step, config.steps):
         started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        step_loss = 0.0
         generator = batch_generator(config.seed, ctx.rank, step)
-        for micro in range(config.grad_accum):
-            cu_seqlens = None
-            if spec.data.packing == "documents":
-                # cu_seqlens stays on the host: the ops read the offsets as host values (a device
-                # tensor would cost a device sync in every layer).
-                x, y, cu_seqlens = data.train.sample_document_batch(config.batch_size, config.seq_len, generator)
-            else:
-                x, y = data.train.sample_batch(config.batch_size, config.seq_len, generator)
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            sync = wrapped.no_sync() if ctx.world_size > 1 and micro < config.grad_accum - 1 else nullcontext()
-            with sync:
-                loss, failure = attempt(micro_step_loss, wrapped, x, y, dev, config.precision, cu_seqlens)
-                micro_loss = loss.item() if failure is None else None
-                if isinstance(failure, FloatingPointError):  # an op met NaN activations: divergence
-                    failure = Diverged(
-                        f"non-finite values in the forward at step {step}: {failure} "
-                        f"({divergence_context(model, last_grad_norm)})"
-                    )
-                # Before the backward: its gradient all-reduce is where a failed or diverged rank
-                # would leave the others waiting.
-                if not agree_on_failure(failure, ctx, dev, micro_loss):
-                    raise Diverged(
-                        f"non-finite training loss ({micro_loss} on rank {ctx.rank}; all ranks stop) at step {step} "
-                        f"({divergence_context(model, last_grad_norm)})"
-                    )
-                (loss / config.grad_accum).backward()
-                if paths is None:
-                    paths = attention_path_counts(model)
-            step_loss += micro_loss / config.grad_accum
-        if step < only_new_until:
-            # Only the parameters the conversion added learn yet: AdamW skips a parameter
-            # without a gradient (no update, no weight decay, no moment change).
-            for parameter in pretrained:
-                parameter.grad = None
-        grad_norm, broken = clip_gradients(model, config.grad_clip)
-        if broken:
-            # The optimizer step would make these parameters non-finite (and, clipped by a NaN
-            # norm, every parameter), and the loss only at the next step: stop here, naming where
-            # it started. The gradients are the same on every rank after the all-reduce: all stop.
-            previous = f"{last_grad_norm[1]:.4g} at step {last_grad_norm[0]}" if last_grad_norm else "none"
-            raise Diverged(
-                f"non-finite gradients at step {step} (grad norm {grad_norm}, finite training loss "
-                f"{step_loss:.4g}); non-finite gradients, deepest first: "
-                f"{listed(broken, len(list(model.parameters())))}; previous grad norm before clipping {previous}"
-            )
-        last_grad_norm = (step, grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if config.cuda_graph:
+            sample = functools.partial(data.train.sample_batch, config.batch_size, config.seq_len, generator)
+            batches = [sample() for _ in range(config.grad_accum)]
+            if captured is None:
+                micro_loss = functools.partial(
+                    micro_step_loss, model, device=dev, precision=config.precision, cache_enabled=False
+                )
+                captured = CapturedTrainingStep(model, optimizer, micro_loss, batches, config.grad_clip)
+                paths = attention_path_counts(model)
+            step_loss, grad_norm = captured(batches, learning_rate(step, config))
+            # Found after the replay's optimizer step (the eager loop stops before it): the run
+            # stops all the same, and no checkpoint is written after this step.
+            if not math.isfinite(step_loss):
+                context = divergence_context(model, last_grad_norm)
+                raise Diverged(f"non-finite training loss ({step_loss}) at step {step} ({context})")
+            if not math.isfinite(grad_norm):
+                broken = non_finite(model, gradients=True)
+                raise gradients_diverged(model, step, grad_norm, step_loss, broken, last_grad_norm)
+            last_grad_norm = (step, grad_norm)
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config)
+            step_loss = 0.0
+            for micro in range(config.grad_accum):
+                cu_seqlens = None
+                if spec.data.packing == "documents":
+                    # cu_seqlens stays on the host: the ops read the offsets as host values (a device
+                    # tensor would cost a device sync in every layer).
+                    x, y, cu_seqlens = data.train.sample_document_batch(config.batch_size, config.seq_len, generator)
+                else:
+                    x, y = data.train.sample_batch(config.batch_size, config.seq_len, generator)
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                sync = wrapped.no_sync() if ctx.world_size > 1 and micro < config.grad_accum - 1 else nullcontext()
+                with sync:
+                    loss, failure = attempt(micro_step_loss, wrapped, x, y, dev, config.precision, cu_seqlens)
+                    micro_loss = loss.item() if failure is None else None
+                    if isinstance(failure, FloatingPointError):  # an op met NaN activations: divergence
+                        failure = Diverged(
+                            f"non-finite values in the forward at step {step}: {failure} "
+                            f"({divergence_context(model, last_grad_norm)})"
+                        )
+                    # Before the backward: its gradient all-reduce is where a failed or diverged rank
+                    # would leave the others waiting.
+                    if not agree_on_failure(failure, ctx, dev, micro_loss):
+                        raise Diverged(
+                            f"non-finite training loss ({micro_loss} on rank {ctx.rank}; all ranks stop) "
+                            f"at step {step} ({divergence_context(model, last_grad_norm)})"
+                        )
+                    (loss / config.grad_accum).backward()
+                    if paths is None:
+                        paths = attention_path_counts(model)
+                step_loss += micro_loss / config.grad_accum
+            if step < only_new_until:
+                # Only the parameters the conversion added learn yet: AdamW skips a parameter
+                # without a gradient (no update, no weight decay, no moment change).
+                for parameter in pretrained:
+                    parameter.grad = None
+            grad_norm, broken = clip_gradients(model, config.grad_clip)
+            if broken:
+                # The optimizer step would make these parameters non-finite (and, clipped by a NaN
+                # norm, every parameter), and the loss only at the next step: stop here, naming where
+                # it started. The gradients are the same on every rank after the all-reduce: all stop.
+                raise gradients_diverged(model, step, grad_norm, step_loss, broken, last_grad_norm)
+            last_grad_norm = (step, grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         elapsed = time.perf_counter() - started

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("harness.short_conv", "harness.layers", "harness.decoding", "harness.model", "harness.checkpoint_io"),  # the model
     ("harness.postlin",),  # a pretrained model converted to linear attention (post-linearization)
     ("harness.spec",),  # RunSpec and its ids (checks plugin and data names)
-    ("harness.train", "harness.lm_eval_model", "harness.evaluate"),  # what stages run
+    ("harness.captured_step", "harness.train", "harness.lm_eval_model", "harness.evaluate"),  # what stages run
     ("harness.stages",),  # the stage package and its registry
     ("harness.grid", "harness.results"),  # grid files -> specs; rows -> Parquet
     ("harness.runner", "harness.report"),
