@@ -49,7 +49,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture
 def nan_filled_kernel_buffers(monkeypatch):
     """Every buffer the Triton building blocks allocate (through `kernels.blocks.common.empty`)
-    starts as NaN, so an element a kernel leaves unwritten fails the check."""
+    starts as NaN, so an element a kernel leaves unwritten fails the check; so does every output
+    they write into an input's buffer (`common.reuse`), given a fresh one here."""
     import importlib
     import pkgutil
 
@@ -58,8 +59,14 @@ def nan_filled_kernel_buffers(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
+    def nan_reuse(buffer):
+        return torch.full_like(buffer, float("nan"))
+
     for module in pkgutil.iter_modules(kernels.blocks.__path__, "kernels.blocks."):
-        monkeypatch.setattr(importlib.import_module(module.name), "empty", nan_empty)
+        loaded = importlib.import_module(module.name)
+        monkeypatch.setattr(loaded, "empty", nan_empty)
+        if hasattr(loaded, "reuse"):
+            monkeypatch.setattr(loaded, "reuse", nan_reuse)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CHUNK, LOG2E, Dims, cdiv, empty, head_offset, launch_options, load_row, load_rows, store_rows
+from .common import CHUNK, LOG2E, Dims, cdiv, empty, head_offset, launch_options, load_row, load_rows, reuse, store_rows
 
 Tensor = torch.Tensor
 
@@ -175,7 +175,7 @@ def gate_grad(
     B, T, H, K, V, NT, BK, BV, dot = dims
     # In fp32, dg goes where dG was: each program stores into the [C, BK] tile it read, every
     # store after the column sums over the whole tile. One fp32 buffer less at the peak.
-    dg = dG if dtype == dG.dtype else empty((B, T, H, K), dtype, dG.device)
+    dg = reuse(dG) if dtype == dG.dtype else empty((B, T, H, K), dtype, dG.device)
     gate_grad_kernel[(cdiv(K, BK), NT, B * H)](
         dG,
         key_state_term,

@@ -25,6 +25,7 @@ from .common import (
     load_row,
     load_rows,
     load_rows_transposed,
+    reuse,
     store_rows,
 )
 
@@ -451,7 +452,7 @@ def query_key_grads(
     # q ⊙ dq − k ⊙ dk, the gate's local term, goes where dq_inter was (as k ⊙ dk_inter where
     # dk_inter was): each program stores into the tile it read first, and the stores depend on
     # those loads. One [B, T, H, K] fp32 buffer less at the backward's peak.
-    dG = dq_inter
+    dG = reuse(dq_inter)
     BKD = min(BK, QUERY_KEY_GRAD_COLUMNS)
     # Per key block row sums of the raw dq, dk (safe-exp only): summed by the caller, deterministically.
     rowsums = [empty((cdiv(K, BKD), B, T, H), torch.float32, q.device) if shifts is not None else dG for _ in range(2)]
