@@ -1,10 +1,10 @@
 """The training step replayed from a CUDA graph (`train.cuda_graph`).
 
 A small model at a short length is bound by the host: it launches ~900 kernels a step, and the
-GPU idles between them (results/paper-efficiency-small: the 6-layer step at T 512, batch 32 takes
-30-48 ms eager and 19 ms replayed from a graph). Capturing the whole step once — forward and
-backward of every micro-batch, the gradient clipping and AdamW — and replaying it removes that
-host time: one launch a step.
+GPU idles between them (results/paper-efficiency-small, profile-step runs 4-5: the 6-layer step at
+T 512, batch 32 takes 25-48 ms eager and 19-21 ms replayed from a graph). Capturing the whole step
+once — forward and backward of every micro-batch, the gradient clipping and AdamW — and replaying
+it removes that host time: one launch a step.
 
 What a graph allows shapes what this does:
 - The step reads its batch from static buffers (`x`, `y`), copied into before each replay.

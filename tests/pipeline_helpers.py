@@ -1,8 +1,11 @@
-"""A tiny grid over the tiny pseudo-English corpus (the `corpus` fixture in conftest.py)."""
+"""A tiny grid over the tiny pseudo-English corpus (the `corpus` fixture in conftest.py), and an
+op that makes a run's gradients NaN."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 
 def tiny_grid(corpus: Path, **train_overrides) -> dict:
@@ -35,3 +38,16 @@ def tiny_grid(corpus: Path, **train_overrides) -> dict:
             }
         },
     }
+
+
+class NaNGradient(torch.autograd.Function):
+    """The identity whose backward makes every gradient NaN: a run that diverges in its gradients
+    while its loss stays finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")

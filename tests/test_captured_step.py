@@ -20,7 +20,7 @@ from harness.spec import spec_from_dict
 from harness.train import Diverged, make_optimizer, train
 from variants import FEATURE_MAPS, FeatureMap, FeatureOutput, feature_map
 
-from .pipeline_helpers import tiny_grid
+from .pipeline_helpers import NaNGradient, tiny_grid
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -155,16 +155,6 @@ def test_replayed_training_gives_the_eager_losses(corpus, tmp_path, variant, gra
         assert math.isfinite(replayed[key])
         # The same kernels in the same order; capturable AdamW may round its update differently.
         assert replayed[key] == pytest.approx(value, rel=2e-3), (key, value, replayed[key])
-
-
-class NaNGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
 
 
 @pytest.fixture

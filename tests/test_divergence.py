@@ -12,7 +12,7 @@ from harness.spec import spec_from_dict
 from harness.train import Diverged, clip_gradients, train
 from variants import FEATURE_MAPS, FeatureMap, FeatureOutput, feature_map
 
-from .pipeline_helpers import tiny_grid
+from .pipeline_helpers import NaNGradient, tiny_grid
 
 CALLS = {"n": 0}
 
@@ -25,16 +25,6 @@ class NaNValue(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
-
-
-class NaNGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
 
 
 @pytest.fixture
