@@ -133,9 +133,10 @@ class CapturedTrainingStep:
             (loss / micro).backward()
             total = total + loss.detach() / micro
         self.loss.copy_(total)
-        grads = [p.grad for p in self.parameters if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        torch.nn.utils.clip_grads_with_norm_([p for p in self.parameters if p.grad is not None], self.grad_clip, norm)
+        # `clip_gradients`' math without its host reads (a capture allows none).
+        with_grads = [p for p in self.parameters if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads])
+        torch.nn.utils.clip_grads_with_norm_(with_grads, self.grad_clip, norm)
         self.grad_norm.copy_(norm)
         self.optimizer.step()
 

@@ -31,13 +31,19 @@ ATTENTION = {
 }
 
 
-def tiny(corpus, variant: str = "regla", **train_overrides):
-    """The tiny grid's base run with one variant's attention (softmax, gla, regla), and its data."""
+def tiny_base(corpus, variant: str = "regla", **train_overrides) -> dict:
+    """The tiny grid's base run with one variant's attention (softmax, gla, regla, or a feature map)."""
     base = tiny_grid(corpus, **train_overrides)["base"]
     if variant == "softmax":
         base["model"]["softmax_layers"] = "all"
     else:
         base["model"]["attention"] = ATTENTION.get(variant, {**ATTENTION["gla"], "feature_map": variant})
+    return base
+
+
+def tiny(corpus, variant: str = "regla", **train_overrides):
+    """`tiny_base`, and its data."""
+    base = tiny_base(corpus, variant, **train_overrides)
     data = prepare_data(base["data"]["source"], base["data"]["tokenizer"], base["data"]["options"], progress=False)
     return base, data
 
@@ -48,7 +54,7 @@ def test_cuda_graph_must_be_a_boolean():
 
 
 def test_the_default_leaves_run_ids_as_they_were_and_a_replayed_run_is_its_own(corpus):
-    base, _ = tiny(corpus)
+    base = tiny_base(corpus)
     eager = spec_from_dict(base, name="eager")
     replayed = spec_from_dict({**base, "train": {**base["train"], "cuda_graph": True}}, name="replayed")
     assert "cuda_graph" not in eager.identity()["train"]
