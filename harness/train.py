@@ -308,6 +308,9 @@ def train(
     paths: dict[str, int] | None = None  # the attention layers' paths in this process's first step
     value_gate_calls = value_gate_path_counts()  # subtracted at the end: this run's calls alone
     captured: CapturedTrainingStep | None = None  # with train.cuda_graph, from the first step on
+    # This process's first step compiles every kernel (and, with train.cuda_graph, warms up and
+    # captures the step): the steady throughput leaves it out, so eager and replayed runs compare.
+    first_step_seconds, steady_steps, steady_seconds = None, 0, 0.0
     for step in range(start_step, config.steps):
         started = time.perf_counter()
         generator = batch_generator(config.seed, ctx.rank, step)
@@ -381,6 +384,10 @@ def train(
             torch.cuda.synchronize(dev)
         elapsed = time.perf_counter() - started
         trained_seconds += elapsed
+        if first_step_seconds is None:
+            first_step_seconds = elapsed
+        else:
+            steady_steps, steady_seconds = steady_steps + 1, steady_seconds + elapsed
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
         lines.update(step + 1, loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
@@ -430,6 +437,11 @@ def train(
         {"metric": "train/tokens_per_second", "value": tokens_per_step * config.steps / max(trained_seconds, 1e-9)},
         {"metric": "train/seconds", "value": trained_seconds},
     ]
+    if steady_steps:
+        final += [
+            {"metric": "train/steady_tokens_per_second", "value": tokens_per_step * steady_steps / steady_seconds},
+            {"metric": "train/first_step_seconds", "value": first_step_seconds},
+        ]
     # Which computation the linear layers trained through (fused op or composed passes): the
     # paths differ in precision, so a comparison across them is worth knowing about.
     final += [{"metric": f"attention/layers_{path}", "value": float(n)} for path, n in (paths or {}).items()]

@@ -54,6 +54,11 @@ def test_tensorboard_curves_equal_the_parquet_rows(grid_file, tmp_path):
     assert set(logged["train/step_tokens_per_second"]) == {5, 10}  # per-step throughput: tracker only
     average = rows[rows.metric == "train/tokens_per_second"]["value"].item()  # the rows keep the average
     assert logged["train/tokens_per_second"] == {10: pytest.approx(average, rel=1e-6)}
+    # The steady throughput leaves out the process's first step (kernel compilation, a capture).
+    value = rows.set_index("metric")["value"]
+    tokens_per_step = average * value["train/seconds"] / 10
+    later_seconds = value["train/seconds"] - value["train/first_step_seconds"]
+    assert value["train/steady_tokens_per_second"] == pytest.approx(tokens_per_step * 9 / later_seconds, rel=1e-6)
 
 
 def test_off_by_default_and_checked_before_anything_runs(grid_file, tmp_path, capsys, monkeypatch):
