@@ -83,6 +83,26 @@ def snapshot_training_state(model: torch.nn.Module, optimizer: torch.optim.Optim
     return restore
 
 
+def clip_without_host_reads(
+    named_parameters: list[tuple[str, torch.nn.Parameter]], max_norm: float
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """`train.clip_gradients`' math with no value read on the host (a capture allows none): the
+    total gradient norm before clipping, the names of the parameters with a gradient, in the
+    model's order, and each one's gradient norm before clipping, on the device. A non-finite
+    norm marks a non-finite gradient (or, at worst, one past fp32's range), which the caller finds
+    after the step: clipping by a NaN total makes every gradient NaN."""
+    with_grads = [(name, p) for name, p in named_parameters if p.grad is not None]
+    # The total is the norm of the per-parameter norms, as torch's get_total_norm computes it;
+    # the per-parameter norms are kept for naming where a NaN arose.
+    parameter_norms = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32) for _, p in with_grads])
+    total = torch.linalg.vector_norm(parameter_norms)
+    # clip_grads_with_norm_'s scaling (torch >= 2.6 only), written out for older torch.
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for _, parameter in with_grads:
+        parameter.grad.mul_(scale.to(parameter.grad.dtype))
+    return total, [name for name, _ in with_grads], parameter_norms
+
+
 class CapturedTrainingStep:
     """One training step of `model` captured in a CUDA graph; `__call__` replays it on a batch.
 
@@ -100,7 +120,8 @@ class CapturedTrainingStep:
         warmup_steps: int = 2,
     ):
         self.model, self.optimizer, self.micro_loss, self.grad_clip = model, optimizer, micro_loss, grad_clip
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.named_parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.parameters = [p for _, p in self.named_parameters]
         for group in optimizer.param_groups:
             if not (group.get("capturable") and isinstance(group["lr"], torch.Tensor) and group["lr"].is_cuda):
                 raise ValueError("CapturedTrainingStep needs AdamW with capturable=True and a CUDA tensor lr")
@@ -133,12 +154,17 @@ class CapturedTrainingStep:
             (loss / micro).backward()
             total = total + loss.detach() / micro
         self.loss.copy_(total)
-        # `clip_gradients`' math without its host reads (a capture allows none).
-        with_grads = [p for p in self.parameters if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads])
-        torch.nn.utils.clip_grads_with_norm_(with_grads, self.grad_clip, norm)
+        norm, self.clipped_names, parameter_norms = clip_without_host_reads(self.named_parameters, self.grad_clip)
         self.grad_norm.copy_(norm)
+        self.parameter_grad_norms = parameter_norms  # in the graph's pool: rewritten on every replay
         self.optimizer.step()
+
+    def non_finite_gradients(self) -> list[str]:
+        """After a replay whose gradient norm was not finite: the parameters whose gradient was,
+        before clipping, deepest first (as `train.non_finite` names them in the eager loop). The
+        gradients themselves can't say: clipping by a NaN norm made every one of them NaN."""
+        finite = torch.isfinite(self.parameter_grad_norms).tolist()
+        return [name for name, ok in reversed(list(zip(self.clipped_names, finite))) if not ok]
 
     def _warm_up(self, steps: int) -> None:
         """Run the step eagerly on a side stream, then put everything it changed back."""

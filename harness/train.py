@@ -330,7 +330,7 @@ def train(
                 context = divergence_context(model, last_grad_norm)
                 raise Diverged(f"non-finite training loss ({step_loss}) at step {step} ({context})")
             if not math.isfinite(grad_norm):
-                broken = non_finite(model, gradients=True)
+                broken = captured.non_finite_gradients()
                 raise gradients_diverged(model, step, grad_norm, step_loss, broken, last_grad_norm)
             last_grad_norm = (step, grad_norm)
         else:

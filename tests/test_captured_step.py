@@ -13,11 +13,11 @@ import math
 import pytest
 import torch
 
-from harness.captured_step import check_capturable, snapshot_training_state
+from harness.captured_step import check_capturable, clip_without_host_reads, snapshot_training_state
 from harness.config import ConfigError, TrainConfig
 from harness.data import prepare_data
 from harness.spec import spec_from_dict
-from harness.train import Diverged, make_optimizer, train
+from harness.train import Diverged, clip_gradients, make_optimizer, train
 from variants import FEATURE_MAPS, FeatureMap, FeatureOutput, feature_map
 
 from .pipeline_helpers import NaNGradient, tiny_grid
@@ -140,6 +140,37 @@ def test_the_warm_up_is_undone_in_place(started):
     adamw_step(twin, twin_optimizer, seed=4)
     for (name, t), u in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.allclose(t, u, rtol=0, atol=1e-7), name
+
+
+def three_layers_with_gradients(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    model(torch.randn(5, 4)).square().sum().mul(100.0).backward()  # large enough to be clipped
+    return model
+
+
+def test_clipping_without_host_reads_matches_the_eager_loops_clipping():
+    model, twin = three_layers_with_gradients(), three_layers_with_gradients()
+    model[1].bias.grad = None  # a parameter without a gradient is left out, as clip_grad_norm_ does
+    twin[1].bias.grad = None
+    total, names, parameter_norms = clip_without_host_reads(list(model.named_parameters()), max_norm=1.0)
+    eager_total, broken = clip_gradients(twin, max_norm=1.0)
+    assert float(total) == pytest.approx(eager_total, rel=1e-6) and eager_total > 1.0 and broken == []
+    assert names == ["0.weight", "0.bias", "1.weight", "2.weight", "2.bias"]
+    assert parameter_norms.shape == (5,) and torch.isfinite(parameter_norms).all()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+def test_a_nan_gradient_is_named_although_clipping_spreads_it_to_every_gradient():
+    model = three_layers_with_gradients()
+    model[1].weight.grad[2, 3] = float("nan")
+    total, names, parameter_norms = clip_without_host_reads(list(model.named_parameters()), max_norm=1.0)
+    assert math.isnan(float(total))
+    assert all(torch.isnan(p.grad).all() for p in model.parameters())  # what the gradients still say
+    assert [name for name, finite in zip(names, torch.isfinite(parameter_norms).tolist()) if not finite] == ["1.weight"]
 
 
 def train_losses(base, data, run_dir, cuda_graph: bool) -> dict[tuple[str, int], float]:
