@@ -1,20 +1,25 @@
 """Where the backward's slowest kernel (`kernels.blocks.qkv_grad.query_key_grad_kernel`) spends its
-time: the op's kernel, copied with switches that leave out one part at a time, timed alone.
+time: the op's kernel, copied with switches, each form timed alone.
 
-Parts (each variant computes wrong values on purpose, except the full one; only times compare):
+With `--parts` (results/kernels/run24), one part is left out at a time (those forms compute wrong
+values on purpose; only their times compare):
 - the earlier and later sub-chunks' [S, S] products ("off-diagonal blocks");
 - the diagonal block's rank-1 loop ("diagonal loop"), and within it the decay's exp2 alone
-  (replaced by a multiply: what the special-function unit costs there);
-- with `EXP`, ReGLA's safe-exp features formed on load (the fused ReGLA op's path: exponentials,
-  the shifts' loads, fp32 dq and dk, the shift gradients' row sums) against plain GLA inputs.
+  (replaced by a multiply: what the special-function unit costs there).
+With both left out, what remains is the kernel's loads and stores.
 
-With both parts left out, what remains is the kernel's loads and stores. Each form is also
-compiled for its registers per thread and spilled registers (Triton's compiled-kernel metadata):
-with 1 warp a program, occupancy is bound by registers, not by shared memory. The full form's
-launch options are swept for the safe-exp path at the first shape (the op's were tuned on plain
-GLA inputs).
+Without it, forms of the diagonal loop that compute the op's values: run 24's arithmetic (the
+op's before the masks moved onto the score-gradient columns), and the loop unrolled or pipelined
+(its loads issued ahead of the arithmetic that waits on them); and, at the first shape, the op's
+form at other launch options.
 
-    python3 benchmarks/query_key_grad_profile.py --out DIR
+Every form runs on plain GLA inputs and with `EXP` (ReGLA's safe-exp features formed on load: the
+fused ReGLA op's path, with fp32 dq and dk and the shift gradients' row sums), and is compiled for
+its registers per thread and spilled registers (Triton's compiled-kernel metadata): with 1 warp a
+program, occupancy is bound by registers, not by shared memory. The forms that compute the op's
+values are checked against the op's outputs (`rel_diff_from_op`).
+
+    python3 benchmarks/query_key_grad_profile.py --out DIR [--parts]
 """
 
 from __future__ import annotations
@@ -57,13 +62,59 @@ from kernels.blocks.qkv_grad import (  # noqa: E402
 
 SHAPES = [(4, 4096, 64, 128), (1, 8192, 96, 128)]
 
+FULL = dict(OFF_DIAGONAL=True, DIAGONAL=True, DECAY_EXP2=True, OLD=False, LOOP=0)
 PARTS = {
-    "full (the op's kernel)": dict(OFF_DIAGONAL=True, DIAGONAL=True, DECAY_EXP2=True),
-    "diagonal decay without exp2": dict(OFF_DIAGONAL=True, DIAGONAL=True, DECAY_EXP2=False),
-    "no diagonal loop": dict(OFF_DIAGONAL=True, DIAGONAL=False, DECAY_EXP2=True),
-    "no off-diagonal blocks": dict(OFF_DIAGONAL=False, DIAGONAL=True, DECAY_EXP2=True),
-    "loads and stores only": dict(OFF_DIAGONAL=False, DIAGONAL=False, DECAY_EXP2=True),
+    "full (the op's kernel)": FULL,
+    "diagonal decay without exp2": {**FULL, "DECAY_EXP2": False},
+    "no diagonal loop": {**FULL, "DIAGONAL": False},
+    "no off-diagonal blocks": {**FULL, "OFF_DIAGONAL": False},
+    "loads and stores only": {**FULL, "OFF_DIAGONAL": False, "DIAGONAL": False},
 }
+#: The diagonal loop's forms (each computes the op's values).
+LOOP_FORMS = {
+    "run 24's arithmetic (masks on the products)": {**FULL, "OLD": True},
+    "loop unrolled (static_range)": {**FULL, "LOOP": 1},
+    "loop unrolled 4x (tl.range)": {**FULL, "LOOP": 2},
+    "loop pipelined, 3 stages (tl.range)": {**FULL, "LOOP": 3},
+}
+
+
+@triton.jit
+def diagonal_row(
+    q, k, j, rows, g_sub, dq_acc, dk_acc,
+    C: tl.constexpr, S: tl.constexpr, EXP: tl.constexpr, DECAY_EXP2: tl.constexpr, OLD: tl.constexpr,
+):  # fmt: skip
+    """Row j of the diagonal block's rank-1 loop: the op's arithmetic, or with OLD run 24's (the
+    masks on the [S, BK] products, the exponent's two differences)."""
+    qk_off, qs_base, ks_base, g_base, a_base, r0, i, T, H, K, sub, features = rows
+    in_row = (features < K) & (r0 + j + features * 0 < T)  # a vector mask: the row check per column
+    q_j = tl.load(q + qk_off + (r0 + j) * H * K + features, mask=in_row, other=0.0).to(tl.float32)
+    k_j = tl.load(k + qk_off + (r0 + j) * H * K + features, mask=in_row, other=0.0).to(tl.float32)
+    if EXP:
+        row = tl.minimum(r0 + j, T - 1) * H
+        q_j = tl.where(in_row, tl.exp(q_j - tl.load(qs_base + row)), 0.0)
+        k_j = tl.where(in_row, tl.exp(k_j - tl.load(ks_base + row)), 0.0)
+    q_j, k_j = q_j[None, :], k_j[None, :]
+    g_j = tl.load(g_base + (r0 + j) * H * K + features, mask=features < K, other=0.0)[None, :]
+    dA_col = tl.load(a_base + (r0 + sub) * H * C + i * S + j)[:, None]
+    dA_row = tl.load(a_base + (r0 + j) * H * C + i * S + sub)[:, None]
+    after = sub[:, None] >= j
+    if OLD:
+        exponent = tl.where(after, g_sub - g_j, g_j - g_sub)
+    else:
+        difference = g_sub - g_j
+        exponent = tl.where(after, difference, -difference)
+    if DECAY_EXP2:
+        decay = tl.exp2(exponent)
+    else:  # timing only: the same data flow without the special-function unit
+        decay = exponent * 0.5 + 1.0
+    if OLD:
+        dq_acc += tl.where(after, dA_col * k_j * decay, 0.0)
+        dk_acc += tl.where(sub[:, None] <= j, dA_row * q_j * decay, 0.0)
+    else:
+        dq_acc += tl.where(after, dA_col, 0.0) * k_j * decay
+        dk_acc += tl.where(sub[:, None] <= j, dA_row, 0.0) * q_j * decay
+    return dq_acc, dk_acc
 
 
 @triton.jit
@@ -71,6 +122,7 @@ def grads_parts(
     q, k, qs, ks, gc, dA, dq_inter, dk_inter, dq, dk, dG, q_rowsum, k_rowsum, T, Tp, H, K, NB,
     C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
     EXP: tl.constexpr, OFF_DIAGONAL: tl.constexpr, DIAGONAL: tl.constexpr, DECAY_EXP2: tl.constexpr,
+    OLD: tl.constexpr, LOOP: tl.constexpr,
 ):  # fmt: skip
     """`query_key_grad_kernel` as the op has it, its parts behind the switches (see the module)."""
     ik, pid, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -112,38 +164,19 @@ def grads_parts(
     if DIAGONAL:
         sub = tl.arange(0, S)
         features = k0 + tl.arange(0, BK)
-        feature_ok = features < K
-        rows_left = T - r0 + features * 0
-        q_row = q + qk_off + r0 * H * K + features
-        k_row = k + qk_off + r0 * H * K + features
-        g_row = g_base + r0 * H * K + features
-        dA_tj = a_base + (r0 + sub) * H * C + i * S
-        dA_js = a_base + r0 * H * C + i * S + sub
-        for j in range(S):
-            in_row = feature_ok & (j < rows_left)
-            q_j = tl.load(q_row, mask=in_row, other=0.0).to(tl.float32)
-            k_j = tl.load(k_row, mask=in_row, other=0.0).to(tl.float32)
-            if EXP:
-                row = tl.minimum(r0 + j, T - 1) * H
-                q_j = tl.where(in_row, tl.exp(q_j - tl.load(qs_base + row)), 0.0)
-                k_j = tl.where(in_row, tl.exp(k_j - tl.load(ks_base + row)), 0.0)
-            q_j, k_j = q_j[None, :], k_j[None, :]
-            g_j = tl.load(g_row, mask=feature_ok, other=0.0)[None, :]
-            dA_col = tl.load(dA_tj)[:, None]
-            dA_row = tl.load(dA_js)[:, None]
-            q_row += H * K
-            k_row += H * K
-            g_row += H * K
-            dA_tj += 1
-            dA_js += H * C
-            after = sub[:, None] >= j
-            exponent = tl.where(after, g_sub - g_j, g_j - g_sub)
-            if DECAY_EXP2:
-                decay = tl.exp2(exponent)
-            else:  # timing only: the same data flow without the special-function unit
-                decay = exponent * 0.5 + 1.0
-            dq_acc += tl.where(after, dA_col * k_j * decay, 0.0)
-            dk_acc += tl.where(sub[:, None] <= j, dA_row * q_j * decay, 0.0)
+        rows = (qk_off, qs_base, ks_base, g_base, a_base, r0, i, T, H, K, sub, features)
+        if LOOP == 0:  # the op's
+            for j in range(S):
+                dq_acc, dk_acc = diagonal_row(q, k, j, rows, g_sub, dq_acc, dk_acc, C, S, EXP, DECAY_EXP2, OLD)
+        elif LOOP == 1:
+            for j in tl.static_range(S):
+                dq_acc, dk_acc = diagonal_row(q, k, j, rows, g_sub, dq_acc, dk_acc, C, S, EXP, DECAY_EXP2, OLD)
+        elif LOOP == 2:
+            for j in tl.range(0, S, loop_unroll_factor=4):
+                dq_acc, dk_acc = diagonal_row(q, k, j, rows, g_sub, dq_acc, dk_acc, C, S, EXP, DECAY_EXP2, OLD)
+        else:
+            for j in tl.range(0, S, num_stages=3):
+                dq_acc, dk_acc = diagonal_row(q, k, j, rows, g_sub, dq_acc, dk_acc, C, S, EXP, DECAY_EXP2, OLD)
     dq_local = q_sub * dq_acc
     store_rows(dG + qk_off, dq_local - k_sub * dk_acc, r0, T, H * K, k0, K, S, BK)
     store_rows(dk_inter + qk_off, k_sub * dk_through_state, r0, T, H * K, k0, K, S, BK)
@@ -178,7 +211,10 @@ def relative_difference(outputs, references) -> float:
 
 
 def main():
-    _, out = parse_args(__doc__)
+    args, out = parse_args(
+        __doc__,
+        lambda parser: parser.add_argument("--parts", action="store_true", help="time the parts (run 24) instead"),
+    )
     print("ncu (Nsight Compute) on this machine:", shutil.which("ncu"), flush=True)
     rows = []
     op_options = launch_options("query_key_grad_kernel")
@@ -197,18 +233,16 @@ def main():
         rows.append(dict(shape, variant="op", **op_options, ms=ms[0], p20=ms[1], p80=ms[2]))
         print(rows[-1], flush=True)
         block = min(D, QUERY_KEY_GRAD_COLUMNS)
+        forms = PARTS if args.parts else {"full (the op's kernel)": FULL, **LOOP_FORMS}
         settings = [
-            (name, parts, block, op_options["num_warps"], op_options["num_stages"]) for name, parts in PARTS.items()
+            (name, parts, block, op_options["num_warps"], op_options["num_stages"]) for name, parts in forms.items()
         ]
-        settings += (
-            [
-                ("full (the op's kernel)", PARTS["full (the op's kernel)"], blk, warps, stages)
-                for blk, warps, stages in itertools.product((32, 64), (1, 2, 4), (1, 2, 3))
-                if (blk, warps, stages) != (block, op_options["num_warps"], op_options["num_stages"]) and blk <= D
+        if (B, T, H, D) == SHAPES[0] and not args.parts:  # the op's form at other launch options
+            settings += [
+                ("full (the op's kernel)", FULL, block, warps, stages)
+                for warps, stages in itertools.product((1, 2, 4), (1, 2))
+                if (warps, stages) != (op_options["num_warps"], op_options["num_stages"])
             ]
-            if exp and (B, T, H, D) == SHAPES[0]
-            else []
-        )
         for name, parts, blk, warps, stages in settings:
             nblk = triton.cdiv(D, blk)
             dq, dk = (torch.empty(B, T, H, D, device="cuda", dtype=reference[0].dtype) for _ in range(2))
@@ -218,8 +252,8 @@ def main():
             setting = dict(shape, variant=name, block=blk, num_warps=warps, num_stages=stages)
             try:
                 compiled = launch(parts, tensors, shifts, blk, warps, stages)
-                full = name.startswith("full")
-                diff = relative_difference((dq, dk, dG), reference[:3]) if full else None
+                same_values = parts["DIAGONAL"] and parts["OFF_DIAGONAL"] and parts["DECAY_EXP2"]
+                diff = relative_difference((dq, dk, dG), reference[:3]) if same_values else None
                 timing = timed(partial(launch, parts, tensors, shifts, blk, warps, stages))
             except Exception as error:  # e.g. out of registers or shared memory: a result to record
                 rows.append(dict(setting, error=repr(error)[:200]))

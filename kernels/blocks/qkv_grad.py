@@ -273,10 +273,14 @@ def query_key_grad_kernel(
         g_row += H * K
         dA_tj += 1
         dA_js += H * C
-        after = sub[:, None] >= j
-        decay = tl.exp2(tl.where(after, g_sub - g_j, g_j - g_sub))
-        dq_acc += tl.where(after, dA_col * k_j * decay, 0.0)
-        dk_acc += tl.where(sub[:, None] <= j, dA_row * q_j * decay, 0.0)
+        after = sub[:, None] >= j  # [S, 1]
+        exponent = g_sub - g_j
+        decay = tl.exp2(tl.where(after, exponent, -exponent))
+        # The masks select on the [S, 1] score-gradient columns, not on the [S, BK] products: the
+        # loop is bound by its per-element operations, not by exp2 (results/kernels/run24), and
+        # the unselected products are 0 · k_j · decay with decay <= 1, the same zeros.
+        dq_acc += tl.where(after, dA_col, 0.0) * k_j * decay
+        dk_acc += tl.where(sub[:, None] <= j, dA_row, 0.0) * q_j * decay
     # The gate gradient needs q ⊙ dq − k ⊙ dk from the fp32 accumulators, not the rounded outputs.
     dq_local = q_sub * dq_acc
     store_rows(dG + qk_off, dq_local - k_sub * dk_acc, r0, T, H * K, k0, K, S, BK)
