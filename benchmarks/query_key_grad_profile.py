@@ -217,8 +217,8 @@ def main():
     )
     print("ncu (Nsight Compute) on this machine:", shutil.which("ncu"), flush=True)
     rows = []
-    op_options = launch_options("query_key_grad_kernel")
     for (B, T, H, D), exp in itertools.product(SHAPES, (False, True)):
+        op_options = launch_options("query_key_grad_kernel_safe_exp" if exp else "query_key_grad_kernel")
         (q, k, v, do), g = gla_inputs(B, T, H, D, 4)
         # The safe-exp shifts as ReGLA's feature map takes them: each row's maximum.
         shifts = SafeExpShifts(q.float().amax(-1), k.float().amax(-1)) if exp else None

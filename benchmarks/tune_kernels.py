@@ -36,7 +36,9 @@ from variants.feature_maps import variance_reduction_factor  # noqa: E402
 
 SHAPES = [(4, 4096, 64, 128), (16, 4096, 12, 64)]
 KERNELS = [
-    "query_key_grad_kernel",
+    # The fused ReGLA op's (safe-exp features) launch key of `qkv_grad.query_key_grad_kernel`;
+    # plain GLA's, "query_key_grad_kernel", is not reached by this op.
+    "query_key_grad_kernel_safe_exp",
     "intra_scores_kernel",
     "state_forward_kernel",
     "query_key_inter_kernel",

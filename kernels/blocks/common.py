@@ -55,6 +55,10 @@ LOG2E = 1.0 / math.log(2.0)
 #: (`benchmarks/intra_scores_variants.py`, results/kernels/run18; `benchmarks/chunk_state_variants.py`, run20).
 LAUNCH_OPTIONS: dict[str, dict[str, int]] = {
     "query_key_grad_kernel": dict(num_warps=1, num_stages=2),
+    # The same kernel with safe-exp features (fp32 dq, dk, the shifts' row sums; 226 registers a
+    # thread at 1 warp): 2 warps take 5.35 ms against 5.79 at 1 at B4 T4096 H64 D128; plain GLA
+    # inputs stay fastest at 1 warp (4.25 against 4.31 ms) (results/kernels/run26).
+    "query_key_grad_kernel_safe_exp": dict(num_warps=2, num_stages=2),
     "intra_scores_kernel": dict(num_warps=1, num_stages=1),
     "state_forward_kernel": dict(num_warps=4, num_stages=2),
     "query_key_inter_kernel": dict(num_warps=2, num_stages=2),

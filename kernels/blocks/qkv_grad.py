@@ -483,6 +483,6 @@ def query_key_grads(
         BK=BKD,
         EXP=features["EXP"],
         **(GATE_GRADIENT_PRODUCTS or dot),
-        **launch_options("query_key_grad_kernel"),
+        **launch_options("query_key_grad_kernel" if shifts is None else "query_key_grad_kernel_safe_exp"),
     )
     return dq, dk, dG, dk_inter, (tuple(rowsums) if shifts is not None else None)
