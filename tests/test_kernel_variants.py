@@ -1,6 +1,7 @@
-"""The variant kernels that benchmarks/intra_scores_variants.py and chunk_state_variants.py time
-compute what the op's kernels compute (so their timings compare like with like), under Triton's
-interpreter on CPU (on a GPU, with the GPU's operands, the scripts check it themselves)."""
+"""The variant kernels that benchmarks/intra_scores_variants.py, chunk_state_variants.py,
+query_key_grad_variants.py and query_key_grad_profile.py time compute what the op's kernels
+compute (so their timings compare like with like), under Triton's interpreter on CPU (on a GPU,
+with the GPU's operands, the scripts check it themselves)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,30 @@ def test_every_query_key_grad_variant_computes_the_ops_gradients(grad_variants):
         grad_variants.launch_variant(flags, tensors, dims, 32, 1, 1, GATE_GRADIENT_PRODUCTS or dims.dot)
         for got, want in zip(outputs, expected):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("safe_exp", [False, True])
+def test_the_profiled_forms_that_claim_the_ops_values_compute_them(safe_exp):
+    """benchmarks/query_key_grad_profile.py: its full form and the diagonal loop's forms give the
+    op's dq, dk and gate term (rows past T, a gate near 0 and features formed on load included)."""
+    from kernels.blocks.common import SafeExpShifts
+    from kernels.blocks.qkv_grad import intra_score_grads, query_key_grads
+
+    profile = load_benchmark("query_key_grad_profile")
+    q, k, v, gc, dims = inputs(T=45, H=1, D=32, gate_min=-100.0)
+    shifts = SafeExpShifts(q.amax(-1), k.amax(-1)) if safe_exp else None
+    gen = torch.Generator().manual_seed(2)
+    dA = intra_score_grads(torch.randn(v.shape, generator=gen), v, 0.5, dims)
+    dq_inter, dk_inter = (torch.randn(q.shape, generator=gen) for _ in range(2))
+    expected = query_key_grads(q, k, gc, dA, dq_inter.clone(), dk_inter.clone(), dims, shifts)[:3]
+    forms = {"full": profile.FULL, **profile.LOOP_FORMS}
+    assert len(forms) == 5
+    for name, form in forms.items():
+        outputs = [torch.full_like(x, float("nan")) for x in expected]  # every element must be written
+        rowsums = [torch.empty(1, 1, 45, 1) for _ in range(2)] if safe_exp else outputs[2:] * 2
+        profile.launch(form, (q, k, gc, dA, dq_inter, dk_inter.clone(), *outputs, rowsums), shifts, 32, 1, 2)
+        for got, want in zip(outputs, expected):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_variant_inputs_are_the_anchor_benchmarks_draws():
