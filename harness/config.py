@@ -397,6 +397,15 @@ class ProfileConfig:
     #: model's default), or false for the plain loop over the growing state. A setting, so that
     #: the stage id (and with it every profile row) says which one was timed.
     cuda_graphs: bool = True
+    #: on CUDA, also the training loop's step with `train.cuda_graph` (harness.captured_step):
+    #: replayed from a CUDA graph, the host's launch time taken out of it. Its own rows
+    #: (`profile/train_graph_*`); off by default, so that existing stage ids stay as they were.
+    train_cuda_graph: bool = False
+
+    def __post_init__(self):
+        for name in ("cuda_graphs", "train_cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"profile.{name} must be true or false; got {getattr(self, name)!r}")
 
 
 #: Stages that train a model of their own from the run's architecture: their settings belong to the

@@ -183,8 +183,9 @@ def plot_gate_saturation(frame: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+THROUGHPUT, REPLAYED_THROUGHPUT = "profile/train_tokens_per_second", "profile/train_graph_tokens_per_second"
 PROFILE_PANELS = (
-    ("profile/train_tokens_per_second", "seq_len", "training tokens/s"),
+    (THROUGHPUT, "seq_len", "training tokens/s"),
     ("profile/train_peak_mib", "seq_len", "training peak memory (MiB)"),
     ("profile/generate_total_ms", "generated", "generation total time (ms)"),
     ("profile/generate_peak_mib", "generated", "generation peak memory (MiB)"),
@@ -207,9 +208,14 @@ def plot_profile(frame: pd.DataFrame, path: Path) -> bool:
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for ax, (metric, x, title) in zip(axes, PROFILE_PANELS):
         subset = table[(table["metric"] == metric) & table[x].notna()] if x in table else table.iloc[:0]
+        replayed = table[table["metric"] == REPLAYED_THROUGHPUT] if metric == THROUGHPUT else table.iloc[:0]
         for name, group in subset.groupby("run_name"):
             group = group.sort_values(x)
-            ax.plot(group[x], group["value"], marker="o", markersize=3, label=name)
+            (line,) = ax.plot(group[x], group["value"], marker="o", markersize=3, label=name)
+            graph = replayed[replayed["run_name"] == name].sort_values(x)
+            if len(graph):  # profile.train_cuda_graph: the same run's step replayed, dashed
+                ax.plot(graph[x], graph["value"], "--", marker="o", markersize=3, color=line.get_color(),
+                        label=f"{name}, step from a CUDA graph")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel(x.replace("_", " "))
         ax.set_title(title, fontsize=10)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
+import pytest
+import torch
+
 from harness import results as results_io
 from harness.grid import expand_grid
-from harness.report import write_report
+from harness.report import plot_profile, write_report
 from harness.runner import run_grid
 
 from .pipeline_helpers import tiny_grid
@@ -121,3 +125,59 @@ def test_eval_stage_scores_the_trained_model_and_reports_per_task(corpus, tmp_pa
     assert {r.status for r in retried} == {"ok"}
     frame = results_io.load("tiny", tmp_path / "runs")
     assert (frame[(frame.stage == "eval")].status == "ok").all()
+
+
+def profiled_tiny_grid(corpus, **profile):
+    data = tiny_grid(corpus, steps=10, eval_every=5)
+    data["stages"] = ["profile"]
+    data["base"]["profile"] = {"seq_lens": [16, 32], "batch_size": 2, "generation_lengths": [4], "warmup": 1}
+    data["base"]["profile"].update(repeats=2, **profile)
+    return data
+
+
+def test_profile_train_cuda_graph_must_be_a_boolean():
+    from harness.config import ConfigError, ProfileConfig
+
+    with pytest.raises(ConfigError, match=r"profile.train_cuda_graph must be true or false; got 'yes'"):
+        ProfileConfig(train_cuda_graph="yes")
+
+
+def test_the_replayed_training_step_is_timed_on_cuda_only(corpus, tmp_path, monkeypatch):
+    """On the CPU the setting times nothing more and fails nothing: a graph needs CUDA."""
+    monkeypatch.setenv("REGLA_CACHE_DIR", str(tmp_path / "cache"))
+    grid = expand_grid(profiled_tiny_grid(corpus, train_cuda_graph=True))
+    outcome = run_grid(grid, grid.runs, runs_dir=tmp_path / "runs", progress=False, device="cpu")
+    assert {r.status for r in outcome} == {"ok"}
+    metrics = set(results_io.load("tiny", tmp_path / "runs").metric)
+    assert "profile/train_tokens_per_second" in metrics
+    assert not {m for m in metrics if m.startswith("profile/train_graph")}
+
+
+def test_the_profile_plot_draws_replayed_throughput_beside_the_eager(tmp_path):
+    throughputs = {"profile/train_tokens_per_second": 100.0, "profile/train_graph_tokens_per_second": 200.0}
+    rows = [
+        {"run_name": "gla", "stage": "profile", "status": "ok", "metric": metric, "value": per_token * t}
+        | {"extra": json.dumps({"seq_len": t})}
+        for t in (16, 32)
+        for metric, per_token in throughputs.items()
+    ]
+    assert plot_profile(pd.DataFrame(rows), tmp_path / "profile.png")
+    assert (tmp_path / "profile.png").stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_replayed_training_step_is_timed_beside_the_eager_one(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("REGLA_CACHE_DIR", str(tmp_path / "cache"))
+    grid = expand_grid(profiled_tiny_grid(corpus, train_cuda_graph=True))
+    outcome = run_grid(grid, grid.runs, runs_dir=tmp_path / "runs", progress=False, device="cuda")
+    assert {r.status for r in outcome} == {"ok"}
+    frame = results_io.load("tiny", tmp_path / "runs")
+    for run_name in ("softmax", "regla"):
+        rows = frame[(frame.run_name == run_name) & (frame.metric == "profile/train_graph_tokens_per_second")]
+        assert sorted(json.loads(e)["seq_len"] for e in rows.extra) == [16, 32]
+        assert (rows.value > 0).all()
+        steps = frame[(frame.run_name == run_name) & (frame.metric == "profile/train_graph_step_ms")]
+        assert len(steps) == 2 and (steps.value > 0).all() and (steps.status == "ok").all()
+    out = write_report("tiny", tmp_path / "runs", tmp_path / "results")
+    assert "train_graph_tokens_per_second @ 32" in (out / "RESULTS.md").read_text()

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ..config import ProfileConfig
+from ..captured_step import CapturedTrainingStep
+from ..config import ProfileConfig, TrainConfig
 from ..distributed import distributed_context, pick_device
 from ..measure import (
     peak_memory_mib,
@@ -28,13 +29,22 @@ from ..measure import (
 from ..model import LanguageModel
 from ..postlin.start import architecture_model, is_transformers_source
 from ..spec import RunSpec
+from ..train import make_optimizer, micro_step_loss
 from .base import Stage, StageContext
 
 
 def profile_training_step(
-    model: LanguageModel, seq_lens: list[int], batch_size: int, device: torch.device, warmup: int, repeats: int
+    model: LanguageModel,
+    seq_lens: list[int],
+    batch_size: int,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    cuda_graph: bool = False,
 ) -> list[dict[str, Any]]:
-    """A full training step (forward, backward, AdamW update) on random tokens at each length.
+    """A full training step (forward, backward, AdamW update) on random tokens at each length;
+    with `cuda_graph` on CUDA, also the training loop's step replayed from a CUDA graph
+    (`captured_training_step_records`).
 
     A length that runs out of memory gets a failed row naming it (the stage is then partial) and
     ends the sweep, since longer ones need more: the lengths before it keep their numbers, which
@@ -75,7 +85,46 @@ def profile_training_step(
                 }
             )
             break
+        if cuda_graph and device.type == "cuda":
+            optimizer.zero_grad(set_to_none=True)
+            records += captured_training_step_records(model, tokens, tag, device, warmup, repeats)
     return records
+
+
+def captured_training_step_records(model, tokens, tag, device, warmup, repeats) -> list[dict[str, Any]]:
+    """The training loop's step with `train.cuda_graph` (`harness.captured_step`): forward, backward,
+    gradient clipping and capturable AdamW replayed from one CUDA graph, the batch copied into its
+    static buffers and the loss and gradient norm read back, as the loop does every step. Without
+    the host's time between kernels, it is what a model whose eager step the host limits trains at
+    with the option (the eager rows time a bare step: no clipping, nothing read back).
+
+    Running out of memory (the graph's pool comes on top of the model's) gives a failed row, and
+    the eager rows of the length stay."""
+    batch_size, seq_len = tokens.shape[0], tokens.shape[1] - 1
+    batches = [(tokens[:, :-1], tokens[:, 1:])]
+    out_of_memory = None
+    try:
+        optimizer = make_optimizer(model, TrainConfig(lr=1e-6), capturable=True)
+        loss = functools.partial(micro_step_loss, model, device=device, precision="auto", cache_enabled=False)
+        captured = CapturedTrainingStep(model, optimizer, loss, batches, grad_clip=1.0)
+        timing = time_call(functools.partial(captured, batches, 1e-6), device, warmup, repeats)
+    except torch.OutOfMemoryError as exc:
+        out_of_memory = str(exc).splitlines()[0] if str(exc) else "out of memory"
+    # The graph, its memory pool and the capturable optimizer's state go before the next length.
+    captured = optimizer = None
+    model.zero_grad(set_to_none=True)
+    release_device_memory()
+    if out_of_memory is not None:
+        error = f"out of memory replaying the training step at T = {seq_len}, batch {batch_size}: {out_of_memory}"
+        return [{"metric": "profile/train_graph_step_ms", "status": "failed", "error": error, "extra": _json(tag)}]
+    return [
+        {"metric": "profile/train_graph_step_ms", "value": timing["median_ms"], "extra": _json(tag | timing)},
+        {
+            "metric": "profile/train_graph_tokens_per_second",
+            "value": batch_size * seq_len / timing["median_ms"] * 1e3,
+            "extra": _json(tag),
+        },
+    ]
 
 
 def _training_step_records(step, forward, batch_size, seq_len, tag, device, warmup, repeats) -> list[dict[str, Any]]:
@@ -156,7 +205,13 @@ class ProfileStage(Stage):
             vocab = spec.model.vocab_size or ctx.data_for(spec).tokenizer.vocab_size
         model = architecture_model(spec.model, vocab, spec.train.seed, longest).to(device)
         records = profile_training_step(
-            model.train(), list(config.seq_lens), config.batch_size, device, config.warmup, config.repeats
+            model.train(),
+            list(config.seq_lens),
+            config.batch_size,
+            device,
+            config.warmup,
+            config.repeats,
+            config.train_cuda_graph and isinstance(model, LanguageModel),
         )
         records += profile_generation(
             model.eval(),
