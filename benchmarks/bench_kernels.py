@@ -664,6 +664,10 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.launch_options:
         chosen = json.loads(Path(args.launch_options).read_text())["chosen"]
+        if "query_key_grad_kernel" in chosen and "query_key_grad_kernel_safe_exp" not in chosen:
+            # Written before the kernel's safe-exp path had options of its own: then one key
+            # served both paths (tuned through the fused ReGLA op), and it does so again here.
+            chosen["query_key_grad_kernel_safe_exp"] = chosen["query_key_grad_kernel"]
         LAUNCH_OPTIONS.update(chosen)
         log(f"launch options from {args.launch_options}: {chosen}")
     chunk_gla_fla = load_fla_chunk_gla()

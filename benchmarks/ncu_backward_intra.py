@@ -10,11 +10,14 @@ profile the second launch).
 `--impl` is one of `bench_kernels`' implementations (`triton`: our plain GLA op; `regla_fused`:
 the fused ReGLA op; `A0_fla`: fla's `chunk_gla`, whose within-chunk backward kernel is
 `chunk_gla_bwd_kernel_intra`). `--clock-control none` leaves the GPU's clocks as they are.
+fla's kernels autotune on their first launches unless their tuning is in Triton's cache: restore
+`benchmarks/fla_autotune/` first (its README), or a skipped launch may be a tuning trial.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -37,13 +40,14 @@ def main():
     impls = {**impls, **fla_impls}
     if args.impl not in impls:
         raise SystemExit(f"unknown --impl {args.impl!r}; choose from: {', '.join(sorted(impls))}")
-    call, names = impls[args.impl][:2]
+    call, names, *setting = impls[args.impl]
     inputs = make_inputs(B, T, H, D, args.device)
-    for _ in range(args.runs):
-        for name in names:
-            inputs[name].grad = None
-        out = call(inputs)
-        out.backward(inputs["do"])
+    with (setting[0] if setting else contextlib.nullcontext)():  # e.g. the bf16 gate-gradient products
+        for _ in range(args.runs):
+            for name in names:
+                inputs[name].grad = None
+            out = call(inputs)
+            out.backward(inputs["do"])
     if args.device != "cpu":
         torch.cuda.synchronize()
     print(f"{args.impl} at {B}x{T}x{H}x{D}: {args.runs} forward+backward runs done", flush=True)

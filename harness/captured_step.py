@@ -92,6 +92,9 @@ def clip_without_host_reads(
     norm marks a non-finite gradient (or, at worst, one past fp32's range), which the caller finds
     after the step: clipping by a NaN total makes every gradient NaN."""
     with_grads = [(name, p) for name, p in named_parameters if p.grad is not None]
+    if not with_grads:  # nothing to clip: a zero norm, as torch's clip_grad_norm_ returns
+        device = named_parameters[0][1].device if named_parameters else torch.device("cpu")
+        return torch.zeros((), device=device), [], torch.zeros(0, device=device)
     # The total is the norm of the per-parameter norms, as torch's get_total_norm computes it;
     # the per-parameter norms are kept for naming where a NaN arose.
     parameter_norms = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32) for _, p in with_grads])

@@ -437,11 +437,12 @@ def train(
         {"metric": "train/tokens_per_second", "value": tokens_per_step * config.steps / max(trained_seconds, 1e-9)},
         {"metric": "train/seconds", "value": trained_seconds},
     ]
+    # Both describe this process's steps only (a resumed run's earlier processes are not in them).
+    if first_step_seconds is not None:
+        final += [{"metric": "train/first_step_seconds", "value": first_step_seconds}]
     if steady_steps:
-        final += [
-            {"metric": "train/steady_tokens_per_second", "value": tokens_per_step * steady_steps / steady_seconds},
-            {"metric": "train/first_step_seconds", "value": first_step_seconds},
-        ]
+        steady = tokens_per_step * steady_steps / steady_seconds
+        final += [{"metric": "train/steady_tokens_per_second", "value": steady}]
     # Which computation the linear layers trained through (fused op or composed passes): the
     # paths differ in precision, so a comparison across them is worth knowing about.
     final += [{"metric": f"attention/layers_{path}", "value": float(n)} for path, n in (paths or {}).items()]

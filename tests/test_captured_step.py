@@ -173,6 +173,13 @@ def test_a_nan_gradient_is_named_although_clipping_spreads_it_to_every_gradient(
     assert [name for name, finite in zip(names, torch.isfinite(parameter_norms).tolist()) if not finite] == ["1.weight"]
 
 
+def test_clipping_without_gradients_reads_a_zero_norm_as_torch_does():
+    model = torch.nn.Linear(3, 2)
+    total, names, parameter_norms = clip_without_host_reads(list(model.named_parameters()), max_norm=1.0)
+    assert float(total) == float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) == 0.0
+    assert names == [] and parameter_norms.numel() == 0
+
+
 def train_losses(base, data, run_dir, cuda_graph: bool) -> dict[tuple[str, int], float]:
     spec = spec_from_dict({**base, "train": {**base["train"], "cuda_graph": cuda_graph}}, name="run")
     _, records = train(spec, data, run_dir, device="cuda", progress=False)
