@@ -124,11 +124,10 @@ class CapturedTrainingStep:
     ):
         self.model, self.optimizer, self.micro_loss, self.grad_clip = model, optimizer, micro_loss, grad_clip
         self.named_parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.parameters = [p for _, p in self.named_parameters]
         for group in optimizer.param_groups:
             if not (group.get("capturable") and isinstance(group["lr"], torch.Tensor) and group["lr"].is_cuda):
                 raise ValueError("CapturedTrainingStep needs AdamW with capturable=True and a CUDA tensor lr")
-        device = self.parameters[0].device
+        device = self.named_parameters[0][1].device
         self.x = torch.stack([x for x, _ in batches]).to(device)  # [micro-batches, B, T]
         self.y = torch.stack([y for _, y in batches]).to(device)
         self.loss = torch.zeros((), device=device)

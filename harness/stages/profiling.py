@@ -86,7 +86,6 @@ def profile_training_step(
             )
             break
         if cuda_graph and device.type == "cuda":
-            optimizer.zero_grad(set_to_none=True)
             records += captured_training_step_records(model, tokens, tag, device, warmup, repeats)
     return records
 
